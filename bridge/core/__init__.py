@@ -1,0 +1,1 @@
+"""Protocol-neutral core: message model, links, policy, routing."""

@@ -1,0 +1,1 @@
+"""The mapping database: the only place with SQL."""

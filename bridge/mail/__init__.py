@@ -1,0 +1,1 @@
+"""The mail side: IMAP ingestion, MIME, SMTP outbox (next issues)."""

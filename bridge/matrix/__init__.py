@@ -1,0 +1,1 @@
+"""The Matrix side: appservice HTTP API, homeserver client, management bot."""

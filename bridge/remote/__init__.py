@@ -1,0 +1,1 @@
+"""External homeservers and signed webhooks (later issues)."""

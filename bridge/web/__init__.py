@@ -1,0 +1,1 @@
+"""Health and, later, provisioning and metrics endpoints."""
