@@ -1,0 +1,135 @@
+"""The running bridge: database, homeserver client, HTTP server and background workers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import aiohttp
+from aiohttp import web
+
+from bridge import __version__
+from bridge.config import Config
+from bridge.core.commands import CommandProcessor
+from bridge.core.health import ComponentHealth
+from bridge.core.tasks import TaskGroup
+from bridge.db.engine import Database, open_database
+from bridge.db.inbox import InboxEvent
+from bridge.matrix.appservice import AppserviceServer, PathOnlyAccessLogger, json_errors
+from bridge.matrix.bot import ManagementBot
+from bridge.matrix.client import MatrixClient
+from bridge.matrix.connection import HomeserverMonitor
+from bridge.matrix.dispatcher import EventDispatcher
+from bridge.status import StatusReporter
+from bridge.web.health import add_health_route
+
+log = logging.getLogger("passerelle")
+
+
+class StartupError(Exception):
+    """The bridge could not start (its port is taken, …)."""
+
+
+class Bridge:
+    """Everything `passerelle run` runs, startable and stoppable from tests and the demo."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.tasks = TaskGroup()
+        self.homeserver_health = ComponentHealth("homeserver")
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._db: Database | None = None
+
+    @property
+    def db(self) -> Database:
+        assert self._db is not None, "bridge not started"
+        return self._db
+
+    async def start(self) -> None:
+        config = self.config
+        self._db = await open_database(config.database)
+        try:
+            await self._start_services()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start_services(self) -> None:
+        config = self.config
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=config.homeserver.request_timeout),
+            connector=aiohttp.TCPConnector(ssl=config.homeserver.verify_ssl),
+        )
+        self.client = MatrixClient(config, self._session)
+        self.status = StatusReporter(self.db, self.homeserver_health)
+        commands = CommandProcessor(config.appservice.command_prefix, self.status.report)
+        self.bot = ManagementBot(config, self.client, self.db, commands)
+        self.monitor = HomeserverMonitor(config, self.client, self.homeserver_health)
+        self.dispatcher = EventDispatcher(
+            self.db, self.handle_event, self.tasks, config.appservice.max_event_attempts
+        )
+        self.appservice = AppserviceServer(
+            config, self.db, self.dispatcher.notify, self.monitor.ensure_bot
+        )
+        app = web.Application(
+            client_max_size=config.appservice.max_body_size, middlewares=[json_errors]
+        )
+        self.appservice.add_routes(app)
+        add_health_route(app, self.status)
+        self._runner = web.AppRunner(
+            app,
+            access_log_class=PathOnlyAccessLogger,
+            access_log=logging.getLogger("passerelle.http"),
+            handle_signals=False,
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, config.appservice.hostname, config.appservice.port)
+        try:
+            await site.start()
+        except OSError as e:
+            raise StartupError(
+                f"cannot listen on {config.appservice.hostname}:{config.appservice.port}: "
+                f"{e.strerror or e}"
+            ) from e
+        log.info(
+            "Passerelle %s listening on %s:%d for %s",
+            __version__,
+            config.appservice.hostname,
+            config.appservice.port,
+            config.homeserver.domain,
+        )
+        self.tasks.spawn(self.dispatcher.run(), name="dispatcher")
+        self.tasks.spawn(self.monitor.run(), name="homeserver-monitor")
+
+    async def handle_event(self, item: InboxEvent) -> None:
+        """Every stored event comes through here, in order per room."""
+        await self.bot.handle(item)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.tasks.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+
+async def run_until_signalled(config: Config) -> None:
+    """Run the bridge until SIGINT or SIGTERM, then stop cleanly."""
+    bridge = Bridge(config)
+    await bridge.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await bridge.stop()

@@ -1,0 +1,155 @@
+"""The `passerelle` command: run, generate-registration, check-config, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from bridge import __version__
+from bridge.config import Config, ConfigError, LoggingConfig, load_config
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_CONFIG = 10
+EXIT_DATABASE = 11
+EXIT_STARTUP = 12
+
+log = logging.getLogger("passerelle")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="passerelle",
+        description="Passerelle: a Matrix bridge to mailing lists, mailboxes and other servers.",
+    )
+    parser.add_argument("--version", action="version", version=f"passerelle {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def with_config(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument(
+            "-c", "--config", type=Path, default=Path("config.yaml"), help="config file"
+        )
+        return p
+
+    with_config("run", "run the bridge")
+    gen = with_config(
+        "generate-registration",
+        "create the appservice registration file for the homeserver (fills in missing tokens)",
+    )
+    gen.add_argument(
+        "-r",
+        "--registration",
+        type=Path,
+        default=Path("registration.yaml"),
+        help="where to write the registration",
+    )
+    with_config("check-config", "validate the config and exit")
+    demo = sub.add_parser(
+        "demo",
+        help="start a local Synapse and the bridge, and show how to log in",
+        description="Start a local Synapse (127.0.0.1) with Passerelle registered, create a "
+        "demo user, check the bot answers, and keep both running until Ctrl-C.",
+    )
+    demo.add_argument("--dir", type=Path, default=Path("demo-data"), help="state folder")
+    demo.add_argument(
+        "--check",
+        action="store_true",
+        help="exit after the bot has answered instead of staying up",
+    )
+    return parser
+
+
+def _fail(code: int, kind: str, message: str) -> int:
+    print(f"passerelle: {kind}: {message}", file=sys.stderr)
+    return code
+
+
+def _load(path: Path, *, require_tokens: bool = True) -> Config:
+    config = load_config(path, require_tokens=require_tokens)
+    return config
+
+
+def _setup_logging(config: Config) -> None:
+    from bridge.logsetup import setup_logging
+
+    setup_logging(config.logging, config.secrets())
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
+    for key in config.env_overrides:
+        log.info("config: %s set from the environment", key)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from bridge.app import StartupError, run_until_signalled
+    from bridge.db.engine import DatabaseError
+
+    config = _load(args.config)
+    _setup_logging(config)
+    try:
+        asyncio.run(run_until_signalled(config))
+    except DatabaseError as e:
+        return _fail(EXIT_DATABASE, "database", str(e))
+    except StartupError as e:
+        return _fail(EXIT_STARTUP, "startup", str(e))
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from bridge.registration import generate_registration
+
+    config, generated = generate_registration(args.config, args.registration)
+    if generated:
+        print(f"Generated {' and '.join(generated)} and saved them in {args.config}.")
+    print(f"Wrote {args.registration}. Add it to Synapse's app_service_config_files")
+    print(f"and restart Synapse; then run: passerelle run -c {args.config}")
+    del config
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(
+        f"{args.config}: ok (bot {config.bot_mxid}, database {config.database.url.split(':')[0]})"
+    )
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from bridge.demo import run_demo
+
+    _setup_logging_plain()
+    return run_demo(args.dir, check_only=args.check)
+
+
+def _setup_logging_plain() -> None:
+    from bridge.logsetup import setup_logging
+
+    setup_logging(LoggingConfig(level="WARNING", loggers={"passerelle": "INFO"}, file=None))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {
+        "run": _run,
+        "generate-registration": _generate,
+        "check-config": _check,
+        "demo": _demo,
+    }
+    try:
+        return handlers[args.command](args)
+    except ConfigError as e:
+        return _fail(EXIT_CONFIG, "config error", str(e))
+    except OSError as e:
+        return _fail(EXIT_CONFIG, "file error", f"{e.filename or ''}: {e.strerror or e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

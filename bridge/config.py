@@ -1,0 +1,436 @@
+"""Configuration: defaults from example-config.yaml, the user's file, env overrides, validation."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from bridge.core.ids import UserID
+from bridge.core.permissions import PermissionLevel, PermissionTable
+
+ENV_PREFIX = "PASSERELLE_"
+TOKEN_PLACEHOLDER = "generate"
+MIN_TOKEN_LENGTH = 32
+# Values that only exist in the example file and must be replaced before the bridge runs.
+PLACEHOLDER_DOMAIN = "example.invalid"
+# Sections whose keys are free-form: the user's mapping replaces the default one whole.
+FREE_FORM = {("permissions",), ("logging", "loggers")}
+EXAMPLE_CONFIG = Path(__file__).resolve().parent / "example-config.yaml"
+
+_SERVER_NAME = re.compile(
+    r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)(?::[0-9]{1,5})?$"
+)
+_MXID = re.compile(r"^@[a-z0-9._=\-/+]+:(.+)$")
+_LOCALPART = re.compile(r"^[a-z0-9._=\-/+]+$")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(Exception):
+    """A problem in the configuration, naming the key it is about."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class HomeserverConfig:
+    address: str
+    domain: str
+    verify_ssl: bool
+    request_timeout: float
+
+
+@dataclass(frozen=True)
+class AppserviceConfig:
+    id: str
+    address: str
+    hostname: str
+    port: int
+    bot_username: str
+    bot_displayname: str
+    command_prefix: str
+    ghost_username_template: str
+    as_token: str
+    hs_token: str
+    max_body_size: int
+    max_event_attempts: int
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str
+    pool_size: int
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str
+    loggers: dict[str, str]
+    file: str | None
+
+
+@dataclass(frozen=True)
+class Config:
+    homeserver: HomeserverConfig
+    appservice: AppserviceConfig
+    database: DatabaseConfig
+    permissions: PermissionTable
+    logging: LoggingConfig
+    path: Path | None = None
+    warnings: tuple[str, ...] = ()
+    env_overrides: tuple[str, ...] = field(default=())
+
+    @property
+    def bot_mxid(self) -> UserID:
+        return UserID(f"@{self.appservice.bot_username}:{self.homeserver.domain}")
+
+    def ghost_mxid(self, localpart: str) -> UserID:
+        name = self.appservice.ghost_username_template.format(localpart=localpart)
+        return UserID(f"@{name}:{self.homeserver.domain}")
+
+    @property
+    def ghost_regex(self) -> str:
+        """Fully anchored regex for every ghost user ID."""
+        prefix, suffix = self.appservice.ghost_username_template.split("{localpart}")
+        domain = re.escape(self.homeserver.domain)
+        return f"^@{re.escape(prefix)}[a-z0-9._=\\-/+]+{re.escape(suffix)}:{domain}$"
+
+    @property
+    def alias_regex(self) -> str:
+        prefix = self.appservice.ghost_username_template.split("{localpart}")[0]
+        return f"^#{re.escape(prefix)}.+:{re.escape(self.homeserver.domain)}$"
+
+    def is_ghost(self, mxid: str) -> bool:
+        return re.fullmatch(self.ghost_regex, mxid) is not None
+
+    def secrets(self) -> list[str]:
+        """Values that must never reach a log line."""
+        values = [self.appservice.as_token, self.appservice.hs_token]
+        password = urlsplit(self.database.url).password
+        if password:
+            values.append(password)
+        return [v for v in values if v and v != TOKEN_PLACEHOLDER]
+
+
+def yaml_loader() -> YAML:
+    yaml = YAML(typ="rt")
+    yaml.preserve_quotes = True
+    yaml.indent(mapping=4, sequence=4, offset=2)
+    return yaml
+
+
+def read_yaml_file(path: Path) -> Any:
+    """Parse a YAML file, turning every failure into a one-line ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("(file)", f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("(file)", f"cannot read {path}: {e}") from None
+    try:
+        return yaml_loader().load(text)
+    except YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError("(file)", f"{path} is not valid YAML{where}: {problem}") from None
+
+
+def _plain(value: Any) -> Any:
+    """Turn ruamel's round-trip containers into plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _merge(
+    defaults: dict[str, Any], user: Mapping[str, Any], path: tuple[str, ...], warnings: list[str]
+) -> dict[str, Any]:
+    merged = dict(defaults)
+    for key, value in user.items():
+        key_path = (*path, str(key))
+        dotted = ".".join(key_path)
+        if key not in defaults:
+            if not path:
+                warnings.append(f"unknown top-level key {key!r} is ignored")
+                continue
+            raise ConfigError(
+                dotted, "unknown key (check the spelling against the example config)"
+            )
+        default = defaults[key]
+        if isinstance(default, dict) and key_path not in FREE_FORM:
+            if not isinstance(value, Mapping):
+                raise ConfigError(dotted, f"must be a mapping, not {_type_name(value)}")
+            merged[key] = _merge(default, value, key_path, warnings)
+        else:
+            merged[key] = _plain(value)
+    return merged
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> list[str]:
+    applied = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(name, "environment override must be PASSERELLE_<SECTION>__<KEY>")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if not isinstance(child, dict):
+                raise ConfigError(name, f"no section {'.'.join(parts[: i + 1])!r} to override")
+            node = child
+        leaf = parts[-1]
+        if leaf not in node and tuple(parts[:-1]) not in FREE_FORM:
+            raise ConfigError(name, f"no key {'.'.join(parts)!r} to override")
+        try:
+            value = YAML(typ="safe").load(io.StringIO(env[name]))
+        except YAMLError:
+            value = env[name]
+        if value is None and env[name].strip() not in ("null", "~"):
+            value = env[name]
+        node[leaf] = value
+        applied.append(".".join(parts))
+    return applied
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _get(raw: dict[str, Any], dotted: str) -> Any:
+    node: Any = raw
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _string(raw: dict[str, Any], key: str, *, allow_empty: bool = False) -> str:
+    value = _get(raw, key)
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string, not {_type_name(value)}")
+    if not allow_empty and not value.strip():
+        raise ConfigError(key, "must not be empty")
+    return value
+
+
+def _int(raw: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    value = _get(raw, key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f"must be an integer, not {_type_name(value)}")
+    if not lo <= value <= hi:
+        raise ConfigError(key, f"must be between {lo} and {hi}, not {value}")
+    return value
+
+
+def _number(raw: dict[str, Any], key: str, lo: float, hi: float) -> float:
+    value = _get(raw, key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(key, f"must be a number, not {_type_name(value)}")
+    if not lo <= value <= hi:
+        raise ConfigError(key, f"must be between {lo} and {hi}, not {value}")
+    return float(value)
+
+
+def _bool(raw: dict[str, Any], key: str) -> bool:
+    value = _get(raw, key)
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, not {_type_name(value)}")
+    return value
+
+
+def _http_url(raw: dict[str, Any], key: str) -> str:
+    value = _string(raw, key)
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, f"must be an http:// or https:// URL with a host, not {value!r}")
+    if parts.query or parts.fragment:
+        raise ConfigError(key, "must not contain a query or fragment")
+    return value.rstrip("/")
+
+
+def _token(raw: dict[str, Any], key: str, require: bool) -> str:
+    value = _string(raw, key)
+    if value == TOKEN_PLACEHOLDER:
+        if require:
+            raise ConfigError(key, "is not set; run `passerelle generate-registration` first")
+        return value
+    if len(value) < MIN_TOKEN_LENGTH:
+        raise ConfigError(key, f"is too short: at least {MIN_TOKEN_LENGTH} characters")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ConfigError(key, "must not contain spaces or control characters")
+    return value
+
+
+def normalise_database_url(key: str, url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or not rest:
+        raise ConfigError(key, f"is not a database URL: {url!r}")
+    drivers = {
+        "sqlite": "sqlite+aiosqlite",
+        "sqlite+aiosqlite": "sqlite+aiosqlite",
+        "postgres": "postgresql+asyncpg",
+        "postgresql": "postgresql+asyncpg",
+        "postgresql+asyncpg": "postgresql+asyncpg",
+    }
+    if scheme.lower() not in drivers:
+        raise ConfigError(
+            key,
+            f"unsupported database kind {scheme!r}: use sqlite+aiosqlite:///FILE "
+            "or postgresql+asyncpg://USER:PASSWORD@HOST/DB",
+        )
+    driver = drivers[scheme.lower()]
+    if driver.startswith("sqlite") and (not rest.startswith("/") or rest == "/"):
+        raise ConfigError(key, "a SQLite URL needs a file: sqlite+aiosqlite:///passerelle.db")
+    return f"{driver}://{rest}"
+
+
+def _permissions(raw: dict[str, Any]) -> PermissionTable:
+    value = raw["permissions"]
+    if not isinstance(value, dict):
+        raise ConfigError("permissions", f"must be a mapping, not {_type_name(value)}")
+    table: dict[str, PermissionLevel] = {}
+    for who, level in value.items():
+        key = f"permissions.{who}"
+        if not isinstance(who, str) or not (
+            who == "*" or _MXID.match(who) or _SERVER_NAME.match(who)
+        ):
+            raise ConfigError(key, "must be a user ID (@user:server), a server name or '*'")
+        try:
+            table[who.lower() if not who.startswith("@") else who] = PermissionLevel.parse(level)
+        except ValueError:
+            raise ConfigError(key, f"level must be 'user' or 'admin', not {level!r}") from None
+    return PermissionTable(table)
+
+
+def _logging(raw: dict[str, Any]) -> LoggingConfig:
+    level = _string(raw, "logging.level").upper()
+    if level not in _LOG_LEVELS:
+        raise ConfigError("logging.level", f"must be one of {', '.join(_LOG_LEVELS)}")
+    loggers = raw["logging"]["loggers"]
+    if not isinstance(loggers, dict):
+        raise ConfigError("logging.loggers", f"must be a mapping, not {_type_name(loggers)}")
+    checked: dict[str, str] = {}
+    for name, lvl in loggers.items():
+        if not isinstance(lvl, str) or lvl.upper() not in _LOG_LEVELS:
+            raise ConfigError(
+                f"logging.loggers.{name}", f"must be one of {', '.join(_LOG_LEVELS)}"
+            )
+        checked[str(name)] = lvl.upper()
+    file = raw["logging"]["file"]
+    if file is not None and (not isinstance(file, str) or not file.strip()):
+        raise ConfigError("logging.file", "must be a file path or null")
+    return LoggingConfig(level=level, loggers=checked, file=file)
+
+
+def _appservice(raw: dict[str, Any], require_tokens: bool) -> AppserviceConfig:
+    bot = _string(raw, "appservice.bot_username")
+    if not _LOCALPART.match(bot):
+        raise ConfigError("appservice.bot_username", "must be a valid lowercase Matrix localpart")
+    template = _string(raw, "appservice.ghost_username_template")
+    if template.count("{localpart}") != 1 or "{" in template.replace("{localpart}", ""):
+        raise ConfigError(
+            "appservice.ghost_username_template", "must contain {localpart} exactly once"
+        )
+    prefix, suffix = template.split("{localpart}")
+    if not prefix or not _LOCALPART.match(prefix + "x" + suffix):
+        raise ConfigError(
+            "appservice.ghost_username_template",
+            "needs a fixed prefix before {localpart} and only localpart characters",
+        )
+    if re.fullmatch(re.escape(prefix) + r".+" + re.escape(suffix), bot):
+        raise ConfigError("appservice.bot_username", "must not match the ghost username template")
+    service_id = _string(raw, "appservice.id")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", service_id):
+        raise ConfigError("appservice.id", "may only contain letters, digits, '.', '_' and '-'")
+    prefix_cmd = _string(raw, "appservice.command_prefix")
+    if any(c.isspace() for c in prefix_cmd):
+        raise ConfigError("appservice.command_prefix", "must not contain spaces")
+    as_token = _token(raw, "appservice.as_token", require_tokens)
+    hs_token = _token(raw, "appservice.hs_token", require_tokens)
+    if as_token == hs_token and as_token != TOKEN_PLACEHOLDER:
+        raise ConfigError("appservice.hs_token", "must differ from appservice.as_token")
+    return AppserviceConfig(
+        id=service_id,
+        address=_http_url(raw, "appservice.address"),
+        hostname=_string(raw, "appservice.hostname"),
+        port=_int(raw, "appservice.port", 1, 65535),
+        bot_username=bot,
+        bot_displayname=_string(raw, "appservice.bot_displayname"),
+        command_prefix=prefix_cmd,
+        ghost_username_template=template,
+        as_token=as_token,
+        hs_token=hs_token,
+        max_body_size=_int(raw, "appservice.max_body_size", 1024, 1 << 30),
+        max_event_attempts=_int(raw, "appservice.max_event_attempts", 1, 1000),
+    )
+
+
+def _homeserver(raw: dict[str, Any]) -> HomeserverConfig:
+    address = _http_url(raw, "homeserver.address")
+    domain = _string(raw, "homeserver.domain")
+    for key, value in (("homeserver.address", address), ("homeserver.domain", domain)):
+        if PLACEHOLDER_DOMAIN in value:
+            raise ConfigError(key, f"still holds the example placeholder {value!r}; set it")
+    if not _SERVER_NAME.match(domain):
+        raise ConfigError("homeserver.domain", f"is not a valid server name: {domain!r}")
+    return HomeserverConfig(
+        address=address,
+        domain=domain,
+        verify_ssl=_bool(raw, "homeserver.verify_ssl"),
+        request_timeout=_number(raw, "homeserver.request_timeout", 1, 600),
+    )
+
+
+def parse_config(
+    user: Any,
+    *,
+    env: Mapping[str, str] | None = None,
+    require_tokens: bool = True,
+    path: Path | None = None,
+) -> Config:
+    """Validate a parsed user config (merged over the defaults) into a Config."""
+    if user is None:
+        user = {}
+    if not isinstance(user, Mapping):
+        raise ConfigError(
+            "(file)", f"must hold a mapping at the top level, not {_type_name(user)}"
+        )
+    defaults = _plain(yaml_loader().load(EXAMPLE_CONFIG.read_text(encoding="utf-8")))
+    warnings: list[str] = []
+    raw = _merge(defaults, user, (), warnings)
+    overrides = _apply_env(raw, os.environ if env is None else env)
+    database_url = normalise_database_url("database.url", _string(raw, "database.url"))
+    return Config(
+        homeserver=_homeserver(raw),
+        appservice=_appservice(raw, require_tokens),
+        database=DatabaseConfig(
+            url=database_url, pool_size=_int(raw, "database.pool_size", 1, 1000)
+        ),
+        permissions=_permissions(raw),
+        logging=_logging(raw),
+        path=path,
+        warnings=tuple(warnings),
+        env_overrides=tuple(overrides),
+    )
+
+
+def load_config(
+    path: Path, *, env: Mapping[str, str] | None = None, require_tokens: bool = True
+) -> Config:
+    """Read, merge and validate the config file at path; raise ConfigError naming the key."""
+    return parse_config(read_yaml_file(path), env=env, require_tokens=require_tokens, path=path)

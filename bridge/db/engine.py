@@ -1,0 +1,140 @@
+"""Opening the database: engine, durable SQLite settings, safety checks and migrations."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, event, inspect, text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from bridge.config import DatabaseConfig
+
+log = logging.getLogger("passerelle.db")
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# Tables only a Synapse database has: pointing the bridge at one would be a serious mistake.
+SYNAPSE_TABLES = {"event_json", "room_memberships", "e2e_room_keys"}
+
+
+class DatabaseError(Exception):
+    """The database cannot be used: unreachable, foreign, or newer than this code."""
+
+
+def _alembic_config(connection: Connection) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL with synchronous=FULL: a committed transaction survives power loss.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+class Database:
+    """The bridge's mapping database; every query module takes one of these."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[AsyncConnection]:
+        """A connection inside one transaction, committed on success."""
+        async with self.engine.begin() as conn:
+            yield conn
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def create_engine(config: DatabaseConfig) -> AsyncEngine:
+    if config.url.startswith("sqlite"):
+        engine = create_async_engine(config.url)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_async_engine(
+        config.url, pool_size=config.pool_size, pool_pre_ping=True, pool_recycle=1800
+    )
+
+
+def _check_and_upgrade(connection: Connection) -> str | None:
+    tables = set(inspect(connection).get_table_names())
+    synapse = tables & SYNAPSE_TABLES
+    if synapse:
+        raise DatabaseError(
+            "this database holds Synapse's tables "
+            f"({', '.join(sorted(synapse))}); give Passerelle a database of its own"
+        )
+    cfg = _alembic_config(connection)
+    script = ScriptDirectory.from_config(cfg)
+    head = script.get_current_head()
+    if "alembic_version" in tables:
+        current = connection.execute(text("SELECT version_num FROM alembic_version")).scalars()
+        for revision in current:
+            try:
+                script.get_revision(revision)
+            except Exception:
+                raise DatabaseError(
+                    f"the database schema is at revision {revision}, newer than this Passerelle "
+                    f"(which knows up to {head}); upgrade Passerelle or restore a backup"
+                ) from None
+    elif tables:
+        known = tables & {"inbox_event", "appservice_txn"}
+        if not known:
+            raise DatabaseError(
+                f"the database already holds tables that are not Passerelle's "
+                f"({', '.join(sorted(tables)[:5])}); give Passerelle a database of its own"
+            )
+    command.upgrade(cfg, "head")
+    return head
+
+
+def _check_sqlite_folder(url: str) -> None:
+    if url.startswith("sqlite"):
+        parent = Path(url.split(":///", 1)[1]).expanduser().resolve().parent
+        if not parent.is_dir():
+            raise DatabaseError(f"the SQLite file's folder {parent} does not exist")
+
+
+async def open_database(config: DatabaseConfig) -> Database:
+    """Connect, refuse foreign or newer schemas, run pending migrations."""
+    _check_sqlite_folder(config.url)
+    engine = create_engine(config)
+    try:
+        async with engine.begin() as conn:
+            head = await conn.run_sync(_check_and_upgrade)
+    except DatabaseError:
+        await engine.dispose()
+        raise
+    except (SQLAlchemyError, OSError) as e:
+        await engine.dispose()
+        raise DatabaseError(f"cannot open the database: {_one_line(e)}") from e
+    log.info("database ready (%s, schema revision %s)", engine.dialect.name, head)
+    return Database(engine)
+
+
+def _one_line(error: BaseException) -> str:
+    text_ = str(getattr(error, "orig", None) or error)
+    return text_.strip().splitlines()[0] if text_.strip() else type(error).__name__

@@ -1,0 +1,208 @@
+"""Appservice transactions and the durable inbox of events they carried."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from bridge.core.ids import EventID, RoomID, TxnID, UserID
+from bridge.db.engine import Database
+from bridge.db.schema import appservice_txn, dead_letter, inbox_event
+from bridge.db.util import insert_ignore, now_ms
+
+# Keep a dead-lettered payload readable without letting one event fill the disk.
+MAX_DEAD_PAYLOAD = 65536
+
+
+@dataclass(frozen=True)
+class IncomingEvent:
+    event_id: EventID
+    room_id: RoomID
+    event_type: str
+    sender: UserID
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    payload: Any
+    reason: str
+
+
+@dataclass(frozen=True)
+class TxnOutcome:
+    replay: bool
+    stored: int
+    duplicates: int
+    rejected: int
+
+
+@dataclass(frozen=True)
+class InboxEvent:
+    seq: int
+    event_id: EventID
+    room_id: RoomID
+    event_type: str
+    sender: UserID
+    event: dict[str, Any]
+    attempts: int
+
+
+def _dump(payload: Any) -> str:
+    try:
+        text = json.dumps(payload, ensure_ascii=False, default=repr)
+    except (TypeError, ValueError):
+        text = repr(payload)
+    return text[:MAX_DEAD_PAYLOAD]
+
+
+async def store_transaction(
+    db: Database,
+    txn_id: TxnID,
+    digest: str,
+    events: list[IncomingEvent],
+    rejected: list[Rejected],
+) -> TxnOutcome:
+    """Store a transaction's events durably, once, in one database transaction.
+
+    The same txnId with the same body is a replay and changes nothing. The same txnId with a
+    different body (a homeserver whose counter restarted) is taken as new; its events are still
+    deduplicated by event ID, so nothing is handled twice either way.
+    """
+    async with db.begin() as conn:
+        seen = (
+            await conn.execute(
+                select(appservice_txn.c.digest).where(appservice_txn.c.txn_id == txn_id)
+            )
+        ).scalar_one_or_none()
+        if seen == digest:
+            return TxnOutcome(replay=True, stored=0, duplicates=len(events), rejected=0)
+        stored = 0
+        now = now_ms()
+        for ev in events:
+            result = await conn.execute(
+                insert_ignore(conn, inbox_event, ["event_id"]).values(
+                    event_id=ev.event_id,
+                    room_id=ev.room_id,
+                    event_type=ev.event_type,
+                    sender=ev.sender,
+                    event_json=json.dumps(ev.event, ensure_ascii=False),
+                    received_at=now,
+                )
+            )
+            stored += result.rowcount
+        for bad in rejected:
+            await conn.execute(
+                dead_letter.insert().values(
+                    source="transaction",
+                    ref=txn_id[:255],
+                    payload=_dump(bad.payload),
+                    reason=bad.reason,
+                    created_at=now,
+                )
+            )
+        if seen is None:
+            await conn.execute(
+                appservice_txn.insert().values(txn_id=txn_id, digest=digest, received_at=now)
+            )
+        else:
+            await conn.execute(
+                update(appservice_txn)
+                .where(appservice_txn.c.txn_id == txn_id)
+                .values(digest=digest, received_at=now)
+            )
+    return TxnOutcome(
+        replay=False, stored=stored, duplicates=len(events) - stored, rejected=len(rejected)
+    )
+
+
+async def pending_events(db: Database, limit: int, exclude: set[int]) -> list[InboxEvent]:
+    """Pending events in arrival order, skipping those already being handled."""
+    query = (
+        select(
+            inbox_event.c.seq,
+            inbox_event.c.event_id,
+            inbox_event.c.room_id,
+            inbox_event.c.event_type,
+            inbox_event.c.sender,
+            inbox_event.c.event_json,
+            inbox_event.c.attempts,
+        )
+        .where(inbox_event.c.state == "pending")
+        .order_by(inbox_event.c.seq)
+        .limit(limit + len(exclude))
+    )
+    async with db.begin() as conn:
+        rows = (await conn.execute(query)).all()
+    return [
+        InboxEvent(
+            seq=row.seq,
+            event_id=EventID(row.event_id),
+            room_id=RoomID(row.room_id),
+            event_type=row.event_type,
+            sender=UserID(row.sender),
+            event=json.loads(row.event_json),
+            attempts=row.attempts,
+        )
+        for row in rows
+        if row.seq not in exclude
+    ][:limit]
+
+
+async def mark_done(db: Database, seq: int) -> None:
+    async with db.begin() as conn:
+        await conn.execute(
+            update(inbox_event)
+            .where(inbox_event.c.seq == seq)
+            .values(state="done", done_at=now_ms(), last_error=None)
+        )
+
+
+async def record_failure(db: Database, seq: int, error: str) -> int:
+    """Count one failed attempt; returns the number of attempts so far."""
+    async with db.begin() as conn:
+        await conn.execute(
+            update(inbox_event)
+            .where(inbox_event.c.seq == seq)
+            .values(attempts=inbox_event.c.attempts + 1, last_error=error[:2000])
+        )
+        attempts = (
+            await conn.execute(select(inbox_event.c.attempts).where(inbox_event.c.seq == seq))
+        ).scalar_one()
+    return int(attempts)
+
+
+async def mark_dead(db: Database, item: InboxEvent, reason: str) -> None:
+    async with db.begin() as conn:
+        await conn.execute(
+            update(inbox_event)
+            .where(inbox_event.c.seq == item.seq)
+            .values(state="dead", done_at=now_ms(), last_error=reason[:2000])
+        )
+        await conn.execute(
+            dead_letter.insert().values(
+                source="event",
+                ref=item.event_id,
+                payload=_dump(item.event),
+                reason=reason[:2000],
+                created_at=now_ms(),
+            )
+        )
+
+
+async def counts(db: Database) -> dict[str, int]:
+    """Number of inbox events per state, and of dead letters."""
+    async with db.begin() as conn:
+        rows = (
+            await conn.execute(
+                select(inbox_event.c.state, func.count()).group_by(inbox_event.c.state)
+            )
+        ).all()
+        dead_letters = (await conn.execute(select(func.count()).select_from(dead_letter))).scalar()
+    result = {"pending": 0, "done": 0, "dead": 0}
+    result.update({str(state): int(n) for state, n in rows})
+    result["dead_letters"] = int(dead_letters or 0)
+    return result

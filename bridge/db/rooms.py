@@ -1,0 +1,74 @@
+"""Rooms the management bot is in or was invited to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+
+from bridge.core.ids import RoomID, UserID
+from bridge.db.engine import Database
+from bridge.db.schema import room
+from bridge.db.util import now_ms, upsert
+
+
+@dataclass(frozen=True)
+class Room:
+    room_id: RoomID
+    is_direct: bool
+    bot_membership: str
+    encrypted: bool
+    invited_by: UserID | None
+
+
+async def get_room(db: Database, room_id: RoomID) -> Room | None:
+    async with db.begin() as conn:
+        row = (await conn.execute(select(room).where(room.c.room_id == room_id))).first()
+    if row is None:
+        return None
+    return Room(
+        room_id=RoomID(row.room_id),
+        is_direct=bool(row.is_direct),
+        bot_membership=row.bot_membership,
+        encrypted=bool(row.encrypted),
+        invited_by=UserID(row.invited_by) if row.invited_by else None,
+    )
+
+
+async def save_room(
+    db: Database,
+    room_id: RoomID,
+    *,
+    bot_membership: str,
+    is_direct: bool,
+    encrypted: bool,
+    invited_by: UserID | None,
+) -> None:
+    values = {
+        "room_id": room_id,
+        "bot_membership": bot_membership,
+        "is_direct": is_direct,
+        "encrypted": encrypted,
+        "invited_by": invited_by,
+        "updated_at": now_ms(),
+    }
+    async with db.begin() as conn:
+        await conn.execute(upsert(conn, room, ["room_id"], values))
+
+
+async def set_membership(db: Database, room_id: RoomID, membership: str) -> None:
+    async with db.begin() as conn:
+        await conn.execute(
+            update(room)
+            .where(room.c.room_id == room_id)
+            .values(bot_membership=membership, updated_at=now_ms())
+        )
+
+
+async def set_encrypted(db: Database, room_id: RoomID) -> None:
+    async with db.begin() as conn:
+        await conn.execute(
+            update(room)
+            .where(room.c.room_id == room_id)
+            .values(encrypted=True, updated_at=now_ms())
+        )

@@ -1,0 +1,109 @@
+"""Table definitions (SQLAlchemy Core). Migrations in db/migrations create them."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    false,
+)
+
+metadata = MetaData()
+
+# Appservice transactions already taken, by the homeserver's txnId and a digest of the body.
+appservice_txn = Table(
+    "appservice_txn",
+    metadata,
+    Column("txn_id", String(255), primary_key=True),
+    Column("digest", String(64), nullable=False),
+    Column("received_at", BigInteger, nullable=False),
+)
+
+# Every event the homeserver pushed, stored before the transaction is answered. The unique
+# event_id is what makes a replayed or re-numbered transaction harmless.
+inbox_event = Table(
+    "inbox_event",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("event_id", String(255), nullable=False, unique=True),
+    Column("room_id", String(255), nullable=False),
+    Column("event_type", String(255), nullable=False),
+    Column("sender", String(255), nullable=False),
+    Column("event_json", Text, nullable=False),
+    Column("received_at", BigInteger, nullable=False),
+    # pending → done, or pending → dead (see dead_letter)
+    Column("state", String(16), nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text, nullable=True),
+    Column("done_at", BigInteger, nullable=True),
+    Index("ix_inbox_event_state_seq", "state", "seq"),
+)
+
+# What could not be taken or handled: malformed events, handler failures past the retry limit.
+dead_letter = Table(
+    "dead_letter",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("source", String(32), nullable=False),
+    Column("ref", String(255), nullable=True),
+    Column("payload", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+# Ghost users, one per remote identity (mail address, external user).
+ghost = Table(
+    "ghost",
+    metadata,
+    Column("mxid", String(255), primary_key=True),
+    Column("remote_kind", String(32), nullable=False),
+    Column("remote_id", String(512), nullable=False),
+    Column("display_name", String(512), nullable=True),
+    Column("registered", Boolean, nullable=False, server_default=false()),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ux_ghost_remote", "remote_kind", "remote_id", unique=True),
+)
+
+# Rooms the bot has been invited to or joined.
+room = Table(
+    "room",
+    metadata,
+    Column("room_id", String(255), primary_key=True),
+    Column("is_direct", Boolean, nullable=False, server_default=false()),
+    Column("bot_membership", String(16), nullable=False),
+    Column("encrypted", Boolean, nullable=False, server_default=false()),
+    Column("invited_by", String(255), nullable=True),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+# Links between a room and a remote (mailing list, mailbox, external room, webhook).
+link = Table(
+    "link",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(255), nullable=False, unique=True),
+    Column("room_id", String(255), ForeignKey("room.room_id"), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("remote", String(512), nullable=False),
+    Column("settings_json", Text, nullable=False, server_default="{}"),
+    Column("paused", Boolean, nullable=False, server_default=false()),
+    Column("created_by", String(255), nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_link_room", "room_id"),
+)
+
+# Small pieces of bridge state (schema facts, last ping, ...).
+kv = Table(
+    "kv",
+    metadata,
+    Column("key", String(255), primary_key=True),
+    Column("value", Text, nullable=False),
+)

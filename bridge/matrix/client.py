@@ -1,0 +1,164 @@
+"""Calls to the homeserver as the bot or a ghost, with failures mapped to transient/permanent."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import aiohttp
+from mautrix.api import Method, Path
+from mautrix.appservice import AppServiceAPI
+from mautrix.errors import MatrixConnectionError, MatrixRequestError, MatrixStandardRequestError
+from mautrix.types import UserID as MautrixUserID
+
+from bridge.config import Config
+from bridge.core.errors import PermanentError, TransientError
+from bridge.core.ids import EventID, RoomID, UserID
+
+log = logging.getLogger("passerelle.matrix.client")
+
+
+def derived_txn_id(*parts: str) -> str:
+    """A transaction ID derived from what caused the send, so a retry is deduplicated.
+
+    Synapse keys its idempotency cache by the appservice's token, not by the `user_id` it acts
+    as, so the ID must be unique across the bot and every ghost: the parts name the purpose.
+    """
+    digest = hashlib.sha256("\x00".join(parts).encode("utf-8")).hexdigest()[:40]
+    return f"pas.{digest}"
+
+
+class MatrixClient:
+    """The homeserver's client-server API, as the appservice (mautrix's AppServiceAPI)."""
+
+    def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self.bot_mxid = config.bot_mxid
+        self._api = AppServiceAPI(
+            base_url=config.homeserver.address,
+            bot_mxid=MautrixUserID(config.bot_mxid),
+            token=config.appservice.as_token,
+            log=logging.getLogger("passerelle.matrix.http"),  # type: ignore[arg-type]
+            client_session=session,
+            default_retry_count=0,
+        )
+
+    async def request(
+        self,
+        method: Method,
+        path: Any,
+        content: dict[str, Any] | None = None,
+        *,
+        as_user: UserID | None = None,
+        query: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        api = self._api if as_user in (None, self.bot_mxid) else self._api.user(as_user)  # type: ignore[arg-type]
+        try:
+            result = await api.request(method, path, content, query_params=query)
+        except MatrixRequestError as e:
+            raise self._classify(e) from e
+        except (TimeoutError, MatrixConnectionError, aiohttp.ClientError, OSError) as e:
+            raise TransientError(f"homeserver unreachable: {e or type(e).__name__}") from e
+        return result if isinstance(result, dict) else {}
+
+    @staticmethod
+    def _classify(error: MatrixRequestError) -> Exception:
+        errcode = error.errcode if isinstance(error, MatrixStandardRequestError) else None
+        status = error.http_status
+        text = f"homeserver answered {status} {errcode or ''}: {error.message or ''}".strip()
+        if status >= 500 or status == 429 or errcode == "M_LIMIT_EXCEEDED":
+            return TransientError(text)
+        return PermanentError(text)
+
+    @staticmethod
+    def errcode_of(error: BaseException) -> str | None:
+        cause = error.__cause__
+        if isinstance(cause, MatrixStandardRequestError):
+            return cause.errcode
+        return None
+
+    async def versions(self) -> list[str]:
+        result = await self.request(Method.GET, Path.versions)
+        versions = result.get("versions")
+        return [str(v) for v in versions] if isinstance(versions, list) else []
+
+    async def register(self, localpart: str) -> None:
+        """Register a user in our namespace; already registered is fine."""
+        content = {
+            "type": "m.login.application_service",
+            "username": localpart,
+            "inhibit_login": True,
+        }
+        try:
+            await self.request(Method.POST, Path.v3.register, content)
+        except PermanentError as e:
+            if self.errcode_of(e) != "M_USER_IN_USE":
+                raise
+
+    async def set_displayname(self, mxid: UserID, name: str) -> None:
+        await self.request(
+            Method.PUT, Path.v3.profile[mxid].displayname, {"displayname": name}, as_user=mxid
+        )
+
+    async def get_displayname(self, mxid: UserID) -> str | None:
+        try:
+            result = await self.request(Method.GET, Path.v3.profile[mxid].displayname)
+        except PermanentError:
+            return None
+        name = result.get("displayname")
+        return name if isinstance(name, str) else None
+
+    async def ping(self, txn_id: str) -> int:
+        """Ask the homeserver to ping us back (MSC2659); returns its round trip in ms."""
+        result = await self.request(
+            Method.POST,
+            Path.v1.appservice[self.config.appservice.id].ping,
+            {"transaction_id": txn_id},
+        )
+        duration = result.get("duration_ms")
+        return int(duration) if isinstance(duration, int) else -1
+
+    async def join(self, room_id: RoomID, *, as_user: UserID | None = None) -> None:
+        await self.request(Method.POST, Path.v3.rooms[room_id].join, {}, as_user=as_user)
+
+    async def leave(
+        self, room_id: RoomID, reason: str | None = None, *, as_user: UserID | None = None
+    ) -> None:
+        content = {"reason": reason} if reason else {}
+        await self.request(Method.POST, Path.v3.rooms[room_id].leave, content, as_user=as_user)
+
+    async def send_event(
+        self,
+        room_id: RoomID,
+        event_type: str,
+        content: dict[str, Any],
+        txn_id: str,
+        *,
+        as_user: UserID | None = None,
+    ) -> EventID:
+        result = await self.request(
+            Method.PUT, Path.v3.rooms[room_id].send[event_type][txn_id], content, as_user=as_user
+        )
+        event_id = result.get("event_id")
+        if not isinstance(event_id, str):
+            raise PermanentError("homeserver answered a send without an event_id")
+        return EventID(event_id)
+
+    async def get_state(
+        self, room_id: RoomID, event_type: str, state_key: str = ""
+    ) -> dict[str, Any] | None:
+        """One state event's content, or None when the room has no such state."""
+        try:
+            return await self.request(
+                Method.GET, Path.v3.rooms[room_id].state[event_type][state_key]
+            )
+        except PermanentError as e:
+            if self.errcode_of(e) == "M_NOT_FOUND":
+                return None
+            raise
+
+    async def joined_members(self, room_id: RoomID) -> list[UserID]:
+        result = await self.request(Method.GET, Path.v3.rooms[room_id].joined_members)
+        joined = result.get("joined")
+        return [UserID(m) for m in joined] if isinstance(joined, dict) else []

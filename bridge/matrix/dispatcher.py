@@ -1,0 +1,125 @@
+"""Drains the durable inbox: each stored event handled once, in order per room, with retries."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from bridge.core.backoff import Backoff
+from bridge.core.errors import Ignored, TransientError
+from bridge.core.router import RoomQueues
+from bridge.core.tasks import TaskGroup
+from bridge.db import inbox
+from bridge.db.engine import Database
+from bridge.db.inbox import InboxEvent
+
+log = logging.getLogger("passerelle.matrix.dispatch")
+
+Handler = Callable[[InboxEvent], Awaitable[None]]
+
+BATCH = 500
+SWEEP_INTERVAL = 10.0
+
+
+class EventDispatcher:
+    """Moves pending inbox events to their room's queue and records each outcome.
+
+    A transient failure (homeserver down) is retried in place with capped backoff for as long
+    as it takes, holding the room's later events behind it so order is kept. Any other failure
+    counts as an attempt; after `max_attempts` the event goes to the dead-letter table and the
+    room moves on. Nothing here ever reaches the homeserver's transaction request.
+    """
+
+    def __init__(
+        self, db: Database, handler: Handler, tasks: TaskGroup, max_attempts: int
+    ) -> None:
+        self.db = db
+        self.handler = handler
+        self.max_attempts = max_attempts
+        self._wake = asyncio.Event()
+        self._in_flight: set[int] = set()
+        self._queues: RoomQueues[InboxEvent] = RoomQueues(self._process, tasks, "room")
+        self._tasks = tasks
+        self.retry_initial = 1.0
+        self.retry_maximum = 60.0
+
+    def notify(self) -> None:
+        """New events were stored: look for them now rather than at the next sweep."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        backoff = Backoff(initial=1.0, maximum=30.0)
+        while True:
+            self._wake.clear()
+            try:
+                found = await inbox.pending_events(self.db, BATCH, self._in_flight)
+            except Exception as e:
+                delay = backoff.next_delay()
+                log.error("cannot read the inbox (%s); retrying in %.0f s", e, delay)
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            for item in found:
+                self._in_flight.add(item.seq)
+                self._queues.submit(item.room_id, item)
+            if len(found) >= BATCH:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
+
+    async def wait_idle(self) -> None:
+        await self._queues.wait_idle()
+
+    async def _process(self, item: InboxEvent) -> None:
+        try:
+            await self._handle_until_settled(item)
+        finally:
+            self._in_flight.discard(item.seq)
+
+    async def _handle_until_settled(self, item: InboxEvent) -> None:
+        backoff = Backoff(initial=self.retry_initial, maximum=self.retry_maximum)
+        while True:
+            try:
+                await self.handler(item)
+            except Ignored as e:
+                log.debug("%s %s ignored: %s", item.event_type, item.event_id, e)
+            except TransientError as e:
+                delay = backoff.next_delay()
+                log.warning(
+                    "%s in %s waits: %s; retrying in %.1f s", item.event_id, item.room_id, e, delay
+                )
+                await asyncio.sleep(delay)
+                continue
+            except Exception as e:
+                attempts = await inbox.record_failure(self.db, item.seq, _describe(e))
+                if attempts >= self.max_attempts:
+                    log.error(
+                        "%s in %s failed %d times, moved to dead letters",
+                        item.event_id,
+                        item.room_id,
+                        attempts,
+                        exc_info=e,
+                    )
+                    await inbox.mark_dead(self.db, item, _describe(e))
+                    return
+                delay = backoff.next_delay()
+                log.warning(
+                    "%s in %s failed (attempt %d of %d): %s; retrying in %.1f s",
+                    item.event_id,
+                    item.room_id,
+                    attempts,
+                    self.max_attempts,
+                    _describe(e),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            await inbox.mark_done(self.db, item.seq)
+            return
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
