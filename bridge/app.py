@@ -62,7 +62,7 @@ class Bridge:
             timeout=aiohttp.ClientTimeout(total=config.homeserver.request_timeout),
             connector=aiohttp.TCPConnector(ssl=config.homeserver.verify_ssl),
         )
-        self.client = MatrixClient(config, self._session)
+        self.client = MatrixClient(config, self._session, self.homeserver_health)
         self.status = StatusReporter(self.db, self.homeserver_health)
         commands = CommandProcessor(config.appservice.command_prefix, self.status.report)
         self.bot = ManagementBot(config, self.client, self.db, commands)

@@ -18,7 +18,13 @@ class Room:
     is_direct: bool
     bot_membership: str
     encrypted: bool
+    member_count: int
     invited_by: UserID | None
+
+    @property
+    def is_direct_chat(self) -> bool:
+        """Only the bot and one person: commands need no prefix here."""
+        return self.member_count <= 2
 
 
 async def get_room(db: Database, room_id: RoomID) -> Room | None:
@@ -31,6 +37,7 @@ async def get_room(db: Database, room_id: RoomID) -> Room | None:
         is_direct=bool(row.is_direct),
         bot_membership=row.bot_membership,
         encrypted=bool(row.encrypted),
+        member_count=int(row.member_count),
         invited_by=UserID(row.invited_by) if row.invited_by else None,
     )
 
@@ -43,8 +50,10 @@ async def save_room(
     is_direct: bool,
     encrypted: bool,
     invited_by: UserID | None,
+    member_count: int = 0,
 ) -> None:
     values = {
+        "member_count": member_count,
         "room_id": room_id,
         "bot_membership": bot_membership,
         "is_direct": is_direct,
@@ -71,4 +80,13 @@ async def set_encrypted(db: Database, room_id: RoomID) -> None:
             update(room)
             .where(room.c.room_id == room_id)
             .values(encrypted=True, updated_at=now_ms())
+        )
+
+
+async def set_member_count(db: Database, room_id: RoomID, count: int) -> None:
+    async with db.begin() as conn:
+        await conn.execute(
+            update(room)
+            .where(room.c.room_id == room_id)
+            .values(member_count=count, updated_at=now_ms())
         )

@@ -80,6 +80,8 @@ room = Table(
     Column("is_direct", Boolean, nullable=False, server_default=false()),
     Column("bot_membership", String(16), nullable=False),
     Column("encrypted", Boolean, nullable=False, server_default=false()),
+    # joined + invited members, refreshed on membership changes; ≤ 2 means a direct chat
+    Column("member_count", Integer, nullable=False, server_default="0"),
     Column("invited_by", String(255), nullable=True),
     Column("updated_at", BigInteger, nullable=False),
 )

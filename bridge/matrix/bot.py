@@ -56,6 +56,8 @@ class ManagementBot:
         """Handle one stored event; raises Ignored when it is none of the bot's business."""
         if item.event_type == "m.room.member" and item.event.get("state_key") == self.mxid:
             await self._on_bot_membership(item)
+        elif item.event_type == "m.room.member":
+            await self._on_member_change(item)
         elif item.event_type == "m.room.encryption" and item.event.get("state_key") == "":
             await self._on_encryption(item)
         elif item.event_type == "m.room.message":
@@ -112,8 +114,7 @@ class ManagementBot:
                 invited_by=inviter,
             )
             return
-        if not is_direct:
-            is_direct = len(await self.client.joined_members(room_id)) == 2
+        members = await self.client.member_count(room_id)
         await rooms.save_room(
             self.db,
             room_id,
@@ -121,9 +122,10 @@ class ManagementBot:
             is_direct=is_direct,
             encrypted=False,
             invited_by=inviter,
+            member_count=members,
         )
-        log.info("joined %s on invite from %s (direct: %s)", room_id, inviter, is_direct)
-        hint = "help" if is_direct else f"{self.config.appservice.command_prefix} help"
+        log.info("joined %s on invite from %s (%d members)", room_id, inviter, members)
+        hint = "help" if members <= 2 else f"{self.config.appservice.command_prefix} help"
         name = self.config.appservice.bot_displayname
         await self._send_notice(
             room_id,
@@ -144,6 +146,14 @@ class ManagementBot:
             encrypted=_invite_state_has_encryption(item.event),
             invited_by=item.sender,
         )
+
+    async def _on_member_change(self, item: InboxEvent) -> None:
+        room = await rooms.get_room(self.db, item.room_id)
+        if room is None or room.bot_membership != "join":
+            raise Ignored("membership change in a room the bot is not in")
+        count = await self.client.member_count(item.room_id)
+        if count != room.member_count:
+            await rooms.set_member_count(self.db, item.room_id, count)
 
     async def _on_encryption(self, item: InboxEvent) -> None:
         room = await rooms.get_room(self.db, item.room_id)
@@ -174,13 +184,13 @@ class ManagementBot:
         if room.encrypted:
             raise Ignored("room is encrypted: the bot never answers in clear")
         command = parse_command(
-            body, self.config.appservice.command_prefix, is_direct=room.is_direct
+            body, self.config.appservice.command_prefix, is_direct=room.is_direct_chat
         )
         if command is None:
             raise Ignored("not a command")
         level = self.config.permissions.level_for(sender)
         log.info("command %r from %s in %s", command.name[:50], sender, item.room_id)
-        reply = await self.commands.run(command, level, is_direct=room.is_direct)
+        reply = await self.commands.run(command, level, is_direct=room.is_direct_chat)
         thread_root = None
         if isinstance(relates, dict) and relates.get("rel_type") == "m.thread":
             root = relates.get("event_id")

@@ -14,6 +14,7 @@ from mautrix.types import UserID as MautrixUserID
 
 from bridge.config import Config
 from bridge.core.errors import PermanentError, TransientError
+from bridge.core.health import ComponentHealth
 from bridge.core.ids import EventID, RoomID, UserID
 
 log = logging.getLogger("passerelle.matrix.client")
@@ -32,8 +33,11 @@ def derived_txn_id(*parts: str) -> str:
 class MatrixClient:
     """The homeserver's client-server API, as the appservice (mautrix's AppServiceAPI)."""
 
-    def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, config: Config, session: aiohttp.ClientSession, health: ComponentHealth
+    ) -> None:
         self.config = config
+        self.health = health
         self.bot_mxid = config.bot_mxid
         self._api = AppServiceAPI(
             base_url=config.homeserver.address,
@@ -158,7 +162,18 @@ class MatrixClient:
                 return None
             raise
 
-    async def joined_members(self, room_id: RoomID) -> list[UserID]:
-        result = await self.request(Method.GET, Path.v3.rooms[room_id].joined_members)
-        joined = result.get("joined")
-        return [UserID(m) for m in joined] if isinstance(joined, dict) else []
+    async def member_count(self, room_id: RoomID) -> int:
+        """Members who joined or are invited."""
+        result = await self.request(
+            Method.GET, Path.v3.rooms[room_id].members, query={"not_membership": "leave"}
+        )
+        chunk = result.get("chunk")
+        if not isinstance(chunk, list):
+            return 0
+        return sum(
+            1
+            for ev in chunk
+            if isinstance(ev, dict)
+            and isinstance(ev.get("content"), dict)
+            and ev["content"].get("membership") in ("join", "invite")
+        )

@@ -14,7 +14,7 @@ from bridge.matrix.client import MatrixClient
 
 log = logging.getLogger("passerelle.matrix.connection")
 
-CHECK_INTERVAL = 30.0
+CHECK_INTERVAL = 10.0
 
 
 class HomeserverMonitor:
@@ -38,17 +38,22 @@ class HomeserverMonitor:
     async def run(self) -> None:
         backoff = Backoff(initial=1.0, maximum=60.0)
         address = self.config.homeserver.address
+        down = False
         while True:
             try:
                 await self.client.versions()
                 if not self.ready.is_set():
                     await self._first_contact()
-                if not self.health.reachable and self.health.last_error:
+                elif down:
+                    # A ping also tells Synapse to retry the transactions it holds for us now.
+                    await self.client.ping(f"pas.ping.{secrets.token_hex(8)}")
                     log.info("homeserver at %s is reachable again", address)
+                down = False
                 self.health.ok()
                 backoff.reset()
                 await asyncio.sleep(CHECK_INTERVAL)
             except (TransientError, PermanentError) as e:
+                down = True
                 problem = self._explain(e)
                 self.health.failed(problem)
                 delay = backoff.next_delay()

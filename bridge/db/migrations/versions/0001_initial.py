@@ -56,6 +56,7 @@ def upgrade() -> None:
         sa.Column("is_direct", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("bot_membership", sa.String(16), nullable=False),
         sa.Column("encrypted", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.Column("member_count", sa.Integer, nullable=False, server_default="0"),
         sa.Column("invited_by", sa.String(255), nullable=True),
         sa.Column("updated_at", sa.BigInteger, nullable=False),
     )

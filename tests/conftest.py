@@ -1,0 +1,258 @@
+"""Shared fixtures: real Synapse, PostgreSQL, the bridge as a subprocess or in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.app import Bridge
+from bridge.config import Config, load_config, parse_config
+from bridge.harness.ports import free_port
+
+try:
+    from bridge.harness.postgres import PostgresServer
+except ImportError:  # pragma: no cover - being written
+    PostgresServer = Any  # type: ignore[misc,assignment]
+from bridge.harness.synapse import MatrixTestClient, SynapseServer
+from bridge.registration import atomic_write, dump_yaml, generate_registration
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_json(url: str, timeout: float = 5) -> tuple[int, Any]:
+    """GET a URL on loopback; (status, parsed JSON or None)."""
+    try:
+        with _OPENER.open(url, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    server = PostgresServer.obtain(tmp_path_factory.mktemp("pg"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _asyncpg_url(libpq_url: str) -> str:
+    return libpq_url.replace("postgresql://", "postgresql+asyncpg://", 1)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty bridge database of each supported kind."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'passerelle.db'}"
+        return
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    name = f"passerelle_test_{uuid.uuid4().hex[:12]}"
+    url = server.create_database(name)
+    try:
+        yield _asyncpg_url(url)
+    finally:
+        server.drop_database(name)
+
+
+# --- Bridge configuration ----------------------------------------------------------------------
+
+
+def bridge_config_dict(
+    homeserver_port: int, bridge_port: int, database_url: str, **sections: dict[str, Any]
+) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "homeserver": {
+            "address": f"http://127.0.0.1:{homeserver_port}",
+            "domain": "localhost",
+            "request_timeout": 10,
+        },
+        "appservice": {
+            "address": f"http://127.0.0.1:{bridge_port}",
+            "hostname": "127.0.0.1",
+            "port": bridge_port,
+            "as_token": "as-" + uuid.uuid4().hex + uuid.uuid4().hex,
+            "hs_token": "hs-" + uuid.uuid4().hex + uuid.uuid4().hex,
+        },
+        "database": {"url": database_url},
+        "permissions": {"localhost": "user", "@admin:localhost": "admin"},
+        "logging": {"level": "DEBUG", "loggers": {"aiosqlite": "INFO", "asyncio": "INFO"}},
+    }
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    return config
+
+
+@dataclass
+class InProcessBridge:
+    bridge: Bridge
+    config: Config
+    base_url: str
+
+    @property
+    def hs_token(self) -> str:
+        return self.config.appservice.hs_token
+
+
+@pytest.fixture
+async def offline_bridge(db_url: str) -> AsyncIterator[InProcessBridge]:
+    """The bridge in this process, its homeserver unreachable: for API-level tests."""
+    port = free_port()
+    config = parse_config(bridge_config_dict(free_port(), port, db_url), env={})
+    bridge = Bridge(config)
+    await bridge.start()
+    try:
+        yield InProcessBridge(bridge, config, f"http://127.0.0.1:{port}")
+    finally:
+        await bridge.stop()
+
+
+# --- Synapse with the bridge registered --------------------------------------------------------
+
+
+@dataclass
+class SynapseSetup:
+    folder: Path
+    config_path: Path
+    config: Config
+    synapse: SynapseServer
+    users: list[MatrixTestClient] = field(default_factory=list)
+
+
+@pytest.fixture(scope="session")
+def synapse_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SynapseSetup]:
+    folder = tmp_path_factory.mktemp("synapse-bridge")
+    synapse_port, bridge_port = free_port(), free_port()
+    raw = bridge_config_dict(
+        synapse_port, bridge_port, f"sqlite+aiosqlite:///{folder / 'unused.db'}"
+    )
+    raw["appservice"]["as_token"] = raw["appservice"]["hs_token"] = "generate"
+    config_path = folder / "config.yaml"
+    atomic_write(config_path, dump_yaml(raw))
+    registration = folder / "registration.yaml"
+    generate_registration(config_path, registration, env={})
+    synapse = SynapseServer(
+        data_dir=folder / "synapse",
+        port=synapse_port,
+        app_service_config_files=[registration],
+    )
+    synapse.data_dir.mkdir()
+    synapse.start()
+    try:
+        yield SynapseSetup(folder, config_path, load_config(config_path, env={}), synapse)
+    finally:
+        synapse.stop()
+
+
+class BridgeProcess:
+    """`passerelle run` as a real subprocess, with its own database."""
+
+    def __init__(self, config_path: Path, database_url: str, log_path: Path) -> None:
+        self.config_path = config_path
+        self.database_url = database_url
+        self.log_path = log_path
+        self.config = load_config(config_path, env={})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.appservice.port}"
+
+    def start(self, *, wait_homeserver: bool = True, timeout: float = 30) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PASSERELLE_")} | {
+            "PASSERELLE_DATABASE__URL": self.database_url
+        }
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "run", "-c", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.log_path.parent,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bridge exited {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                status, body = http_json(self.base_url + "/health", timeout=2)
+            except OSError:
+                status, body = 0, None
+            if status in (200, 503) and (
+                not wait_homeserver or (body or {}).get("homeserver", {}).get("reachable")
+            ):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"bridge not ready after {timeout} s:\n{self.log_tail()}")
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+@pytest.fixture
+def bridge_process(
+    synapse_setup: SynapseSetup, db_url: str, tmp_path: Path
+) -> Iterator[BridgeProcess]:
+    """A `passerelle run` process registered on the session's Synapse (not started yet)."""
+    proc = BridgeProcess(synapse_setup.config_path, db_url, tmp_path / "bridge.log")
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+UserFactory = Callable[..., Awaitable[MatrixTestClient]]
+
+
+@pytest.fixture
+async def make_user(synapse_setup: SynapseSetup) -> AsyncIterator[UserFactory]:
+    """Register a fresh human user on Synapse and return a logged-in client for them."""
+    clients: list[MatrixTestClient] = []
+
+    async def make(prefix: str = "user", localpart: str | None = None) -> MatrixTestClient:
+        name = localpart or f"{prefix}{uuid.uuid4().hex[:8]}"
+        synapse = synapse_setup.synapse
+        user_id = synapse.register_user(name, "pw-" + name)
+        token = synapse.login(name, "pw-" + name)
+        client = MatrixTestClient(synapse.base_url, token, user_id)
+        clients.append(client)
+        return client
+
+    try:
+        yield make
+    finally:
+        for client in clients:
+            await client.close()
