@@ -59,14 +59,16 @@ async def test_help_in_a_direct_chat(
     answer = await alice.wait_for_event(room_id, replies_to(question, bot))
     content = answer["content"]
     assert content["msgtype"] == "m.notice"
-    assert "status" in content["body"] and "help" in content["body"]
+    assert "status" in content["body"]
+    assert "help" in content["body"]
     assert content["m.mentions"] == {}
     assert "<li>" in content["formatted_body"]
 
     status_q = await alice.send_text(room_id, "status")
     status = await alice.wait_for_event(room_id, replies_to(status_q, bot))
     code, health = http_json(bridge_process.base_url + "/health")
-    assert code == 200 and health["homeserver"]["reachable"] is True
+    assert code == 200
+    assert health["homeserver"]["reachable"] is True
     assert "Homeserver: reachable" in status["content"]["body"]
     assert f"Database ({health['database']['dialect']}): ok" in status["content"]["body"]
 

@@ -251,5 +251,5 @@ async def test_port_in_use_is_a_clear_startup_error(offline_bridge: InProcessBri
     from bridge.app import StartupError
 
     second = Bridge(offline_bridge.config)
-    with pytest.raises(StartupError, match="cannot listen on 127.0.0.1"):
+    with pytest.raises(StartupError, match=r"cannot listen on 127\.0\.0\.1"):
         await second.start()
