@@ -104,7 +104,7 @@ class Config:
         """Fully anchored regex for every ghost user ID."""
         prefix, suffix = self.appservice.ghost_username_template.split("{localpart}")
         domain = re.escape(self.homeserver.domain)
-        return f"^@{re.escape(prefix)}[a-z0-9._=\\-/+]+{re.escape(suffix)}:{domain}$"
+        return f"^@{re.escape(prefix)}[a-z0-9._=/+-]+{re.escape(suffix)}:{domain}$"
 
     @property
     def alias_regex(self) -> str:
