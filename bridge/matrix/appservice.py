@@ -14,6 +14,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
 from bridge.config import Config
+from bridge.core.errors import PermanentError, TransientError
 from bridge.core.ids import EventID, RoomID, TxnID, UserID
 from bridge.db import ghosts, inbox
 from bridge.db.engine import Database
@@ -244,7 +245,11 @@ class AppserviceServer:
             return denied
         user_id = UserID(request.match_info["user_id"])
         if user_id == self.config.bot_mxid:
-            await self.ensure_bot()
+            try:
+                await self.ensure_bot()
+            except (TransientError, PermanentError) as e:
+                # The bot exists by definition; the monitor keeps trying to register it.
+                log.warning("could not register the bot on the homeserver's query: %s", e)
             return web.json_response({})
         if self.config.is_ghost(user_id) and await ghosts.ghost_exists(self.db, user_id):
             return web.json_response({})

@@ -76,6 +76,52 @@ async def test_help_in_a_direct_chat(
     unknown = await alice.wait_for_event(room_id, replies_to(unknown_q, bot))
     assert "Unknown command “frobnicate”" in unknown["content"]["body"]
 
+    # The log runs at DEBUG here, and still holds no token.
+    log = bridge_process.log_text()
+    assert "command 'help'" in log
+    assert synapse_setup.config.appservice.as_token not in log
+    assert synapse_setup.config.appservice.hs_token not in log
+
+
+async def test_the_bot_never_answers_its_own_ghosts(
+    synapse_setup: SynapseSetup, bridge_process: BridgeProcess, make_user: UserFactory
+) -> None:
+    bridge_process.start()
+    bot = synapse_setup.config.bot_mxid
+    as_token = synapse_setup.config.appservice.as_token
+    alice = await make_user("alice")
+    room_id = await alice.create_room(invite=[bot], name="With a ghost")
+    await alice.wait_for_membership(room_id, bot, "join")
+    # A ghost in the bridge's namespace, acting through the appservice token like the bridge.
+    ghost_id = synapse_setup.config.ghost_mxid("agent=40example.test")
+    ghost = MatrixTestClient(synapse_setup.synapse.base_url, as_token, ghost_id)
+    try:
+        await ghost.request(
+            "POST",
+            "/_matrix/client/v3/register",
+            json_body={
+                "type": "m.login.application_service",
+                "username": ghost_id[1:].split(":")[0],
+                "inhibit_login": True,
+            },
+        )
+        await alice.invite(room_id, ghost_id)
+        await ghost.request(
+            "POST", f"/_matrix/client/v3/join/{room_id}", params={"user_id": ghost_id}
+        )
+        await ghost.request(
+            "PUT",
+            f"/_matrix/client/v3/rooms/{room_id}/send/m.room.message/g1",
+            json_body={"msgtype": "m.text", "body": "!passerelle help"},
+            params={"user_id": ghost_id},
+        )
+    finally:
+        await ghost.close()
+    probe = await alice.send_text(room_id, "!passerelle status")
+    await alice.wait_for_event(room_id, replies_to(probe, bot))
+    notices = bot_notices(await alice.messages(room_id), bot)
+    assert len(notices) == 2  # the greeting and the answer to alice's probe
+
 
 async def test_prefix_in_a_group_room_and_silence_otherwise(
     synapse_setup: SynapseSetup, bridge_process: BridgeProcess, make_user: UserFactory
