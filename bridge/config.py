@@ -61,8 +61,8 @@ class AppserviceConfig:
     bot_displayname: str
     command_prefix: str
     ghost_username_template: str
-    as_token: str
-    hs_token: str
+    as_token: str = field(repr=False)
+    hs_token: str = field(repr=False)
     max_body_size: int
     max_event_attempts: int
 
@@ -144,6 +144,10 @@ def read_yaml_file(path: Path) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        duplicate = re.search(r'duplicate key "([^"]*)"', problem)
+        if duplicate:
+            # ruamel's message quotes both values: they may be tokens.
+            problem = f"duplicate key {duplicate.group(1)!r}"
         raise ConfigError("(file)", f"{path} is not valid YAML{where}: {problem}") from None
 
 
@@ -209,7 +213,19 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> list[str]:
 
 
 def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
+    """Plain YAML-ish names, whatever class the parser used (ruamel has its own)."""
+    for kind, name in (
+        (type(None), "null"),
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a number"),
+        (str, "a string"),
+        (Mapping, "a mapping"),
+        (list, "a list"),
+    ):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
 
 
 def _get(raw: dict[str, Any], dotted: str) -> Any:
@@ -255,9 +271,15 @@ def _bool(raw: dict[str, Any], key: str) -> bool:
 
 def _http_url(raw: dict[str, Any], key: str) -> str:
     value = _string(raw, key)
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(key, f"is not a valid URL: {e}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(key, f"must be an http:// or https:// URL with a host, not {value!r}")
+    if port == 0:
+        raise ConfigError(key, "has port 0")
     if parts.query or parts.fragment:
         raise ConfigError(key, "must not contain a query or fragment")
     return value.rstrip("/")
@@ -279,7 +301,12 @@ def _token(raw: dict[str, Any], key: str, require: bool) -> str:
 def normalise_database_url(key: str, url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep or not rest:
-        raise ConfigError(key, f"is not a database URL: {url!r}")
+        # Never echo it: it may hold a password.
+        raise ConfigError(key, "is not a database URL (expected KIND://…)")
+    try:
+        urlsplit(url).port  # noqa: B018 - raises on a malformed host or port
+    except ValueError:
+        raise ConfigError(key, "has a malformed host, port or password (percent-encode it)") from None
     drivers = {
         "sqlite": "sqlite+aiosqlite",
         "sqlite+aiosqlite": "sqlite+aiosqlite",

@@ -21,7 +21,11 @@ class SecretMask(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.secrets:
             return True
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:
+            # Arguments that do not fit the format: let the handler report it as usual.
+            return True
         masked = message
         for secret in self.secrets:
             masked = masked.replace(secret, "***")

@@ -34,7 +34,7 @@ class PermissionTable:
         self._entries = dict(entries)
 
     def level_for(self, mxid: UserID) -> PermissionLevel:
-        if mxid in self._entries:
+        if mxid.startswith("@") and mxid in self._entries:
             return self._entries[mxid]
         server = server_of(mxid)
         if server and server in self._entries:
