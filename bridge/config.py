@@ -306,7 +306,8 @@ def normalise_database_url(key: str, url: str) -> str:
     try:
         urlsplit(url).port  # noqa: B018 - raises on a malformed host or port
     except ValueError:
-        raise ConfigError(key, "has a malformed host, port or password (percent-encode it)") from None
+        problem = "has a malformed host, port or password (percent-encode it)"
+        raise ConfigError(key, problem) from None
     drivers = {
         "sqlite": "sqlite+aiosqlite",
         "sqlite+aiosqlite": "sqlite+aiosqlite",
