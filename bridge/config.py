@@ -443,9 +443,20 @@ def parse_config(
     raw = _merge(defaults, user, (), warnings)
     overrides = _apply_env(raw, os.environ if env is None else env)
     database_url = normalise_database_url("database.url", _string(raw, "database.url"))
+    homeserver = _homeserver(raw)
+    appservice = _appservice(raw, require_tokens)
+    address = urlsplit(appservice.address)
+    if (
+        address.hostname in ("127.0.0.1", "localhost", "::1")
+        and (address.port or (443 if address.scheme == "https" else 80)) != appservice.port
+    ):
+        warnings.append(
+            f"appservice.address ({appservice.address}) is on this machine but not on "
+            f"appservice.port ({appservice.port}): the homeserver will not reach the bridge"
+        )
     return Config(
-        homeserver=_homeserver(raw),
-        appservice=_appservice(raw, require_tokens),
+        homeserver=homeserver,
+        appservice=appservice,
         database=DatabaseConfig(
             url=database_url, pool_size=_int(raw, "database.pool_size", 1, 1000)
         ),

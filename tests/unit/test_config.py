@@ -750,3 +750,10 @@ def test_repr_of_the_config_holds_no_token() -> None:
     config = parse_config(minimal(), env={})
     assert AS_TOKEN not in repr(config)
     assert HS_TOKEN not in repr(config)
+
+
+def test_a_local_address_on_another_port_than_the_listener_is_a_warning() -> None:
+    config = parse_config(minimal(appservice={"port": 29331}), env={})
+    assert any("appservice.port (29331)" in w for w in config.warnings)
+    config = parse_config(minimal(), env={})
+    assert config.warnings == ()

@@ -1,0 +1,24 @@
+"""The README's first command: `passerelle demo` brings up Synapse + bridge and the bot answers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_check_runs_twice_on_the_same_state(tmp_path: Path) -> None:
+    folder = tmp_path / "demo"
+    for _ in range(2):  # the second run reuses the tokens, database and Synapse data
+        result = subprocess.run(
+            [sys.executable, "-m", "bridge", "demo", "--check", "--dir", str(folder)],
+            capture_output=True,
+            text=True,
+            timeout=110,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Log in as:   @demo:localhost" in result.stdout
+        assert "• status" in result.stdout
+    config = (folder / "config.yaml").read_text()
+    assert "generate" not in config
+    assert (folder / "registration.yaml").stat().st_mode & 0o077 == 0
