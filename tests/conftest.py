@@ -22,10 +22,7 @@ from bridge.app import Bridge
 from bridge.config import Config, load_config, parse_config
 from bridge.harness.ports import free_port
 
-try:
-    from bridge.harness.postgres import PostgresServer
-except ImportError:  # pragma: no cover - being written
-    PostgresServer = Any  # type: ignore[misc,assignment]
+from bridge.harness.postgres import PostgresServer
 from bridge.harness.synapse import MatrixTestClient, SynapseServer
 from bridge.registration import atomic_write, dump_yaml, generate_registration
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from bridge.core.ids import EventID, RoomID, TxnID, UserID
 from bridge.db.engine import Database
@@ -15,6 +15,8 @@ from bridge.db.util import insert_ignore, now_ms
 
 # Keep a dead-lettered payload readable without letting one event fill the disk.
 MAX_DEAD_PAYLOAD = 65536
+# pg_advisory_xact_lock key of the inbox ("pasinbox" as a number).
+INBOX_LOCK = 0x706173696E626F78
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,10 @@ async def store_transaction(
     deduplicated by event ID, so nothing is handled twice either way.
     """
     async with db.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # One writer of the inbox at a time, across bridge instances: concurrent
+            # transactions with overlapping events would otherwise deadlock on the unique index.
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": INBOX_LOCK})
         seen = (
             await conn.execute(
                 select(appservice_txn.c.digest).where(appservice_txn.c.txn_id == txn_id)

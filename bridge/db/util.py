@@ -38,3 +38,4 @@ def upsert(
         lite = sqlite.insert(table).values(**values)
         return lite.on_conflict_do_update(index_elements=index, set_=update)
     raise NotImplementedError(f"unsupported database dialect {dialect}")
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -9,7 +11,11 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import time
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -36,16 +42,30 @@ def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _grant_traverse(path: Path) -> None:
-    """Let unprivileged service users reach ``path``: add o+x to it and every ancestor lacking it.
+def make_runtime_dir(prefix: str) -> Path:
+    """A fresh 0755 directory under the system temp dir, for paths service users must reach.
 
-    Only the search bit is added (never read), so directory listings stay private. pytest's
-    temporary directories are 0700 and owned by root, which nobody/dovenull cannot cross.
+    Dovecot's auth (user dovecot) and mail (nobody) processes open the passwd-files, sockets and
+    Maildirs by absolute path, so every ancestor must be searchable by them. pytest's
+    ``/tmp/pytest-of-root`` is 0700, and every pytest session that starts resets it to 0700,
+    so granting o+x there would not last while other sessions run.
     """
-    for directory in (path, *path.parents):
-        mode = directory.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    for directory in path.parents:
+        if not directory.stat().st_mode & stat.S_IXOTH:
+            raise RuntimeError(f"{directory} is not searchable by others; set TMPDIR elsewhere")
+    return path
+
+
+def _discard(runtime_dir: Path, config_path: Path) -> None:
+    """Finalizer: SIGTERM a master still running with ``config_path``, delete ``runtime_dir``."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        pid = int((runtime_dir / "run" / "master.pid").read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if os.fsencode(config_path) in cmdline:
+            os.kill(pid, signal.SIGTERM)
+    shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
 def _imap_quote(text: str) -> str:
@@ -59,6 +79,11 @@ class DovecotServer:
 
     Ports left at 0 are chosen when the object is created, so they are known (for Postfix's LMTP
     transport, say) before ``start()`` and stay the same across ``restart()``.
+
+    ``base_dir`` holds what only root reads (dovecot.conf, logs). What Dovecot's unprivileged
+    processes open (sockets, passwd-files, Maildirs) lives in ``runtime_dir``, a directory under
+    /tmp (linked as ``base_dir/runtime``). When this object is garbage-collected a master still
+    running is sent SIGTERM and that directory deleted.
     """
 
     base_dir: Path
@@ -66,11 +91,19 @@ class DovecotServer:
     lmtp_port: int = 0
     domain: str = "example.test"
     host: str = field(default="127.0.0.1", init=False)
+    runtime_dir: Path = field(init=False)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _stderr: IO[bytes] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.base_dir = Path(self.base_dir).resolve()
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.runtime_dir = make_runtime_dir("passerelle-dovecot-")
+        weakref.finalize(self, _discard, self.runtime_dir, self.config_path)
+        link = self.base_dir / "runtime"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(self.runtime_dir)
         if self.imap_port == 0:
             self.imap_port = free_port()
         if self.lmtp_port == 0:
@@ -88,12 +121,12 @@ class DovecotServer:
     @property
     def passwd_dir(self) -> Path:
         """One passwd-file per address, each a single ``address:{PLAIN}password`` line."""
-        return self.base_dir / "passwd.d"
+        return self.runtime_dir / "passwd.d"
 
     @property
     def mail_root(self) -> Path:
         """Directory holding one home directory (with its Maildir) per address."""
-        return self.base_dir / "mail"
+        return self.runtime_dir / "mail"
 
     @property
     def log_path(self) -> Path:
@@ -103,7 +136,7 @@ class DovecotServer:
     @property
     def run_dir(self) -> Path:
         """Dovecot's base_dir (sockets, master.pid)."""
-        return self.base_dir / "run"
+        return self.runtime_dir / "run"
 
     def maildir(self, address: str) -> Path:
         """The Maildir of ``address``."""
@@ -153,13 +186,11 @@ class DovecotServer:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def _prepare_dirs(self) -> None:
-        self.base_dir.mkdir(parents=True, exist_ok=True)
-        _grant_traverse(self.base_dir)
         self.mail_root.mkdir(mode=0o755, exist_ok=True)
         os.chown(self.mail_root, MAIL_UID, MAIL_GID)
 
     def _write_config(self) -> None:
-        state_dir = self.base_dir / "state"
+        state_dir = self.runtime_dir / "state"
         state_dir.mkdir(exist_ok=True)
         self.passwd_dir.mkdir(mode=0o755, exist_ok=True)
         conf = f"""\
@@ -285,22 +316,34 @@ protocol lmtp {{
 
     # -- IMAP helpers ---------------------------------------------------------------------------
 
-    async def _login(self, user: str, password: str) -> aioimaplib.IMAP4:
+    @asynccontextmanager
+    async def session(
+        self, user: str, password: str, folder: str | None = "INBOX"
+    ) -> AsyncIterator[aioimaplib.IMAP4]:
+        """A logged-in aioimaplib client (``folder`` selected unless None), closed on exit.
+
+        aioimaplib leaves the socket to be closed when the server's EOF after LOGOUT arrives;
+        if the event loop ends first that is an "unclosed transport" ResourceWarning, so the
+        transport is closed here explicitly.
+        """
         client = aioimaplib.IMAP4(host=self.host, port=self.imap_port, timeout=10)
-        await client.wait_hello_from_server()
-        response = await client.login(user, password)
-        if response.result != "OK":
-            await client.logout()
-            raise RuntimeError(f"IMAP login as {user} failed: {response.lines!r}")
-        return client
+        try:
+            await client.wait_hello_from_server()
+            response = await client.login(user, password)
+            if response.result != "OK":
+                raise RuntimeError(f"IMAP login as {user} failed: {response.lines!r}")
+            if folder is not None:
+                response = await client.select(_imap_quote(folder))
+                if response.result != "OK":
+                    raise RuntimeError(f"IMAP SELECT {folder} failed: {response.lines!r}")
+            yield client
+        finally:
+            await close_imap(client)
 
     async def append(self, user: str, password: str, raw: bytes, folder: str = "INBOX") -> int:
         """APPEND ``raw`` to ``folder`` of ``user``; return its UID (from APPENDUID)."""
-        client = await self._login(user, password)
-        try:
+        async with self.session(user, password, folder=None) as client:
             response = await client.append(raw, mailbox=_imap_quote(folder))
-        finally:
-            await client.logout()
         if response.result != "OK":
             raise RuntimeError(f"APPEND to {folder} failed: {response.lines!r}")
         for line in response.lines:
@@ -311,13 +354,24 @@ protocol lmtp {{
 
     async def uidvalidity(self, user: str, password: str, folder: str = "INBOX") -> int:
         """The UIDVALIDITY of ``folder`` of ``user`` (via STATUS)."""
-        client = await self._login(user, password)
-        try:
+        async with self.session(user, password, folder=None) as client:
             response = await client.status(_imap_quote(folder), "(UIDVALIDITY)")
-        finally:
-            await client.logout()
         for line in response.lines:
             match = _UIDVALIDITY_RE.search(bytes(line))
             if match:
                 return int(match.group(1))
         raise RuntimeError(f"STATUS gave no UIDVALIDITY: {response.lines!r}")
+
+
+async def close_imap(client: aioimaplib.IMAP4) -> None:
+    """LOGOUT if still connected, then close the socket without waiting for the server's EOF."""
+    protocol = client.protocol
+    try:
+        if protocol is not None and protocol.state in ("NONAUTH", "AUTH", "SELECTED"):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.logout(), 5)
+    finally:
+        transport = getattr(protocol, "transport", None)
+        if transport is not None:
+            transport.close()
+            await asyncio.sleep(0)  # let the transport's connection_lost run on this loop

@@ -10,34 +10,18 @@ import re
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bridge.harness.dovecot import make_runtime_dir
 from bridge.harness.ports import free_port
 
 _ETC = Path("/etc/postfix")
 # master.cf columns: service type private unpriv chroot wakeup maxproc command
 _SERVICE_RE = re.compile(r"^(\S+)(\s+)(\S+)(\s+)(\S+)(\s+)(\S+)(\s+)(\S+)(\s+)(.*)$")
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    """The last lines of a log file, or a note that it is missing."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return f"({path} not readable)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _grant_traverse(path: Path) -> None:
-    """Add o+x (search only, never read) to ``path`` and every ancestor lacking it."""
-    for directory in (path, *path.parents):
-        mode = directory.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
 
 
 def _rewrite_master_cf(text: str, smtp_port: int) -> str:
@@ -61,11 +45,17 @@ def _rewrite_master_cf(text: str, smtp_port: int) -> str:
 
 @dataclass
 class PostfixServer:
-    """Postfix with its own config, queue and data directories under ``base_dir``.
+    """Postfix with its own config directory, queue and data directory.
 
-    Mail for ``domain`` is relayed to ``lmtp_host:lmtp_port`` (Dovecot's LMTP listener); mail for
-    any other domain is refused at RCPT time from outside 127.0.0.0/8 and bounced otherwise
-    (there is no outbound mail). Several instances can run at once.
+    ``base_dir`` holds the config and logs; the queue and data directories, which Postfix's
+    unprivileged processes (and the master, for its lock) reach by absolute path, live in
+    ``runtime_dir`` under /tmp (linked as ``base_dir/runtime``; see ``make_runtime_dir``).
+    When this object is garbage-collected a master still running is stopped and that directory
+    deleted.
+
+    Mail for ``domain`` is relayed to ``lmtp_host:lmtp_port`` (Dovecot's LMTP listener); other
+    domains are refused at RCPT time (550, there is no outbound mail). Several instances can run
+    at once.
     """
 
     base_dir: Path
@@ -74,11 +64,19 @@ class PostfixServer:
     domain: str = "example.test"
     lmtp_host: str = "127.0.0.1"
     host: str = field(default="127.0.0.1", init=False)
+    runtime_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
         if self.lmtp_port <= 0:
             raise ValueError("lmtp_port is required (pass DovecotServer.lmtp_port)")
         self.base_dir = Path(self.base_dir).resolve()
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.runtime_dir = make_runtime_dir("passerelle-postfix-")
+        weakref.finalize(self, _discard, self.queue_dir, self.runtime_dir)
+        link = self.base_dir / "runtime"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(self.runtime_dir)
         if self.smtp_port == 0:
             self.smtp_port = free_port()
 
@@ -92,12 +90,12 @@ class PostfixServer:
     @property
     def queue_dir(self) -> Path:
         """queue_directory."""
-        return self.base_dir / "spool"
+        return self.runtime_dir / "spool"
 
     @property
     def data_dir(self) -> Path:
         """data_directory (master.lock lives here)."""
-        return self.base_dir / "data"
+        return self.runtime_dir / "data"
 
     @property
     def log_path(self) -> Path:
@@ -112,8 +110,6 @@ class PostfixServer:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def _write_config(self) -> None:
-        self.base_dir.mkdir(parents=True, exist_ok=True)
-        _grant_traverse(self.base_dir)
         self.config_dir.mkdir(exist_ok=True)
         self.queue_dir.mkdir(mode=0o755, exist_ok=True)
         os.chown(self.queue_dir, 0, 0)
@@ -160,24 +156,21 @@ minimal_backoff_time = 1s
 maximal_backoff_time = 5s
 """
         (self.config_dir / "main.cf").write_text(main_cf)
+        # Postfix will not read a dictionary file changed within the last second or two: it polls
+        # every 0.3 s until the file looks settled (≈ 2 s per start). Backdate what we wrote.
+        past = time.time() - 60
+        for name in ("main.cf", "master.cf", "dynamicmaps.cf"):
+            os.utime(self.config_dir / name, (past, past))
 
     @property
     def pid_path(self) -> Path:
         """The master's pid file."""
         return self.queue_dir / "pid" / "master.pid"
 
-    def _master_pid(self) -> int | None:
-        """The pid of this instance's live master process, if any."""
-        try:
-            pid = int(self.pid_path.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-        return pid if _alive(pid) else None
-
     @property
     def running(self) -> bool:
         """Whether this instance's master process is alive."""
-        return self._master_pid() is not None
+        return _master_pid(self.queue_dir) is not None
 
     def start(self, timeout: float = 30) -> None:
         """Write the config, ``postfix -c DIR start``, wait for the SMTP banner.
@@ -248,18 +241,7 @@ maximal_backoff_time = 5s
 
         Same as ``postfix stop`` but polls every 20 ms instead of every second.
         """
-        pid = self._master_pid()
-        if pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _alive(pid):
-            if time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-                break
-            time.sleep(0.02)
+        _stop_master(self.queue_dir, timeout)
 
     def restart(self) -> None:
         """Stop and start again on the same port, keeping the queue."""
@@ -267,15 +249,50 @@ maximal_backoff_time = 5s
         self.start()
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` is a running Postfix master (not gone, not a zombie awaiting its reaper)."""
+def _alive(pid: int, queue_dir: Path) -> bool:
+    """Whether ``pid`` is the running master of the instance whose queue is ``queue_dir``.
+
+    Not gone, not a zombie awaiting its reaper, and (against pid reuse) a process whose working
+    directory is that queue: the master chdir()s there.
+    """
     try:
         stat_line = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return False
     state = stat_line.rpartition(")")[2].split()[0]
-    return state not in ("Z", "X") and b"master" in cmdline
+    return state not in ("Z", "X") and Path(cwd) == queue_dir
+
+
+def _master_pid(queue_dir: Path) -> int | None:
+    """The pid of the live master of the instance whose queue is ``queue_dir``, if any."""
+    try:
+        pid = int((queue_dir / "pid" / "master.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if _alive(pid, queue_dir) else None
+
+
+def _stop_master(queue_dir: Path, timeout: float) -> None:
+    """SIGTERM the master (it takes its process group down) and wait; SIGKILL the group late."""
+    pid = _master_pid(queue_dir)
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid, queue_dir):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+
+
+def _discard(queue_dir: Path, runtime_dir: Path) -> None:
+    """Finalizer: stop a master still running, delete the runtime directory."""
+    _stop_master(queue_dir, 10)
+    shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
 def _run_on_pty(argv: list[str], timeout: float) -> tuple[int, str]:

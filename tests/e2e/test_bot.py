@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ async def test_the_bot_never_answers_its_own_ghosts(
     room_id = await alice.create_room(invite=[bot], name="With a ghost")
     await alice.wait_for_membership(room_id, bot, "join")
     # A ghost in the bridge's namespace, acting through the appservice token like the bridge.
-    ghost_id = synapse_setup.config.ghost_mxid("agent=40example.test")
+    ghost_id = synapse_setup.config.ghost_mxid(f"agent{uuid.uuid4().hex[:8]}=40example.test")
     ghost = MatrixTestClient(synapse_setup.synapse.base_url, as_token, ghost_id)
     try:
         await ghost.request(
