@@ -21,7 +21,6 @@ import pytest
 from bridge.app import Bridge
 from bridge.config import Config, load_config, parse_config
 from bridge.harness.ports import free_port
-
 from bridge.harness.postgres import PostgresServer
 from bridge.harness.synapse import MatrixTestClient, SynapseServer
 from bridge.registration import atomic_write, dump_yaml, generate_registration

@@ -38,4 +38,3 @@ def upsert(
         lite = sqlite.insert(table).values(**values)
         return lite.on_conflict_do_update(index_elements=index, set_=update)
     raise NotImplementedError(f"unsupported database dialect {dialect}")
-
