@@ -18,6 +18,7 @@ from bridge.db.engine import Database, open_database
 from bridge.db.inbox import InboxEvent
 from bridge.matrix.appservice import AppserviceServer, PathOnlyAccessLogger, json_errors
 from bridge.matrix.bot import ManagementBot
+from bridge.matrix.catchup import CatchUp
 from bridge.matrix.client import MatrixClient
 from bridge.matrix.connection import HomeserverMonitor
 from bridge.matrix.dispatcher import EventDispatcher
@@ -66,7 +67,10 @@ class Bridge:
         self.status = StatusReporter(self.db, self.homeserver_health)
         commands = CommandProcessor(config.appservice.command_prefix, self.status.report)
         self.bot = ManagementBot(config, self.client, self.db, commands)
-        self.monitor = HomeserverMonitor(config, self.client, self.homeserver_health)
+        self.catch_up = CatchUp(self.db, self.client)
+        self.monitor = HomeserverMonitor(
+            config, self.client, self.homeserver_health, self._after_connect
+        )
         self.dispatcher = EventDispatcher(
             self.db, self.handle_event, self.tasks, config.appservice.max_event_attempts
         )
@@ -102,6 +106,17 @@ class Bridge:
         )
         self.tasks.spawn(self.dispatcher.run(), name="dispatcher")
         self.tasks.spawn(self.monitor.run(), name="homeserver-monitor")
+
+    async def _after_connect(self) -> None:
+        """After the first contact and after an outage: fetch what the homeserver dropped."""
+        try:
+            found = await self.catch_up.run()
+        except Exception as e:
+            # Not fatal: pushed events still flow; the next outage tries again.
+            log.warning("could not read rooms back after connecting: %s", e)
+            return
+        if found:
+            self.dispatcher.notify()
 
     async def handle_event(self, item: InboxEvent) -> None:
         """Every stored event comes through here, in order per room."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.core.ids import EventID, RoomID, TxnID, UserID
 from bridge.db.engine import Database
@@ -25,13 +27,51 @@ class IncomingEvent:
     room_id: RoomID
     event_type: str
     sender: UserID
-    event: dict[str, Any]
+    origin_ts: int
+    event_json: str
 
 
 @dataclass(frozen=True)
 class Rejected:
     payload: Any
     reason: str
+
+
+async def _insert_events(conn: AsyncConnection, events: list[IncomingEvent], now: int) -> int:
+    stored = 0
+    for ev in events:
+        result = await conn.execute(
+            insert_ignore(conn, inbox_event, ["event_id"]).values(
+                event_id=ev.event_id,
+                room_id=ev.room_id,
+                event_type=ev.event_type,
+                sender=ev.sender,
+                event_json=ev.event_json,
+                origin_ts=ev.origin_ts,
+                received_at=now,
+            )
+        )
+        stored += result.rowcount
+    return stored
+
+
+async def store_caught_up(db: Database, events: list[IncomingEvent]) -> int:
+    """Store events found by reading rooms back (not pushed); returns how many were new."""
+    async with db.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": INBOX_LOCK})
+        return await _insert_events(conn, events, now_ms())
+
+
+async def latest_origin_ts(db: Database, room_id: RoomID) -> int | None:
+    """Timestamp of the newest event stored for a room, or None when it has none."""
+    async with db.begin() as conn:
+        value = (
+            await conn.execute(
+                select(func.max(inbox_event.c.origin_ts)).where(inbox_event.c.room_id == room_id)
+            )
+        ).scalar()
+    return None if value is None else int(value)
 
 
 @dataclass(frozen=True)
@@ -54,11 +94,12 @@ class InboxEvent:
 
 
 def _dump(payload: Any) -> str:
+    # ASCII-escaped: a dead letter may hold lone surrogates no database can store raw.
     try:
-        text = json.dumps(payload, ensure_ascii=False, default=repr)
-    except (TypeError, ValueError):
-        text = repr(payload)
-    return text[:MAX_DEAD_PAYLOAD]
+        dumped = json.dumps(payload, ensure_ascii=True, default=repr)
+    except (TypeError, ValueError, RecursionError):
+        dumped = ascii(payload)
+    return dumped[:MAX_DEAD_PAYLOAD]
 
 
 async def store_transaction(
@@ -70,10 +111,12 @@ async def store_transaction(
 ) -> TxnOutcome:
     """Store a transaction's events durably, once, in one database transaction.
 
-    The same txnId with the same body is a replay and changes nothing. The same txnId with a
+    The txnId is opaque and may hold any character, so it is stored as a hash. The same txnId
+    with the same body is a replay and changes nothing. The same txnId with a
     different body (a homeserver whose counter restarted) is taken as new; its events are still
     deduplicated by event ID, so nothing is handled twice either way.
     """
+    txn_key = hashlib.sha256(txn_id.encode("utf-8", "surrogatepass")).hexdigest()
     async with db.begin() as conn:
         if conn.dialect.name == "postgresql":
             # One writer of the inbox at a time, across bridge instances: concurrent
@@ -81,30 +124,18 @@ async def store_transaction(
             await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": INBOX_LOCK})
         seen = (
             await conn.execute(
-                select(appservice_txn.c.digest).where(appservice_txn.c.txn_id == txn_id)
+                select(appservice_txn.c.digest).where(appservice_txn.c.txn_key == txn_key)
             )
         ).scalar_one_or_none()
         if seen == digest:
             return TxnOutcome(replay=True, stored=0, duplicates=len(events), rejected=0)
-        stored = 0
         now = now_ms()
-        for ev in events:
-            result = await conn.execute(
-                insert_ignore(conn, inbox_event, ["event_id"]).values(
-                    event_id=ev.event_id,
-                    room_id=ev.room_id,
-                    event_type=ev.event_type,
-                    sender=ev.sender,
-                    event_json=json.dumps(ev.event, ensure_ascii=False),
-                    received_at=now,
-                )
-            )
-            stored += result.rowcount
+        stored = await _insert_events(conn, events, now)
         for bad in rejected:
             await conn.execute(
                 dead_letter.insert().values(
                     source="transaction",
-                    ref=txn_id[:255],
+                    ref=txn_key,
                     payload=_dump(bad.payload),
                     reason=bad.reason,
                     created_at=now,
@@ -112,12 +143,12 @@ async def store_transaction(
             )
         if seen is None:
             await conn.execute(
-                appservice_txn.insert().values(txn_id=txn_id, digest=digest, received_at=now)
+                appservice_txn.insert().values(txn_key=txn_key, digest=digest, received_at=now)
             )
         else:
             await conn.execute(
                 update(appservice_txn)
-                .where(appservice_txn.c.txn_id == txn_id)
+                .where(appservice_txn.c.txn_key == txn_key)
                 .values(digest=digest, received_at=now)
             )
     return TxnOutcome(

@@ -90,3 +90,11 @@ async def set_member_count(db: Database, room_id: RoomID, count: int) -> None:
             .where(room.c.room_id == room_id)
             .values(member_count=count, updated_at=now_ms())
         )
+
+
+async def joined_rooms(db: Database) -> list[RoomID]:
+    async with db.begin() as conn:
+        rows = (
+            await conn.execute(select(room.c.room_id).where(room.c.bot_membership == "join"))
+        ).scalars()
+        return [RoomID(r) for r in rows]

@@ -18,11 +18,11 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
-# Appservice transactions already taken, by the homeserver's txnId and a digest of the body.
+# Appservice transactions already taken: SHA-256 of the homeserver's txnId, digest of the body.
 appservice_txn = Table(
     "appservice_txn",
     metadata,
-    Column("txn_id", String(255), primary_key=True),
+    Column("txn_key", String(64), primary_key=True),
     Column("digest", String(64), nullable=False),
     Column("received_at", BigInteger, nullable=False),
 )
@@ -38,6 +38,7 @@ inbox_event = Table(
     Column("event_type", String(255), nullable=False),
     Column("sender", String(255), nullable=False),
     Column("event_json", Text, nullable=False),
+    Column("origin_ts", BigInteger, nullable=False),
     Column("received_at", BigInteger, nullable=False),
     # pending → done, or pending → dead (see dead_letter)
     Column("state", String(16), nullable=False, server_default="pending"),
@@ -45,6 +46,7 @@ inbox_event = Table(
     Column("last_error", Text, nullable=True),
     Column("done_at", BigInteger, nullable=True),
     Index("ix_inbox_event_state_seq", "state", "seq"),
+    Index("ix_inbox_event_room_ts", "room_id", "origin_ts"),
 )
 
 # What could not be taken or handled: malformed events, handler failures past the retry limit.

@@ -24,6 +24,7 @@ log = logging.getLogger("passerelle.matrix.appservice")
 
 MAX_ID_LENGTH = 255
 MAX_EVENT_DEPTH = 64
+MAX_SAFE_INTEGER = 2**53 - 1  # canonical JSON's integer range
 PREFIX = "/_matrix/app/v1"
 
 
@@ -110,23 +111,33 @@ def validate_event(event: Any) -> IncomingEvent | Rejected:
     if not _valid_id(event.get("sender"), "@"):
         problems.append("sender")
     event_type = event.get("type")
-    if not isinstance(event_type, str) or not 0 < len(event_type) <= MAX_ID_LENGTH:
+    if (
+        not isinstance(event_type, str)
+        or not 0 < len(event_type) <= MAX_ID_LENGTH
+        or not event_type.isprintable()
+    ):
         problems.append("type")
     if not isinstance(event.get("content"), dict):
         problems.append("content")
     ts = event.get("origin_server_ts")
-    if isinstance(ts, bool) or not isinstance(ts, int):
+    if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts <= MAX_SAFE_INTEGER:
         problems.append("origin_server_ts")
     if problems:
         return Rejected(event, f"missing or invalid {', '.join(problems)}")
     if _depth_exceeds(event, MAX_EVENT_DEPTH):
         return Rejected({"event_id": event["event_id"]}, "event nested too deeply")
+    event_json = json.dumps(event, ensure_ascii=False)
+    try:
+        event_json.encode("utf-8")
+    except UnicodeEncodeError:
+        return Rejected(event, "event holds invalid Unicode (lone surrogates)")
     return IncomingEvent(
         event_id=EventID(event["event_id"]),
         room_id=RoomID(event["room_id"]),
         event_type=event["type"],
         sender=UserID(event["sender"]),
-        event=event,
+        origin_ts=int(event["origin_server_ts"]),
+        event_json=event_json,
     )
 
 
@@ -221,10 +232,10 @@ class AppserviceServer:
         digest = hashlib.sha256(body).hexdigest()
         outcome = await inbox.store_transaction(self.db, txn_id, digest, valid, rejected)
         if outcome.replay:
-            log.debug("transaction %s replayed, already stored", txn_id)
+            log.debug("transaction %r replayed, already stored", txn_id)
         else:
             log.debug(
-                "transaction %s: %d new, %d duplicate, %d rejected events",
+                "transaction %r: %d new, %d duplicate, %d rejected events",
                 txn_id,
                 outcome.stored,
                 outcome.duplicates,
@@ -232,7 +243,7 @@ class AppserviceServer:
             )
             if outcome.rejected:
                 log.warning(
-                    "transaction %s carried %d malformed events; kept in dead letters",
+                    "transaction %r carried %d malformed events; kept in dead letters",
                     txn_id,
                     outcome.rejected,
                 )

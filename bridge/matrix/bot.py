@@ -189,7 +189,9 @@ class ManagementBot:
         if command is None:
             raise Ignored("not a command")
         level = self.config.permissions.level_for(sender)
-        log.info("command %r from %s in %s", command.name[:50], sender, item.room_id)
+        log.info(
+            "command %r from %s in %s (%s)", command.name[:50], sender, item.room_id, item.event_id
+        )
         reply = await self.commands.run(command, level, is_direct=room.is_direct_chat)
         thread_root = None
         if isinstance(relates, dict) and relates.get("rel_type") == "m.thread":
@@ -228,4 +230,6 @@ class ManagementBot:
             }
         elif reply_to is not None:
             content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
-        return await self.client.send_event(room_id, "m.room.message", content, txn_id)
+        event_id = await self.client.send_event(room_id, "m.room.message", content, txn_id)
+        log.debug("sent notice %s in %s (txn %s)", event_id, room_id, txn_id)
+        return event_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 
 from bridge.config import Config
 from bridge.core.backoff import Backoff
@@ -24,10 +25,17 @@ class HomeserverMonitor:
     up after us, and its transactions are welcome as soon as it does.
     """
 
-    def __init__(self, config: Config, client: MatrixClient, health: ComponentHealth) -> None:
+    def __init__(
+        self,
+        config: Config,
+        client: MatrixClient,
+        health: ComponentHealth,
+        on_connected: Callable[[], Awaitable[None]],
+    ) -> None:
         self.config = config
         self.client = client
         self.health = health
+        self.on_connected = on_connected
         self.ready = asyncio.Event()
         self.ping_ms: int | None = None
 
@@ -44,10 +52,12 @@ class HomeserverMonitor:
                 await self.client.versions()
                 if not self.ready.is_set():
                     await self._first_contact()
+                    await self.on_connected()
                 elif down:
                     # A ping also tells Synapse to retry the transactions it holds for us now.
                     await self.client.ping(f"pas.ping.{secrets.token_hex(8)}")
                     log.info("homeserver at %s is reachable again", address)
+                    await self.on_connected()
                 down = False
                 self.health.ok()
                 backoff.reset()

@@ -85,6 +85,8 @@ async def test_synapse_killed_while_the_bridge_runs_loses_no_event(
     finally:
         await asyncio.to_thread(synapse.start)
 
+    # Synapse may have accepted a question but died before pushing it to us: the bridge reads
+    # the room back once Synapse returns, so every question is still answered, once.
     for question in questions:
         await alice.wait_for_event(room_id, replies_to(question, bot), timeout=60)
     late = await alice.send_text(room_id, "status")

@@ -12,7 +12,7 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "appservice_txn",
-        sa.Column("txn_id", sa.String(255), primary_key=True),
+        sa.Column("txn_key", sa.String(64), primary_key=True),
         sa.Column("digest", sa.String(64), nullable=False),
         sa.Column("received_at", sa.BigInteger, nullable=False),
     )
@@ -24,6 +24,7 @@ def upgrade() -> None:
         sa.Column("event_type", sa.String(255), nullable=False),
         sa.Column("sender", sa.String(255), nullable=False),
         sa.Column("event_json", sa.Text, nullable=False),
+        sa.Column("origin_ts", sa.BigInteger, nullable=False),
         sa.Column("received_at", sa.BigInteger, nullable=False),
         sa.Column("state", sa.String(16), nullable=False, server_default="pending"),
         sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
@@ -31,6 +32,7 @@ def upgrade() -> None:
         sa.Column("done_at", sa.BigInteger, nullable=True),
     )
     op.create_index("ix_inbox_event_state_seq", "inbox_event", ["state", "seq"])
+    op.create_index("ix_inbox_event_room_ts", "inbox_event", ["room_id", "origin_ts"])
     op.create_table(
         "dead_letter",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
