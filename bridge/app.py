@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -12,16 +13,24 @@ from aiohttp import web
 from bridge import __version__
 from bridge.config import Config
 from bridge.core.commands import CommandProcessor
+from bridge.core.errors import PermanentError, TransientError
 from bridge.core.health import ComponentHealth
+from bridge.core.linkcommands import LinkCommands
+from bridge.core.links import Link
+from bridge.core.mailrelay import MailRelay
 from bridge.core.tasks import TaskGroup
 from bridge.db.engine import Database, open_database
 from bridge.db.inbox import InboxEvent
+from bridge.mail.ingest import make_parser
+from bridge.mailservice import MailService
 from bridge.matrix.appservice import AppserviceServer, PathOnlyAccessLogger, json_errors
 from bridge.matrix.bot import ManagementBot
 from bridge.matrix.catchup import CatchUp
 from bridge.matrix.client import MatrixClient
 from bridge.matrix.connection import HomeserverMonitor
 from bridge.matrix.dispatcher import EventDispatcher
+from bridge.matrix.ghosts import GhostManager
+from bridge.matrix.poster import MatrixPoster
 from bridge.status import StatusReporter
 from bridge.web.health import add_health_route
 
@@ -67,6 +76,18 @@ class Bridge:
         self.status = StatusReporter(self.db, self.homeserver_health)
         commands = CommandProcessor(config.appservice.command_prefix, self.status.report)
         self.bot = ManagementBot(config, self.client, self.db, commands)
+        self.ghosts = GhostManager(config, self.client, self.db)
+        self.poster = MatrixPoster(self.client, self.ghosts)
+        self.relay = MailRelay(
+            self.db,
+            make_parser(config.mail),
+            self.poster,
+            self.tasks,
+            max_attempts=config.mail.max_attempts,
+        )
+        self.mail = MailService(config, self.db, self.tasks, self.relay)
+        LinkCommands(config, self.db, self.mail.refresh, self._announce_link).register(commands)
+        self.status.extra["mailboxes"] = self.mail.report
         self.catch_up = CatchUp(self.db, self.client)
         self.monitor = HomeserverMonitor(
             config, self.client, self.homeserver_health, self._after_connect
@@ -105,7 +126,26 @@ class Bridge:
             config.homeserver.domain,
         )
         self.tasks.spawn(self.dispatcher.run(), name="dispatcher")
+        self.tasks.spawn(self.relay.run(), name="mail-relay")
+        await self.mail.sync_config_links()
+        await self.mail.refresh()
         self.tasks.spawn(self.monitor.run(), name="homeserver-monitor")
+
+    async def _announce_link(self, link: Link, active: bool) -> None:
+        """m.bridge state (MSC2346), so clients can show the room is bridged, and to what."""
+        content: dict[str, Any] = {}
+        if active:
+            content = {
+                "bridgebot": self.config.bot_mxid,
+                "protocol": {"id": "email", "displayname": "Email"},
+                "channel": {"id": link.remote, "displayname": link.remote},
+            }
+        try:
+            await self.client.send_state(
+                link.room_id, "m.bridge", f"passerelle:{link.remote}", content
+            )
+        except (TransientError, PermanentError) as e:
+            log.warning("could not set m.bridge state in %s: %s", link.room_id, e)
 
     async def _after_connect(self) -> None:
         """After the first contact and after an outage: fetch what the homeserver dropped."""

@@ -1,4 +1,4 @@
-"""The `passerelle` command: run, generate-registration, check-config, demo."""
+"""The `passerelle` command: run, generate-registration, check-config, inspect-mail, demo."""
 
 from __future__ import annotations
 
@@ -48,6 +48,16 @@ def _parser() -> argparse.ArgumentParser:
         help="where to write the registration",
     )
     with_config("check-config", "validate the config and exit")
+    insp = sub.add_parser(
+        "inspect-mail",
+        help="show, as JSON, what the bridge would post for a mail (touches no server)",
+        description="Parse MESSAGE (an .eml file) as the bridge would and print one JSON "
+        "document: accepted, reason, sender, and the Matrix events it would send. Exit 0 "
+        "for any mail, accepted or not.",
+    )
+    insp.add_argument("-c", "--config", type=Path, default=None, help="config file (optional)")
+    insp.add_argument("--link", default=None, help="apply this link's policy (its address)")
+    insp.add_argument("message", type=Path, help="the mail, as an .eml file")
     demo = sub.add_parser(
         "demo",
         help="start a local Synapse and the bridge, and show how to log in",
@@ -122,6 +132,19 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _inspect_mail(args: argparse.Namespace) -> int:
+    from bridge.inspect import offline_config, run_inspect
+
+    config = load_config(args.config, require_tokens=False) if args.config else offline_config()
+    if not args.message.is_file():
+        return _fail(EXIT_USAGE, "usage", f"{args.message}: no such file")
+    try:
+        print(run_inspect(config, args.message, args.link))
+    except LookupError as e:
+        return _fail(EXIT_USAGE, "usage", str(e).strip("'\""))
+    return EXIT_OK
+
+
 def _demo(args: argparse.Namespace) -> int:
     from bridge.demo import run_demo
 
@@ -141,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": _run,
         "generate-registration": _generate,
         "check-config": _check,
+        "inspect-mail": _inspect_mail,
         "demo": _demo,
     }
     try:

@@ -23,7 +23,9 @@ MIN_TOKEN_LENGTH = 32
 # Values that only exist in the example file and must be replaced before the bridge runs.
 PLACEHOLDER_DOMAIN = "example.invalid"
 # Sections whose keys are free-form: the user's mapping replaces the default one whole.
-FREE_FORM = {("permissions",), ("logging", "loggers")}
+FREE_FORM = {("permissions",), ("logging", "loggers"), ("mail", "mailboxes")}
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+_MAIL_ADDRESS = re.compile(r"^[a-z0-9.!#$%&'*+/=?^_`{|}~-]+@[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?$")
 EXAMPLE_CONFIG = Path(__file__).resolve().parent / "example-config.yaml"
 
 _SERVER_NAME = re.compile(
@@ -81,12 +83,48 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class MailboxSettings:
+    """An IMAP mailbox the bridge may read, by the list address it receives."""
+
+    address: str
+    host: str
+    port: int
+    tls: str  # "tls", "starttls" or "none"
+    user: str
+    password: str = field(repr=False)
+    folder: str = "INBOX"
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class MailConfig:
+    mailboxes: dict[str, MailboxSettings]
+    poll_interval: float
+    max_message_size: int
+    max_depth: int
+    max_parts: int
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A link declared in the config file."""
+
+    room_id: str
+    address: str
+    allowed_senders: tuple[str, ...]
+    thread_mode: str
+
+
+@dataclass(frozen=True)
 class Config:
     homeserver: HomeserverConfig
     appservice: AppserviceConfig
     database: DatabaseConfig
     permissions: PermissionTable
     logging: LoggingConfig
+    mail: MailConfig
+    links: tuple[LinkSpec, ...]
     path: Path | None = None
     warnings: tuple[str, ...] = ()
     env_overrides: tuple[str, ...] = field(default=())
@@ -117,6 +155,7 @@ class Config:
     def secrets(self) -> list[str]:
         """Values that must never reach a log line."""
         values = [self.appservice.as_token, self.appservice.hs_token]
+        values += [m.password for m in self.mail.mailboxes.values()]
         password = urlsplit(self.database.url).password
         if password:
             values.append(password)
@@ -408,6 +447,133 @@ def _appservice(raw: dict[str, Any], require_tokens: bool) -> AppserviceConfig:
     )
 
 
+def mail_address(key: str, value: Any) -> str:
+    """A list or mailbox address as the config writes it: plain, lowercase, one '@'."""
+    if not isinstance(value, str) or not _MAIL_ADDRESS.match(value.strip().lower()):
+        raise ConfigError(key, "must be a plain mail address like list@agency.example.org")
+    return value.strip().lower()
+
+
+def _mailbox(address: str, value: Any, config_dir: Path | None) -> MailboxSettings:
+    key = f"mail.mailboxes.{address}"
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"must be a mapping, not {_type_name(value)}")
+    known = {"host", "port", "tls", "user", "password", "password_file", "folder", "ca_file"}
+    for name in value:
+        if name not in known:
+            raise ConfigError(f"{key}.{name}", "unknown key")
+    raw = {"m": dict(value)}
+    host = _string(raw, "m.host") if "host" in value else ""
+    if not host:
+        raise ConfigError(f"{key}.host", "is required")
+    tls = value.get("tls", "tls")
+    if tls not in ("tls", "starttls", "none"):
+        raise ConfigError(f"{key}.tls", "must be tls, starttls or none")
+    if tls == "none" and host not in LOOPBACK_HOSTS:
+        raise ConfigError(
+            f"{key}.tls", "none (cleartext) is only allowed for a server on this machine"
+        )
+    port = value.get("port", 993 if tls == "tls" else 143)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(f"{key}.port", "must be a port number")
+    user = value.get("user")
+    if not isinstance(user, str) or not user:
+        raise ConfigError(f"{key}.user", "is required")
+    password = value.get("password")
+    password_file = value.get("password_file")
+    if (password is None) == (password_file is None):
+        raise ConfigError(f"{key}.password", "set exactly one of password and password_file")
+    if password_file is not None:
+        if not isinstance(password_file, str):
+            raise ConfigError(f"{key}.password_file", "must be a file path")
+        path = Path(password_file)
+        if not path.is_absolute() and config_dir is not None:
+            path = config_dir / path
+        try:
+            password = path.read_text(encoding="utf-8").strip("\r\n")
+        except OSError as e:
+            raise ConfigError(f"{key}.password_file", f"cannot read it: {e.strerror}") from None
+    if not isinstance(password, str) or not password:
+        raise ConfigError(f"{key}.password", "must be a non-empty string")
+    folder = value.get("folder", "INBOX")
+    if not isinstance(folder, str) or not folder or not folder.isprintable():
+        raise ConfigError(f"{key}.folder", "must be a folder name")
+    ca_file = value.get("ca_file")
+    if ca_file is not None and not isinstance(ca_file, str):
+        raise ConfigError(f"{key}.ca_file", "must be a file path or null")
+    return MailboxSettings(
+        address=address,
+        host=host,
+        port=port,
+        tls=tls,
+        user=user,
+        password=password,
+        folder=folder,
+        ca_file=ca_file,
+    )
+
+
+def _mail(raw: dict[str, Any], config_dir: Path | None) -> MailConfig:
+    boxes = raw["mail"]["mailboxes"]
+    if not isinstance(boxes, Mapping):
+        raise ConfigError("mail.mailboxes", f"must be a mapping, not {_type_name(boxes)}")
+    mailboxes = {}
+    for address, value in boxes.items():
+        canonical = mail_address(f"mail.mailboxes.{address}", address)
+        mailboxes[canonical] = _mailbox(canonical, value, config_dir)
+    return MailConfig(
+        mailboxes=mailboxes,
+        poll_interval=_number(raw, "mail.poll_interval", 1, 3600),
+        max_message_size=_int(raw, "mail.max_message_size", 1024, 1 << 31),
+        max_depth=_int(raw, "mail.max_depth", 1, 50),
+        max_parts=_int(raw, "mail.max_parts", 1, 1000),
+        max_attempts=_int(raw, "mail.max_attempts", 1, 100),
+    )
+
+
+def check_sender_patterns(key: str, value: Any) -> tuple[str, ...]:
+    from bridge.core.policy import DomainPattern
+
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, "must be a list of domains like gouv.fr or *.gouv.fr")
+    for pattern in value:
+        try:
+            DomainPattern.parse(pattern)
+        except ValueError as e:
+            raise ConfigError(key, f"{pattern[:100]!r}: {e}") from None
+    return tuple(value)
+
+
+def _links(raw: dict[str, Any], mail: MailConfig) -> tuple[LinkSpec, ...]:
+    value = raw["links"]
+    if not isinstance(value, list):
+        raise ConfigError("links", f"must be a list, not {_type_name(value)}")
+    links = []
+    seen: set[str] = set()
+    for i, entry in enumerate(value):
+        key = f"links[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(key, "must be a mapping with room and address")
+        for name in entry:
+            if name not in ("room", "address", "allowed_senders", "thread_mode"):
+                raise ConfigError(f"{key}.{name}", "unknown key")
+        room = entry.get("room")
+        if not isinstance(room, str) or not room.startswith("!") or ":" not in room:
+            raise ConfigError(f"{key}.room", "must be a room ID like !abc:agency.example.org")
+        address = mail_address(f"{key}.address", entry.get("address"))
+        if address not in mail.mailboxes:
+            raise ConfigError(f"{key}.address", "is not one of mail.mailboxes")
+        if address in seen:
+            raise ConfigError(f"{key}.address", "is linked twice")
+        seen.add(address)
+        mode = entry.get("thread_mode", "threads")
+        if mode not in ("threads", "flat"):
+            raise ConfigError(f"{key}.thread_mode", "must be threads or flat")
+        senders = check_sender_patterns(f"{key}.allowed_senders", entry.get("allowed_senders", []))
+        links.append(LinkSpec(room, address, senders, mode))
+    return tuple(links)
+
+
 def _homeserver(raw: dict[str, Any]) -> HomeserverConfig:
     address = _http_url(raw, "homeserver.address")
     domain = _string(raw, "homeserver.domain")
@@ -445,6 +611,7 @@ def parse_config(
     database_url = normalise_database_url("database.url", _string(raw, "database.url"))
     homeserver = _homeserver(raw)
     appservice = _appservice(raw, require_tokens)
+    mail = _mail(raw, path.parent if path else None)
     address = urlsplit(appservice.address)
     if (
         address.hostname in ("127.0.0.1", "localhost", "::1")
@@ -462,6 +629,8 @@ def parse_config(
         ),
         permissions=_permissions(raw),
         logging=_logging(raw),
+        mail=mail,
+        links=_links(raw, mail),
         path=path,
         warnings=tuple(warnings),
         env_overrides=tuple(overrides),

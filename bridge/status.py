@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from bridge import __version__
@@ -17,6 +18,8 @@ class StatusReporter:
     def __init__(self, db: Database, homeserver: ComponentHealth) -> None:
         self.db = db
         self.homeserver = homeserver
+        # Other sections of the report, by name (the mail side adds "mailboxes").
+        self.extra: dict[str, Callable[[], dict[str, Any]]] = {}
 
     async def report(self) -> dict[str, Any]:
         database: dict[str, Any] = {"dialect": self.db.dialect, "ok": True, "error": None}
@@ -39,4 +42,5 @@ class StatusReporter:
             "database": database,
             "homeserver": self.homeserver.as_dict(),
             "queue": queue,
+            **{name: source() for name, source in self.extra.items()},
         }

@@ -30,6 +30,13 @@ SHARED = ROOT.parent / "shared"
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+def subprocess_env() -> dict[str, str]:
+    """The environment for `python -m bridge` in a test: this checkout's code on the path."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PASSERELLE_")} | {
+        "PYTHONPATH": str(ROOT)
+    }
+
+
 def http_json(url: str, timeout: float = 5) -> tuple[int, Any]:
     """GET a URL on loopback; (status, parsed JSON or None)."""
     try:
@@ -175,7 +182,9 @@ class BridgeProcess:
 
     def start(self, *, wait_homeserver: bool = True, timeout: float = 30) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PASSERELLE_")} | {
-            "PASSERELLE_DATABASE__URL": self.database_url
+            "PASSERELLE_DATABASE__URL": self.database_url,
+            # This checkout's code, whatever an editable install elsewhere points at.
+            "PYTHONPATH": str(ROOT),
         }
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(

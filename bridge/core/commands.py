@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bridge.core.ids import RoomID, UserID
 from bridge.core.permissions import PermissionLevel
 
 # Longer text is a message, not a command: never parse it.
@@ -57,6 +58,20 @@ class CommandSpec:
 StatusSource = Callable[[], Awaitable[dict[str, Any]]]
 
 
+@dataclass(frozen=True)
+class CommandContext:
+    """Where a command was written and by whom; power_level asks the room when needed."""
+
+    sender: UserID
+    room_id: RoomID
+    level: PermissionLevel
+    is_direct: bool
+    power_level: Callable[[], Awaitable[int]]
+
+
+Handler = Callable[[CommandContext, tuple[str, ...]], Awaitable[Reply]]
+
+
 class CommandProcessor:
     """Runs commands for a person at a permission level and returns the answer to show."""
 
@@ -69,8 +84,21 @@ class CommandProcessor:
                 "status", "the bridge's health: database, homeserver, queues", PermissionLevel.USER
             ),
         ]
+        self._handlers: dict[str, Handler] = {}
 
-    async def run(self, command: Command, level: PermissionLevel, *, is_direct: bool) -> Reply:
+    def add(self, spec: CommandSpec, handler: Handler) -> None:
+        """Register a command that needs to know where it was written."""
+        self.specs.append(spec)
+        self._handlers[spec.name] = handler
+
+    async def run(
+        self,
+        command: Command,
+        level: PermissionLevel,
+        *,
+        is_direct: bool,
+        context: CommandContext | None = None,
+    ) -> Reply:
         if level < PermissionLevel.USER:
             return Reply.plain("You are not allowed to use this bridge. Ask its administrator.")
         spec = next((s for s in self.specs if s.name == command.name), None)
@@ -82,6 +110,10 @@ class CommandProcessor:
             return Reply.plain(f"“{spec.name}” needs the {spec.level.name.lower()} permission.")
         if spec.name == "help":
             return self._help(level, is_direct=is_direct)
+        if spec.name in self._handlers:
+            if context is None:
+                return Reply.plain(f"“{spec.name}” only works in a room.")
+            return await self._handlers[spec.name](context, command.args)
         return await self._status_reply()
 
     def _help(self, level: PermissionLevel, *, is_direct: bool) -> Reply:

@@ -11,3 +11,7 @@ class PermanentError(Exception):
 
 class Ignored(Exception):
     """An expected skip: logged at DEBUG, never told to anyone."""
+
+
+class Refused(Exception):
+    """Remote content refused for good (limits, malformed, policy); str() can be shown."""

@@ -39,9 +39,30 @@ class IncomingMessage:
     sender: Sender
     subject: str
     text: str  # plain text, quoted history and signature trimmed
-    html: str | None  # raw HTML of the message (sanitised only when sent), or None
+    # HTML already sanitised to the Matrix allowlist by the adapter that parsed the message;
+    # inline images point at inline_placeholder(content_id) until the sending side uploads
+    # them (or drops them).
+    html: str | None
     attachments: tuple[Attachment, ...]
     thread: ThreadRef
     date: datetime | None
     auto_generated: bool = False  # Auto-Submitted, Precedence bulk/junk/list auto-replies
     notes: tuple[str, ...] = field(default=())  # what was dropped or trimmed, for the reader
+
+
+INLINE_PREFIX = "mxc://passerelle.invalid/cid-"
+
+
+def inline_placeholder(content_id: str) -> str:
+    """The image URL an adapter's sanitised HTML uses for an inline part until it is uploaded
+    (an mxc:// URL, so it survives sanitising that only lets mxc:// images through)."""
+    return INLINE_PREFIX + content_id.encode("utf-8").hex()
+
+
+def placeholder_content_id(url: str) -> str | None:
+    if not url.startswith(INLINE_PREFIX):
+        return None
+    try:
+        return bytes.fromhex(url[len(INLINE_PREFIX) :]).decode("utf-8")
+    except ValueError:
+        return None

@@ -9,10 +9,12 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
     Text,
+    UniqueConstraint,
     false,
 )
 
@@ -110,4 +112,52 @@ kv = Table(
     metadata,
     Column("key", String(255), primary_key=True),
     Column("value", Text, nullable=False),
+)
+
+# Every mail fetched from a linked mailbox, stored before it is handled. (mailbox, uidvalidity,
+# uid) makes a refetch harmless; message_id lets a changed UIDVALIDITY resync without reposting.
+# state: pending → done | duplicate | rejected | ignored | quarantined
+mail_raw = Table(
+    "mail_raw",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("link_id", Integer, ForeignKey("link.id"), nullable=False),
+    Column("mailbox", String(320), nullable=False),
+    Column("uidvalidity", BigInteger, nullable=False),
+    Column("uid", BigInteger, nullable=False),
+    Column("message_id", String(998), nullable=True),
+    Column("raw", LargeBinary, nullable=True),
+    Column("size", BigInteger, nullable=False),
+    Column("received_at", BigInteger, nullable=False),
+    Column("state", String(16), nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text, nullable=True),
+    Column("event_id", String(255), nullable=True),
+    UniqueConstraint("mailbox", "uidvalidity", "uid", name="ux_mail_raw_uid"),
+    Index("ix_mail_raw_state", "state", "id"),
+    Index("ix_mail_raw_link_mid", "link_id", "message_id"),
+)
+
+# Message-ID ⇄ Matrix event, per link: the first writer of a Message-ID wins.
+message_map = Table(
+    "message_map",
+    metadata,
+    Column("link_id", Integer, ForeignKey("link.id"), primary_key=True),
+    Column("message_id", String(998), primary_key=True),
+    Column("room_id", String(255), nullable=False),
+    Column("event_id", String(255), nullable=False),
+    Column("thread_root", String(255), nullable=False),
+    Column("subject", Text, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_message_map_event", "event_id"),
+)
+
+# Refused senders already reported to a room today (once per sender per day).
+sender_notice = Table(
+    "sender_notice",
+    metadata,
+    Column("link_id", Integer, ForeignKey("link.id"), primary_key=True),
+    Column("address", String(320), primary_key=True),
+    Column("day", String(10), primary_key=True),
+    Column("refused", Integer, nullable=False, server_default="0"),
 )

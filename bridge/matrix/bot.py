@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from bridge.config import Config
-from bridge.core.commands import CommandProcessor, Reply, parse_command
+from bridge.core.commands import CommandContext, CommandProcessor, Reply, parse_command
 from bridge.core.errors import Ignored, PermanentError
 from bridge.core.ids import EventID, RoomID
 from bridge.core.permissions import PermissionLevel
@@ -192,7 +192,20 @@ class ManagementBot:
         log.info(
             "command %r from %s in %s (%s)", command.name[:50], sender, item.room_id, item.event_id
         )
-        reply = await self.commands.run(command, level, is_direct=room.is_direct_chat)
+
+        async def power_level() -> int:
+            return await self.client.power_level(item.room_id, sender)
+
+        context = CommandContext(
+            sender=sender,
+            room_id=item.room_id,
+            level=level,
+            is_direct=room.is_direct_chat,
+            power_level=power_level,
+        )
+        reply = await self.commands.run(
+            command, level, is_direct=room.is_direct_chat, context=context
+        )
         thread_root = None
         if isinstance(relates, dict) and relates.get("rel_type") == "m.thread":
             root = relates.get("event_id")

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 import aiohttp
-from mautrix.api import Method, Path
+from mautrix.api import MediaPath, Method, Path
 from mautrix.appservice import AppServiceAPI
 from mautrix.errors import MatrixConnectionError, MatrixRequestError, MatrixStandardRequestError
 from mautrix.types import UserID as MautrixUserID
@@ -18,6 +18,9 @@ from bridge.core.health import ComponentHealth
 from bridge.core.ids import EventID, RoomID, UserID
 
 log = logging.getLogger("passerelle.matrix.client")
+
+# What "infinite" power means for our comparisons.
+CREATOR_POWER_LEVEL = 1 << 53
 
 
 def derived_txn_id(*parts: str) -> str:
@@ -52,14 +55,15 @@ class MatrixClient:
         self,
         method: Method,
         path: Any,
-        content: dict[str, Any] | None = None,
+        content: dict[str, Any] | bytes | None = None,
         *,
         as_user: UserID | None = None,
         query: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         api = self._api if as_user in (None, self.bot_mxid) else self._api.user(as_user)  # type: ignore[arg-type]
         try:
-            result = await api.request(method, path, content, query_params=query)
+            result = await api.request(method, path, content, headers=headers, query_params=query)
         except MatrixRequestError as e:
             raise self._classify(e) from e
         except (TimeoutError, MatrixConnectionError, aiohttp.ClientError, OSError) as e:
@@ -140,9 +144,14 @@ class MatrixClient:
         txn_id: str,
         *,
         as_user: UserID | None = None,
+        ts: int | None = None,
     ) -> EventID:
         result = await self.request(
-            Method.PUT, Path.v3.rooms[room_id].send[event_type][txn_id], content, as_user=as_user
+            Method.PUT,
+            Path.v3.rooms[room_id].send[event_type][txn_id],
+            content,
+            as_user=as_user,
+            query={"ts": str(ts)} if ts is not None else None,
         )
         event_id = result.get("event_id")
         if not isinstance(event_id, str):
@@ -153,10 +162,9 @@ class MatrixClient:
         self, room_id: RoomID, event_type: str, state_key: str = ""
     ) -> dict[str, Any] | None:
         """One state event's content, or None when the room has no such state."""
+        path = Path.v3.rooms[room_id].state[event_type]
         try:
-            return await self.request(
-                Method.GET, Path.v3.rooms[room_id].state[event_type][state_key]
-            )
+            return await self.request(Method.GET, path[state_key] if state_key else path)
         except PermanentError as e:
             if self.errcode_of(e) == "M_NOT_FOUND":
                 return None
@@ -177,3 +185,66 @@ class MatrixClient:
             and isinstance(ev.get("content"), dict)
             and ev["content"].get("membership") in ("join", "invite")
         )
+
+    async def invite(self, room_id: RoomID, user_id: UserID) -> None:
+        await self.request(Method.POST, Path.v3.rooms[room_id].invite, {"user_id": user_id})
+
+    async def upload(
+        self, data: bytes, content_type: str, filename: str, *, as_user: UserID | None = None
+    ) -> str:
+        """Upload media; returns its mxc:// URI."""
+        result = await self.request(
+            Method.POST,
+            MediaPath.v3.upload,
+            data,
+            as_user=as_user,
+            query={"filename": filename},
+            headers={"Content-Type": content_type},
+        )
+        uri = result.get("content_uri")
+        if not isinstance(uri, str) or not uri.startswith("mxc://"):
+            raise PermanentError("homeserver answered an upload without a content_uri")
+        return uri
+
+    async def upload_limit(self) -> int | None:
+        """The homeserver's m.upload.size, or None when it does not say."""
+        result = await self.request(Method.GET, "/_matrix/client/v1/media/config")
+        size = result.get("m.upload.size")
+        return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+    async def power_level(self, room_id: RoomID, user_id: UserID) -> int:
+        """The user's power level; room creators in room versions with MSC4289 (v12 on)
+        are not listed in m.room.power_levels and outrank everyone."""
+        if await self._is_privileged_creator(room_id, user_id):
+            return CREATOR_POWER_LEVEL
+        levels = await self.get_state(room_id, "m.room.power_levels") or {}
+        users = levels.get("users")
+        if isinstance(users, dict) and isinstance(users.get(user_id), int):
+            return int(users[user_id])
+        default = levels.get("users_default", 0)
+        return int(default) if isinstance(default, int) else 0
+
+    async def send_state(
+        self, room_id: RoomID, event_type: str, state_key: str, content: dict[str, Any]
+    ) -> None:
+        await self.request(
+            Method.PUT, Path.v3.rooms[room_id].state[event_type][state_key], content
+        )
+
+    async def _is_privileged_creator(self, room_id: RoomID, user_id: UserID) -> bool:
+        try:
+            event = await self.request(
+                Method.GET,
+                Path.v3.rooms[room_id].state["m.room.create"],
+                query={"format": "event"},
+            )
+        except PermanentError:
+            return False
+        content = event.get("content")
+        if not isinstance(content, dict):
+            return False
+        version = str(content.get("room_version", "1"))
+        if not version.isdigit() or int(version) < 12:
+            return False
+        extra = content.get("additional_creators")
+        return event.get("sender") == user_id or (isinstance(extra, list) and user_id in extra)

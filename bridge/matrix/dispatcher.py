@@ -8,7 +8,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from bridge.core.backoff import Backoff
-from bridge.core.errors import Ignored, TransientError
+from bridge.core.errors import Ignored
+from bridge.core.retry import settle
 from bridge.core.router import RoomQueues
 from bridge.core.tasks import TaskGroup
 from bridge.db import inbox
@@ -79,47 +80,26 @@ class EventDispatcher:
             self._in_flight.discard(item.seq)
 
     async def _handle_until_settled(self, item: InboxEvent) -> None:
-        backoff = Backoff(initial=self.retry_initial, maximum=self.retry_maximum)
-        while True:
+        async def work() -> None:
             try:
                 await self.handler(item)
             except Ignored as e:
                 log.debug("%s %s ignored: %s", item.event_type, item.event_id, e)
-            except TransientError as e:
-                delay = backoff.next_delay()
-                log.warning(
-                    "%s in %s waits: %s; retrying in %.1f s", item.event_id, item.room_id, e, delay
-                )
-                await asyncio.sleep(delay)
-                continue
-            except Exception as e:
-                attempts = await inbox.record_failure(self.db, item.seq, _describe(e))
-                if attempts >= self.max_attempts:
-                    log.error(
-                        "%s in %s failed %d times, moved to dead letters",
-                        item.event_id,
-                        item.room_id,
-                        attempts,
-                        exc_info=e,
-                    )
-                    await inbox.mark_dead(self.db, item, _describe(e))
-                    return
-                delay = backoff.next_delay()
-                log.warning(
-                    "%s in %s failed (attempt %d of %d): %s; retrying in %.1f s",
-                    item.event_id,
-                    item.room_id,
-                    attempts,
-                    self.max_attempts,
-                    _describe(e),
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                continue
+
+        async def count_failure(reason: str) -> int:
+            return await inbox.record_failure(self.db, item.seq, reason)
+
+        async def give_up(reason: str) -> None:
+            await inbox.mark_dead(self.db, item, reason)
+
+        if await settle(
+            work,
+            label=f"{item.event_id} in {item.room_id}",
+            count_failure=count_failure,
+            give_up=give_up,
+            max_attempts=self.max_attempts,
+            log=log,
+            initial=self.retry_initial,
+            maximum=self.retry_maximum,
+        ):
             await inbox.mark_done(self.db, item.seq)
-            return
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:500]

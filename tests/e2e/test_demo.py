@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import subprocess_env
+
 
 def test_demo_check_runs_twice_on_the_same_state(tmp_path: Path) -> None:
     folder = tmp_path / "demo"
@@ -13,6 +15,7 @@ def test_demo_check_runs_twice_on_the_same_state(tmp_path: Path) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "bridge", "demo", "--check", "--dir", str(folder)],
             capture_output=True,
+            env=subprocess_env(),
             text=True,
             timeout=110,
         )

@@ -14,7 +14,7 @@ from bridge.config import DatabaseConfig
 from bridge.db import kv
 from bridge.db.engine import DatabaseError, open_database
 from bridge.harness.ports import free_port
-from tests.conftest import bridge_config_dict
+from tests.conftest import bridge_config_dict, subprocess_env
 
 EXPECTED_TABLES = {
     "alembic_version",
@@ -129,6 +129,7 @@ def test_run_exits_11_with_one_line_when_the_database_is_foreign(tmp_path: Path)
     result = subprocess.run(
         [sys.executable, "-m", "bridge", "run", "-c", str(config)],
         capture_output=True,
+        env=subprocess_env(),
         text=True,
         timeout=60,
         cwd=tmp_path,

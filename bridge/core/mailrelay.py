@@ -1,0 +1,249 @@
+"""Mail → room: each stored mail parsed, checked, threaded and posted once, in order per room."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from bridge.core.errors import Ignored, Refused
+from bridge.core.ids import EventID, RoomID
+from bridge.core.links import Link
+from bridge.core.message import Attachment, IncomingMessage
+from bridge.core.retry import settle
+from bridge.core.router import RoomQueues
+from bridge.core.tasks import TaskGroup
+from bridge.core.threading import Mapped, ThreadTarget, resolve_thread
+from bridge.db import links as link_db
+from bridge.db import mail as mail_db
+from bridge.db.engine import Database
+from bridge.db.mail import RawMail
+
+log = logging.getLogger("passerelle.mail.relay")
+
+BATCH = 200
+SWEEP_INTERVAL = 10.0
+TRIMMED = "quoted history trimmed"
+
+
+class RoomPoster(Protocol):
+    """What the relay needs from the Matrix side."""
+
+    async def post(
+        self,
+        room_id: RoomID,
+        message: IncomingMessage,
+        target: ThreadTarget,
+        *,
+        key: str,
+        threads: bool,
+        ts: int | None,
+    ) -> EventID: ...
+
+    async def notice(
+        self, room_id: RoomID, text: str, *, key: str, thread_root: EventID | None = None
+    ) -> None: ...
+
+
+Parser = Callable[[bytes], IncomingMessage]
+
+
+def synthetic_message_id(raw: bytes) -> str:
+    """For a mail without Message-ID: stable, so a refetch maps to the same message."""
+    return f"{hashlib.sha256(raw).hexdigest()[:40]}@no-message-id.passerelle.invalid"
+
+
+def with_original(message: IncomingMessage, raw: bytes) -> IncomingMessage:
+    """When the text was trimmed, the whole mail comes along as a file, so nothing is lost."""
+    if TRIMMED not in message.notes:
+        return message
+    original = Attachment("original-message.eml", "message/rfc822", raw)
+    return dataclasses.replace(message, attachments=(*message.attachments, original))
+
+
+def _timestamp(message: IncomingMessage) -> int | None:
+    """The mail's own date for the event, never in the future."""
+    if message.date is None:
+        return None
+    ms = int(message.date.timestamp() * 1000)
+    return max(0, min(ms, int(time.time() * 1000)))
+
+
+class MailRelay:
+    """Drains the raw mail store into rooms. Parse and policy refusals are final and told to
+    the room (once per sender per day); a homeserver outage is waited out; anything else is
+    retried `max_attempts` times, then the mail is quarantined and the room told. One bad mail
+    never holds up the ones after it."""
+
+    def __init__(
+        self,
+        db: Database,
+        parse: Parser,
+        poster: RoomPoster,
+        tasks: TaskGroup,
+        *,
+        max_attempts: int,
+        is_own_message: Callable[[str], bool] = lambda _mid: False,
+    ) -> None:
+        self.db = db
+        self.parse = parse
+        self.poster = poster
+        self.max_attempts = max_attempts
+        self.is_own_message = is_own_message
+        self._wake = asyncio.Event()
+        self._in_flight: set[int] = set()
+        self._queues: RoomQueues[tuple[Link, RawMail]] = RoomQueues(self._process, tasks, "mail")
+        self.retry_initial = 1.0
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    async def wait_idle(self) -> None:
+        await self._queues.wait_idle()
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                found = await mail_db.pending_mail(self.db, BATCH, self._in_flight)
+                links = {link.id: link for link in await link_db.all_links(self.db)}
+            except Exception as e:
+                log.error("cannot read the mail store (%s); retrying", e)
+                await asyncio.sleep(5)
+                continue
+            for raw in found:
+                link = links.get(raw.link_id)
+                if link is None or link.paused:
+                    continue
+                self._in_flight.add(raw.id)
+                self._queues.submit(link.room_id, (link, raw))
+            if len(found) < BATCH:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
+
+    async def _process(self, item: tuple[Link, RawMail]) -> None:
+        link, raw = item
+        label = f"mail {raw.uidvalidity}/{raw.uid} of {link.remote}"
+
+        async def work() -> None:
+            try:
+                await self.handle(link, raw)
+            except Refused as e:
+                await mail_db.finish(self.db, raw.id, "rejected", error=str(e))
+            except Ignored as e:
+                log.debug("%s ignored: %s", label, e)
+                await mail_db.finish(self.db, raw.id, "ignored", error=str(e))
+
+        async def count_failure(reason: str) -> int:
+            return await mail_db.count_failure(self.db, raw.id, reason)
+
+        async def give_up(reason: str) -> None:
+            await mail_db.finish(self.db, raw.id, "quarantined", error=reason)
+            await self._tell(
+                link,
+                f"A mail to {link.remote} could not be bridged after {self.max_attempts} "
+                f"attempts and was set aside (quarantine #{raw.id}). The administrator can "
+                "find it in the bridge's database and logs.",
+                key=f"quarantine:{raw.id}",
+            )
+
+        try:
+            await settle(
+                work,
+                label=label,
+                count_failure=count_failure,
+                give_up=give_up,
+                max_attempts=self.max_attempts,
+                log=log,
+                initial=self.retry_initial,
+            )
+        finally:
+            self._in_flight.discard(raw.id)
+
+    async def handle(self, link: Link, raw: RawMail) -> None:
+        """Bridge one stored mail; raises Refused or Ignored for final non-posting outcomes."""
+        if raw.raw is None:
+            problem = (
+                f"is larger ({raw.size} bytes) than this bridge accepts"
+                if raw.size >= 0
+                else "could not be fetched from the mailbox"
+            )
+            await self._tell(
+                link,
+                f"A mail to {link.remote} {problem}; it was set aside (#{raw.id}).",
+                key=f"oversized:{raw.id}",
+            )
+            await mail_db.finish(self.db, raw.id, "quarantined", error=problem)
+            return
+        try:
+            message = self.parse(raw.raw)
+        except Refused as e:
+            await self._refused(
+                link, "(unreadable)", f"A mail to {link.remote} was not posted: {e}."
+            )
+            raise
+        if message.auto_generated:
+            raise Ignored("automatic reply")
+        message_id = message.thread.message_id or synthetic_message_id(raw.raw)
+        if self.is_own_message(message_id):
+            raise Ignored("the bridge's own mail coming back")
+        address = message.sender.address
+        if not link.settings.sender_allowed(address):
+            await self._refused(
+                link,
+                address,
+                f"Mail from {address} to {link.remote} is not posted here: its domain is not "
+                "among this link's allowed senders.",
+            )
+            raise Refused(f"sender {address} not allowed")
+        existing = await mail_db.lookup(self.db, link.id, message_id)
+        if existing is not None:
+            # Posted before a crash could record the outcome, or a copy under a new UID.
+            await mail_db.finish(self.db, raw.id, "done", event_id=existing.event_id)
+            return
+
+        async def known(mid: str) -> Mapped | None:
+            return await mail_db.lookup(self.db, link.id, mid)
+
+        threads = link.settings.thread_mode == "threads"
+        target = await resolve_thread(message.thread, known)
+        message = with_original(message, raw.raw)
+        event_id = await self.poster.post(
+            link.room_id,
+            message,
+            target,
+            key=f"{link.id}:{raw.uidvalidity}:{raw.uid}",
+            threads=threads,
+            ts=_timestamp(message),
+        )
+        root = target.thread_root if target.thread_root is not None else event_id
+        await mail_db.record(
+            self.db,
+            link_id=link.id,
+            message_id=message_id,
+            room_id=link.room_id,
+            event_id=event_id,
+            thread_root=root if threads else event_id,
+            subject=message.subject,
+        )
+        await mail_db.finish(self.db, raw.id, "done", event_id=event_id)
+        log.info("posted mail %s/%s of %s as %s", raw.uidvalidity, raw.uid, link.remote, event_id)
+
+    async def _refused(self, link: Link, who: str, text: str) -> None:
+        """Count a refusal; the room hears of each sender once a day, the log every time."""
+        day = dt.datetime.now(dt.UTC).date().isoformat()
+        count = await mail_db.count_refusal(self.db, link.id, who[:320], day)
+        log.info("mail from %s to %s not posted (%d today)", who, link.remote, count)
+        if count == 1:
+            await self._tell(
+                link, f"{text} (Said once a day per sender.)", key=f"refused:{link.id}:{who}:{day}"
+            )
+
+    async def _tell(self, link: Link, text: str, *, key: str) -> None:
+        await self.poster.notice(link.room_id, text, key=key)

@@ -1,0 +1,205 @@
+"""Raw mail store, Message-ID ⇄ event map and daily sender notices, per link."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+
+from bridge.core.ids import EventID, RoomID
+from bridge.core.threading import Mapped
+from bridge.db.engine import Database
+from bridge.db.schema import mail_raw, message_map, sender_notice
+from bridge.db.util import insert_ignore, now_ms
+
+DONE_STATES = ("done", "duplicate", "rejected", "ignored", "quarantined")
+
+
+@dataclass(frozen=True)
+class RawMail:
+    id: int
+    link_id: int
+    uidvalidity: int
+    uid: int
+    message_id: str | None
+    raw: bytes | None  # None for a mail too large to fetch
+    size: int
+    attempts: int
+
+
+async def highest_uid(db: Database, mailbox: str, uidvalidity: int) -> int:
+    async with db.begin() as conn:
+        value = (
+            await conn.execute(
+                select(func.max(mail_raw.c.uid)).where(
+                    mail_raw.c.mailbox == mailbox, mail_raw.c.uidvalidity == uidvalidity
+                )
+            )
+        ).scalar()
+    return int(value or 0)
+
+
+async def has_any_mail(db: Database, link_id: int) -> bool:
+    async with db.begin() as conn:
+        row = (
+            await conn.execute(select(mail_raw.c.id).where(mail_raw.c.link_id == link_id).limit(1))
+        ).first()
+    return row is not None
+
+
+async def store_raw(
+    db: Database,
+    *,
+    link_id: int,
+    mailbox: str,
+    uidvalidity: int,
+    uid: int,
+    message_id: str | None,
+    raw: bytes | None,
+    size: int,
+    state: str = "pending",
+    error: str | None = None,
+) -> bool:
+    """Store one fetched mail once. A Message-ID this link already has makes it a duplicate
+    (a list's second copy, or a mailbox whose UIDVALIDITY changed): kept, never posted."""
+    async with db.begin() as conn:
+        if message_id is not None and state == "pending":
+            known = (
+                await conn.execute(
+                    select(mail_raw.c.id)
+                    .where(mail_raw.c.link_id == link_id, mail_raw.c.message_id == message_id)
+                    .limit(1)
+                )
+            ).first()
+            if known is not None:
+                state, raw = "duplicate", None
+        result = await conn.execute(
+            insert_ignore(conn, mail_raw, ["mailbox", "uidvalidity", "uid"]).values(
+                link_id=link_id,
+                mailbox=mailbox,
+                uidvalidity=uidvalidity,
+                uid=uid,
+                message_id=message_id,
+                raw=raw,
+                size=size,
+                received_at=now_ms(),
+                state=state,
+                last_error=error,
+            )
+        )
+    return bool(result.rowcount) and state == "pending"
+
+
+async def pending_mail(db: Database, limit: int, exclude: set[int]) -> list[RawMail]:
+    query = (
+        select(mail_raw)
+        .where(mail_raw.c.state == "pending")
+        .order_by(mail_raw.c.uidvalidity, mail_raw.c.uid)
+        .limit(limit + len(exclude))
+    )
+    async with db.begin() as conn:
+        rows = (await conn.execute(query)).all()
+    return [
+        RawMail(
+            id=r.id,
+            link_id=r.link_id,
+            uidvalidity=int(r.uidvalidity),
+            uid=int(r.uid),
+            message_id=r.message_id,
+            raw=r.raw,
+            size=int(r.size),
+            attempts=int(r.attempts),
+        )
+        for r in rows
+        if r.id not in exclude
+    ][:limit]
+
+
+async def finish(
+    db: Database,
+    mail_id: int,
+    state: str,
+    *,
+    error: str | None = None,
+    event_id: str | None = None,
+) -> None:
+    assert state in DONE_STATES
+    async with db.begin() as conn:
+        await conn.execute(
+            update(mail_raw)
+            .where(mail_raw.c.id == mail_id)
+            .values(state=state, last_error=error, event_id=event_id)
+        )
+
+
+async def count_failure(db: Database, mail_id: int, error: str) -> int:
+    async with db.begin() as conn:
+        await conn.execute(
+            update(mail_raw)
+            .where(mail_raw.c.id == mail_id)
+            .values(attempts=mail_raw.c.attempts + 1, last_error=error[:2000])
+        )
+        value = (
+            await conn.execute(select(mail_raw.c.attempts).where(mail_raw.c.id == mail_id))
+        ).scalar_one()
+    return int(value)
+
+
+async def lookup(db: Database, link_id: int, message_id: str) -> Mapped | None:
+    async with db.begin() as conn:
+        row = (
+            await conn.execute(
+                select(message_map).where(
+                    message_map.c.link_id == link_id, message_map.c.message_id == message_id
+                )
+            )
+        ).first()
+    if row is None:
+        return None
+    return Mapped(EventID(row.event_id), EventID(row.thread_root), row.subject)
+
+
+async def record(
+    db: Database,
+    *,
+    link_id: int,
+    message_id: str,
+    room_id: RoomID,
+    event_id: EventID,
+    thread_root: EventID,
+    subject: str | None,
+) -> bool:
+    """Map a Message-ID to its event; the first writer wins. Returns whether this one did."""
+    async with db.begin() as conn:
+        result = await conn.execute(
+            insert_ignore(conn, message_map, ["link_id", "message_id"]).values(
+                link_id=link_id,
+                message_id=message_id,
+                room_id=room_id,
+                event_id=event_id,
+                thread_root=thread_root,
+                subject=subject,
+                created_at=now_ms(),
+            )
+        )
+    return bool(result.rowcount)
+
+
+async def count_refusal(db: Database, link_id: int, address: str, day: str) -> int:
+    """Count a refused mail from a sender today; returns the count (1 = first today)."""
+    async with db.begin() as conn:
+        await conn.execute(
+            insert_ignore(conn, sender_notice, ["link_id", "address", "day"]).values(
+                link_id=link_id, address=address, day=day, refused=0
+            )
+        )
+        where = (
+            (sender_notice.c.link_id == link_id)
+            & (sender_notice.c.address == address)
+            & (sender_notice.c.day == day)
+        )
+        await conn.execute(
+            update(sender_notice).where(where).values(refused=sender_notice.c.refused + 1)
+        )
+        value = (await conn.execute(select(sender_notice.c.refused).where(where))).scalar_one()
+    return int(value)

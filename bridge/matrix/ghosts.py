@@ -1,0 +1,52 @@
+"""Ghost users: registered, named and joined on demand, one per remote sender."""
+
+from __future__ import annotations
+
+import logging
+
+from bridge.config import Config
+from bridge.core.errors import PermanentError
+from bridge.core.ghosts import encode_localpart, ghost_display_name
+from bridge.core.ids import RoomID, UserID
+from bridge.db import ghosts
+from bridge.db.engine import Database
+from bridge.matrix.client import MatrixClient
+
+log = logging.getLogger("passerelle.matrix.ghosts")
+
+
+class GhostManager:
+    """Makes sure the ghost of a remote address exists, has the right name and is in a room."""
+
+    def __init__(self, config: Config, client: MatrixClient, db: Database) -> None:
+        self.config = config
+        self.client = client
+        self.db = db
+        self._named: dict[UserID, str] = {}
+        self._joined: set[tuple[UserID, RoomID]] = set()
+
+    def mxid_for(self, address: str) -> UserID:
+        return self.config.ghost_mxid(encode_localpart(address))
+
+    async def ensure(self, address: str, display_name: str, room_id: RoomID) -> UserID:
+        mxid = self.mxid_for(address)
+        name = ghost_display_name(display_name, address)
+        if self._named.get(mxid) != name:
+            known = await ghosts.get_display_name(self.db, mxid)
+            if known is None:
+                await self.client.register(mxid[1:].split(":", 1)[0])
+            if known != name:
+                await self.client.set_displayname(mxid, name)
+                await ghosts.save_ghost(
+                    self.db, mxid, kind="mail", remote_id=address, display_name=name
+                )
+            self._named[mxid] = name
+        if (mxid, room_id) not in self._joined:
+            try:
+                await self.client.join(room_id, as_user=mxid)
+            except PermanentError:
+                # Invite-only room: the bot (a member) invites its ghost first.
+                await self.client.invite(room_id, mxid)
+                await self.client.join(room_id, as_user=mxid)
+            self._joined.add((mxid, room_id))
+        return mxid

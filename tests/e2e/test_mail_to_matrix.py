@@ -1,0 +1,203 @@
+"""Mail delivered into a real Dovecot appears in a real Synapse room, thread by thread, once."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.config import read_yaml_file
+from bridge.harness.dovecot import DovecotServer
+from bridge.harness.synapse import MatrixTestClient
+from bridge.registration import atomic_write, dump_yaml
+from tests.conftest import BridgeProcess, SynapseSetup, UserFactory
+from tests.e2e.test_bot import message_from, replies_to
+
+PASSWORD = "list-password"
+
+
+@pytest.fixture(scope="session")
+def dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DovecotServer]:
+    server = DovecotServer(tmp_path_factory.mktemp("dovecot"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class MailSetup:
+    bridge: BridgeProcess
+    dovecot: DovecotServer
+    address: str
+    user: str
+    alice: MatrixTestClient
+    room_id: str
+    bot: str
+
+    async def deliver(self, raw: bytes) -> int:
+        return await self.dovecot.append(self.address, PASSWORD, raw)
+
+    def mail(
+        self,
+        subject: str,
+        body: str,
+        *,
+        sender: str = "Agent Dupont <agent.dupont@achats.gouv.fr>",
+        reply_to: str | None = None,
+        references: list[str] | None = None,
+        html: str | None = None,
+    ) -> tuple[str, bytes]:
+        msg = EmailMessage()
+        msg["From"] = sender
+        msg["To"] = self.address
+        msg["Subject"] = subject
+        msg["Date"] = format_datetime(__import__("datetime").datetime.now().astimezone())
+        message_id = make_msgid(domain="example.test")
+        msg["Message-ID"] = message_id
+        if reply_to:
+            msg["In-Reply-To"] = reply_to
+        if references:
+            msg["References"] = " ".join(references)
+        msg.set_content(body)
+        if html is not None:
+            msg.add_alternative(html, subtype="html")
+        return message_id, msg.as_bytes()
+
+    async def posted(self, predicate: Any, timeout: float = 30) -> dict[str, Any]:
+        return await self.alice.wait_for_event(self.room_id, predicate, timeout=timeout)
+
+    async def events_from_ghosts(self) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in await self.alice.messages(self.room_id, limit=500)
+            if e.get("type") == "m.room.message" and e["sender"].startswith("@passerelle_")
+        ]
+
+
+def body_contains(text: str) -> Any:
+    return lambda e: e.get("type") == "m.room.message" and text in e["content"].get("body", "")
+
+
+@pytest.fixture
+async def mail_setup(
+    synapse_setup: SynapseSetup,
+    dovecot: DovecotServer,
+    make_user: UserFactory,
+    db_url: str,
+    tmp_path: Path,
+) -> AsyncIterator[MailSetup]:
+    user = f"list{uuid.uuid4().hex[:8]}"
+    address = dovecot.add_user(user, PASSWORD)
+    raw = read_yaml_file(synapse_setup.config_path)
+    raw["mail"] = {
+        "mailboxes": {
+            address: {
+                "host": "127.0.0.1",
+                "port": dovecot.imap_port,
+                "tls": "none",
+                "user": address,
+                "password": PASSWORD,
+            }
+        },
+        "poll_interval": 2,
+    }
+    config_path = tmp_path / "config.yaml"
+    atomic_write(config_path, dump_yaml(raw))
+    bridge = BridgeProcess(config_path, db_url, tmp_path / "bridge.log")
+    bridge.start()
+    try:
+        bot = synapse_setup.config.bot_mxid
+        alice = await make_user("alice")
+        room_id = await alice.create_room(invite=[bot], name="Achats")
+        await alice.wait_for_membership(room_id, bot, "join")
+        await alice.wait_for_event(room_id, message_from(bot))
+        setup = MailSetup(bridge, dovecot, address, user, alice, room_id, bot)
+        # Mail already in the box before the link is not posted: the link starts from now.
+        await setup.deliver(setup.mail("Before the link", "old news")[1])
+        question = await alice.send_text(
+            room_id, f"!passerelle link {address} allow achats.gouv.fr,*.interieur.gouv.fr"
+        )
+        answer = await alice.wait_for_event(room_id, replies_to(question, bot))
+        assert "Linked" in answer["content"]["body"], answer["content"]["body"]
+        yield setup
+    finally:
+        bridge.stop()
+
+
+async def test_new_thread_reply_and_html(mail_setup: MailSetup) -> None:
+    first_id, first = mail_setup.mail("Commande de papier", "Bonjour,\nil faut du papier.")
+    await mail_setup.deliver(first)
+    root = await mail_setup.posted(body_contains("il faut du papier"))
+    content = root["content"]
+    assert content["body"].startswith("Commande de papier")
+    assert content["m.mentions"] == {}
+    assert "m.relates_to" not in content
+    assert root["sender"].startswith("@passerelle_agent.dupont=40achats.gouv.fr")
+
+    _, reply = mail_setup.mail(
+        "Re: Commande de papier",
+        "Commande passée.\n\nLe lundi, Agent a écrit :\n> Bonjour,\n> il faut du papier.",
+        sender="Claire Martin <claire.martin@prefecture.interieur.gouv.fr>",
+        reply_to=first_id,
+        references=[first_id],
+        html="<p>Commande <b>passée</b>.<script>alert(1)</script></p>",
+    )
+    await mail_setup.deliver(reply)
+    answer = await mail_setup.posted(body_contains("Commande passée"))
+    relates = answer["content"]["m.relates_to"]
+    assert relates["rel_type"] == "m.thread"
+    assert relates["event_id"] == root["event_id"]
+    assert "il faut du papier" not in answer["content"]["body"]  # quoted history trimmed
+    assert "<script" not in answer["content"]["formatted_body"]
+
+    # The whole mail is still there, as a file in the thread.
+    original = await mail_setup.posted(
+        lambda e: e["content"].get("filename") == "original-message.eml"
+    )
+    assert original["content"]["m.relates_to"]["event_id"] == root["event_id"]
+
+    # Nothing from before the link, nothing twice.
+    ghost_events = await mail_setup.events_from_ghosts()
+    assert not [e for e in ghost_events if "old news" in e["content"].get("body", "")]
+    bodies = [e["content"].get("body", "") for e in ghost_events]
+    assert sum("il faut du papier" in b for b in bodies) == 1
+
+
+async def test_sender_not_allowed_is_told_once(mail_setup: MailSetup) -> None:
+    for n in range(2):
+        await mail_setup.deliver(
+            mail_setup.mail(f"Spam {n}", "buy now", sender="x@protonmail.com")[1]
+        )
+    # A later, allowed mail proves the refused ones were handled before it.
+    await mail_setup.deliver(mail_setup.mail("Légitime", "courrier normal")[1])
+    await mail_setup.posted(body_contains("courrier normal"))
+    events = await mail_setup.alice.messages(mail_setup.room_id, limit=200)
+    notices = [
+        e
+        for e in events
+        if e["sender"] == mail_setup.bot and "x@protonmail.com" in e["content"].get("body", "")
+    ]
+    assert len(notices) == 1
+    assert not [e for e in events if "buy now" in e["content"].get("body", "")]
+
+
+async def test_restart_posts_nothing_twice(mail_setup: MailSetup) -> None:
+    await mail_setup.deliver(mail_setup.mail("Un", "premier message")[1])
+    await mail_setup.posted(body_contains("premier message"))
+    mail_setup.bridge.stop(kill=True)
+    await mail_setup.deliver(mail_setup.mail("Deux", "second message")[1])
+    mail_setup.bridge.start()
+    await mail_setup.posted(body_contains("second message"))
+    await asyncio.sleep(1)
+    bodies = [e["content"].get("body", "") for e in await mail_setup.events_from_ghosts()]
+    assert sum("premier message" in b for b in bodies) == 1
+    assert sum("second message" in b for b in bodies) == 1
