@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from bridge.config import read_yaml_file
+from bridge.db.schema import mail_raw
 from bridge.harness.dovecot import DovecotServer
 from bridge.harness.synapse import MatrixTestClient
 from bridge.registration import atomic_write, dump_yaml
@@ -201,3 +204,88 @@ async def test_restart_posts_nothing_twice(mail_setup: MailSetup) -> None:
     bodies = [e["content"].get("body", "") for e in await mail_setup.events_from_ghosts()]
     assert sum("premier message" in b for b in bodies) == 1
     assert sum("second message" in b for b in bodies) == 1
+
+
+async def _stored_mail(db_url: str) -> int:
+    engine = create_async_engine(db_url)
+    try:
+        async with engine.connect() as conn:
+            return int((await conn.execute(select(func.count()).select_from(mail_raw))).scalar())
+    finally:
+        await engine.dispose()
+
+
+async def test_killed_after_fetch_before_send_posts_exactly_once(
+    mail_setup: MailSetup, synapse_setup: SynapseSetup, db_url: str
+) -> None:
+    before = await _stored_mail(db_url)
+    synapse = synapse_setup.synapse
+    synapse.stop()
+    try:
+        await mail_setup.deliver(mail_setup.mail("Pendant la panne", "arrivé pendant la panne")[1])
+        deadline = asyncio.get_running_loop().time() + 20
+        while await _stored_mail(db_url) == before:  # fetched and stored, not yet posted
+            assert asyncio.get_running_loop().time() < deadline, mail_setup.bridge.log_tail()
+            await asyncio.sleep(0.2)
+        mail_setup.bridge.stop(kill=True)
+    finally:
+        await asyncio.to_thread(synapse.start)
+    mail_setup.bridge.start()
+    await mail_setup.posted(body_contains("arrivé pendant la panne"), timeout=40)
+    await asyncio.sleep(1)
+    bodies = [e["content"].get("body", "") for e in await mail_setup.events_from_ghosts()]
+    assert sum("arrivé pendant la panne" in b for b in bodies) == 1
+
+
+async def test_synapse_down_for_a_while_then_all_mail_once_in_order(
+    mail_setup: MailSetup, synapse_setup: SynapseSetup
+) -> None:
+    synapse = synapse_setup.synapse
+    synapse.stop()
+    try:
+        for n in range(5):
+            await mail_setup.deliver(mail_setup.mail(f"Lot {n}", f"lot numéro {n}")[1])
+        await asyncio.sleep(3)  # the bridge fetched them and waits for the homeserver
+    finally:
+        await asyncio.to_thread(synapse.start)
+    await mail_setup.posted(body_contains("lot numéro 4"), timeout=60)
+    bodies = [e["content"].get("body", "") for e in await mail_setup.events_from_ghosts()]
+    posted = [b for b in bodies if "lot numéro" in b]
+    assert posted == [f"Lot {n}\n\nlot numéro {n}" for n in range(5)]
+
+
+async def test_attachment_inline_image_and_charset(mail_setup: MailSetup) -> None:
+    msg = EmailMessage()
+    msg["From"] = "Agent Dupont <agent.dupont@achats.gouv.fr>"
+    msg["To"] = mail_setup.address
+    msg["Subject"] = "Devis joint"
+    msg["Message-ID"] = make_msgid(domain="achats.gouv.fr")
+    msg.set_content("Voir le devis ci-joint, déjà validé.", charset="iso-8859-1")
+    png = bytes.fromhex(
+        "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+        "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082"
+    )
+    msg.add_alternative(
+        '<p>Voir le <b>devis</b>, déjà validé.<img src="cid:logo@x"></p>'
+        '<img src="http://tracker.example/pixel.gif">',
+        subtype="html",
+        charset="iso-8859-1",
+    )
+    html_part = msg.get_payload()[1]
+    html_part.add_related(png, "image", "png", cid="<logo@x>", filename="logo.png")
+    msg.add_attachment(
+        b"%PDF-1.4 devis", maintype="application", subtype="pdf", filename="../../devis\u202e.pdf"
+    )
+    await mail_setup.deliver(msg.as_bytes())
+    text = await mail_setup.posted(body_contains("déjà validé"))
+    formatted = text["content"]["formatted_body"]
+    assert "tracker.example" not in formatted
+    assert 'src="mxc://' in formatted  # the inline image, uploaded
+    attachment = await mail_setup.posted(lambda e: e["content"].get("msgtype") == "m.file")
+    name = attachment["content"]["body"]
+    assert "/" not in name
+    assert "\u202e" not in name
+    assert name.endswith(".pdf")
+    url = attachment["content"]["url"]
+    data = await mail_setup.alice.download(url)
+    assert data == b"%PDF-1.4 devis"
