@@ -133,9 +133,9 @@ def _comment_end(source: str, start: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # A model of the parser's stack of open elements, close enough to bound its depth: an element
 # is opened only while the model is below MAX_NESTING. Deeper start tags are dropped together
-# with their end tags (their text stays), and so are end tags the parser would ignore. The
-# parser (html5ever) walks its stack for many tags, so unbounded depth makes it quadratic:
-# measured 3 s for 50,000 and 13 s for 100,000 unclosed <div>.
+# with their end tags (their text stays). The parser (html5ever) walks its stack for many
+# tags, so unbounded depth makes it quadratic: measured 3 s for 50,000 and 13 s for 100,000
+# unclosed <div>. Where the model is unsure it errs deeper, which only costs fidelity.
 
 _VOID = _names(
     "area base basefont bgsound br col embed frame hr image img input keygen link meta param"
@@ -163,15 +163,19 @@ _CLOSES_P = _HEADINGS | _names(
     " figure footer header hgroup main menu nav ol p search section summary ul pre listing form"
     " table hr xmp li dd dt"
 )
+_NO_RECONSTRUCT = _CLOSES_P | _names("td th tr tbody thead tfoot caption colgroup col")
 _MAX_ELEMENTS = 20_000  # opened elements per message: a backstop should the model be wrong
+_MAX_ADOPTIONS = 500  # misnested formatting end tags modelled per message; later ones dropped
 
 # Barrier categories: "the topmost X is above the topmost barrier" is how the parser decides
 # whether an end tag (or an implied one) closes X.
 _ITEM_KINDS = {"li": ("li",), "dd": ("dd", "dt"), "dt": ("dd", "dt")}
 _ITEM_STOPS = {"li": ("dd", "dt"), "dd": ("li",), "dt": ("li",)}
 _ROW_KINDS: dict[str, tuple[str, ...]] = {"td": ("td", "th"), "th": ("td", "th"), "tr": ("tr",)}
-_END_SCOPE = {"li": "list", "p": "button"}  # the scope an end tag's element must be in
 _TABLE_PARTS = _names("td th tr tbody thead tfoot caption colgroup")
+# The scope an element must be in for its end tag to close it.
+_END_SCOPE = {"li": "list", "p": "button"} | {name: "table" for name in _TABLE_PARTS | {"table"}}
+_BARRIERS = ("special", "item", "scope", "button", "list", "table")
 
 
 def _categories(name: str) -> tuple[str, ...]:
@@ -182,7 +186,7 @@ def _categories(name: str) -> tuple[str, ...]:
         "scope": name in _SCOPE,
         "button": name in _SCOPE or name == "button",
         "list": name in _SCOPE or name in ("ol", "ul"),
-        "marker": name in _MARKERS,
+        "table": name in ("html", "table", "template"),
     }
     return tuple(category for category, member in found.items() if member)
 
@@ -191,13 +195,23 @@ _CATEGORIES = {name: _categories(name) for name in _SPECIAL | {"button", "ol", "
 
 
 class _OpenElements:
+    """The parser's stack of open elements, and the formatting elements it will reopen."""
+
     def __init__(self) -> None:
         self.names: list[str] = []
         self.where: dict[str, list[int]] = {}
-        self.barriers: dict[str, list[int]] = {
-            c: [] for c in ("special", "item", "scope", "button", "list", "marker")
-        }
+        self.barriers: dict[str, list[int]] = {category: [] for category in _BARRIERS}
+        # Formatting elements closed by another element's end tag stay "active": the parser
+        # reopens them at the next text or inline tag. A cell, caption or object (a "marker")
+        # sets the ones from outside aside until it closes, and forgets its own.
+        self.pending: list[str] = []
+        self.set_aside: list[list[str]] = []
+        self.waiting = 0  # len(pending) plus everything set aside
         self.opened = 0
+        self.adoptions = 0
+
+    def depth(self) -> int:
+        return len(self.names) + self.waiting
 
     def topmost(self, name: str) -> int:
         found = self.where.get(name)
@@ -207,74 +221,134 @@ class _OpenElements:
         found = self.barriers[category]
         return found[-1] if found else -1
 
-    def push(self, name: str) -> None:
+    def _index(self, name: str) -> None:
         index = len(self.names)
         self.names.append(name)
         self.where.setdefault(name, []).append(index)
         for category in _CATEGORIES.get(name, ()):
             self.barriers[category].append(index)
 
+    def push(self, name: str) -> None:
+        self._index(name)
+        if name in _MARKERS:
+            self.set_aside.append(self.pending)
+            self.pending = []
+
     def _pop(self) -> str:
         name = self.names.pop()
         self.where[name].pop()
         for category in _CATEGORIES.get(name, ()):
             self.barriers[category].pop()
+        if name in _MARKERS:
+            self.waiting -= len(self.pending)
+            self.pending = self.set_aside.pop()
         return name
 
     def pop_to(self, index: int) -> None:
-        """Close the element at `index` and everything above it.
-
-        Formatting elements closed on the way stay "active" in the parser, which reopens them
-        at the next text or tag, except those opened after a marker (a cell, caption, object).
-        """
+        """Close the element at `index` and everything above it."""
         closed = [self._pop() for _ in range(len(self.names) - index)]
         closed.reverse()
         markers = [i for i, name in enumerate(closed) if name in _MARKERS]
-        limit = markers[0] if markers else len(closed)
-        for name in closed[1:limit]:
+        for name in closed[1 : markers[0] if markers else len(closed)]:
             if name in _FORMATTING:
-                self.push(name)
+                self.pending.append(name)
+                self.waiting += 1
+
+    def reconstruct(self) -> None:
+        pending, self.pending = self.pending, []
+        self.waiting -= len(pending)
+        for name in pending:
+            self.push(name)
+
+    def adopt(self, index: int) -> bool:
+        """The adoption agency algorithm for the formatting element at `index`, closely enough
+        for depth: it moves above each special element that follows it, leaving behind only
+        formatting elements, and is closed once none follows. False when over budget."""
+        if self.adoptions >= _MAX_ADOPTIONS:
+            return False
+        self.adoptions += 1
+        for _ in range(8):  # the algorithm's outer loop limit
+            names = self.names
+            block = next((i for i in range(index + 1, len(names)) if names[i] in _SPECIAL), -1)
+            if block < 0:
+                self.pop_to(index)
+                return True
+            kept = [name for name in names[index + 1 : block] if name in _FORMATTING]
+            rebuilt = names[:index] + kept + [names[block], names[index]] + names[block + 1 :]
+            self.names, self.where = [], {}
+            self.barriers = {category: [] for category in _BARRIERS}
+            for name in rebuilt:  # markers are special and keep their order: set_aside holds
+                self._index(name)
+            index += len(kept) + 1
+        return True
+
+    def void(self, name: str) -> None:
+        """A void element: it may close a <p> and reopen formatting, but is never open."""
+        if name in _CLOSES_P:
+            self._close_p()
+        else:
+            self.reconstruct()
+
+    def _close_p(self) -> None:
+        p = self.topmost("p")
+        if p > self.barrier("button"):
+            self.pop_to(p)
 
     def start(self, name: str) -> bool:
-        """Apply the implied end tags of a start tag; then open it if the depth allows."""
+        """Apply a start tag's implied end tags, then open it if the depth allows."""
         if name in _ITEM_KINDS:
             item = max(self.topmost(kind) for kind in _ITEM_KINDS[name])
             stop = max(self.barrier("item"), *(self.topmost(k) for k in _ITEM_STOPS[name]))
             if item > stop:
                 self.pop_to(item)
         if name in _CLOSES_P:
-            p = self.topmost("p")
-            if p > self.barrier("button"):
-                self.pop_to(p)
+            self._close_p()
         if name in _HEADINGS and self.names and self.names[-1] in _HEADINGS:
             self.pop_to(len(self.names) - 1)
         elif name in _TABLE_PARTS:
             table = self.topmost("table")
             if table < 0:
                 return False  # outside a table the parser ignores them
-            kinds = _ROW_KINDS.get(name, ("tbody", "thead", "tfoot"))
-            row = max(self.topmost(kind) for kind in kinds)
+            row = max(self.topmost(kind) for kind in _ROW_KINDS.get(name, ("tbody", "thead")))
             if row > table:
                 self.pop_to(row)
-        elif name == "a":
+        elif name == "a" and not self._forget("a"):
             a = self.topmost("a")
-            if a > self.barrier("marker") and a > self.barrier("special"):
-                self.pop_to(a)
-        if len(self.names) >= MAX_NESTING or self.opened >= _MAX_ELEMENTS:
+            if a >= 0 and a > max((self.topmost(m) for m in _MARKERS), default=-1):
+                self.adopt(a)
+        if name not in _NO_RECONSTRUCT:
+            self.reconstruct()
+        if self.depth() >= MAX_NESTING or self.opened >= _MAX_ELEMENTS:
             return False
         self.opened += 1
         self.push(name)
         return True
 
+    def _forget(self, name: str) -> bool:
+        """Drop a pending formatting element (its end tag came before it was reopened)."""
+        for i in range(len(self.pending) - 1, -1, -1):
+            if self.pending[i] == name:
+                del self.pending[i]
+                self.waiting -= 1
+                return True
+        return False
+
     def end(self, name: str) -> bool:
-        """Apply an end tag; False when the parser would ignore it (then it is dropped)."""
-        index = self.topmost(name)
+        """Apply an end tag; False when the parser ignores it (or the model gives up)."""
+        if name in _HEADINGS:
+            index = max(self.topmost(heading) for heading in _HEADINGS)
+        else:
+            index = self.topmost(name)
         if index < 0:
-            return False
+            if name == "br":  # the parser reads </br> as <br>
+                self.reconstruct()
+            return name in ("p", "br") or self._forget(name)  # </p> makes an empty <p>
         if name in _SPECIAL:
-            barrier = self.barrier(_END_SCOPE.get(name, "scope"))
-            if index < barrier:
-                return False
+            if index < self.barrier(_END_SCOPE.get(name, "scope")):
+                return name == "p"
+        elif name in _FORMATTING and index > self.barrier("scope"):
+            if index < self.barrier("special"):
+                return self.adopt(index)
         elif index < self.barrier("special"):
             return False
         self.pop_to(index)
@@ -288,20 +362,28 @@ def _rebuild(source: str) -> str:
     dropped: dict[str, int] = {}  # start tags dropped for depth, by name, awaiting their end
     for kind, name, text in _tokens(source):
         if kind == _TEXT:
+            stack.reconstruct()
             out.append(text.replace("<", "&lt;"))
         elif kind == _RAW:
             if name in _RAW_KEPT:
+                stack.reconstruct()
                 out.append(text.replace("<", "&lt;") if name == "textarea" else _escape(text))
         elif name in _IGNORED or name in _RAW_ELEMENTS or name == "plaintext":
             continue
         elif kind == _START:
-            if name in _VOID or stack.start(name):
+            if name in _VOID:
+                stack.void(name)
+                out.append(text)
+            elif stack.start(name):
                 out.append(text)
             else:
                 dropped[name] = dropped.get(name, 0) + 1
         elif dropped.get(name):
             dropped[name] -= 1
-        elif stack.end(name):
+        else:
+            # Kept even when the model ignores it: an end tag never opens an element, so the
+            # parser's stack can only get shallower than the model's.
+            stack.end(name)
             out.append(text)
     return "".join(out)
 
