@@ -289,3 +289,46 @@ async def test_attachment_inline_image_and_charset(mail_setup: MailSetup) -> Non
     url = attachment["content"]["url"]
     data = await mail_setup.alice.download(url)
     assert data == b"%PDF-1.4 devis"
+
+
+async def test_link_commands_need_power_and_a_configured_mailbox(
+    mail_setup: MailSetup, make_user: UserFactory
+) -> None:
+    alice, room_id, bot = mail_setup.alice, mail_setup.room_id, mail_setup.bot
+    bob = await make_user("bob")
+    await alice.invite(room_id, bob.user_id)
+    await bob.join(room_id)
+
+    async def ask(client: MatrixTestClient, text: str) -> str:
+        question = await client.send_text(room_id, text)
+        answer = await client.wait_for_event(room_id, replies_to(question, bot))
+        return str(answer["content"]["body"])
+
+    assert "power level 50" in await ask(bob, f"!passerelle unlink {mail_setup.address}")
+    assert "power level 50" in await ask(bob, "!passerelle link other@achats.gouv.fr")
+    listed = await ask(bob, "!passerelle links")
+    assert mail_setup.address in listed
+    assert "achats.gouv.fr, *.interieur.gouv.fr" in listed
+    assert "not a mailbox this bridge may read" in await ask(
+        alice, "!passerelle link unknown@achats.gouv.fr"
+    )
+    assert "Not linked" in await ask(alice, f"!passerelle link {mail_setup.address} allow *")
+    # With the power to, the bot tells clients about the link in m.bridge state.
+    levels = await alice.request(
+        "GET", f"/_matrix/client/v3/rooms/{room_id}/state/m.room.power_levels"
+    )
+    levels.setdefault("users", {})[bot] = 50
+    await alice.send_state(room_id, "m.room.power_levels", levels)
+    assert "Linked" in await ask(alice, f"!passerelle link {mail_setup.address}")
+    state = await alice.request(
+        "GET",
+        f"/_matrix/client/v3/rooms/{room_id}/state/m.bridge/passerelle:{mail_setup.address}",
+    )
+    assert state["channel"]["id"] == mail_setup.address
+    assert "Unlinked" in await ask(alice, f"!passerelle unlink {mail_setup.address}")
+    state = await alice.request(
+        "GET",
+        f"/_matrix/client/v3/rooms/{room_id}/state/m.bridge/passerelle:{mail_setup.address}",
+    )
+    assert state == {}
+    assert "No list is linked" in await ask(alice, "!passerelle links")
