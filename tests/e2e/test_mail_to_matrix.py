@@ -11,6 +11,7 @@ from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from bridge.config import read_yaml_file
 from bridge.db.schema import mail_raw
 from bridge.harness.dovecot import DovecotServer
+from bridge.harness.postfix import PostfixServer
 from bridge.harness.synapse import MatrixTestClient
 from bridge.registration import atomic_write, dump_yaml
 from tests.conftest import BridgeProcess, SynapseSetup, UserFactory
@@ -29,6 +31,18 @@ PASSWORD = "list-password"
 @pytest.fixture(scope="session")
 def dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DovecotServer]:
     server = DovecotServer(tmp_path_factory.mktemp("dovecot"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postfix(
+    tmp_path_factory: pytest.TempPathFactory, dovecot: DovecotServer
+) -> Iterator[PostfixServer]:
+    server = PostfixServer(tmp_path_factory.mktemp("postfix"), lmtp_port=dovecot.lmtp_port)
     server.start()
     try:
         yield server
@@ -332,3 +346,20 @@ async def test_link_commands_need_power_and_a_configured_mailbox(
     )
     assert state == {}
     assert "No list is linked" in await ask(alice, "!passerelle links")
+
+
+async def test_mail_sent_over_smtp_reaches_the_room(
+    mail_setup: MailSetup, postfix: PostfixServer
+) -> None:
+    """The real path: SMTP to Postfix, LMTP to Dovecot, IDLE wakes the bridge, the room."""
+    _, raw = mail_setup.mail("Par SMTP", "livré par Postfix")
+    errors, _ = await aiosmtplib.send(
+        raw,
+        sender="agent.dupont@achats.gouv.fr",
+        recipients=[mail_setup.address],
+        hostname="127.0.0.1",
+        port=postfix.smtp_port,
+    )
+    assert errors == {}
+    event = await mail_setup.posted(body_contains("livré par Postfix"))
+    assert event["content"]["body"].startswith("Par SMTP")
