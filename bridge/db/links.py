@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Row, delete, select, update
 
 from bridge.core.ids import RoomID, UserID
 from bridge.core.links import Link, LinkSettings
@@ -13,16 +14,16 @@ from bridge.db.schema import link, room
 from bridge.db.util import insert_ignore, now_ms
 
 
-def _link(row: object) -> Link:
-    settings = json.loads(row.settings_json)  # type: ignore[attr-defined]
+def _link(row: Row[Any]) -> Link:
+    settings = json.loads(row.settings_json)
     return Link(
-        id=int(row.id),  # type: ignore[attr-defined]
-        name=row.name,  # type: ignore[attr-defined]
-        room_id=RoomID(row.room_id),  # type: ignore[attr-defined]
-        kind=row.kind,  # type: ignore[attr-defined]
-        remote=row.remote,  # type: ignore[attr-defined]
+        id=int(row.id),
+        name=row.name,
+        room_id=RoomID(row.room_id),
+        kind=row.kind,
+        remote=row.remote,
         settings=LinkSettings.from_json(settings),
-        paused=bool(row.paused),  # type: ignore[attr-defined]
+        paused=bool(row.paused),
         source=str(settings.get("source", "bot")),
     )
 

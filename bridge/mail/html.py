@@ -165,13 +165,16 @@ _CLOSES_P = _HEADINGS | _names(
 )
 _NO_RECONSTRUCT = _CLOSES_P | _names("td th tr tbody thead tfoot caption colgroup col")
 _MAX_ELEMENTS = 20_000  # opened elements per message: a backstop should the model be wrong
-_MAX_ADOPTIONS = 500  # misnested formatting end tags modelled per message; later ones dropped
+_MAX_ADOPTIONS = 500  # misnested formatting end tags modelled per message (then: deeper)
 
 # Barrier categories: "the topmost X is above the topmost barrier" is how the parser decides
 # whether an end tag (or an implied one) closes X.
 _ITEM_KINDS = {"li": ("li",), "dd": ("dd", "dt"), "dt": ("dd", "dt")}
 _ITEM_STOPS = {"li": ("dd", "dt"), "dd": ("li",), "dt": ("li",)}
-_ROW_KINDS: dict[str, tuple[str, ...]] = {"td": ("td", "th"), "th": ("td", "th"), "tr": ("tr",)}
+_SECTIONS = ("tbody", "thead", "tfoot")
+_ROW_KINDS = {"td": ("td", "th"), "th": ("td", "th"), "tr": ("tr",)} | dict.fromkeys(
+    ("tbody", "thead", "tfoot", "caption", "colgroup"), _SECTIONS
+)
 _TABLE_PARTS = _names("td th tr tbody thead tfoot caption colgroup")
 # The scope an element must be in for its end tag to close it.
 _END_SCOPE = {"li": "list", "p": "button"} | {name: "table" for name in _TABLE_PARTS | {"table"}}
@@ -309,7 +312,7 @@ class _OpenElements:
             table = self.topmost("table")
             if table < 0:
                 return False  # outside a table the parser ignores them
-            row = max(self.topmost(kind) for kind in _ROW_KINDS.get(name, ("tbody", "thead")))
+            row = max(self.topmost(kind) for kind in _ROW_KINDS[name])
             if row > table:
                 self.pop_to(row)
         elif name == "a" and not self._forget("a"):

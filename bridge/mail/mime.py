@@ -21,7 +21,7 @@ from bridge.mail.errors import MailRejected
 from bridge.mail.html import html_to_text
 from bridge.mail.trim import trim_reply
 
-__all__ = ["DEFAULT_LIMITS", "MailLimits", "parse_mail", "safe_filename"]
+__all__ = ["MailLimits", "parse_mail", "safe_filename"]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -38,8 +38,6 @@ class MailLimits:
     max_text: int = 64 * KiB  # text characters shown in the room
     max_attachment_total: int = 50 * MiB  # decoded attachment bytes
 
-
-DEFAULT_LIMITS = MailLimits()
 
 # Internal bounds that no legitimate mail reaches. The email package's parameter and
 # structured-header parsers are quadratic in a header's length (an 8 KiB Content-Type of `";`
@@ -128,7 +126,7 @@ class _Entity:
         return next((value for key, value in self.fields if key == name), None)
 
 
-def parse_mail(raw: bytes, limits: MailLimits = DEFAULT_LIMITS) -> IncomingMessage:
+def parse_mail(raw: bytes, limits: MailLimits = MailLimits()) -> IncomingMessage:
     """Parse one raw mail, or raise MailRejected with a one-line reason.
 
     Refused: more than `max_size` bytes (checked before any parsing), MIME nesting deeper than
@@ -243,7 +241,8 @@ def _read_entity(
         if name in _MIME_FIELDS and len(value) > _MAX_MIME_FIELD:
             raise MailRejected(f"{name} header longer than {_MAX_MIME_FIELD} characters")
     declared = next((value for name, value in fields if name == "content-type"), None)
-    content_type, params = default_type, dict[str, str]()
+    content_type = default_type
+    params: dict[str, str] = {}
     if declared is not None:
         content_type, params = _structured(declared)
         if not _CONTENT_TYPE.fullmatch(content_type):

@@ -290,6 +290,30 @@ def test_content_after_deep_nesting_is_kept_at_the_right_level() -> None:
     assert out.endswith("</div><p>after</p>")
 
 
+def test_sloppy_but_legitimate_html_is_not_flattened() -> None:
+    # Unclosed items, cells and paragraphs close implicitly: they must not count as nesting.
+    items = clean("<ul>" + "<li>item" * 300 + "</ul>")
+    assert (items.count("<li>"), depth(items)) == (300, 2)
+    cells = clean("<table>" + "<tr><td>a<td>b" * 300 + "</table>")
+    assert (cells.count("<td>"), depth(cells)) == (600, 4)
+    paragraphs = clean("<p>para" * 300)
+    assert (paragraphs.count("<p>"), depth(paragraphs)) == (300, 1)
+    fonts = clean("<table>" + "<tr><td><font color=red>x" * 200 + "</table>")
+    assert (fonts.count("<font"), depth(fonts)) == (200, 5)
+
+
+def test_misnested_formatting_is_repaired_as_browsers_do() -> None:
+    assert clean("<b>1<div>2</b>3</div>4") == "<b>1</b><div><b>2</b>3</div>4"
+    assert clean("<b><i>x</b>y</i>z") == "<b><i>x</i></b><i>y</i>z"
+    assert clean("<p><font color=red>r<p>s</font>t") == (
+        '<p><font color="red">r</font></p><p><font color="red">s</font>t</p>'
+    )
+    assert clean("<a href='https://a.example/'>one<a href='https://b.example/'>two") == (
+        '<a href="https://a.example/" rel="noopener noreferrer">one</a>'
+        '<a href="https://b.example/" rel="noopener noreferrer">two</a>'
+    )
+
+
 HOSTILE = {
     "200,000 unclosed <div>": "<div>" * 200_000,
     "unclosed <b><i> pairs": "<b><i>" * 200_000,
