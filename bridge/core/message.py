@@ -46,7 +46,10 @@ class IncomingMessage:
     attachments: tuple[Attachment, ...]
     thread: ThreadRef
     date: datetime | None
-    auto_generated: bool = False  # Auto-Submitted, Precedence bulk/junk/list auto-replies
+    # An automatic reply (Auto-Submitted, X-Autoreply, Precedence: auto_reply/junk): never
+    # relayed, so two robots cannot answer each other through the bridge. Precedence: list and
+    # bulk are not auto-replies: they mark ordinary list traffic, which is the product.
+    auto_generated: bool = False
     notes: tuple[str, ...] = field(default=())  # what was dropped or trimmed, for the reader
 
 

@@ -280,7 +280,7 @@ class _OpenElements:
             rebuilt = names[:index] + kept + [names[block], names[index]] + names[block + 1 :]
             self.names, self.where = [], {}
             self.barriers = {category: [] for category in _BARRIERS}
-            for name in rebuilt:  # markers are special and keep their order: set_aside holds
+            for name in rebuilt:  # markers are special: their order, and set_aside, still hold
                 self._index(name)
             index += len(kept) + 1
         return True

@@ -109,7 +109,7 @@ def test_oversized_mail_is_rejected_before_parsing() -> None:
     assert len(raw) > 50_000_000
     reason, elapsed = rejected(raw)
     assert reason.startswith("mail too large")
-    assert elapsed < 0.05  # a length check, nothing else
+    assert elapsed < 0.5  # a length check, nothing else (measured: microseconds)
 
 
 def test_size_limit_is_configurable() -> None:
@@ -160,10 +160,13 @@ def test_oversized_mime_header_is_rejected_before_the_stdlib_sees_it() -> None:
 
 
 def test_nested_comments_in_content_type_do_not_raise_recursion_error() -> None:
+    # The email package recurses once per nested comment; only a MailRejected may come out.
     raw = raw_mail(b"", "text/plain " + "(" * 2000 + ")" * 2000)
     reason, elapsed = rejected(raw)
     assert reason == "unparsable mail headers (RecursionError)"
     assert elapsed < 2
+    inner = part("text/plain " + "(" * 2000 + ")" * 2000, b"deep comments in a part")
+    assert parse_mail(multipart(inner)).text == "deep comments in a part"
 
 
 def test_huge_header_block_is_rejected() -> None:
