@@ -89,4 +89,6 @@ def inspect_mail(config: Config, raw: bytes, link: str | None) -> dict[str, Any]
 
 def run_inspect(config: Config, path: Path, link: str | None) -> str:
     raw = path.read_bytes()
-    return json.dumps(inspect_mail(config, raw, link), ensure_ascii=False, indent=2)
+    text = json.dumps(inspect_mail(config, raw, link), ensure_ascii=False, indent=2)
+    # A lone surrogate that slipped through would make printing fail: never a traceback.
+    return text.encode("utf-8", "replace").decode("utf-8")

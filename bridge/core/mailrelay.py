@@ -12,11 +12,12 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from bridge.core.errors import Ignored, Refused
+from bridge.core.backoff import Backoff
+from bridge.core.errors import Ignored, Refused, TransientError
 from bridge.core.ids import EventID, RoomID
 from bridge.core.links import Link
 from bridge.core.message import Attachment, IncomingMessage
-from bridge.core.retry import settle
+from bridge.core.retry import describe, settle
 from bridge.core.router import RoomQueues
 from bridge.core.tasks import TaskGroup
 from bridge.core.threading import Mapped, ThreadTarget, resolve_thread
@@ -144,14 +145,14 @@ class MailRelay:
             return await mail_db.count_failure(self.db, raw.id, reason)
 
         async def give_up(reason: str) -> None:
-            await mail_db.finish(self.db, raw.id, "quarantined", error=reason)
-            await self._tell(
+            await self._tell_until_delivered(
                 link,
                 f"A mail to {link.remote} could not be bridged after {self.max_attempts} "
                 f"attempts and was set aside (quarantine #{raw.id}). The administrator can "
                 "find it in the bridge's database and logs.",
                 key=f"quarantine:{raw.id}",
             )
+            await mail_db.finish(self.db, raw.id, "quarantined", error=reason)
 
         try:
             await settle(
@@ -238,12 +239,30 @@ class MailRelay:
     async def _refused(self, link: Link, who: str, text: str) -> None:
         """Count a refusal; the room hears of each sender once a day, the log every time."""
         day = dt.datetime.now(dt.UTC).date().isoformat()
-        count = await mail_db.count_refusal(self.db, link.id, who[:320], day)
-        log.info("mail from %s to %s not posted (%d today)", who, link.remote, count)
-        if count == 1:
+        who = who[:320]
+        if await mail_db.refusals_today(self.db, link.id, who, day) == 0:
+            # Told before counted: if telling fails, the retry tells again instead of nobody.
             await self._tell(
                 link, f"{text} (Said once a day per sender.)", key=f"refused:{link.id}:{who}:{day}"
             )
+        count = await mail_db.count_refusal(self.db, link.id, who, day)
+        log.info("mail from %s to %s not posted (%d today)", who, link.remote, count)
 
     async def _tell(self, link: Link, text: str, *, key: str) -> None:
         await self.poster.notice(link.room_id, text, key=key)
+
+    async def _tell_until_delivered(self, link: Link, text: str, *, key: str) -> None:
+        """A notice that must not be lost: wait out a homeserver outage (same key, so a
+        retry after a crash is not posted twice); give up only on a permanent refusal."""
+        backoff = Backoff(initial=self.retry_initial, maximum=60.0)
+        while True:
+            try:
+                await self._tell(link, text, key=key)
+                return
+            except TransientError as e:
+                delay = backoff.next_delay()
+                log.warning("notice to %s waits: %s; retrying in %.1f s", link.room_id, e, delay)
+                await asyncio.sleep(delay)
+            except Exception as e:
+                log.error("notice to %s failed: %s", link.room_id, describe(e))
+                return

@@ -185,6 +185,20 @@ async def record(
     return bool(result.rowcount)
 
 
+async def refusals_today(db: Database, link_id: int, address: str, day: str) -> int:
+    async with db.begin() as conn:
+        value = (
+            await conn.execute(
+                select(sender_notice.c.refused).where(
+                    (sender_notice.c.link_id == link_id)
+                    & (sender_notice.c.address == address)
+                    & (sender_notice.c.day == day)
+                )
+            )
+        ).scalar()
+    return int(value or 0)
+
+
 async def count_refusal(db: Database, link_id: int, address: str, day: str) -> int:
     """Count a refused mail from a sender today; returns the count (1 = first today)."""
     async with db.begin() as conn:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import dataclasses
 import email.parser
 import email.policy
 import heapq
@@ -217,9 +218,10 @@ def parse_mail(raw: bytes, limits: MailLimits = MailLimits()) -> IncomingMessage
         text = trimmed
         notes.append("quoted history trimmed")
 
+    sender = dataclasses.replace(sender, display_name=_no_surrogates(sender.display_name))
     return IncomingMessage(
         sender=sender,
-        subject=_subject(top.field("subject") or ""),
+        subject=_no_surrogates(_subject(top.field("subject") or "")),
         text=text,
         html=html,
         attachments=tuple(attachments),
@@ -517,10 +519,18 @@ def _decode(data: bytes, charset: str | None) -> str:
         try:
             codec = codecs.lookup(name).name
             if codec not in _REFUSED_CODECS:
-                return data.decode(codec, "replace")
+                # Some codecs (UTF-7, UTF-16) can decode to lone surrogates: no valid text.
+                return _no_surrogates(data.decode(codec, "replace"))
         except (LookupError, UnicodeError, ValueError, TypeError):
             pass  # not a text encoding (base64, rot13) or not known at all
     return data.decode("utf-8", "replace")
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _no_surrogates(text: str) -> str:
+    return _SURROGATES.sub("\ufffd", text)
 
 
 def _clean_text(text: str) -> str:
