@@ -112,7 +112,9 @@ class MailRelay:
         while True:
             self._wake.clear()
             try:
-                found = await mail_db.pending_mail(self.db, BATCH, self._in_flight)
+                # A snapshot taken before the query: an item that finishes meanwhile is no longer
+                # pending when the query reads, so it cannot be submitted twice.
+                found = await mail_db.pending_mail(self.db, BATCH, set(self._in_flight))
                 links = {link.id: link for link in await link_db.all_links(self.db)}
             except Exception as e:
                 log.error("cannot read the mail store (%s); retrying", e)

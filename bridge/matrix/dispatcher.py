@@ -55,7 +55,8 @@ class EventDispatcher:
         while True:
             self._wake.clear()
             try:
-                found = await inbox.pending_events(self.db, BATCH, self._in_flight)
+                # A snapshot before the query (see MailRelay.run): never the same event twice.
+                found = await inbox.pending_events(self.db, BATCH, set(self._in_flight))
             except Exception as e:
                 delay = backoff.next_delay()
                 log.error("cannot read the inbox (%s); retrying in %.0f s", e, delay)
