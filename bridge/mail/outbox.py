@@ -1,0 +1,328 @@
+"""The outbox worker: sends stored outgoing mail, retrying on schedule until it goes or fails."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from bridge.core.backoff import Backoff
+from bridge.mail.smtp import MESSAGE_LIMIT, SendResult, SmtpSender, retry_delay
+
+log = logging.getLogger("passerelle.mail.outbox")
+
+# With nothing scheduled that this process knows of, the store is asked again this often
+# (items stored without notify(), or scheduled by an earlier run of the bridge).
+POLL_INTERVAL = 60.0
+# Backoff when the store itself fails (due() or recording an outcome).
+_STORE_BACKOFF_INITIAL = 1.0
+_STORE_BACKOFF_MAXIMUM = 60.0
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """One stored outgoing mail, as the worker sees it."""
+
+    id: int
+    raw: bytes
+    mail_from: str
+    recipients: tuple[str, ...]
+    attempts: int  # failed attempts so far
+    first_tried_at: float | None  # epoch seconds, None if never tried
+    next_attempt_at: float  # epoch seconds
+
+
+class OutboxStore(Protocol):
+    """What the worker needs from the database (the lead implements it).
+
+    Times are epoch seconds from the same clock as the worker's.
+    """
+
+    async def due(self, now: float, limit: int, exclude: set[int]) -> list[OutboxItem]:
+        """At most ``limit`` unsent, unfailed items with next_attempt_at <= now whose id is not
+        in ``exclude``, earliest next_attempt_at first."""
+        ...
+
+    async def mark_sent(self, item_id: int, result: SendResult) -> None:
+        """The server accepted the mail: it is never sent again."""
+        ...
+
+    async def mark_retry(self, item_id: int, result: SendResult, next_attempt_at: float) -> None:
+        """A transient failure: attempts += 1, first_tried_at = now if it was None, the next
+        attempt not before ``next_attempt_at``."""
+        ...
+
+    async def mark_failed(self, item_id: int, result: SendResult) -> None:
+        """Never to be sent: refused with 5xx, or given up after give_up_after seconds since
+        the first attempt (``result.message`` then starts with "gave up")."""
+        ...
+
+
+class OutboxWorker:
+    """Sends due outbox items, at most ``concurrency`` at a time, and records each outcome.
+
+    Delivery is at least once: a mail whose outcome could not be recorded (the bridge stopped
+    during the attempt) is sent again. An outcome the store fails to record is retried, the
+    item staying in flight meanwhile, so this process never sends it twice.
+    """
+
+    def __init__(
+        self,
+        store: OutboxStore,
+        sender: SmtpSender,
+        *,
+        give_up_after: float,
+        concurrency: int = 4,
+        clock: Callable[[], float] = time.time,
+        poll_interval: float = POLL_INTERVAL,
+        retry_schedule: Callable[[int], float] = retry_delay,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if give_up_after < 0 or poll_interval <= 0:
+            raise ValueError("give_up_after must be >= 0 and poll_interval > 0")
+        self._store = store
+        self._sender = sender
+        self._give_up_after = give_up_after
+        self._concurrency = concurrency
+        self._clock = clock
+        self._poll_interval = poll_interval
+        self._retry_schedule = retry_schedule
+        self._in_flight: dict[int, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()  # run() should look at the store now
+        self._freed = asyncio.Event()  # a slot became free
+        # Whether the store may hold due items not taken yet: a notify() came, or the last
+        # due() call filled every free slot.
+        self._maybe_more = True
+        # (next_attempt_at, id) of the retries this worker scheduled; stale entries are
+        # skipped (``_retry_at`` holds the current one).
+        self._timers: list[tuple[float, int]] = []
+        self._retry_at: dict[int, float] = {}
+        self._running = False
+        # While run() sleeps: the clock time it wakes up at by itself (-inf otherwise).
+        self._sleeping_until = -math.inf
+
+    @property
+    def in_flight(self) -> int:
+        """How many items are being sent (or their outcome recorded) right now."""
+        return len(self._in_flight)
+
+    def notify(self) -> None:
+        """A new item was stored: look now."""
+        self._maybe_more = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Send due items forever; sleep until the next known due time, a notify() or a poll."""
+        if self._running:
+            raise RuntimeError("OutboxWorker.run() is already running")
+        self._running = True
+        backoff = Backoff(initial=_STORE_BACKOFF_INITIAL, maximum=_STORE_BACKOFF_MAXIMUM)
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    await self._fill()
+                except Exception as exc:
+                    delay = backoff.next_delay()
+                    log.error(
+                        "outbox: cannot read due items (%s: %s); trying again in %.0f s",
+                        type(exc).__name__,
+                        exc,
+                        delay,
+                    )
+                    await self._sleep(delay)
+                    continue
+                backoff.reset()
+                delay = self._idle_delay()
+                self._sleeping_until = self._clock() + delay
+                try:
+                    await self._sleep(delay)
+                finally:
+                    self._sleeping_until = -math.inf
+        finally:
+            self._running = False
+            tasks = list(self._in_flight.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def drain_once(self) -> int:
+        """Send every item due now (at most ``concurrency`` at a time); how many were tried."""
+        now = self._clock()
+        tried: set[int] = set()
+        mine: set[asyncio.Task[None]] = set()
+        exhausted = False
+        while True:
+            free = self._concurrency - len(self._in_flight)
+            if not exhausted and free > 0:
+                items = await self._store.due(now, free, self._excluded() | tried)
+                exhausted = len(items) < free
+                for item in items:
+                    tried.add(item.id)
+                    mine.add(self._start(item))
+            mine = {task for task in mine if not task.done()}
+            if exhausted and not mine:
+                return len(tried)
+            if mine:
+                await asyncio.wait(mine, return_when=asyncio.FIRST_COMPLETED)
+            else:  # every slot is taken by run()
+                self._freed.clear()
+                if self._concurrency - len(self._in_flight) <= 0:
+                    await self._freed.wait()
+
+    # -- scheduling ------------------------------------------------------------------------------
+
+    async def _fill(self) -> None:
+        """Start sending due items in the free slots."""
+        free = self._concurrency - len(self._in_flight)
+        if free <= 0:
+            return  # a finishing task wakes us up
+        now = self._clock()
+        items = await self._store.due(now, free, self._excluded())
+        self._maybe_more = len(items) >= free
+        self._expire_timers(now)
+        for item in items:
+            self._start(item)
+
+    def _excluded(self) -> set[int]:
+        return set(self._in_flight)
+
+    def _start(self, item: OutboxItem) -> asyncio.Task[None]:
+        self._retry_at.pop(item.id, None)
+        task = asyncio.create_task(self._attempt(item), name=f"outbox-{item.id}")
+        self._in_flight[item.id] = task
+        task.add_done_callback(lambda done: self._finished(item.id, done))
+        return task
+
+    def _finished(self, item_id: int, task: asyncio.Task[None]) -> None:
+        if self._in_flight.get(item_id) is task:
+            del self._in_flight[item_id]
+        self._freed.set()
+        if self._maybe_more:
+            self._wake.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("outbox item %d: unexpected error", item_id, exc_info=exc)
+
+    def _expire_timers(self, now: float) -> None:
+        """Forget scheduled times that a due() call at ``now`` has already covered."""
+        while self._timers:
+            at, item_id = self._timers[0]
+            current = self._retry_at.get(item_id) == at
+            if current and at > now:
+                break
+            heapq.heappop(self._timers)
+            if current:
+                del self._retry_at[item_id]
+
+    def _idle_delay(self) -> float:
+        """Seconds until the next known due time, at most the poll interval."""
+        while self._timers and self._retry_at.get(self._timers[0][1]) != self._timers[0][0]:
+            heapq.heappop(self._timers)
+        if not self._timers:
+            return self._poll_interval
+        # A time already passed was covered by the last due() (see _expire_timers), so this is
+        # positive unless the clock went back: never less than a few milliseconds, never a spin.
+        return min(max(self._timers[0][0] - self._clock(), 0.005), self._poll_interval)
+
+    async def _sleep(self, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), delay)
+
+    # -- one attempt -----------------------------------------------------------------------------
+
+    async def _attempt(self, item: OutboxItem) -> None:
+        started = self._clock()
+        try:
+            result = await self._sender.send(item.raw, item.mail_from, item.recipients)
+        except Exception as exc:  # a bug, not the network: keep the mail, retry on schedule
+            log.exception("outbox item %d: sending raised", item.id)
+            result = SendResult(False, False, None, f"internal error: {type(exc).__name__}")
+        await self._record(item, result, started)
+
+    async def _record(self, item: OutboxItem, result: SendResult, started: float) -> None:
+        backoff = Backoff(initial=_STORE_BACKOFF_INITIAL, maximum=_STORE_BACKOFF_MAXIMUM)
+        outcome = self._outcome(item, result, started)
+        while True:
+            try:
+                await outcome()
+                return
+            except Exception as exc:
+                delay = backoff.next_delay()
+                log.error(
+                    "outbox item %d: cannot record the outcome (%s: %s); trying again in %.0f s",
+                    item.id,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    def _outcome(
+        self, item: OutboxItem, result: SendResult, started: float
+    ) -> Callable[[], Awaitable[None]]:
+        """Log the outcome once; return what records it (called again if the store fails)."""
+        store = self._store
+        if result.accepted:
+            if result.refused:
+                log.warning(
+                    "outbox item %d sent, some recipients refused: %s", item.id, result.message
+                )
+            else:
+                log.info("outbox item %d sent: %s", item.id, result.message)
+            return lambda: store.mark_sent(item.id, result)
+        if result.permanent:
+            log.warning("outbox item %d failed permanently: %s", item.id, result.message)
+            return lambda: store.mark_failed(item.id, result)
+        attempt = item.attempts + 1
+        first = item.first_tried_at if item.first_tried_at is not None else started
+        now = self._clock()
+        elapsed = now - first
+        if elapsed >= self._give_up_after:
+            final = replace(
+                result,
+                message=_clip(
+                    f"gave up after {attempt} attempts in {_duration(elapsed)}: {result.message}"
+                ),
+            )
+            log.warning("outbox item %d: %s", item.id, final.message)
+            return lambda: store.mark_failed(item.id, final)
+        # Never later than the give-up time: the last attempt is made right then.
+        next_at = min(now + self._retry_schedule(attempt), first + self._give_up_after)
+        log.warning(
+            "outbox item %d: attempt %d failed, next in %s: %s",
+            item.id,
+            attempt,
+            _duration(next_at - now),
+            result.message,
+        )
+
+        async def retry() -> None:
+            await store.mark_retry(item.id, result, next_at)
+            self._retry_at[item.id] = next_at
+            heapq.heappush(self._timers, (next_at, item.id))
+            if next_at < self._sleeping_until:  # run() would sleep past it
+                self._wake.set()
+
+        return retry
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 1] + "…"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
