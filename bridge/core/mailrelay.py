@@ -99,6 +99,7 @@ class MailRelay:
         self.is_own_message = is_own_message
         self._wake = asyncio.Event()
         self._in_flight: set[int] = set()
+        self._parsing: dict[int, asyncio.Future[IncomingMessage]] = {}
         self._queues: RoomQueues[tuple[Link, RawMail]] = RoomQueues(self._process, tasks, "mail")
         self.retry_initial = 1.0
 
@@ -125,10 +126,25 @@ class MailRelay:
                 if link is None or link.paused:
                     continue
                 self._in_flight.add(raw.id)
+                self._parse_ahead(raw)
                 self._queues.submit(link.room_id, (link, raw))
             if len(found) < BATCH:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
+
+    def _parse_ahead(self, raw: RawMail) -> None:
+        """Parse in a worker thread as soon as a mail is queued: a room posts one mail at a
+        time, and while it waits for the homeserver the next mails get parsed."""
+        if raw.raw is not None and raw.id not in self._parsing:
+            loop = asyncio.get_running_loop()
+            self._parsing[raw.id] = loop.run_in_executor(None, self.parse, raw.raw)
+
+    async def _parsed(self, raw: RawMail) -> IncomingMessage:
+        assert raw.raw is not None
+        future = self._parsing.pop(raw.id, None)
+        if future is None:
+            return self.parse(raw.raw)
+        return await future
 
     async def _process(self, item: tuple[Link, RawMail]) -> None:
         link, raw = item
@@ -168,6 +184,9 @@ class MailRelay:
             )
         finally:
             self._in_flight.discard(raw.id)
+            leftover = self._parsing.pop(raw.id, None)
+            if leftover is not None:
+                leftover.cancel()
 
     async def handle(self, link: Link, raw: RawMail) -> None:
         """Bridge one stored mail; raises Refused or Ignored for final non-posting outcomes."""
@@ -185,7 +204,7 @@ class MailRelay:
             await mail_db.finish(self.db, raw.id, "quarantined", error=problem)
             return
         try:
-            message = self.parse(raw.raw)
+            message = await self._parsed(raw)
         except Refused as e:
             await self._refused(
                 link, "(unreadable)", f"A mail to {link.remote} was not posted: {e}."
@@ -226,8 +245,9 @@ class MailRelay:
             ts=_timestamp(message),
         )
         root = target.thread_root if target.thread_root is not None else event_id
-        await mail_db.record(
+        await mail_db.record_posted(
             self.db,
+            mail_id=raw.id,
             link_id=link.id,
             message_id=message_id,
             room_id=link.room_id,
@@ -235,7 +255,6 @@ class MailRelay:
             thread_root=root if threads else event_id,
             subject=message.subject,
         )
-        await mail_db.finish(self.db, raw.id, "done", event_id=event_id)
         log.info("posted mail %s/%s of %s as %s", raw.uidvalidity, raw.uid, link.remote, event_id)
 
     async def _refused(self, link: Link, who: str, text: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.core.ids import EventID, RoomID
 from bridge.core.threading import Mapped
@@ -159,9 +160,29 @@ async def lookup(db: Database, link_id: int, message_id: str) -> Mapped | None:
     return Mapped(EventID(row.event_id), EventID(row.thread_root), row.subject)
 
 
-async def record(
+async def record_posted(
     db: Database,
     *,
+    mail_id: int,
+    link_id: int,
+    message_id: str,
+    room_id: RoomID,
+    event_id: EventID,
+    thread_root: EventID,
+    subject: str | None,
+) -> None:
+    """A posted mail: its Message-ID mapped and its state done, in one commit."""
+    async with db.begin() as conn:
+        await _record(conn, link_id, message_id, room_id, event_id, thread_root, subject)
+        await conn.execute(
+            update(mail_raw)
+            .where(mail_raw.c.id == mail_id)
+            .values(state="done", last_error=None, event_id=event_id)
+        )
+
+
+async def _record(
+    conn: AsyncConnection,
     link_id: int,
     message_id: str,
     room_id: RoomID,
@@ -169,19 +190,17 @@ async def record(
     thread_root: EventID,
     subject: str | None,
 ) -> bool:
-    """Map a Message-ID to its event; the first writer wins. Returns whether this one did."""
-    async with db.begin() as conn:
-        result = await conn.execute(
-            insert_ignore(conn, message_map, ["link_id", "message_id"]).values(
-                link_id=link_id,
-                message_id=message_id,
-                room_id=room_id,
-                event_id=event_id,
-                thread_root=thread_root,
-                subject=subject,
-                created_at=now_ms(),
-            )
+    result = await conn.execute(
+        insert_ignore(conn, message_map, ["link_id", "message_id"]).values(
+            link_id=link_id,
+            message_id=message_id,
+            room_id=room_id,
+            event_id=event_id,
+            thread_root=thread_root,
+            subject=subject,
+            created_at=now_ms(),
         )
+    )
     return bool(result.rowcount)
 
 
