@@ -1,0 +1,533 @@
+"""Mail from Matrix messages: hostile names, subjects and bodies composed into safe RFC 5322."""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import hashlib
+import hmac
+import re
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime
+from email.headerregistry import Address
+from email.message import EmailMessage, MIMEPart
+from email.policy import EmailPolicy
+from typing import TYPE_CHECKING
+
+from bridge.core.ghosts import clean_display_name
+from bridge.core.message import Attachment
+from bridge.mail.html import html_to_text, sanitize_html
+from bridge.mail.mime import safe_filename
+
+__all__ = [
+    "ComposeError",
+    "OutgoingMail",
+    "compose",
+    "is_own_message_id",
+    "own_message_id",
+]
+
+
+class ComposeError(ValueError):
+    """The composed mail failed its own safety check: it must not be sent."""
+
+
+@dataclass(frozen=True)
+class OutgoingMail:
+    """A Matrix message to send to the list. Every str field except the IDs is hostile."""
+
+    event_id: str  # the Matrix event this mail carries
+    sender_mxid: str  # @alice:agency.example.org
+    sender_name: str  # the room display name
+    body_text: str
+    body_html: str | None  # Matrix formatted_body: re-sanitised, reply fallback removed
+    subject: str  # the thread subject, or "" for a new conversation
+    in_reply_to: str | None  # a bare Message-ID (no <>) of the mail/event answered
+    references: tuple[str, ...]  # bare Message-IDs, oldest first
+    attachments: tuple[Attachment, ...] = ()
+    correction: bool = False  # an edit: subject "Re: …", body starts "Correction: "
+    disambiguate: bool = False  # another room member has the same display name: add the MXID
+
+
+_MAX_HEADER_LINE = 998  # RFC 5322 section 2.1.1
+_QUOTED_NAME_FITS = 70  # a quoted display name this long still fits on a folded line
+
+
+if TYPE_CHECKING:
+    _PolicyBase = EmailPolicy[EmailMessage]
+else:  # not subscriptable at run time
+    _PolicyBase = EmailPolicy
+
+
+class _ComposePolicy(_PolicyBase):
+    """email.policy.SMTP, except that an address header whose ASCII display name needs more
+    than one line is folded at RFC 5322's hard limit (998) instead of 78.
+
+    Python 3.11's folder splits a quoted-string that does not fit on a line into its pieces
+    and drops the quotes: `"Martin, Jean (DGFiP) ... via Passerelle" <a@b>` comes out as a
+    phrase with bare ",", "(" and "<" that parses as other addresses. Non-ASCII names are
+    written as encoded-words, which it folds correctly.
+    """
+
+    def fold(self, name: str, value: str) -> str:
+        if self.max_line_length != _MAX_HEADER_LINE and _long_quoted_name(value):
+            return self.clone(max_line_length=_MAX_HEADER_LINE).fold(name, value)
+        folded: str = super().fold(name, value)  # typeshed: Any
+        return folded
+
+    def fold_binary(self, name: str, value: str) -> bytes:
+        if self.max_line_length != _MAX_HEADER_LINE and _long_quoted_name(value):
+            return self.clone(max_line_length=_MAX_HEADER_LINE).fold_binary(name, value)
+        return super().fold_binary(name, value)
+
+
+def _long_quoted_name(header: object) -> bool:
+    for address in getattr(header, "addresses", ()):
+        name = getattr(address, "display_name", "")
+        quoted_length = len(name) + name.count('"') + name.count("\\") + 2
+        if name and name.isascii() and quoted_length > _QUOTED_NAME_FITS:
+            return True
+    return False
+
+
+# Building policy. cte_type="7bit": bodies are quoted-printable or base64 when not plain short
+# ASCII, so the mail is pure ASCII (no 8BITMIME needed, no 8bit->7bit conversion on the way
+# that would break a DKIM signature). refold_source="none": the headers set with set_raw
+# (Message-ID, In-Reply-To, References) are written exactly as folded here (see _set_ids).
+_POLICY = _ComposePolicy(linesep="\r\n", cte_type="7bit", refold_source="none")
+# Parsing back for the final self-check: any structural defect raises.
+_CHECK_POLICY = email.policy.SMTP.clone(raise_on_defect=True)
+
+_MAX_HTML_INPUT = 128 * 1024  # a Matrix event is at most 64 KiB
+_MAX_NAME = 100
+_MAX_MXID = 120  # of the 255 the Matrix spec allows: keeps the From line under 998
+_MAX_THREAD_SUBJECT = 300
+_MAX_FIRST_LINE = 78
+_MAX_REFERENCES = 20
+_MAX_ID_LENGTH = 250
+_MIN_SECRET = 16
+_SUFFIX = " via Passerelle"
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}", re.ASCII)
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+# A plain addr-spec: dot-atom local part, hostname domain; no quoting, comments or literals.
+_ADDR_SPEC = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL}\.)*{_LABEL}", re.ASCII)
+# A msg-id's content as accepted here: RFC 5322 atext and dots either side of one "@" (no
+# whitespace, controls, quotes, brackets, "<" or ">"); "=?" is refused separately.
+_MSG_ID = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+", re.ASCII
+)
+_OWN_ID = re.compile(r"([a-z2-7]{32})\.([0-9a-f]{16})@(.+)", re.ASCII)
+_FIELD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,60}", re.ASCII)
+_CONTENT_TYPE = re.compile(
+    r"([a-z0-9][a-z0-9!#$&^_.+-]{0,63})/([a-z0-9][a-z0-9!#$&^_.+-]{0,63})", re.ASCII
+)
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_LINE_BREAKS = re.compile("\r\n?|[\x85\u2028\u2029]")
+_BODY_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x84\x86-\x9f]")
+_LINE_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_BIDI_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
+_ENCODED_WORD_START = "=?"
+_REPLY_PREFIX = re.compile(r"(?:re[ \t]*(?:\[[0-9]{1,4}\])?[ \t]*[:\uff1a][ \t]*)+", re.I)
+_TEXT_FALLBACK_START = re.compile(r"> (?:\* )?<")
+_MX_REPLY_TAG = re.compile(r"<(/?)mx-reply(?=[\t\n\f\r />])", re.IGNORECASE | re.ASCII)
+
+# The headers compose writes at the top level, and in body parts.
+_TOP_HEADERS = (
+    "from",
+    "to",
+    "reply-to",
+    "subject",
+    "date",
+    "message-id",
+    "in-reply-to",
+    "references",
+    "x-auto-response-suppress",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+)
+_REQUIRED = frozenset(_TOP_HEADERS) - {"in-reply-to", "references", "content-transfer-encoding"}
+_PART_HEADERS = frozenset({"content-type", "content-transfer-encoding", "content-disposition"})
+
+
+# --- Message-IDs ------------------------------------------------------------------------------
+
+
+def own_message_id(event_id: str, domain: str, secret: bytes) -> str:
+    """The bare Message-ID of the mail carrying `event_id`: deterministic, recognisable with
+    `is_own_message_id` by whoever holds `secret` (at least 16 bytes).
+
+    "<32 lowercase base32 characters of sha256(event_id)[:20]>.<16 hex digits of
+    HMAC-SHA256(secret, those 32 characters)>@<domain, lowercase>".
+    """
+    host = _check_domain(domain)
+    _check_secret(secret)
+    digest = hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).digest()[:20]
+    first = base64.b32encode(digest).decode("ascii").lower()
+    return f"{first}.{_tag(first, secret)}@{host}"
+
+
+def is_own_message_id(message_id: str, domain: str, secret: bytes) -> bool:
+    """True only for a bare ID of exactly the shape own_message_id gives, for this domain,
+    whose tag is the HMAC of its first part (compared in constant time)."""
+    host = _check_domain(domain)
+    _check_secret(secret)
+    if len(message_id) > 64 + len(host):
+        return False
+    match = _OWN_ID.fullmatch(message_id)
+    if match is None or match.group(3) != host:
+        return False
+    return hmac.compare_digest(_tag(match.group(1), secret), match.group(2))
+
+
+def _tag(first: str, secret: bytes) -> str:
+    return hmac.new(secret, first.encode("ascii"), hashlib.sha256).hexdigest()[:16]
+
+
+def _check_domain(domain: str) -> str:
+    if len(domain) > 253 or not _DOMAIN.fullmatch(domain):
+        raise ValueError("domain must be a plain host name")
+    return domain.lower()
+
+
+def _check_secret(secret: bytes) -> None:
+    if len(secret) < _MIN_SECRET:
+        raise ValueError(f"secret must be at least {_MIN_SECRET} bytes")
+
+
+def _valid_id(message_id: str) -> bool:
+    """A bare msg-id safe to write between <>: see _MSG_ID. Encoded-word openers ("=?") are
+    refused too, so that no header parser downstream decodes one into a line break."""
+    return (
+        len(message_id) <= _MAX_ID_LENGTH
+        and _MSG_ID.fullmatch(message_id) is not None
+        and _ENCODED_WORD_START not in message_id
+    )
+
+
+def _thread_ids(mail: OutgoingMail) -> tuple[str | None, list[str]]:
+    """In-Reply-To and References: invalid IDs dropped, duplicates dropped, the answered ID
+    last in References, at most the last _MAX_REFERENCES."""
+    parent = mail.in_reply_to if mail.in_reply_to and _valid_id(mail.in_reply_to) else None
+    references: list[str] = []
+    for message_id in mail.references:
+        if _valid_id(message_id) and message_id not in references and message_id != parent:
+            references.append(message_id)
+    if parent is not None:
+        references.append(parent)
+    return parent, references[-_MAX_REFERENCES:]
+
+
+# --- text cleaning ----------------------------------------------------------------------------
+
+
+def _neutralise_encoded_words(text: str) -> str:
+    """`text` with every "=?" broken up as "= ?".
+
+    The email package decodes encoded-words in every header value it is given, even inside a
+    quoted display name, a file name or the middle of a word, and (CVE-2024-6923) writes a
+    decoded CR/LF out as a real line break: no "=?" may reach it from hostile input.
+    """
+    while _ENCODED_WORD_START in text:
+        text = text.replace(_ENCODED_WORD_START, "= ?")
+    return text
+
+
+def _clean_line(text: str, max_length: int) -> str:
+    """One header-safe line: no controls, line separators or bidi overrides, whitespace
+    collapsed, no encoded-word opener, at most `max_length` characters (cut after a word
+    when that keeps more than half)."""
+    text = _SURROGATES.sub("\ufffd", text[: max_length * 16 + 1024])
+    text = _BIDI_CONTROLS.sub("", _LINE_CONTROLS.sub(" ", text))
+    text = " ".join(_neutralise_encoded_words(text).split())
+    if len(text) <= max_length:
+        return text
+    cut = text[:max_length]
+    space = cut.rfind(" ")
+    if text[max_length] != " " and space > max_length // 2:
+        cut = cut[:space]  # end on a whole word when one ends in the second half
+    return cut.rstrip()
+
+
+def _clean_body(text: str) -> str:
+    """Line breaks as LF, controls other than tab and LF removed, no lone surrogates."""
+    text = _LINE_BREAKS.sub("\n", _SURROGATES.sub("\ufffd", text))
+    return _BODY_CONTROLS.sub("", text)
+
+
+def _strip_text_fallback(text: str) -> str:
+    """A Matrix reply fallback removed: leading "> " lines (the first one quoting the original
+    sender as "> <@user:server>" or "> * <@user:server>") followed by a blank line."""
+    if not _TEXT_FALLBACK_START.match(text):
+        return text
+    lines = text.split("\n")
+    index = 0
+    while index < len(lines) and (lines[index].startswith("> ") or lines[index] == ">"):
+        index += 1
+    if index < len(lines) and not lines[index].strip():
+        return "\n".join(lines[index + 1 :]).lstrip("\n")
+    return text
+
+
+def _strip_html_fallback(html: str) -> str:
+    """Every <mx-reply> element removed with its content, nested ones included. An element
+    left open runs to the end of the input, as in an HTML parser. Linear time."""
+    out: list[str] = []
+    depth = 0
+    pos = 0
+    for match in _MX_REPLY_TAG.finditer(html):
+        if match.start() < pos:
+            continue  # inside a tag already consumed
+        if depth == 0:
+            out.append(html[pos : match.start()])
+        end = html.find(">", match.end())
+        if end < 0:  # an unterminated tag: an HTML tokenizer drops the rest
+            return "".join(out)
+        if match.group(1):
+            depth = max(depth - 1, 0)
+        else:
+            depth += 1
+        pos = end + 1
+    if depth == 0:
+        out.append(html[pos:])
+    return "".join(out)
+
+
+def _from_name(mail: OutgoingMail) -> str:
+    """The From display name: the cleaned room name, or the MXID when the name is empty or
+    looks like an address (a spoofing attempt: "boss@agency.fr via Passerelle")."""
+    mxid = _neutralise_encoded_words(clean_display_name(mail.sender_mxid, _MAX_MXID))
+    name = _neutralise_encoded_words(clean_display_name(mail.sender_name, _MAX_NAME))
+    if not name or "@" in unicodedata.normalize("NFKC", name):
+        name = mxid or "Matrix user"
+    elif mail.disambiguate and mxid:
+        name = f"{name} ({mxid})"
+    return name + _SUFFIX
+
+
+def _subject(mail: OutgoingMail, text: str) -> str:
+    thread = _clean_line(mail.subject, _MAX_THREAD_SUBJECT)
+    thread = thread[_match_end(_REPLY_PREFIX, thread) :]
+    if thread:
+        return "Re: " + thread
+    first = next((line for line in text.split("\n") if line.strip()), "")
+    subject = _clean_line(first, _MAX_FIRST_LINE) or "(no subject)"
+    return "Re: " + subject if mail.correction else subject
+
+
+def _match_end(pattern: re.Pattern[str], text: str) -> int:
+    match = pattern.match(text)
+    return match.end() if match else 0
+
+
+# --- composition ------------------------------------------------------------------------------
+
+
+def compose(
+    mail: OutgoingMail,
+    *,
+    from_address: str,
+    list_address: str,
+    domain: str,
+    secret: bytes,
+    now: datetime,
+    bridge_header: str = "X-Passerelle-Loop",
+) -> bytes:
+    """`mail` as an RFC 5322 message (CRLF, pure ASCII) addressed to `list_address` only.
+
+    From is `"<name> via Passerelle" <from_address>`, Reply-To and To are the list, the
+    Message-ID is own_message_id(event_id), `<bridge_header>: <domain>` marks the mail for
+    loop detection and `X-Auto-Response-Suppress: All` silences Exchange auto-replies. The
+    output is parsed back and checked before it is returned; ComposeError if that fails.
+    ValueError for bad configuration (addresses, domain, header name, secret, naive `now`).
+    """
+    host = _check_domain(domain)
+    for address in (from_address, list_address):
+        if (
+            len(address) > 254
+            or not _ADDR_SPEC.fullmatch(address)
+            or _ENCODED_WORD_START in address
+        ):
+            raise ValueError("from_address and list_address must be plain addr-specs")
+    if not _FIELD_NAME.fullmatch(bridge_header) or bridge_header.lower() in _TOP_HEADERS:
+        raise ValueError("bridge_header must be a header field name of its own")
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("now must be timezone-aware")
+
+    text = _clean_body(mail.body_text)
+    if mail.in_reply_to is not None:
+        text = _strip_text_fallback(text)
+    html = ""
+    if mail.body_html:
+        source = _clean_body(mail.body_html[:_MAX_HTML_INPUT])
+        html = sanitize_html(
+            _strip_html_fallback(source), image_urls={}, max_input=_MAX_HTML_INPUT
+        )
+    if not text.strip() and html:
+        text = html_to_text(html)
+    subject = _subject(mail, text)
+    if mail.correction:
+        text = "Correction: " + text
+        html = "Correction: " + html if html else ""
+
+    parent, references = _thread_ids(mail)
+    message_id = own_message_id(mail.event_id, host, secret)
+
+    # MIMEPart, not EmailMessage: EmailMessage.set_content adds MIME-Version to every part.
+    msg = MIMEPart(policy=_POLICY)
+    from_name = _from_name(mail)
+    msg["From"] = Address(display_name=from_name, addr_spec=from_address)
+    msg["To"] = Address(addr_spec=list_address)
+    msg["Reply-To"] = Address(addr_spec=list_address)
+    msg["Subject"] = subject
+    msg["Date"] = now
+    _set_ids(msg, "Message-ID", [message_id])
+    if parent is not None:
+        _set_ids(msg, "In-Reply-To", [parent])
+    if references:
+        _set_ids(msg, "References", references)
+    msg[bridge_header] = host
+    msg["X-Auto-Response-Suppress"] = "All"
+    msg["MIME-Version"] = "1.0"
+    for name in msg:
+        if getattr(msg[name], "defects", ()):
+            raise ComposeError(f"{name} header did not build cleanly")
+
+    if mail.attachments:
+        msg.make_mixed()
+        body = MIMEPart(policy=_POLICY)
+        _fill_body(body, text, html)
+        msg.attach(body)
+        for attachment in mail.attachments:
+            msg.attach(_attachment_part(attachment))
+    else:
+        _fill_body(msg, text, html)
+
+    raw = msg.as_bytes()
+    _check(raw, bridge_header, (from_name, from_address), list_address)
+    return raw
+
+
+def _set_ids(msg: MIMEPart, name: str, ids: list[str]) -> None:
+    """A header of <id> tokens, folded here between IDs (never inside one) and stored raw.
+
+    Through the header registry a long ID gets RFC 2047-encoded when folded (In-Reply-To and
+    References are unstructured headers there), which breaks threading, and Message-ID is
+    folded onto a line of its own. The IDs are ours or passed _valid_id: ASCII, no
+    whitespace, controls or "=?".
+    """
+    lines: list[str] = []
+    line = ""
+    limit = _POLICY.max_line_length or 78
+    for message_id in ids:
+        token = f"<{message_id}>"
+        budget = limit - (len(name) + 2 if not lines else 1)
+        if line and len(line) + 1 + len(token) > budget:
+            lines.append(line)
+            line = token
+        else:
+            line = f"{line} {token}" if line else token
+    lines.append(line)
+    msg.set_raw(name, "\n ".join(lines))
+
+
+def _fill_body(part: MIMEPart, text: str, html: str) -> None:
+    """`part` made text/plain, or multipart/alternative of text/plain and text/html."""
+    if not html:
+        part.set_content(text, subtype="plain", charset="utf-8")
+        return
+    part.make_alternative()
+    for content, subtype in ((text, "plain"), (html, "html")):
+        alternative = MIMEPart(policy=_POLICY)
+        alternative.set_content(content, subtype=subtype, charset="utf-8")
+        part.attach(alternative)
+
+
+def _attachment_part(attachment: Attachment) -> MIMEPart:
+    """One attachment, base64: the file name made safe again, the content type checked.
+
+    MIME types whose body the generator would have to treat as structure (multipart/*,
+    message/*) are sent as application/octet-stream.
+    """
+    match = _CONTENT_TYPE.fullmatch(attachment.content_type.strip().translate(_ASCII_LOWER))
+    maintype, subtype = match.groups() if match else ("application", "octet-stream")
+    if maintype in ("multipart", "message"):
+        maintype, subtype = "application", "octet-stream"
+    filename = _neutralise_encoded_words(safe_filename(_SURROGATES.sub("", attachment.filename)))
+    part = MIMEPart(policy=_POLICY)
+    part.set_content(
+        attachment.data,
+        maintype=maintype,
+        subtype=subtype,
+        disposition="inline" if attachment.inline else "attachment",
+        filename=filename,
+    )
+    return part
+
+
+# --- self-check -------------------------------------------------------------------------------
+
+
+def _check(raw: bytes, bridge_header: str, sender: tuple[str, str], list_address: str) -> None:
+    """The serialised mail checked independently of how it was built: a top-level header
+    block of known fields only, each once, CRLF lines within limits; parsed back, no defects,
+    one From that is `sender` (display name, address), the list as the only recipient, known
+    part headers only.
+
+    Display names are compared without spaces: Python 3.11's parser keeps the folding space
+    between two adjacent encoded-words of a phrase, which RFC 2047 says to drop.
+    """
+    allowed = frozenset(_TOP_HEADERS) | {bridge_header.lower()}
+    head, separator, _ = raw.partition(b"\r\n\r\n")
+    if not separator or not raw.isascii():
+        raise ComposeError("no header block, or not ASCII")
+    seen: list[str] = []
+    for line in head.split(b"\r\n"):
+        if b"\r" in line or b"\n" in line or len(line) > _MAX_HEADER_LINE:
+            raise ComposeError("bad header line")
+        if line[:1] in (b" ", b"\t") and seen:
+            continue
+        name, colon, _ = line.partition(b":")
+        if not colon or name.decode("ascii").lower() not in allowed:
+            raise ComposeError("unexpected header line")
+        seen.append(name.decode("ascii").lower())
+    if len(seen) != len(set(seen)) or not _REQUIRED | {bridge_header.lower()} <= set(seen):
+        raise ComposeError("a header is missing or repeated")
+
+    try:
+        parsed = email.message_from_bytes(raw, policy=_CHECK_POLICY)
+        for part in parsed.walk():
+            names = {key.lower() for key in part}
+            if part is not parsed and not names <= _PART_HEADERS:
+                raise ComposeError("unexpected header in a body part")
+            for key in names:
+                if getattr(part[key], "defects", ()):
+                    raise ComposeError(f"defect in {key}")
+        senders = [
+            (address.display_name.replace(" ", ""), address.addr_spec)
+            for address in _addresses(parsed, "From")
+        ]
+        recipients = [
+            address.addr_spec
+            for name in ("To", "Cc", "Bcc")
+            for address in _addresses(parsed, name)
+        ]
+    except ComposeError:
+        raise
+    except Exception as e:  # raise_on_defect surfaces defects as various exceptions
+        raise ComposeError(f"mail does not parse back cleanly ({type(e).__name__})") from None
+    if senders != [(sender[0].replace(" ", ""), sender[1])] or recipients != [list_address]:
+        raise ComposeError("sender or recipients differ from the configured ones")
+
+
+def _addresses(msg: MIMEPart, name: str) -> list[Address]:
+    found: list[Address] = []
+    for header in msg.get_all(name, []):
+        found.extend(getattr(header, "addresses", ()))
+    return found
