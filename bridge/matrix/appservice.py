@@ -141,6 +141,17 @@ def validate_event(event: Any) -> IncomingEvent | Rejected:
     )
 
 
+def is_own_echo(config: Config, event: dict[str, Any]) -> bool:
+    """A message the bridge itself sent (as its bot or a ghost) coming back: nothing to do.
+    State events (memberships) are kept: the bot's own join still tells it about a room."""
+    sender = event.get("sender")
+    return (
+        "state_key" not in event
+        and isinstance(sender, str)
+        and (sender == config.bot_mxid or config.is_ghost(sender))
+    )
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -222,10 +233,13 @@ class AppserviceServer:
         valid: list[IncomingEvent] = []
         rejected: list[Rejected] = []
         seen: set[str] = set()
+        echoes = 0
         for raw in data["events"]:
             checked = validate_event(raw)
             if isinstance(checked, Rejected):
                 rejected.append(checked)
+            elif is_own_echo(self.config, raw):
+                echoes += 1
             elif checked.event_id not in seen:
                 seen.add(checked.event_id)
                 valid.append(checked)
@@ -235,11 +249,12 @@ class AppserviceServer:
             log.debug("transaction %r replayed, already stored", txn_id)
         else:
             log.debug(
-                "transaction %r: %d new, %d duplicate, %d rejected events",
+                "transaction %r: %d new, %d duplicate, %d rejected, %d own echoes",
                 txn_id,
                 outcome.stored,
                 outcome.duplicates,
                 outcome.rejected,
+                echoes,
             )
             if outcome.rejected:
                 log.warning(

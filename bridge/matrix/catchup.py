@@ -11,7 +11,7 @@ from mautrix.api import Method, Path
 from bridge.core.ids import RoomID
 from bridge.db import inbox, rooms
 from bridge.db.engine import Database
-from bridge.matrix.appservice import validate_event
+from bridge.matrix.appservice import is_own_echo, validate_event
 from bridge.matrix.client import MatrixClient
 
 log = logging.getLogger("passerelle.matrix.catchup")
@@ -77,6 +77,8 @@ class CatchUp:
         for event in reversed(newer):  # oldest first, as they happened
             event.setdefault("room_id", room_id)
             checked = validate_event(event)
-            if not isinstance(checked, inbox.Rejected):
+            if not isinstance(checked, inbox.Rejected) and not is_own_echo(
+                self.client.config, event
+            ):
                 valid.append(checked)
         return await inbox.store_caught_up(self.db, valid) if valid else 0

@@ -253,3 +253,24 @@ async def test_port_in_use_is_a_clear_startup_error(offline_bridge: InProcessBri
     second = Bridge(offline_bridge.config)
     with pytest.raises(StartupError, match=r"cannot listen on 127\.0\.0\.1"):
         await second.start()
+
+
+async def test_the_bridges_own_messages_coming_back_are_not_stored(
+    offline_bridge: InProcessBridge,
+) -> None:
+    config = offline_bridge.config
+    ghost = config.ghost_mxid("agent=40gouv.fr")
+    events = [
+        room_event(1, sender=config.bot_mxid),
+        room_event(2, sender=ghost),
+        # State from our own users still matters (the bot's join tells it about a room).
+        room_event(3, sender=ghost, type="m.room.member", state_key=ghost),
+        room_event(4),
+    ]
+    assert await call(offline_bridge, "PUT", TXN + "echo", json_body={"events": events}) == (
+        200,
+        {},
+    )
+    async with offline_bridge.bridge.db.begin() as conn:
+        stored = (await conn.execute(select(inbox_event.c.event_id))).scalars().all()
+    assert sorted(stored) == ["$event3", "$event4"]
