@@ -243,6 +243,10 @@ class AppserviceServer:
             elif checked.event_id not in seen:
                 seen.add(checked.event_id)
                 valid.append(checked)
+        if not valid and not rejected:
+            # Only our own echoes (or nothing): there is nothing to keep, not even the txnId.
+            log.debug("transaction %r: %d own echoes, nothing to store", txn_id, echoes)
+            return web.json_response({})
         digest = hashlib.sha256(body).hexdigest()
         outcome = await inbox.store_transaction(self.db, txn_id, digest, valid, rejected)
         if outcome.replay:
