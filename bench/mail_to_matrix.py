@@ -1,0 +1,1176 @@
+#!/usr/bin/env python3
+"""Mail → Matrix throughput and latency of the bridge, as ratios to plain Matrix sends.
+
+Starts its own Dovecot, Synapse (with the bridge's registration) and `python -m bridge run` on
+127.0.0.1 with free ports and a temporary directory, measures, prints, stops everything:
+
+    python bench/mail_to_matrix.py [--mails 1000] [--links 10] [--per-link 100]
+
+Phases, all in one run against the same servers:
+
+1. one room: a client sends N bodies one at a time (plain rate), then N mails are APPENDed to
+   a linked mailbox and relayed by the bridge (relay rate, latency per mail, order, once-only);
+2. L rooms: L concurrent senders, M bodies each, to their own rooms (plain aggregate rate), then
+   L linked mailboxes get M mails each, APPENDed concurrently (relay aggregate rate);
+3. a few mails APPENDed one at a time on an otherwise idle bridge (latency without a queue).
+
+Rates: plain = sends / wall-clock time of the sends; relay = mails / (origin_server_ts of the
+last relayed event - start of the first APPEND). Mails carry no Date header, so the bridge sends
+no `?ts=` and origin_server_ts is Synapse's receive time. Latency = origin_server_ts - end of
+that mail's APPEND. The last line printed is one JSON object with every number.
+
+Where the time goes: --diagnose adds a plain phase into a room the bot is in (Synapse then
+pushes every event to the bridge, as in a bridged room), logs the bridge's homeserver requests
+to split its time per mail into send round trip and its own work, and times the relay's
+database steps alone; --profile DIR attaches py-spy (if installed) to the bridge and Synapse
+during the bridge phases. Both perturb what they measure: take the ratios from a plain run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, TypeVar
+
+# `tests` is not an installed package: import the test harness from this checkout.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bridge.config import DatabaseConfig, MailConfig  # noqa: E402
+from bridge.core.ids import EventID, RoomID  # noqa: E402
+from bridge.core.links import LinkSettings  # noqa: E402
+from bridge.db import links as link_db  # noqa: E402
+from bridge.db import mail as mail_db  # noqa: E402
+from bridge.db.engine import open_database  # noqa: E402
+from bridge.harness.dovecot import DovecotServer  # noqa: E402
+from bridge.harness.ports import free_port  # noqa: E402
+from bridge.harness.synapse import MatrixTestClient, SynapseServer  # noqa: E402
+from bridge.mail.ingest import make_parser  # noqa: E402
+from bridge.registration import atomic_write, dump_yaml, generate_registration  # noqa: E402
+from tests.conftest import BridgeProcess, bridge_config_dict, http_json  # noqa: E402
+from tests.e2e.test_bot import message_from, replies_to  # noqa: E402
+
+T = TypeVar("T")
+
+PASSWORD = "bench-password"
+SENDER = "Agent Dupont <agent.dupont@achats.gouv.fr>"
+ALLOW = "achats.gouv.fr"
+GHOST_PREFIX = "@passerelle_"
+TARGET = 0.9
+# Other processes using more than this many cores on average during a phase: its numbers are
+# not to be trusted (this machine has 2 cores).
+BUSY_CORES = 0.5
+MARKER_RE = re.compile(r"BENCH-([a-z0-9]+)-(\d{5})")
+HTML_FORMAT = "org.matrix.custom.html"
+
+
+# --- small helpers ----------------------------------------------------------------------------
+
+
+def marker(tag: str, seq: int) -> str:
+    return f"BENCH-{tag}-{seq:05d}"
+
+
+def mail_text(tag: str, seq: int) -> tuple[str, str]:
+    """(subject, text) of mail `seq`; the plain phases send the same words."""
+    return (
+        f"Commande {seq}",
+        f"Bonjour,\nmerci de traiter la demande {marker(tag, seq)} avant vendredi.\n",
+    )
+
+
+def make_mail(address: str, tag: str, seq: int) -> bytes:
+    """A plain-text mail without a Date header, with a unique Message-ID."""
+    subject, text = mail_text(tag, seq)
+    msg = EmailMessage()
+    msg["From"] = SENDER
+    msg["To"] = address
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<bench-{tag}-{seq}-{uuid.uuid4().hex}@example.test>"
+    msg.set_content(text)
+    return msg.as_bytes()
+
+
+def plain_content(tag: str, seq: int) -> dict[str, Any]:
+    """Roughly what the bridge posts for the same mail (subject lead, text, HTML)."""
+    subject, text = mail_text(tag, seq)
+    lines = "<br>".join(text.strip().split("\n"))
+    return {
+        "format": HTML_FORMAT,
+        "formatted_body": f"<p><strong>{subject}</strong></p><p>{lines}</p>",
+        "m.mentions": {},
+    }
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = min(len(ordered), max(1, math.ceil(q / 100 * len(ordered))))
+    return ordered[rank - 1]
+
+
+def quote(value: str) -> str:
+    return urllib.parse.quote(value, safe="")
+
+
+async def retry_until(
+    check: Callable[[], Awaitable[T | None]], timeout: float, what: str, interval: float = 0.2
+) -> T:
+    """Poll `check` until it returns something other than None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+# --- CPU accounting ---------------------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int | None) -> float:
+    """User + system CPU seconds of one process (0 if it is gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def family_cpu(master_pid_file: Path) -> float:
+    """CPU seconds of a Dovecot master, its reaped children and its live children."""
+    try:
+        master = int(master_pid_file.read_text().split()[0])
+        fields = Path(f"/proc/{master}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    total = sum(int(v) for v in fields[11:15]) / _TICK
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            child = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(child[1]) == master:
+                total += sum(int(v) for v in child[11:15]) / _TICK
+    return total
+
+
+def machine_cpu() -> float:
+    """Busy CPU seconds of the whole machine (all cores) since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return (sum(values[:8]) - idle) / _TICK
+
+
+def find_pid(needle: str) -> int | None:
+    """The process whose command line contains `needle` (Synapse: its config path)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if needle in cmdline and "homeserver" in cmdline:
+                return int(entry.name)
+    return None
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds spent by Synapse, the bridge, this script and everything else in a phase."""
+
+    synapse_pid: int | None
+    bridge_pid: int | None
+    dovecot_pid_file: Path
+    _start: dict[str, float] = field(default_factory=dict)
+
+    def _sample(self) -> dict[str, float]:
+        times = os.times()
+        return {
+            "synapse": process_cpu(self.synapse_pid),
+            "bridge": process_cpu(self.bridge_pid),
+            "dovecot": family_cpu(self.dovecot_pid_file),
+            "bench": times.user + times.system,
+            "machine": machine_cpu(),
+            "wall": time.monotonic(),
+        }
+
+    def start(self) -> None:
+        self._start = self._sample()
+
+    def stop(self) -> dict[str, float]:
+        end = self._sample()
+        used = {k: round(end[k] - self._start[k], 2) for k in end}
+        used["others"] = round(
+            used["machine"] - used["synapse"] - used["bridge"] - used["dovecot"] - used["bench"],
+            2,
+        )
+        return used
+
+
+@dataclass
+class Probes:
+    """What watches a phase: CPU accounting always, py-spy when asked."""
+
+    meter: CpuMeter
+    profiler: Profiler
+    synapse_pid: int | None
+    bridge_pid: int | None
+
+    def start(self, name: str, *, bridge: bool) -> None:
+        self.profiler.start(f"{name}-synapse", self.synapse_pid)
+        if bridge:
+            self.profiler.start(f"{name}-bridge", self.bridge_pid)
+        self.meter.start()
+
+    def stop(self) -> dict[str, float]:
+        cpu = self.meter.stop()
+        self.profiler.stop()
+        return cpu
+
+
+# --- py-spy (optional) ------------------------------------------------------------------------
+
+
+@dataclass
+class Profiler:
+    """py-spy attached to a process for one phase, in raw (collapsed stacks) format."""
+
+    folder: Path | None
+    native: bool = False
+    _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self, name: str, pid: int | None) -> None:
+        exe = shutil.which("py-spy")
+        if self.folder is None or exe is None or pid is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._procs.append(
+            subprocess.Popen(
+                [
+                    exe,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--rate",
+                    "100",
+                    # --native needs the process paused while its stack is read.
+                    *([] if self.native else ["--nonblocking"]),
+                    "--idle",
+                    "--threads",
+                    *(["--native"] if self.native else []),
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(self.folder / f"{name}.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=(self.folder / f"{name}.log").open("wb"),
+            )
+        )
+
+    def stop(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._procs.clear()
+
+
+# A sample whose innermost frame is one of these is a thread waiting, not working: the asyncio
+# or Twisted poll, an aiosqlite worker waiting for its next call, a pool thread with no work.
+IDLE_FRAMES = (
+    "(selectors.py:",
+    "(synapse/metrics/_reactor_metrics.py:",
+    "(twisted/internet/epollreactor.py:",
+    "_connection_worker_thread (aiosqlite/core.py:59)",
+    "Condition.wait (threading.py:",
+    "_worker (concurrent/futures/thread.py:",
+)
+
+
+def profile_summary(path: Path, top: int = 12) -> dict[str, Any]:
+    """From py-spy's raw output (--idle --threads): how busy each thread was, the functions
+    the busy samples were in (innermost frame) and the bridge's own functions under them."""
+    per_thread: Counter[str] = Counter()
+    busy_thread: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        thread, *frames = stack.split(";")
+        thread = thread.split(": ", 1)[-1]
+        per_thread[thread] += count
+        if not frames or any(marker in frames[-1] for marker in IDLE_FRAMES):
+            continue
+        busy_thread[thread] += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            if "bridge/" in frame and "bridge/cli.py" not in frame and "__main__" not in frame:
+                inclusive[frame] += count
+    busy = sum(busy_thread.values())
+    if not busy:
+        return {"busy_samples": 0}
+    return {
+        "busy_samples": busy,
+        "thread_busy_percent": {
+            name: round(100 * busy_thread[name] / total, 1)
+            for name, total in per_thread.most_common()
+            if busy_thread[name]
+        },
+        "busy_innermost_percent": [(k, round(100 * v / busy, 1)) for k, v in own.most_common(top)],
+        "busy_in_bridge_code_percent": [
+            (k, round(100 * v / busy, 1)) for k, v in inclusive.most_common(top)
+        ],
+    }
+
+
+# --- the servers ------------------------------------------------------------------------------
+
+
+@dataclass
+class Servers:
+    folder: Path
+    dovecot: DovecotServer
+    synapse: SynapseServer
+    bridge: BridgeProcess
+    single: str
+    multi: list[str]
+    alice_token: str
+    alice_id: str
+
+    @property
+    def bot(self) -> str:
+        return self.bridge.config.bot_mxid
+
+
+def start_servers(
+    folder: Path, links: int, stack: contextlib.ExitStack, *, diagnose: bool = False
+) -> Servers:
+    dovecot = DovecotServer(folder / "dovecot")
+    single = dovecot.add_user("single", PASSWORD)
+    multi = [dovecot.add_user(f"multi{i:02d}", PASSWORD) for i in range(links)]
+    dovecot.start()
+    stack.callback(dovecot.stop)
+
+    synapse_port, bridge_port = free_port(), free_port()
+    database_url = f"sqlite+aiosqlite:///{folder / 'passerelle.db'}"
+    loggers = {"aiosqlite": "WARNING", "asyncio": "WARNING"}
+    if diagnose:
+        # mautrix logs every homeserver request with its duration at DEBUG.
+        loggers["passerelle.matrix.http"] = "DEBUG"
+    mailboxes = {
+        address: {
+            "host": "127.0.0.1",
+            "port": dovecot.imap_port,
+            "tls": "none",
+            "user": address,
+            "password": PASSWORD,
+        }
+        for address in [single, *multi]
+    }
+    raw = bridge_config_dict(
+        synapse_port,
+        bridge_port,
+        database_url,
+        mail={"mailboxes": mailboxes, "poll_interval": 2},
+        logging={"level": "INFO", "loggers": loggers},
+    )
+    raw["appservice"]["as_token"] = raw["appservice"]["hs_token"] = "generate"
+    config_path = folder / "config.yaml"
+    atomic_write(config_path, dump_yaml(raw))
+    registration = folder / "registration.yaml"
+    generate_registration(config_path, registration, env={})
+
+    synapse = SynapseServer(
+        data_dir=folder / "synapse", port=synapse_port, app_service_config_files=[registration]
+    )
+    synapse.data_dir.mkdir()
+    stack.callback(synapse.stop)
+    synapse.start()
+
+    bridge = BridgeProcess(config_path, database_url, folder / "bridge.log")
+    stack.callback(bridge.stop)
+    bridge.start()
+
+    alice_id = synapse.register_user("benchalice", "pw-benchalice")
+    token = synapse.login("benchalice", "pw-benchalice")
+    return Servers(folder, dovecot, synapse, bridge, single, multi, token, alice_id)
+
+
+# --- Matrix side ------------------------------------------------------------------------------
+
+
+async def link_room(servers: Servers, alice: MatrixTestClient, address: str, name: str) -> str:
+    """A room created by alice, the bot invited and joined, `address` linked; the bridge's
+    watcher has made its first pass over the mailbox (so the link's baseline is set)."""
+    bot = servers.bot
+    room_id = await alice.create_room(invite=[bot], name=name)
+    await alice.wait_for_membership(room_id, bot, "join", timeout=60)
+    await alice.wait_for_event(room_id, message_from(bot), timeout=60)
+    question = await alice.send_text(room_id, f"!passerelle link {address} allow {ALLOW}")
+    answer = await alice.wait_for_event(room_id, replies_to(question, bot), timeout=60)
+    if "Linked" not in answer["content"].get("body", ""):
+        raise RuntimeError(f"link {address} failed: {answer['content'].get('body')}")
+
+    async def watching() -> bool | None:
+        _, health = await asyncio.to_thread(http_json, servers.bridge.base_url + "/health")
+        state = ((health or {}).get("mailboxes") or {}).get(address) or {}
+        return True if state.get("reachable") else None
+
+    await retry_until(watching, 60, f"the bridge to watch {address}")
+    return room_id
+
+
+async def room_history(client: MatrixTestClient, room_id: str) -> list[dict[str, Any]]:
+    """Every m.room.message of a room, oldest first (paginated /messages)."""
+    events: list[dict[str, Any]] = []
+    token: str | None = None
+    while True:
+        params = {"dir": "b", "limit": "1000", "filter": json.dumps({"types": ["m.room.message"]})}
+        if token is not None:
+            params["from"] = token
+        response = await client.request(
+            "GET", f"/_matrix/client/v3/rooms/{quote(room_id)}/messages", params=params
+        )
+        chunk = [e for e in response.get("chunk", []) if isinstance(e, dict)]
+        events.extend(chunk)
+        end = response.get("end")
+        if not chunk or not isinstance(end, str):
+            break
+        token = end
+    events.reverse()
+    return events
+
+
+class SyncWatcher:
+    """Counts marker events per room through an incremental /sync (cheap: one request per
+    second or so), to know when a phase is complete. The numbers come from /messages later."""
+
+    def __init__(self, client: MatrixTestClient, tags: dict[str, str]) -> None:
+        self.client = client
+        self.tags = tags  # room ID -> the marker tag expected there
+        self.rooms = list(tags)
+        self.seen: dict[str, set[int]] = {room: set() for room in self.rooms}
+        self.limited = False
+        self._since: str | None = None
+        self._filter = json.dumps(
+            {
+                "room": {
+                    "rooms": self.rooms,
+                    "timeline": {"limit": 1000, "types": ["m.room.message"]},
+                    "state": {"types": []},
+                    "ephemeral": {"types": []},
+                    "account_data": {"types": []},
+                },
+                "presence": {"types": []},
+                "account_data": {"types": []},
+            }
+        )
+
+    async def _sync(self, timeout_ms: int) -> None:
+        params = {"filter": self._filter, "timeout": str(timeout_ms)}
+        if self._since is not None:
+            params["since"] = self._since
+        response = await self.client.request("GET", "/_matrix/client/v3/sync", params=params)
+        self._since = str(response["next_batch"])
+        joined = (response.get("rooms") or {}).get("join") or {}
+        for room_id, room in joined.items():
+            if room_id not in self.seen:
+                continue
+            timeline = room.get("timeline") or {}
+            if timeline.get("limited"):
+                self.limited = True
+            for event in timeline.get("events") or []:
+                self._count(room_id, event)
+
+    def _count(self, room_id: str, event: dict[str, Any]) -> None:
+        match = MARKER_RE.search(str((event.get("content") or {}).get("body", "")))
+        if match and match.group(1) == self.tags[room_id]:
+            self.seen[room_id].add(int(match.group(2)))
+
+    async def begin(self) -> None:
+        """Take the current position: what came before is not counted."""
+        await self._sync(0)
+        self.seen = {room: set() for room in self.rooms}
+        self.limited = False
+
+    async def wait(self, expected: int, timeout: float) -> bool:
+        """Until every room shows `expected` distinct markers; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(len(s) >= expected for s in self.seen.values()):
+                return True
+            if self.limited:
+                # The timeline skipped events: count from the room history instead.
+                for room_id in self.rooms:
+                    for event in await room_history(self.client, room_id):
+                        self._count(room_id, event)
+                self.limited = False
+                continue
+            await self._sync(5000)
+            await asyncio.sleep(0.5)
+        return all(len(s) >= expected for s in self.seen.values())
+
+
+# --- analysis ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RoomCheck:
+    """What arrived in one room, against what was sent."""
+
+    ts: dict[int, int]  # seq -> origin_server_ts of its first event
+    duplicates: int
+    missing: list[int]
+    out_of_order: int
+    unexpected: int
+    notices: list[str]
+
+
+def check_room(
+    events: list[dict[str, Any]], tag: str, expected: int, senders: Callable[[str], bool], bot: str
+) -> RoomCheck:
+    ts: dict[int, int] = {}
+    counts: Counter[int] = Counter()
+    order: list[int] = []
+    unexpected = 0
+    notices: list[str] = []
+    for event in events:
+        sender = str(event.get("sender", ""))
+        body = str((event.get("content") or {}).get("body", ""))
+        if sender == bot:
+            notices.append(body[:200])
+            continue
+        if not senders(sender):
+            continue
+        match = MARKER_RE.search(body)
+        if match is None:
+            unexpected += 1
+            continue
+        if match.group(1) != tag:  # an earlier phase in the same room
+            continue
+        seq = int(match.group(2))
+        counts[seq] += 1
+        if seq not in ts:
+            ts[seq] = int(event["origin_server_ts"])
+            order.append(seq)
+    highest = -1
+    out_of_order = 0
+    for seq in order:
+        if seq < highest:
+            out_of_order += 1
+        highest = max(highest, seq)
+    return RoomCheck(
+        ts=ts,
+        duplicates=sum(n - 1 for n in counts.values() if n > 1),
+        missing=[seq for seq in range(expected) if seq not in ts],
+        out_of_order=out_of_order,
+        unexpected=unexpected,
+        notices=notices,
+    )
+
+
+def is_ghost(sender: str) -> bool:
+    return sender.startswith(GHOST_PREFIX)
+
+
+# --- phases -----------------------------------------------------------------------------------
+
+
+async def plain_phase(
+    alice: MatrixTestClient, rooms: dict[str, str], count: int, probes: Probes, name: str
+) -> dict[str, Any]:
+    """Each room (tag -> room ID) gets `count` sends one at a time; rooms run concurrently."""
+    watcher = SyncWatcher(alice, {room_id: tag for tag, room_id in rooms.items()})
+    await watcher.begin()
+    send_ms: list[float] = []
+
+    async def one_room(tag: str, room_id: str) -> None:
+        for seq in range(count):
+            subject, text = mail_text(tag, seq)
+            begin = time.monotonic()
+            await alice.send_text(
+                room_id, f"{subject}\n\n{text.strip()}", extra=plain_content(tag, seq)
+            )
+            send_ms.append((time.monotonic() - begin) * 1000)
+
+    # The watcher syncs while the messages are sent, as it does in the bridge phases.
+    probes.start(name, bridge=False)
+    watching = asyncio.create_task(watcher.wait(count, 120 + count * len(rooms) * 0.3))
+    start = time.monotonic()
+    await asyncio.gather(*(one_room(tag, room_id) for tag, room_id in rooms.items()))
+    elapsed = time.monotonic() - start
+    complete = await watching
+    cpu = probes.stop()
+    total = count * len(rooms)
+    problems = 0
+    for tag, room_id in rooms.items():
+        check = check_room(
+            await room_history(alice, room_id), tag, count, lambda s: s == alice.user_id, ""
+        )
+        problems += len(check.missing) + check.duplicates + check.out_of_order
+    return {
+        "rooms": len(rooms),
+        "sends": total,
+        "elapsed_s": round(elapsed, 2),
+        "rate_per_s": round(total / elapsed, 2),
+        "send_p50_ms": round(percentile(send_ms, 50) or 0, 1),
+        "send_p99_ms": round(percentile(send_ms, 99) or 0, 1),
+        "all_seen": complete and problems == 0,
+        "cpu_s": cpu,
+        "cpu_ms_per_message": {
+            k: round(1000 * v / total, 1) for k, v in cpu.items() if k not in ("wall",)
+        },
+    }
+
+
+async def append_mails(
+    dovecot: DovecotServer, address: str, tag: str, count: int, pace: float = 0.0
+) -> dict[int, tuple[float, float]]:
+    """APPEND `count` mails over one IMAP session; seq -> (start, end) in Unix seconds."""
+    mails = [make_mail(address, tag, seq) for seq in range(count)]
+    times: dict[int, tuple[float, float]] = {}
+    async with dovecot.session(address, PASSWORD, folder=None) as client:
+        for seq, raw in enumerate(mails):
+            if pace and seq:
+                await asyncio.sleep(pace)
+            begin = time.time()
+            response = await client.append(raw, mailbox='"INBOX"')
+            if response.result != "OK":
+                raise RuntimeError(f"APPEND to {address} failed: {response.lines!r}")
+            times[seq] = (begin, time.time())
+    return times
+
+
+async def bridge_phase(
+    servers: Servers,
+    alice: MatrixTestClient,
+    rooms: dict[str, tuple[str, str]],
+    count: int,
+    probes: Probes,
+    name: str,
+    pace: float = 0.0,
+) -> dict[str, Any]:
+    """Each linked room (tag -> (address, room ID)) gets `count` mails APPENDed to its mailbox,
+    all mailboxes concurrently; wait until every mail is in its room, then check them."""
+    watcher = SyncWatcher(alice, {room_id: tag for tag, (_, room_id) in rooms.items()})
+    await watcher.begin()
+    total = count * len(rooms)
+    probes.start(name, bridge=True)
+    appended = await asyncio.gather(
+        *(
+            append_mails(servers.dovecot, address, tag, count, pace)
+            for tag, (address, _) in rooms.items()
+        )
+    )
+    append_end = max(end for times in appended for _, end in times.values())
+    complete = await watcher.wait(count, 120 + total * 0.3)
+    cpu = probes.stop()
+
+    first_start = min(begin for times in appended for begin, _ in times.values())
+    append_elapsed = append_end - first_start
+    latencies: list[float] = []
+    last_ts = 0
+    duplicates = out_of_order = unexpected = 0
+    missing: dict[str, list[int]] = {}
+    notices: list[str] = []
+    for (tag, (_, room_id)), times in zip(rooms.items(), appended, strict=True):
+        check = check_room(await room_history(alice, room_id), tag, count, is_ghost, servers.bot)
+        duplicates += check.duplicates
+        out_of_order += check.out_of_order
+        unexpected += check.unexpected
+        notices += [n for n in check.notices if "Linked" not in n and "help" not in n]
+        if check.missing:
+            missing[tag] = check.missing
+        for seq, ts in check.ts.items():
+            latencies.append(ts - times[seq][1] * 1000)
+            last_ts = max(last_ts, ts)
+    relayed = total - sum(len(m) for m in missing.values())
+    elapsed = (last_ts / 1000 - first_start) if relayed else float("nan")
+    return {
+        "rooms": len(rooms),
+        "mails": total,
+        "relayed": relayed,
+        "complete": complete and not missing,
+        "append_s": round(append_elapsed, 2),
+        "append_rate_per_s": round(total / append_elapsed, 1) if append_elapsed > 0 else None,
+        "elapsed_s": round(elapsed, 2),
+        "rate_per_s": round(relayed / elapsed, 2) if relayed else 0.0,
+        "latency_p50_ms": round(percentile(latencies, 50) or 0),
+        "latency_p99_ms": round(percentile(latencies, 99) or 0),
+        "latency_min_ms": round(min(latencies)) if latencies else None,
+        "latency_max_ms": round(max(latencies)) if latencies else None,
+        "duplicates": duplicates,
+        "missing": sum(len(m) for m in missing.values()),
+        "missing_first": {tag: seqs[:10] for tag, seqs in missing.items()},
+        "out_of_order": out_of_order,
+        "unexpected_ghost_events": unexpected,
+        "bot_notices": notices[:5],
+        "cpu_s": cpu,
+        "cpu_ms_per_message": {
+            k: round(1000 * v / total, 1) for k, v in cpu.items() if k not in ("wall",)
+        },
+    }
+
+
+LOG_LINE_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ (\S+): (.*)$")
+SEND_DONE_RE = re.compile(r"/send/m\.room\.message/\S*\) completed in ([\d.]+)(ms|s) ")
+
+
+def diagnose_log(text: str, since: float, until: float) -> dict[str, Any]:
+    """From a --diagnose bridge log: per mail, the gap between two posts in one room and the
+    homeserver's answer time to the send inside it; the difference is the bridge's own time."""
+    posts: list[float] = []
+    sends: list[float] = []
+    stored: list[float] = []
+    for line in text.splitlines():
+        match = LOG_LINE_RE.match(line)
+        if match is None:
+            continue
+        when = time.mktime(time.strptime(match.group(1)[:19], "%Y-%m-%d %H:%M:%S"))
+        when += int(match.group(1)[20:]) / 1000
+        if not since <= when <= until:
+            continue
+        message = match.group(3)
+        if message.startswith("posted mail "):
+            posts.append(when)
+        elif message.startswith("IMAP ") and "stored" in message:
+            stored.append(when)
+        elif done := SEND_DONE_RE.search(message):
+            value = float(done.group(1))
+            sends.append(value if done.group(2) == "ms" else value * 1000)
+    gaps = [(b - a) * 1000 for a, b in itertools.pairwise(posts)]
+    mean_gap = sum(gaps) / len(gaps) if gaps else None
+    mean_send = sum(sends) / len(sends) if sends else None
+    return {
+        "posts": len(posts),
+        "post_gap_mean_ms": round(mean_gap, 1) if mean_gap is not None else None,
+        "post_gap_p50_ms": percentile(gaps, 50),
+        "send_mean_ms": round(mean_send, 1) if mean_send is not None else None,
+        "send_p50_ms": percentile(sends, 50),
+        "bridge_own_mean_ms": (
+            round(mean_gap - mean_send, 1)
+            if mean_gap is not None and mean_send is not None
+            else None
+        ),
+        "ingest_s": round(stored[-1] - stored[0], 2) if stored else None,
+    }
+
+
+async def relay_steps(folder: Path, mail: MailConfig, count: int = 300) -> dict[str, float]:
+    """The database and parsing steps MailRelay.handle awaits one after the other for each
+    mail (bridge/core/mailrelay.py), timed alone in this process on a fresh SQLite database
+    with the bridge's own settings: their cost without any contention (ms per mail)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    db = await open_database(
+        DatabaseConfig(url=f"sqlite+aiosqlite:///{folder / 'steps.db'}", pool_size=5)
+    )
+    spent: Counter[str] = Counter()
+
+    async def timed(step: str, awaitable: Awaitable[Any]) -> Any:
+        begin = time.perf_counter()
+        result = await awaitable
+        spent[step] += time.perf_counter() - begin
+        return result
+
+    try:
+        room = RoomID("!steps:localhost")
+        link = await link_db.save_link(
+            db,
+            room_id=room,
+            kind="mail",
+            remote="steps@example.test",
+            settings=LinkSettings((ALLOW,), "threads"),
+            source="bot",
+            created_by=None,
+        )
+        parse = make_parser(mail)
+        raws = [make_mail("steps@example.test", "x", seq) for seq in range(count)]
+        for seq, raw in enumerate(raws):
+            await timed(
+                "imap store_raw (write)",
+                mail_db.store_raw(
+                    db,
+                    link_id=link.id,
+                    mailbox="steps@example.test",
+                    uidvalidity=1,
+                    uid=seq + 1,
+                    message_id=f"m{seq}",
+                    raw=raw,
+                    size=len(raw),
+                ),
+            )
+        pending = await mail_db.pending_mail(db, count, set())
+        for item in pending:
+            begin = time.perf_counter()
+            assert item.raw is not None
+            parse(item.raw)
+            spent["parse_mail"] += time.perf_counter() - begin
+            mid = f"m{item.uid - 1}"
+            await timed("mail_db.lookup (read)", mail_db.lookup(db, link.id, mid))
+            event = EventID(f"$e{item.uid}")
+            await timed(
+                "mail_db.record_posted (write)",
+                mail_db.record_posted(
+                    db,
+                    mail_id=item.id,
+                    link_id=link.id,
+                    message_id=mid,
+                    room_id=room,
+                    event_id=event,
+                    thread_root=event,
+                    subject=None,
+                ),
+            )
+    finally:
+        await db.close()
+    return {step: round(1000 * seconds / count, 2) for step, seconds in spent.items()}
+
+
+def rooms_label(count: int) -> str:
+    return f"{count} room" if count == 1 else f"{count} rooms"
+
+
+def mean_rate(before: dict[str, Any], after: dict[str, Any]) -> float:
+    """Sends per second over both plain runs together."""
+    return round(
+        (before["sends"] + after["sends"]) / (before["elapsed_s"] + after["elapsed_s"]), 2
+    )
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def verdict(ratio: float) -> str:
+    return "ok" if ratio >= TARGET else "MISSED"
+
+
+def describe(label: str, result: dict[str, Any]) -> None:
+    cpu = result["cpu_ms_per_message"]
+    per = (
+        f"CPU per message: synapse {cpu['synapse']} ms, bridge {cpu['bridge']} ms, "
+        f"dovecot {cpu['dovecot']} ms, bench {cpu['bench']} ms, "
+        f"other processes {cpu['others']} ms"
+    )
+    if "sends" in result:
+        print(
+            f"{label}: {result['sends']} sends in {result['elapsed_s']} s = "
+            f"{result['rate_per_s']}/s (send p50 {result['send_p50_ms']} ms, "
+            f"p99 {result['send_p99_ms']} ms); {per}"
+        )
+    else:
+        print(
+            f"{label}: {result['relayed']}/{result['mails']} mails relayed in "
+            f"{result['elapsed_s']} s = {result['rate_per_s']}/s (APPEND {result['append_s']} s);"
+            f" latency p50 {result['latency_p50_ms']} ms, p99 {result['latency_p99_ms']} ms; "
+            f"{per}"
+        )
+        problems = {
+            k: result[k]
+            for k in ("duplicates", "missing", "out_of_order", "unexpected_ghost_events")
+            if result[k]
+        }
+        if problems or result["bot_notices"]:
+            print(f"  PROBLEMS: {problems} {result['missing_first']} {result['bot_notices']}")
+
+
+async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
+    synapse_pid = find_pid(str(servers.synapse.config_path))
+    bridge_pid = servers.bridge.proc.pid if servers.bridge.proc else None
+    probes = Probes(
+        CpuMeter(synapse_pid, bridge_pid, servers.dovecot.run_dir / "master.pid"),
+        Profiler(args.profile, native=args.native),
+        synapse_pid,
+        bridge_pid,
+    )
+    results: dict[str, Any] = {"mails": args.mails, "links": args.links, "per_link": args.per_link}
+    async with MatrixTestClient(
+        servers.synapse.base_url, servers.alice_token, servers.alice_id
+    ) as alice:
+        # Rooms first, so that creating them is not measured. The plain sends run before and
+        # after the bridge's turn, each into fresh rooms, and their mean is the reference: a
+        # machine whose load drifts during the run then weighs on both sides alike.
+        plain_one = {
+            f"p{side}": await alice.create_room(name=f"plain {side}") for side in ("a", "b")
+        }
+        plain_many = {
+            side: {
+                f"q{side}{i:02d}": await alice.create_room(name=f"plain {side} {i}")
+                for i in range(args.links)
+            }
+            for side in ("a", "b")
+        }
+        linked_one = {
+            "s": (servers.single, await link_room(servers, alice, servers.single, "one"))
+        }
+        linked_many = dict(
+            zip(
+                [f"m{i:02d}" for i in range(args.links)],
+                await asyncio.gather(
+                    *(
+                        link_room(servers, alice, address, f"linked {i}")
+                        for i, address in enumerate(servers.multi)
+                    )
+                ),
+                strict=True,
+            )
+        )
+        linked_many_rooms = {
+            tag: (address, room_id)
+            for (tag, room_id), address in zip(linked_many.items(), servers.multi, strict=True)
+        }
+        await asyncio.sleep(2)  # let the link-time traffic settle
+
+        print(f"phase 1: one room, {args.mails} messages", flush=True)
+        results["plain_1_before"] = plain_a = await plain_phase(
+            alice, {"pa": plain_one["pa"]}, args.mails, probes, "plain-one-before"
+        )
+        describe("  plain (before)", plain_a)
+        if args.diagnose:
+            # The same sends into a room the bot is in: Synapse pushes each one to the bridge,
+            # which stores it and finds it is no command. A third member, so that the bot does
+            # not take the room for a direct chat, where every message is a command.
+            synapse = servers.synapse
+            bob_id = await asyncio.to_thread(synapse.register_user, "benchbob", "pw-benchbob")
+            bob_token = await asyncio.to_thread(synapse.login, "benchbob", "pw-benchbob")
+            bot_room = await alice.create_room(invite=[servers.bot, bob_id], name="bot room")
+            async with MatrixTestClient(synapse.base_url, bob_token, bob_id) as bob:
+                await bob.join(bot_room)
+            await alice.wait_for_membership(bot_room, servers.bot, "join", timeout=60)
+            await asyncio.sleep(2)
+            results["plain_1_bot_room"] = with_bot = await plain_phase(
+                alice, {"b": bot_room}, args.mails, probes, "plain-one-bot-room"
+            )
+            describe("  plain, bot in the room", with_bot)
+        window = time.time()
+        results["bridge_1"] = relay = await bridge_phase(
+            servers, alice, linked_one, args.mails, probes, "one"
+        )
+        describe("  bridge        ", relay)
+        if args.diagnose:
+            results["diagnosis_1"] = diag = diagnose_log(
+                servers.bridge.log_text(), window, time.time()
+            )
+            print(f"  bridge log: {json.dumps(diag)}")
+        results["plain_1_after"] = plain_b = await plain_phase(
+            alice, {"pb": plain_one["pb"]}, args.mails, probes, "plain-one-after"
+        )
+        describe("  plain (after) ", plain_b)
+
+        print(f"phase 2: {rooms_label(args.links)} x {args.per_link} messages", flush=True)
+        results["plain_n_before"] = plain_na = await plain_phase(
+            alice, plain_many["a"], args.per_link, probes, "plain-many-before"
+        )
+        describe("  plain (before)", plain_na)
+        results["bridge_n"] = relay_n = await bridge_phase(
+            servers, alice, linked_many_rooms, args.per_link, probes, "many"
+        )
+        describe("  bridge        ", relay_n)
+        results["plain_n_after"] = plain_nb = await plain_phase(
+            alice, plain_many["b"], args.per_link, probes, "plain-many-after"
+        )
+        describe("  plain (after) ", plain_nb)
+
+        if args.paced:
+            print(f"phase 3: {args.paced} mails one at a time, {args.pace} s apart", flush=True)
+            idle_room = {"i": (servers.single, linked_one["s"][1])}
+            results["bridge_idle"] = idle = await bridge_phase(
+                servers, alice, idle_room, args.paced, probes, "idle", args.pace
+            )
+            describe("  bridge        ", idle)
+
+    results["plain_1_rate_per_s"] = plain_1 = mean_rate(plain_a, plain_b)
+    results["plain_n_rate_per_s"] = plain_n = mean_rate(plain_na, plain_nb)
+    results["ratio_1"] = round(relay["rate_per_s"] / plain_1, 3)
+    results["ratio_n"] = round(relay_n["rate_per_s"] / plain_n, 3)
+    results["disturbed"] = {
+        key: round(value["cpu_s"]["others"] / value["cpu_s"]["wall"], 2)
+        for key, value in results.items()
+        if isinstance(value, dict)
+        and "cpu_s" in value
+        and value["cpu_s"]["others"] > BUSY_CORES * value["cpu_s"]["wall"]
+    }
+    if args.diagnose:
+        results["relay_steps_alone_ms"] = steps = await relay_steps(
+            servers.folder / "steps", servers.bridge.config.mail
+        )
+        print(f"relay steps alone (ms per mail): {json.dumps(steps)}")
+    if args.profile:
+        results["profiles"] = {
+            path.stem: profile_summary(path) for path in sorted(args.profile.glob("*.txt"))
+        }
+    return results
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--mails", type=int, default=1000, help="mails in the one-room phase")
+    parser.add_argument("--links", type=int, default=10, help="linked rooms in phase 2")
+    parser.add_argument("--per-link", type=int, default=100, help="mails per room in phase 2")
+    parser.add_argument(
+        "--paced", type=int, default=20, help="mails sent one at a time in phase 3 (0: skip)"
+    )
+    parser.add_argument("--pace", type=float, default=1.0, help="seconds between paced mails")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="folder for py-spy profiles of the bridge and Synapse (needs py-spy on PATH)",
+    )
+    parser.add_argument(
+        "--native", action="store_true", help="py-spy with --native (C frames too: SQLite, …)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="log the bridge's homeserver requests (DEBUG) and split its time per mail into "
+        "send round trip and the rest (slows the bridge a little: not for the ratios)",
+    )
+    args = parser.parse_args(argv)
+    if args.mails < 1 or args.links < 1 or args.per_link < 1 or args.paced < 0:
+        parser.error("counts must be positive")
+    if args.profile is not None:
+        args.profile = args.profile.resolve()
+    return args
+
+
+@contextlib.contextmanager
+def temp_folder(keep: bool) -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="passerelle-bench-"))
+    try:
+        yield folder
+    finally:
+        if keep:
+            print(f"kept {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def code_version() -> str:
+    """The commit measured, marked dirty when bridge/ has uncommitted changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "bridge"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    with temp_folder(args.keep) as folder, contextlib.ExitStack() as stack:
+        print(f"starting Dovecot, Synapse and the bridge in {folder}", flush=True)
+        servers = start_servers(folder, args.links, stack, diagnose=args.diagnose)
+        try:
+            results = asyncio.run(run(servers, args))
+        except BaseException:
+            print(f"--- bridge log tail ---\n{servers.bridge.log_tail(40)}", file=sys.stderr)
+            raise
+        errors = sum(
+            "ERROR" in line or "Traceback" in line
+            for line in servers.bridge.log_text().splitlines()
+        )
+        results["bridge_log_errors"] = errors
+    results["total_s"] = round(time.monotonic() - started, 1)
+    results["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    results["code"] = code_version()
+
+    ratio_1, ratio_n = results["ratio_1"], results["ratio_n"]
+    print()
+    print(
+        f"plain reference: 1 room {results['plain_1_rate_per_s']}/s, {rooms_label(args.links)} "
+        f"{results['plain_n_rate_per_s']}/s (mean of before and after); relay: 1 room "
+        f"{results['bridge_1']['rate_per_s']}/s, {rooms_label(args.links)} "
+        f"{results['bridge_n']['rate_per_s']}/s"
+    )
+    print(f"relay/plain (1 room): {ratio_1:.2f} (target >= {TARGET}) {verdict(ratio_1)}")
+    print(
+        f"relay/plain ({rooms_label(args.links)}): {ratio_n:.2f} (target >= {TARGET}) "
+        f"{verdict(ratio_n)}"
+    )
+    for key, label in (("bridge_1", "1 room"), ("bridge_n", rooms_label(args.links))):
+        r = results[key]
+        print(
+            f"latency APPEND -> event ({label}, bulk): p50 {r['latency_p50_ms']} ms, "
+            f"p99 {r['latency_p99_ms']} ms"
+        )
+    if "bridge_idle" in results:
+        r = results["bridge_idle"]
+        print(
+            f"latency APPEND -> event (idle bridge, {r['mails']} mails): "
+            f"p50 {r['latency_p50_ms']} ms, p99 {r['latency_p99_ms']} ms"
+        )
+    problems = [
+        f"{key}: {results[key][k]} {k}"
+        for key in ("bridge_1", "bridge_n", "bridge_idle")
+        if key in results
+        for k in ("duplicates", "missing", "out_of_order")
+        if results[key][k]
+    ]
+    print("order and once-only: " + ("; ".join(problems) if problems else "ok"))
+    if results["disturbed"]:
+        print(
+            "WARNING: other processes on this machine used more than "
+            f"{BUSY_CORES} cores during {', '.join(results['disturbed'])} "
+            f"(cores used: {results['disturbed']}); those numbers are unreliable: run again "
+            "on a quiet machine"
+        )
+    missed = [name for name, r in (("1 room", ratio_1), ("many rooms", ratio_n)) if r < TARGET]
+    if missed:
+        print(f"target missed for: {', '.join(missed)}")
+    print(json.dumps(results, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
