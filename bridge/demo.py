@@ -1,4 +1,4 @@
-"""`passerelle demo`: a local Synapse with the bridge registered, a demo user, a live check."""
+"""`passerelle demo`: Synapse, a mail server and the bridge, a demo user and a linked list."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import contextlib
 import secrets
 import signal
 import sys
+from email.message import EmailMessage
+from email.utils import make_msgid
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,14 @@ from bridge.registration import atomic_write, dump_yaml, generate_registration
 
 DEMO_USER = "demo"
 SERVER_NAME = "localhost"
+LIST_USER = "liste-achats"
+LIST_PASSWORD = "demo-list-password"  # a loopback-only Dovecot made for the demo
+SENDER = "Agent Dupont <agent.dupont@achats.gouv.fr>"
 
 
-def _write_demo_config(folder: Path, synapse_port: int, bridge_port: int) -> Path:
+def _write_demo_config(
+    folder: Path, synapse_port: int, bridge_port: int, list_address: str, imap_port: int
+) -> Path:
     """Create or refresh the demo config: new ports each run, the same tokens and database."""
     path = folder / "config.yaml"
     user: Any = read_yaml_file(path) if path.exists() else None
@@ -36,6 +43,17 @@ def _write_demo_config(folder: Path, synapse_port: int, bridge_port: int) -> Pat
     )
     user["database"] = {"url": f"sqlite+aiosqlite:///{(folder / 'passerelle.db').resolve()}"}
     user["permissions"] = {SERVER_NAME: "admin"}
+    user["mail"] = {
+        "mailboxes": {
+            list_address: {
+                "host": "127.0.0.1",
+                "port": imap_port,
+                "tls": "none",
+                "user": list_address,
+                "password": LIST_PASSWORD,
+            }
+        }
+    }
     atomic_write(path, dump_yaml(user))
     return path
 
@@ -56,22 +74,76 @@ async def _check_bot_answers(base_url: str, token: str, user_id: str, bot: str) 
         room_id = await client.create_room(invite=[bot], is_direct=True, name="Passerelle demo")
         await client.wait_for_membership(room_id, bot, "join", timeout=30)
         question = await client.send_text(room_id, "help")
-        answer = await client.wait_for_event(
-            room_id,
-            lambda e: (
-                e.get("sender") == bot
-                and e.get("content", {})
-                .get("m.relates_to", {})
-                .get("m.in_reply_to", {})
-                .get("event_id")
-                == question
-            ),
-            timeout=30,
-        )
+        answer = await client.wait_for_event(room_id, _reply_to(question, bot), timeout=30)
         return str(answer["content"].get("body", ""))
 
 
-async def _serve(folder: Path, config_path: Path, synapse: Any, check_only: bool) -> int:
+def _reply_to(event_id: str, sender: str) -> Any:
+    def match(event: dict[str, Any]) -> bool:
+        relates = event.get("content", {}).get("m.relates_to", {})
+        return bool(
+            event.get("sender") == sender
+            and relates.get("m.in_reply_to", {}).get("event_id") == event_id
+        )
+
+    return match
+
+
+async def _link_list_room(
+    folder: Path,
+    base_url: str,
+    token: str,
+    user_id: str,
+    bot: str,
+    list_address: str,
+    smtp_port: int,
+) -> str:
+    """A room linked to the demo list (made once, kept in the state folder), and a mail sent
+    through Postfix that must show up in it."""
+    import aiosmtplib
+
+    from bridge.harness.synapse import MatrixTestClient
+
+    saved = folder / "list-room"
+    async with MatrixTestClient(base_url, token, user_id) as client:
+        if saved.exists():
+            room_id = saved.read_text(encoding="utf-8").strip()
+        else:
+            room_id = await client.create_room(invite=[bot], name="Liste achats (demo)")
+            await client.wait_for_membership(room_id, bot, "join", timeout=30)
+            question = await client.send_text(
+                room_id, f"!passerelle link {list_address} allow achats.gouv.fr"
+            )
+            answer = await client.wait_for_event(room_id, _reply_to(question, bot), timeout=30)
+            if "Linked" not in answer["content"].get("body", ""):
+                raise RuntimeError(f"linking failed: {answer['content'].get('body')}")
+            atomic_write(saved, room_id + "\n")
+            await asyncio.sleep(1)  # the watcher notes where the mailbox ends before new mail
+        message = EmailMessage()
+        message["From"] = SENDER
+        message["To"] = list_address
+        message["Subject"] = "Bienvenue sur la liste achats"
+        message["Message-ID"] = make_msgid(domain="achats.gouv.fr")
+        marker = secrets.token_hex(4)
+        message.set_content(
+            f"Bonjour à tous,\nce message ({marker}) est arrivé par SMTP, IMAP puis Matrix."
+        )
+        await aiosmtplib.send(message, hostname="127.0.0.1", port=smtp_port)
+        await client.wait_for_event(
+            room_id,
+            lambda e: marker in str(e.get("content", {}).get("body", "")),
+            timeout=30,
+        )
+        return room_id
+
+
+async def _serve(
+    folder: Path,
+    config_path: Path,
+    synapse: Any,
+    mail: tuple[str, int],
+    check_only: bool,
+) -> int:
     from bridge.app import Bridge
 
     config = load_config(config_path)
@@ -82,13 +154,25 @@ async def _serve(folder: Path, config_path: Path, synapse: Any, check_only: bool
         user_id = await asyncio.to_thread(synapse.register_user, DEMO_USER, password, True)
         token = await asyncio.to_thread(synapse.login, DEMO_USER, password)
         answer = await _check_bot_answers(synapse.base_url, token, user_id, config.bot_mxid)
+        list_address, smtp_port = mail
+        await _link_list_room(
+            folder, synapse.base_url, token, user_id, config.bot_mxid, list_address, smtp_port
+        )
         print("\nPasserelle demo is running.")
         print(f"  Homeserver:  {synapse.base_url}  (server name {SERVER_NAME})")
         print(f"  Log in as:   {user_id}  password: {password}")
         print(f"  Bridge bot:  {config.bot_mxid}  (health: {config.appservice.address}/health)")
         print(f"  Config:      {config_path}")
+        print(f"  Mail:        {list_address}, SMTP 127.0.0.1:{smtp_port} (Postfix → Dovecot)")
         print("\nA direct chat 'Passerelle demo' was opened; the bot answered “help” with:\n")
         print("    " + answer.replace("\n", "\n    "))
+        print(
+            f"\nThe room 'Liste achats (demo)' is linked to {list_address}; a first mail sent "
+            "through Postfix is in it. Send more, e.g.:\n"
+            f"    python -c \"import smtplib; smtplib.SMTP('127.0.0.1', {smtp_port}).sendmail("
+            f"'agent.dupont@achats.gouv.fr', ['{list_address}'], "
+            "'Subject: Test\\n\\nBonjour')\""
+        )
         print(
             "\nUse any Matrix client with the homeserver URL above (e.g. Element's 'custom "
             "server'), invite the bot to a room and write “!passerelle help”."
@@ -108,6 +192,8 @@ async def _serve(folder: Path, config_path: Path, synapse: Any, check_only: bool
 
 def run_demo(folder: Path, *, check_only: bool = False) -> int:
     try:
+        from bridge.harness.dovecot import DovecotServer
+        from bridge.harness.postfix import PostfixServer
         from bridge.harness.synapse import SynapseServer
     except ImportError:
         print(
@@ -117,8 +203,12 @@ def run_demo(folder: Path, *, check_only: bool = False) -> int:
         return 2
     folder = folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
+    dovecot = DovecotServer(folder / "dovecot")
+    list_address = dovecot.add_user(LIST_USER, LIST_PASSWORD)
     synapse_port, bridge_port = free_port(), free_port()
-    config_path = _write_demo_config(folder, synapse_port, bridge_port)
+    config_path = _write_demo_config(
+        folder, synapse_port, bridge_port, list_address, dovecot.imap_port
+    )
     registration = folder / "registration.yaml"
     try:
         generate_registration(config_path, registration)
@@ -132,12 +222,17 @@ def run_demo(folder: Path, *, check_only: bool = False) -> int:
         app_service_config_files=[registration],
     )
     synapse.data_dir.mkdir(exist_ok=True)
-    print(f"Starting Synapse on {synapse.base_url} …")
-    synapse.start()
+    postfix = PostfixServer(folder / "postfix", lmtp_port=dovecot.lmtp_port)
+    print(f"Starting Dovecot, Postfix and Synapse ({synapse.base_url}) …")
     try:
-        return asyncio.run(_serve(folder, config_path, synapse, check_only))
+        dovecot.start()
+        postfix.start()
+        synapse.start()
+        mail = (list_address, postfix.smtp_port)
+        return asyncio.run(_serve(folder, config_path, synapse, mail, check_only))
     except KeyboardInterrupt:
         return 0
     finally:
-        with contextlib.suppress(Exception):
-            synapse.stop()
+        for server in (synapse, postfix, dovecot):
+            with contextlib.suppress(Exception):
+                server.stop()

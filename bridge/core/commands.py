@@ -53,6 +53,7 @@ class CommandSpec:
     name: str
     summary: str
     level: PermissionLevel
+    usage: str = ""  # the arguments, shown after the name in help
 
 
 StatusSource = Callable[[], Awaitable[dict[str, Any]]]
@@ -126,7 +127,11 @@ class CommandProcessor:
                 " (the prefix is optional here):" if is_direct else f" (start with {self.prefix}):"
             ),
         ]
-        items = [(f"{lead}{s.name}", s.summary) for s in self.specs if level >= s.level]
+        items = [
+            (f"{lead}{s.name} {s.usage}".rstrip(), s.summary)
+            for s in self.specs
+            if level >= s.level
+        ]
         text = "\n".join(lines + [f"• {cmd} — {summary}" for cmd, summary in items])
         html_items = "".join(
             f"<li><code>{html.escape(cmd)}</code> — {html.escape(summary)}</li>"

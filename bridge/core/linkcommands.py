@@ -36,14 +36,15 @@ class LinkCommands:
         processor.add(
             CommandSpec(
                 "link",
-                "link ADDRESS [allow DOMAIN,*.DOMAIN] [flat] — post a configured list's mail here",
+                "post the mail of a list configured by the administrator in this room",
                 PermissionLevel.USER,
+                usage="ADDRESS [allow DOMAIN,*.DOMAIN] [flat]",
             ),
             self.link,
         )
         processor.add(
             CommandSpec(
-                "unlink", "unlink ADDRESS — stop bridging a list here", PermissionLevel.USER
+                "unlink", "stop bridging a list here", PermissionLevel.USER, usage="ADDRESS"
             ),
             self.unlink,
         )

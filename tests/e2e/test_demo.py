@@ -1,4 +1,4 @@
-"""The README's first command: `passerelle demo` brings up Synapse + bridge and the bot answers."""
+"""The README's first command: `passerelle demo` brings up Synapse, mail and the bridge."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ def test_demo_check_runs_twice_on_the_same_state(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
         assert "Log in as:   @demo:localhost" in result.stdout
         assert "• status" in result.stdout
+        # The linked list room got a mail through SMTP → Postfix → Dovecot → the bridge.
+        assert "a first mail sent through Postfix is in it" in result.stdout
     config = (folder / "config.yaml").read_text()
     assert "generate" not in config
     assert (folder / "registration.yaml").stat().st_mode & 0o077 == 0
