@@ -44,13 +44,20 @@ async def open_dm(person: MatrixTestClient, bot: str) -> str:
     return room_id
 
 
+async def start_and_open_dm(
+    setup: SynapseSetup, bridge: BridgeProcess, make_user: UserFactory
+) -> tuple[MatrixTestClient, str, str]:
+    """The bridge running, a fresh person, and a direct chat with the bot: (alice, room, bot)."""
+    bridge.start()
+    bot = setup.config.bot_mxid
+    alice = await make_user("alice")
+    return alice, await open_dm(alice, bot), bot
+
+
 async def test_help_in_a_direct_chat(
     synapse_setup: SynapseSetup, bridge_process: BridgeProcess, make_user: UserFactory
 ) -> None:
-    bridge_process.start()
-    bot = synapse_setup.config.bot_mxid
-    alice = await make_user("alice")
-    room_id = await open_dm(alice, bot)
+    alice, room_id, bot = await start_and_open_dm(synapse_setup, bridge_process, make_user)
 
     greeting = await alice.wait_for_event(room_id, message_from(bot))
     assert greeting["content"]["msgtype"] == "m.notice"
@@ -227,10 +234,7 @@ async def _wait_handled(bridge: BridgeProcess, event_id: str, timeout: float = 2
 async def test_bridge_started_after_the_message_still_answers_once(
     synapse_setup: SynapseSetup, bridge_process: BridgeProcess, make_user: UserFactory
 ) -> None:
-    bridge_process.start()
-    bot = synapse_setup.config.bot_mxid
-    alice = await make_user("alice")
-    room_id = await open_dm(alice, bot)
+    alice, room_id, bot = await start_and_open_dm(synapse_setup, bridge_process, make_user)
     bridge_process.stop()
 
     question = await alice.send_text(room_id, "help")

@@ -12,7 +12,7 @@ import aiohttp
 
 from bridge.harness.synapse import MatrixTestClient
 from tests.conftest import BridgeProcess, SynapseSetup, UserFactory, http_json
-from tests.e2e.test_bot import open_dm, replies_to
+from tests.e2e.test_bot import open_dm, replies_to, start_and_open_dm
 
 
 async def answers_to(client: MatrixTestClient, room_id: str, event_id: str, bot: str) -> int:
@@ -40,10 +40,7 @@ async def push_transaction(
 async def test_replayed_transaction_after_bridge_restart_is_not_handled_twice(
     synapse_setup: SynapseSetup, bridge_process: BridgeProcess, make_user: UserFactory
 ) -> None:
-    bridge_process.start()
-    bot = synapse_setup.config.bot_mxid
-    alice = await make_user("alice")
-    room_id = await open_dm(alice, bot)
+    alice, room_id, bot = await start_and_open_dm(synapse_setup, bridge_process, make_user)
     question = await alice.send_text(room_id, "help")
     await alice.wait_for_event(room_id, replies_to(question, bot))
 
