@@ -15,6 +15,7 @@ from bridge.config import Config
 from bridge.core.commands import CommandProcessor
 from bridge.core.errors import PermanentError, TransientError
 from bridge.core.health import ComponentHealth
+from bridge.core.ids import RoomID
 from bridge.core.linkcommands import LinkCommands
 from bridge.core.links import Link
 from bridge.core.mailrelay import MailRelay
@@ -75,7 +76,9 @@ class Bridge:
         self.client = MatrixClient(config, self._session, self.homeserver_health)
         self.status = StatusReporter(self.db, self.homeserver_health)
         commands = CommandProcessor(config.appservice.command_prefix, self.status.report)
-        self.bot = ManagementBot(config, self.client, self.db, commands)
+        self.bot = ManagementBot(
+            config, self.client, self.db, commands, on_joined=self._room_joined
+        )
         self.ghosts = GhostManager(config, self.client, self.db)
         self.poster = MatrixPoster(self.client, self.ghosts)
         self.relay = MailRelay(
@@ -127,9 +130,20 @@ class Bridge:
         )
         self.tasks.spawn(self.dispatcher.run(), name="dispatcher")
         self.tasks.spawn(self.relay.run(), name="mail-relay")
-        await self.mail.sync_config_links()
+        await self.mail.sync_config_links(self._bot_join)
         await self.mail.refresh()
         self.tasks.spawn(self.monitor.run(), name="homeserver-monitor")
+
+    async def _bot_join(self, room_id: RoomID) -> bool:
+        """False only when the homeserver refuses (not invited); an outage is not a no."""
+        try:
+            await self.client.join(room_id)
+        except PermanentError as e:
+            log.info("bot could not join %s: %s", room_id, e)
+            return False
+        except TransientError:
+            return True
+        return True
 
     async def _announce_link(self, link: Link, active: bool) -> None:
         """m.bridge state (MSC2346), so clients can show the room is bridged, and to what."""
@@ -146,6 +160,9 @@ class Bridge:
             )
         except (TransientError, PermanentError) as e:
             log.warning("could not set m.bridge state in %s: %s", link.room_id, e)
+
+    async def _room_joined(self, room_id: RoomID) -> None:
+        await self.mail.room_joined(room_id)
 
     async def _after_connect(self) -> None:
         """After the first contact and after an outage: fetch what the homeserver dropped."""

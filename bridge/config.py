@@ -558,7 +558,14 @@ def _links(raw: dict[str, Any], mail: MailConfig) -> tuple[LinkSpec, ...]:
             if name not in ("room", "address", "allowed_senders", "thread_mode"):
                 raise ConfigError(f"{key}.{name}", "unknown key")
         room = entry.get("room")
-        if not isinstance(room, str) or not room.startswith("!") or ":" not in room:
+        # Room versions 12 and later have room IDs without a server part: only the sigil.
+        if (
+            not isinstance(room, str)
+            or not room.startswith("!")
+            or not 1 < len(room) <= 255
+            or not room.isprintable()
+            or " " in room
+        ):
             raise ConfigError(f"{key}.room", "must be a room ID like !abc:agency.example.org")
         address = mail_address(f"{key}.address", entry.get("address"))
         if address not in mail.mailboxes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bridge.config import Config
@@ -21,7 +22,7 @@ log = logging.getLogger("passerelle.mail")
 
 
 class MailService:
-    """Keeps exactly one watcher per linked, unpaused mailbox; links can change at run time."""
+    """Keeps exactly one watcher per linked mailbox; links can change at run time."""
 
     def __init__(self, config: Config, db: Database, tasks: TaskGroup, relay: MailRelay) -> None:
         self.config = config
@@ -31,10 +32,12 @@ class MailService:
         self.health: dict[str, ComponentHealth] = {}
         self._watchers: dict[int, tuple[str, asyncio.Task[Any]]] = {}
 
-    async def sync_config_links(self) -> None:
-        """Links written in the config file are (re)created at start-up."""
+    async def sync_config_links(self, join: Callable[[RoomID], Awaitable[bool]]) -> None:
+        """Links written in the config file are (re)created at start-up. The bot must be in
+        the room to post there: if it cannot join, the link waits (paused) for an invite
+        instead of failing every mail."""
         for spec in self.config.links:
-            await link_db.save_link(
+            link = await link_db.save_link(
                 self.db,
                 room_id=RoomID(spec.room_id),
                 kind="mail",
@@ -43,13 +46,29 @@ class MailService:
                 source="config",
                 created_by=None,
             )
+            if not await join(link.room_id):
+                log.warning(
+                    "the bot cannot join %s: mail for %s waits until someone invites it",
+                    link.room_id,
+                    link.remote,
+                )
+                await link_db.set_paused(self.db, link.id, True)
+
+    async def room_joined(self, room_id: RoomID) -> None:
+        """The bot was let into a room: links that waited for it resume."""
+        waiting = [link for link in await link_db.links_in_room(self.db, room_id) if link.paused]
+        for link in waiting:
+            await link_db.set_paused(self.db, link.id, False)
+            log.info("bot joined %s: resuming %s", room_id, link.remote)
+        if waiting:
+            await self.refresh()
+            self.relay.notify()
 
     async def refresh(self) -> None:
-        """Start watchers for new links, stop those of removed or paused links."""
+        """Start watchers for new links, stop those of removed links. A paused link keeps
+        its watcher: its mail is fetched and kept, and posted once the link resumes."""
         wanted = {
-            link.id: link
-            for link in await link_db.all_links(self.db)
-            if link.kind == "mail" and not link.paused
+            link.id: link for link in await link_db.all_links(self.db) if link.kind == "mail"
         }
         for link_id in list(self._watchers):
             if link_id not in wanted:

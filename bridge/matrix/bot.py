@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bridge.config import Config
@@ -44,13 +45,20 @@ class ManagementBot:
     """Handles the events that concern the bot itself: its invites and the commands to it."""
 
     def __init__(
-        self, config: Config, client: MatrixClient, db: Database, commands: CommandProcessor
+        self,
+        config: Config,
+        client: MatrixClient,
+        db: Database,
+        commands: CommandProcessor,
+        *,
+        on_joined: Callable[[RoomID], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.client = client
         self.db = db
         self.commands = commands
         self.mxid = config.bot_mxid
+        self.on_joined = on_joined
 
     async def handle(self, item: InboxEvent) -> None:
         """Handle one stored event; raises Ignored when it is none of the bot's business."""
@@ -125,6 +133,8 @@ class ManagementBot:
             member_count=members,
         )
         log.info("joined %s on invite from %s (%d members)", room_id, inviter, members)
+        if self.on_joined is not None:
+            await self.on_joined(room_id)
         hint = "help" if members <= 2 else f"{self.config.appservice.command_prefix} help"
         name = self.config.appservice.bot_displayname
         await self._send_notice(

@@ -363,3 +363,50 @@ async def test_mail_sent_over_smtp_reaches_the_room(
     assert errors == {}
     event = await mail_setup.posted(body_contains("livré par Postfix"))
     assert event["content"]["body"].startswith("Par SMTP")
+
+
+async def test_config_link_waits_for_the_bot_to_be_invited(
+    synapse_setup: SynapseSetup,
+    dovecot: DovecotServer,
+    make_user: UserFactory,
+    db_url: str,
+    tmp_path: Path,
+) -> None:
+    address = dovecot.add_user(f"cfg{uuid.uuid4().hex[:8]}", PASSWORD)
+    alice = await make_user("alice")
+    room_id = await alice.create_room(name="Pinned by the admin")  # the bot is not invited
+    raw = read_yaml_file(synapse_setup.config_path)
+    raw["mail"] = {
+        "mailboxes": {
+            address: {
+                "host": "127.0.0.1",
+                "port": dovecot.imap_port,
+                "tls": "none",
+                "user": address,
+                "password": PASSWORD,
+            }
+        }
+    }
+    raw["links"] = [{"room": room_id, "address": address, "allowed_senders": ["achats.gouv.fr"]}]
+    config_path = tmp_path / "config.yaml"
+    atomic_write(config_path, dump_yaml(raw))
+    bridge = BridgeProcess(config_path, db_url, tmp_path / "bridge.log")
+    bridge.start()
+    try:
+        await asyncio.sleep(1)  # the new link notes where the mailbox ends
+        msg = EmailMessage()
+        msg["From"] = "Agent Dupont <agent.dupont@achats.gouv.fr>"
+        msg["To"] = address
+        msg["Subject"] = "En attente"
+        msg["Message-ID"] = make_msgid(domain="achats.gouv.fr")
+        msg.set_content("posté dès que le bot est invité")
+        await dovecot.append(address, PASSWORD, msg.as_bytes())
+        await asyncio.sleep(2)
+        assert "waits until someone invites it" in bridge.log_text()
+        assert not [
+            e for e in await alice.messages(room_id) if "posté dès" in str(e.get("content"))
+        ]
+        await alice.invite(room_id, synapse_setup.config.bot_mxid)
+        await alice.wait_for_event(room_id, body_contains("posté dès que le bot est invité"))
+    finally:
+        bridge.stop()
