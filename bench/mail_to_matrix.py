@@ -322,12 +322,15 @@ IDLE_FRAMES = (
 
 
 def profile_summary(path: Path, top: int = 12) -> dict[str, Any]:
-    """From py-spy's raw output (--idle --threads): how busy each thread was, the functions
-    the busy samples were in (innermost frame) and the bridge's own functions under them."""
+    """From py-spy's raw output (--idle --threads, maybe --native): how busy each thread was,
+    the functions the busy samples were in (innermost Python frame) and the bridge's own
+    functions under them; with --native also how much of the SQLite threads' time went to
+    waiting for another connection's write lock (SQLite's busy handler sleeping) and fsync."""
     per_thread: Counter[str] = Counter()
     busy_thread: Counter[str] = Counter()
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
+    sqlite_threads = lock_wait = fsync = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
@@ -336,17 +339,22 @@ def profile_summary(path: Path, top: int = 12) -> dict[str, Any]:
         thread, *frames = stack.split(";")
         thread = thread.split(": ", 1)[-1]
         per_thread[thread] += count
-        if not frames or any(marker in frames[-1] for marker in IDLE_FRAMES):
+        if "_connection_worker_thread" in thread:
+            sqlite_threads += count
+            if any("sqlite3InvokeBusyHandler" in frame for frame in frames):
+                lock_wait += count
+            elif frames and frames[-1].startswith(("fdatasync", "fsync")):
+                fsync += count
+        python = [frame for frame in frames if ".py:" in frame]
+        if not python or any(marker in python[-1] for marker in IDLE_FRAMES):
             continue
         busy_thread[thread] += count
-        own[frames[-1]] += count
-        for frame in set(frames):
+        own[python[-1]] += count
+        for frame in set(python):
             if "bridge/" in frame and "bridge/cli.py" not in frame and "__main__" not in frame:
                 inclusive[frame] += count
     busy = sum(busy_thread.values())
-    if not busy:
-        return {"busy_samples": 0}
-    return {
+    summary: dict[str, Any] = {
         "busy_samples": busy,
         "thread_busy_percent": {
             name: round(100 * busy_thread[name] / total, 1)
@@ -358,6 +366,13 @@ def profile_summary(path: Path, top: int = 12) -> dict[str, Any]:
             (k, round(100 * v / busy, 1)) for k, v in inclusive.most_common(top)
         ],
     }
+    if sqlite_threads and (lock_wait or fsync):
+        summary["sqlite_threads"] = {
+            "threads": sum(1 for name in per_thread if "_connection_worker_thread" in name),
+            "lock_wait_percent": round(100 * lock_wait / sqlite_threads, 1),
+            "fsync_percent": round(100 * fsync / sqlite_threads, 1),
+        }
+    return summary
 
 
 # --- the servers ------------------------------------------------------------------------------
