@@ -111,6 +111,8 @@ class Bridge:
             access_log_class=PathOnlyAccessLogger,
             access_log=logging.getLogger("passerelle.http"),
             handle_signals=False,
+            # A client that sends a refused (too large) body is not waited for long.
+            lingering_time=2.0,
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, config.appservice.hostname, config.appservice.port)
