@@ -816,12 +816,12 @@ async def relay_steps(folder: Path, mail: MailConfig, count: int = 300) -> dict[
     db = await open_database(
         DatabaseConfig(url=f"sqlite+aiosqlite:///{folder / 'steps.db'}", pool_size=5)
     )
-    spent: Counter[str] = Counter()
+    spent: dict[str, float] = {}
 
     async def timed(step: str, awaitable: Awaitable[Any]) -> Any:
         begin = time.perf_counter()
         result = await awaitable
-        spent[step] += time.perf_counter() - begin
+        spent[step] = spent.get(step, 0.0) + time.perf_counter() - begin
         return result
 
     try:
@@ -856,7 +856,7 @@ async def relay_steps(folder: Path, mail: MailConfig, count: int = 300) -> dict[
             begin = time.perf_counter()
             assert item.raw is not None
             parse(item.raw)
-            spent["parse_mail"] += time.perf_counter() - begin
+            spent["parse_mail"] = spent.get("parse_mail", 0.0) + time.perf_counter() - begin
             mid = f"m{item.uid - 1}"
             await timed("mail_db.lookup (read)", mail_db.lookup(db, link.id, mid))
             event = EventID(f"$e{item.uid}")
@@ -884,9 +884,9 @@ def rooms_label(count: int) -> str:
 
 def mean_rate(before: dict[str, Any], after: dict[str, Any]) -> float:
     """Sends per second over both plain runs together."""
-    return round(
-        (before["sends"] + after["sends"]) / (before["elapsed_s"] + after["elapsed_s"]), 2
-    )
+    sends: int = before["sends"] + after["sends"]
+    elapsed: float = before["elapsed_s"] + after["elapsed_s"]
+    return round(sends / elapsed, 2)
 
 
 # --- report -----------------------------------------------------------------------------------
