@@ -100,6 +100,26 @@ class MailSetup:
         ]
 
 
+def bridge_config_with_mailbox(
+    synapse_setup: SynapseSetup, dovecot: DovecotServer, address: str
+) -> dict[str, Any]:
+    """The session's bridge config, plus the Dovecot mailbox of `address` (cleartext, loopback)."""
+    raw: dict[str, Any] = read_yaml_file(synapse_setup.config_path)
+    raw["mail"] = {
+        "mailboxes": {
+            address: {
+                "host": "127.0.0.1",
+                "port": dovecot.imap_port,
+                "tls": "none",
+                "user": address,
+                "password": PASSWORD,
+            }
+        },
+        "poll_interval": 2,
+    }
+    return raw
+
+
 def body_contains(text: str) -> Any:
     return lambda e: e.get("type") == "m.room.message" and text in e["content"].get("body", "")
 
@@ -114,19 +134,7 @@ async def mail_setup(
 ) -> AsyncIterator[MailSetup]:
     user = f"list{uuid.uuid4().hex[:8]}"
     address = dovecot.add_user(user, PASSWORD)
-    raw = read_yaml_file(synapse_setup.config_path)
-    raw["mail"] = {
-        "mailboxes": {
-            address: {
-                "host": "127.0.0.1",
-                "port": dovecot.imap_port,
-                "tls": "none",
-                "user": address,
-                "password": PASSWORD,
-            }
-        },
-        "poll_interval": 2,
-    }
+    raw = bridge_config_with_mailbox(synapse_setup, dovecot, address)
     config_path = tmp_path / "config.yaml"
     atomic_write(config_path, dump_yaml(raw))
     bridge = BridgeProcess(config_path, db_url, tmp_path / "bridge.log")
@@ -375,18 +383,7 @@ async def test_config_link_waits_for_the_bot_to_be_invited(
     address = dovecot.add_user(f"cfg{uuid.uuid4().hex[:8]}", PASSWORD)
     alice = await make_user("alice")
     room_id = await alice.create_room(name="Pinned by the admin")  # the bot is not invited
-    raw = read_yaml_file(synapse_setup.config_path)
-    raw["mail"] = {
-        "mailboxes": {
-            address: {
-                "host": "127.0.0.1",
-                "port": dovecot.imap_port,
-                "tls": "none",
-                "user": address,
-                "password": PASSWORD,
-            }
-        }
-    }
+    raw = bridge_config_with_mailbox(synapse_setup, dovecot, address)
     raw["links"] = [{"room": room_id, "address": address, "allowed_senders": ["achats.gouv.fr"]}]
     config_path = tmp_path / "config.yaml"
     atomic_write(config_path, dump_yaml(raw))
