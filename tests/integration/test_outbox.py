@@ -7,7 +7,7 @@ import contextlib
 import email
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,20 +144,6 @@ class MemoryStore:
 
 def _typed(store: MemoryStore) -> OutboxStore:
     return store  # mypy checks that MemoryStore implements the Protocol
-
-
-@pytest.fixture
-def handler() -> ScriptedHandler:
-    return ScriptedHandler()
-
-
-@pytest.fixture
-def sink(handler: ScriptedHandler) -> Iterator[int]:
-    controller, port = start_sink(handler)
-    try:
-        yield port
-    finally:
-        controller.stop()
 
 
 def make_worker(

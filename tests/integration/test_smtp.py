@@ -182,20 +182,6 @@ def start_sink(
     return sink, port
 
 
-@pytest.fixture
-def handler() -> ScriptedHandler:
-    return ScriptedHandler()
-
-
-@pytest.fixture
-def sink(handler: ScriptedHandler) -> Iterator[int]:
-    controller, port = start_sink(handler)
-    try:
-        yield port
-    finally:
-        controller.stop()
-
-
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 (it is its own CA) and its key."""
