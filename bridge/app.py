@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -13,16 +15,21 @@ from aiohttp import web
 from bridge import __version__
 from bridge.config import Config
 from bridge.core.commands import CommandProcessor
-from bridge.core.errors import PermanentError, TransientError
+from bridge.core.errors import Ignored, PermanentError, TransientError
 from bridge.core.health import ComponentHealth
 from bridge.core.ids import RoomID
 from bridge.core.linkcommands import LinkCommands
 from bridge.core.links import Link
 from bridge.core.mailrelay import MailRelay
 from bridge.core.tasks import TaskGroup
+from bridge.db import outbox as outbox_db
 from bridge.db.engine import Database, open_database
 from bridge.db.inbox import InboxEvent
+from bridge.db.outbox import DbOutboxStore
 from bridge.mail.ingest import make_parser
+from bridge.mail.outbox import OutboxWorker
+from bridge.mail.smtp import SendResult, SmtpConfig, SmtpSender, TlsMode, retry_delay
+from bridge.mailout import MailOut, OutcomeReporter
 from bridge.mailservice import MailService
 from bridge.matrix.appservice import AppserviceServer, PathOnlyAccessLogger, json_errors
 from bridge.matrix.bot import ManagementBot
@@ -38,6 +45,22 @@ from bridge.web.health import add_health_route
 log = logging.getLogger("passerelle")
 
 
+class _ReportingStore(DbOutboxStore):
+    """The outbox store, waking the reporter when an outcome is there to tell."""
+
+    def __init__(self, db: Database, notify: Callable[[], None]) -> None:
+        super().__init__(db)
+        self._notify = notify
+
+    async def mark_sent(self, item_id: int, result: SendResult) -> None:
+        await super().mark_sent(item_id, result)
+        self._notify()
+
+    async def mark_failed(self, item_id: int, result: SendResult) -> None:
+        await super().mark_failed(item_id, result)
+        self._notify()
+
+
 class StartupError(Exception):
     """The bridge could not start (its port is taken, …)."""
 
@@ -49,6 +72,7 @@ class Bridge:
         self.config = config
         self.tasks = TaskGroup()
         self.homeserver_health = ComponentHealth("homeserver")
+        self.smtp_health = ComponentHealth("smtp")
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._db: Database | None = None
@@ -81,16 +105,42 @@ class Bridge:
         )
         self.ghosts = GhostManager(config, self.client, self.db)
         self.poster = MatrixPoster(self.client, self.ghosts)
+        self.reporter = OutcomeReporter(config, self.db, self.client)
+        self.outbox: OutboxWorker | None = None
+        if config.mail.smtp is not None:
+            smtp = config.mail.smtp
+            sender = SmtpSender(
+                SmtpConfig(
+                    host=smtp.host,
+                    port=smtp.port,
+                    tls=cast(TlsMode, smtp.tls),
+                    user=smtp.user,
+                    password=smtp.password,
+                    ca_file=smtp.ca_file,
+                    timeout=smtp.timeout,
+                ),
+                self.smtp_health,
+            )
+            self.outbox = OutboxWorker(
+                _ReportingStore(self.db, self.reporter.notify),
+                sender,
+                give_up_after=config.mail.give_up_after,
+                retry_schedule=functools.partial(retry_delay, schedule=config.mail.retry_delays),
+            )
+        self.mail_out = MailOut(config, self.db, self.client, notify_outbox=self._notify_outbox)
         self.relay = MailRelay(
             self.db,
             make_parser(config.mail),
             self.poster,
             self.tasks,
             max_attempts=config.mail.max_attempts,
+            is_own_message=self.mail_out.is_own_message_id,
         )
         self.mail = MailService(config, self.db, self.tasks, self.relay)
         LinkCommands(config, self.db, self.mail.refresh, self._announce_link).register(commands)
         self.status.extra["mailboxes"] = self.mail.report
+        if self.outbox is not None:
+            self.status.db_extra["outbox"] = self._outbox_report
         self.catch_up = CatchUp(self.db, self.client)
         self.monitor = HomeserverMonitor(
             config, self.client, self.homeserver_health, self._after_connect
@@ -132,6 +182,11 @@ class Bridge:
         )
         self.tasks.spawn(self.dispatcher.run(), name="dispatcher")
         self.tasks.spawn(self.relay.run(), name="mail-relay")
+        if self.outbox is not None:
+            self.tasks.spawn(self.outbox.run(), name="outbox")
+            self.tasks.spawn(self.reporter.run(), name="outbox-reports")
+        else:
+            log.info("mail.smtp.host is not set: messages written in Matrix are not mailed")
         await self.mail.sync_config_links(self._bot_join)
         await self.mail.refresh()
         self.tasks.spawn(self.monitor.run(), name="homeserver-monitor")
@@ -177,9 +232,26 @@ class Bridge:
         if found:
             self.dispatcher.notify()
 
+    async def _outbox_report(self) -> dict[str, Any]:
+        """Mail from Matrix: how many wait, went, failed; the SMTP server's last state."""
+        counts = await outbox_db.counts(self.db)
+        return {"smtp": self.smtp_health.as_dict(), **counts}
+
+    def _notify_outbox(self) -> None:
+        if self.outbox is not None:
+            self.outbox.notify()
+
     async def handle_event(self, item: InboxEvent) -> None:
-        """Every stored event comes through here, in order per room."""
-        await self.bot.handle(item)
+        """Every stored event comes through here, in order per room: the bot's business
+        (invites, commands), then mail for linked rooms."""
+        reasons = []
+        for handler in (self.bot.handle, self.mail_out.handle):
+            try:
+                await handler(item)
+            except Ignored as e:
+                reasons.append(str(e))
+        if len(reasons) == 2:
+            raise Ignored("; ".join(reasons))
 
     async def stop(self) -> None:
         if self._runner is not None:

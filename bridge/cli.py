@@ -1,9 +1,11 @@
-"""The `passerelle` command: run, generate-registration, check-config, inspect-mail, demo."""
+"""The `passerelle` command: run, generate-registration, check-config, inspect-mail,
+inspect-event, demo."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from pathlib import Path
@@ -58,6 +60,20 @@ def _parser() -> argparse.ArgumentParser:
     insp.add_argument("-c", "--config", type=Path, default=None, help="config file (optional)")
     insp.add_argument("--link", default=None, help="apply this link's policy (its address)")
     insp.add_argument("message", type=Path, help="the mail, as an .eml file")
+    ev = sub.add_parser(
+        "inspect-event",
+        help="print the mail a Matrix event would become, touching no server",
+        description="Print to stdout the exact RFC 5322 message the bridge would send for a "
+        "Matrix event (or one line 'not sent: <reason>'). No server or database is used: "
+        "In-Reply-To/References (which come from the database) are left out and files become "
+        "placeholder parts. Exit 0 either way.",
+    )
+    ev.add_argument("-c", "--config", type=Path, default=None, help="config file (optional)")
+    ev.add_argument("--link", default=None, help="compose for this link (its list address)")
+    ev.add_argument(
+        "--sender-name", default=None, help="the sender's room display name (default: MXID)"
+    )
+    ev.add_argument("event", type=Path, help="the event, as JSON (a whole event, not content)")
     demo = sub.add_parser(
         "demo",
         help="start a local Synapse and the bridge, and show how to log in",
@@ -145,6 +161,34 @@ def _inspect_mail(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _inspect_event(args: argparse.Namespace) -> int:
+    from bridge.inspect import inspect_event, offline_config
+
+    config = load_config(args.config, require_tokens=False) if args.config else offline_config()
+    if not args.event.is_file():
+        return _fail(EXIT_USAGE, "usage", f"{args.event}: no such file")
+    try:
+        event = json.loads(args.event.read_bytes())
+    except (ValueError, RecursionError) as e:
+        return _fail(EXIT_USAGE, "usage", f"{args.event}: not JSON ({str(e)[:100]})")
+    if not isinstance(event, dict):
+        return _fail(EXIT_USAGE, "usage", f"{args.event}: must hold one event (a JSON object)")
+    try:
+        raw = inspect_event(
+            config,
+            event,
+            link=args.link,
+            sender_name=args.sender_name,
+            configured=args.config is not None,
+        )
+    except LookupError as e:
+        return _fail(EXIT_USAGE, "usage", str(e).strip("'\""))
+    sys.stdout.flush()
+    sys.stdout.buffer.write(raw)
+    sys.stdout.buffer.flush()
+    return EXIT_OK
+
+
 def _demo(args: argparse.Namespace) -> int:
     from bridge.demo import run_demo
 
@@ -165,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate-registration": _generate,
         "check-config": _check,
         "inspect-mail": _inspect_mail,
+        "inspect-event": _inspect_event,
         "demo": _demo,
     }
     try:

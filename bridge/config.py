@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import os
 import re
@@ -97,6 +99,22 @@ class MailboxSettings:
 
 
 @dataclass(frozen=True)
+class SmtpSettings:
+    """The SMTP server Matrix messages are submitted to."""
+
+    host: str
+    port: int
+    tls: str  # "tls", "starttls" or "none"
+    user: str | None
+    password: str | None = field(repr=False)
+    ca_file: str | None
+    timeout: float
+
+
+ON_SENT = ("none", "reaction")
+
+
+@dataclass(frozen=True)
 class MailConfig:
     mailboxes: dict[str, MailboxSettings]
     poll_interval: float
@@ -104,6 +122,12 @@ class MailConfig:
     max_depth: int
     max_parts: int
     max_attempts: int
+    smtp: SmtpSettings | None = None  # None: Matrix → mail is off
+    from_address: str | None = None
+    retry_delays: tuple[float, ...] = (30, 60, 120, 300, 600, 1800, 3600, 7200, 14400)
+    give_up_after: float = 172800.0
+    max_attachment_size: int = 10485760
+    on_sent: str = "none"
 
 
 @dataclass(frozen=True)
@@ -114,6 +138,9 @@ class LinkSpec:
     address: str
     allowed_senders: tuple[str, ...]
     thread_mode: str
+    from_address: str | None = None
+    send_edits: bool = True
+    egress_domains: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -152,10 +179,20 @@ class Config:
     def is_ghost(self, mxid: str) -> bool:
         return re.fullmatch(self.ghost_regex, mxid) is not None
 
+    @property
+    def message_id_secret(self) -> bytes:
+        """The key that tags the bridge's own Message-IDs, derived from the as_token (so it
+        needs no storage of its own; a new token means earlier mails are no longer
+        recognised by their ID, only by the Message-ID map)."""
+        token = self.appservice.as_token.encode("utf-8")
+        return hmac.new(token, b"passerelle message-id tag", hashlib.sha256).digest()
+
     def secrets(self) -> list[str]:
         """Values that must never reach a log line."""
         values = [self.appservice.as_token, self.appservice.hs_token]
         values += [m.password for m in self.mail.mailboxes.values()]
+        if self.mail.smtp is not None and self.mail.smtp.password:
+            values.append(self.mail.smtp.password)
         password = urlsplit(self.database.url).password
         if password:
             values.append(password)
@@ -479,22 +516,9 @@ def _mailbox(address: str, value: Any, config_dir: Path | None) -> MailboxSettin
     user = value.get("user")
     if not isinstance(user, str) or not user:
         raise ConfigError(f"{key}.user", "is required")
-    password = value.get("password")
-    password_file = value.get("password_file")
-    if (password is None) == (password_file is None):
+    password = _password(key, value, config_dir)
+    if password is None:
         raise ConfigError(f"{key}.password", "set exactly one of password and password_file")
-    if password_file is not None:
-        if not isinstance(password_file, str):
-            raise ConfigError(f"{key}.password_file", "must be a file path")
-        path = Path(password_file)
-        if not path.is_absolute() and config_dir is not None:
-            path = config_dir / path
-        try:
-            password = path.read_text(encoding="utf-8").strip("\r\n")
-        except OSError as e:
-            raise ConfigError(f"{key}.password_file", f"cannot read it: {e.strerror}") from None
-    if not isinstance(password, str) or not password:
-        raise ConfigError(f"{key}.password", "must be a non-empty string")
     folder = value.get("folder", "INBOX")
     if not isinstance(folder, str) or not folder or not folder.isprintable():
         raise ConfigError(f"{key}.folder", "must be a folder name")
@@ -513,6 +537,86 @@ def _mailbox(address: str, value: Any, config_dir: Path | None) -> MailboxSettin
     )
 
 
+def _password(key: str, value: Mapping[str, Any], config_dir: Path | None) -> str | None:
+    """The password given inline or in password_file (not both); None when neither."""
+    password = value.get("password")
+    password_file = value.get("password_file")
+    if password is not None and password_file is not None:
+        raise ConfigError(f"{key}.password", "set exactly one of password and password_file")
+    if password_file is not None:
+        if not isinstance(password_file, str):
+            raise ConfigError(f"{key}.password_file", "must be a file path")
+        path = Path(password_file)
+        if not path.is_absolute() and config_dir is not None:
+            path = config_dir / path
+        try:
+            password = path.read_text(encoding="utf-8").strip("\r\n")
+        except OSError as e:
+            raise ConfigError(f"{key}.password_file", f"cannot read it: {e.strerror}") from None
+    if password is not None and (not isinstance(password, str) or not password):
+        raise ConfigError(f"{key}.password", "must be a non-empty string")
+    return password
+
+
+def _smtp(raw: dict[str, Any], config_dir: Path | None) -> SmtpSettings | None:
+    key = "mail.smtp"
+    value = raw["mail"]["smtp"]
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"must be a mapping, not {_type_name(value)}")
+    known = {"host", "port", "tls", "user", "password", "password_file", "ca_file", "timeout"}
+    for name in value:
+        if name not in known:
+            raise ConfigError(f"{key}.{name}", "unknown key")
+    host = value.get("host")
+    if host is None:
+        return None
+    if not isinstance(host, str) or not host or not host.isprintable() or " " in host:
+        raise ConfigError(f"{key}.host", "must be a host name, or null to send no mail")
+    tls = value.get("tls")
+    if tls not in ("tls", "starttls", "none"):
+        raise ConfigError(f"{key}.tls", "must be tls, starttls or none")
+    if tls == "none" and host not in LOOPBACK_HOSTS:
+        raise ConfigError(
+            f"{key}.tls", "none (cleartext) is only allowed for a server on this machine"
+        )
+    port = value.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(f"{key}.port", "must be a port number")
+    user = value.get("user")
+    if user is not None and (not isinstance(user, str) or not user or not user.isprintable()):
+        raise ConfigError(f"{key}.user", "must be a user name or null")
+    password = _password(key, value, config_dir)
+    if (user is None) != (password is None):
+        raise ConfigError(f"{key}.password", "user and a password go together")
+    ca_file = value.get("ca_file")
+    if ca_file is not None and not isinstance(ca_file, str):
+        raise ConfigError(f"{key}.ca_file", "must be a file path or null")
+    return SmtpSettings(
+        host=host,
+        port=port,
+        tls=tls,
+        user=user,
+        password=password,
+        ca_file=ca_file,
+        timeout=_number(raw, f"{key}.timeout", 1, 600),
+    )
+
+
+def _retry_delays(value: Any) -> tuple[float, ...]:
+    if (
+        not isinstance(value, list)
+        or not 1 <= len(value) <= 50
+        or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and 0.1 <= v <= 86400
+            for v in value
+        )
+    ):
+        raise ConfigError(
+            "mail.retry_delays", "must be a list of 1 to 50 delays in seconds (0.1 to 86400)"
+        )
+    return tuple(float(v) for v in value)
+
+
 def _mail(raw: dict[str, Any], config_dir: Path | None) -> MailConfig:
     boxes = raw["mail"]["mailboxes"]
     if not isinstance(boxes, Mapping):
@@ -521,6 +625,14 @@ def _mail(raw: dict[str, Any], config_dir: Path | None) -> MailConfig:
     for address, value in boxes.items():
         canonical = mail_address(f"mail.mailboxes.{address}", address)
         mailboxes[canonical] = _mailbox(canonical, value, config_dir)
+    smtp = _smtp(raw, config_dir)
+    from_value = raw["mail"]["from_address"]
+    from_address = None if from_value is None else mail_address("mail.from_address", from_value)
+    if smtp is not None and from_address is None:
+        raise ConfigError("mail.from_address", "is required when mail.smtp.host is set")
+    on_sent = raw["mail"]["on_sent"]
+    if on_sent not in ON_SENT:
+        raise ConfigError("mail.on_sent", "must be none or reaction")
     return MailConfig(
         mailboxes=mailboxes,
         poll_interval=_number(raw, "mail.poll_interval", 1, 3600),
@@ -528,6 +640,12 @@ def _mail(raw: dict[str, Any], config_dir: Path | None) -> MailConfig:
         max_depth=_int(raw, "mail.max_depth", 1, 50),
         max_parts=_int(raw, "mail.max_parts", 1, 1000),
         max_attempts=_int(raw, "mail.max_attempts", 1, 100),
+        smtp=smtp,
+        from_address=from_address,
+        retry_delays=_retry_delays(raw["mail"]["retry_delays"]),
+        give_up_after=_number(raw, "mail.give_up_after", 0, 365 * 86400),
+        max_attachment_size=_int(raw, "mail.max_attachment_size", 0, 1 << 30),
+        on_sent=on_sent,
     )
 
 
@@ -544,6 +662,17 @@ def check_sender_patterns(key: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+LINK_KEYS = (
+    "room",
+    "address",
+    "allowed_senders",
+    "thread_mode",
+    "from_address",
+    "send_edits",
+    "egress_domains",
+)
+
+
 def _links(raw: dict[str, Any], mail: MailConfig) -> tuple[LinkSpec, ...]:
     value = raw["links"]
     if not isinstance(value, list):
@@ -555,7 +684,7 @@ def _links(raw: dict[str, Any], mail: MailConfig) -> tuple[LinkSpec, ...]:
         if not isinstance(entry, Mapping):
             raise ConfigError(key, "must be a mapping with room and address")
         for name in entry:
-            if name not in ("room", "address", "allowed_senders", "thread_mode"):
+            if name not in LINK_KEYS:
                 raise ConfigError(f"{key}.{name}", "unknown key")
         room = entry.get("room")
         # Room versions 12 and later have room IDs without a server part: only the sigil.
@@ -577,7 +706,14 @@ def _links(raw: dict[str, Any], mail: MailConfig) -> tuple[LinkSpec, ...]:
         if mode not in ("threads", "flat"):
             raise ConfigError(f"{key}.thread_mode", "must be threads or flat")
         senders = check_sender_patterns(f"{key}.allowed_senders", entry.get("allowed_senders", []))
-        links.append(LinkSpec(room, address, senders, mode))
+        link_from = entry.get("from_address")
+        if link_from is not None:
+            link_from = mail_address(f"{key}.from_address", link_from)
+        edits = entry.get("send_edits", True)
+        if not isinstance(edits, bool):
+            raise ConfigError(f"{key}.send_edits", "must be true or false")
+        egress = check_sender_patterns(f"{key}.egress_domains", entry.get("egress_domains", []))
+        links.append(LinkSpec(room, address, senders, mode, link_from, edits, egress))
     return tuple(links)
 
 

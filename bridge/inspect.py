@@ -1,8 +1,10 @@
-"""`passerelle inspect-mail`: what the bridge would post for a mail, without any server."""
+"""`passerelle inspect-mail` and `inspect-event`: what the bridge would post for a mail, and
+mail for a Matrix event, without touching any server."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,11 @@ from bridge.core.ghosts import encode_localpart, ghost_display_name
 from bridge.core.links import LinkSettings
 from bridge.core.mailrelay import with_original
 from bridge.core.message import Attachment, IncomingMessage
+from bridge.core.permissions import PermissionLevel
 from bridge.core.threading import NEW_THREAD
+from bridge.mail.compose import ComposeError, compose
 from bridge.mail.ingest import make_parser
+from bridge.mail.outgoing import NotSent, outgoing_mail, placeholder_attachment, plan_event
 from bridge.matrix import render
 from bridge.matrix.poster import plan_events
 
@@ -92,3 +97,82 @@ def run_inspect(config: Config, path: Path, link: str | None) -> str:
     text = json.dumps(inspect_mail(config, raw, link), ensure_ascii=False, indent=2)
     # A lone surrogate that slipped through would make printing fail: never a traceback.
     return text.encode("utf-8", "replace").decode("utf-8")
+
+
+# --- inspect-event: the mail a Matrix event would become --------------------------------------
+
+PLACEHOLDER_LIST = "list@example.invalid"
+PLACEHOLDER_FROM = "passerelle@example.invalid"
+
+
+def _event_link(config: Config, link: str | None) -> tuple[str, LinkSettings]:
+    """The list address and settings inspect-event composes for."""
+    if link is None:
+        if len(config.links) != 1:
+            return PLACEHOLDER_LIST, LinkSettings()
+        link = config.links[0].address
+    wanted = link.lower().removeprefix("mail:")
+    spec = next((s for s in config.links if s.address == wanted), None)
+    if spec is None:
+        raise LookupError(f"no link for {link} in the config's links")
+    settings = LinkSettings(
+        allowed_senders=spec.allowed_senders,
+        thread_mode=spec.thread_mode,
+        from_address=spec.from_address,
+        send_edits=spec.send_edits,
+        egress_domains=spec.egress_domains,
+    )
+    return spec.address, settings
+
+
+def inspect_event(
+    config: Config,
+    event: dict[str, Any],
+    *,
+    link: str | None,
+    sender_name: str | None,
+    configured: bool,
+    now: dt.datetime | None = None,
+) -> bytes:
+    """The exact message the bridge would send for `event`, or b"not sent: <reason>\\n".
+
+    No server is touched: no thread mapping (so no In-Reply-To / References), media as
+    placeholder parts, the display name from `sender_name` (or the MXID).
+    """
+    list_address, settings = _event_link(config, link)
+    if configured and config.mail.smtp is None:
+        return b"not sent: Matrix \xe2\x86\x92 mail is off (mail.smtp.host is not set)\n"
+    plan = plan_event(
+        event,
+        bot_mxid=config.bot_mxid,
+        is_bridge_user=config.is_ghost,
+        command_prefix=config.appservice.command_prefix,
+    )
+    if isinstance(plan, NotSent):
+        return f"not sent: {plan.reason}\n".encode()
+    if configured and config.permissions.level_for(plan.sender) < PermissionLevel.USER:
+        return f"not sent: {plan.sender} is not permitted to use the bridge\n".encode()
+    if plan.replaces is not None and not settings.send_edits:
+        return b"not sent: this link does not mail edits\n"
+    from_address = settings.from_address or config.mail.from_address or PLACEHOLDER_FROM
+    attachments = (placeholder_attachment(plan.media),) if plan.media is not None else ()
+    mail = outgoing_mail(
+        plan,
+        sender_name=sender_name or "",
+        disambiguate=False,
+        subject="",
+        in_reply_to=None,
+        references=(),
+        attachments=attachments,
+    )
+    try:
+        return compose(
+            mail,
+            from_address=from_address,
+            list_address=list_address,
+            domain=from_address.rpartition("@")[2],
+            secret=config.message_id_secret,
+            now=now or dt.datetime.now(dt.UTC),
+        )
+    except ComposeError as e:
+        return f"not sent: the message could not be composed safely ({e})\n".encode()

@@ -42,7 +42,13 @@ class MailService:
                 room_id=RoomID(spec.room_id),
                 kind="mail",
                 remote=spec.address,
-                settings=LinkSettings(spec.allowed_senders, spec.thread_mode),
+                settings=LinkSettings(
+                    allowed_senders=spec.allowed_senders,
+                    thread_mode=spec.thread_mode,
+                    from_address=spec.from_address,
+                    send_edits=spec.send_edits,
+                    egress_domains=spec.egress_domains,
+                ),
                 source="config",
                 created_by=None,
             )

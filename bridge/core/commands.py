@@ -164,4 +164,13 @@ class CommandProcessor:
                 f"Events: {queue.get('pending', 0)} pending, {queue.get('done', 0)} handled, "
                 f"{queue.get('dead_letters', 0)} dead letters"
             )
+        outbox = report.get("outbox")
+        if isinstance(outbox, dict):
+            smtp = outbox.get("smtp", {})
+            error = smtp.get("last_error") if isinstance(smtp, dict) else None
+            lines.append(
+                f"Mail out: {outbox.get('pending', 0)} waiting, {outbox.get('sent', 0)} sent, "
+                f"{outbox.get('failed', 0)} failed"
+                + (f" (SMTP last error: {error})" if error else "")
+            )
         return Reply.plain("\n".join(lines))

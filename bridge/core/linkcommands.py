@@ -133,11 +133,16 @@ class LinkCommands:
             )
         if target.source == "config":
             return Reply.plain(f"{target.remote} is linked by the config file; change it there.")
-        await link_db.delete_link(self.db, target.id)
+        unsent = await link_db.delete_link(self.db, target.id)
         log.info("%s unlinked %s from %s", ctx.sender, target.remote, ctx.room_id)
         await self.on_change()
         await self.announce(target, False)
-        return Reply.plain(f"Unlinked {target.remote}: its mail no longer comes here.")
+        dropped = (
+            f" {unsent} message(s) from here that were waiting to be mailed to it were dropped."
+            if unsent
+            else ""
+        )
+        return Reply.plain(f"Unlinked {target.remote}: its mail no longer comes here.{dropped}")
 
     async def links(self, ctx: CommandContext, _args: tuple[str, ...]) -> Reply:
         here = await link_db.links_in_room(self.db, ctx.room_id)

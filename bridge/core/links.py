@@ -15,9 +15,24 @@ THREAD_MODES = ("threads", "flat")
 class LinkSettings:
     allowed_senders: tuple[str, ...] = ()
     thread_mode: str = "threads"
+    # Matrix → mail: the sender address (None: mail.from_address), whether edits send a
+    # correction mail, and the recipient domains allowed besides the list address.
+    from_address: str | None = None
+    send_edits: bool = True
+    egress_domains: tuple[str, ...] = ()
 
     def patterns(self) -> list[DomainPattern]:
         return [DomainPattern.parse(p) for p in self.allowed_senders]
+
+    def recipient_allowed(self, list_address: str, recipient: str) -> bool:
+        """Egress policy: the list itself, or an address at one of egress_domains."""
+        if recipient.lower() == list_address.lower():
+            return True
+        local, at, domain = recipient.rpartition("@")
+        if not at or not local or "@" in local:
+            return False
+        patterns = [DomainPattern.parse(p) for p in self.egress_domains]
+        return bool(patterns) and domain_allowed(domain, patterns)
 
     def sender_allowed(self, address: str) -> bool:
         """Whether mail from this canonical address may be posted (exact domain policy)."""
@@ -25,15 +40,26 @@ class LinkSettings:
         return bool(domain) and domain_allowed(domain, self.patterns())
 
     def as_json(self) -> dict[str, Any]:
-        return {"allowed_senders": list(self.allowed_senders), "thread_mode": self.thread_mode}
+        return {
+            "allowed_senders": list(self.allowed_senders),
+            "thread_mode": self.thread_mode,
+            "from_address": self.from_address,
+            "send_edits": self.send_edits,
+            "egress_domains": list(self.egress_domains),
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LinkSettings:
         senders = data.get("allowed_senders", [])
         mode = data.get("thread_mode", "threads")
+        sender = data.get("from_address")
+        egress = data.get("egress_domains", [])
         return cls(
             allowed_senders=tuple(str(s) for s in senders) if isinstance(senders, list) else (),
             thread_mode=mode if mode in THREAD_MODES else "threads",
+            from_address=sender if isinstance(sender, str) and sender else None,
+            send_edits=data.get("send_edits", True) is not False,
+            egress_domains=tuple(str(d) for d in egress) if isinstance(egress, list) else (),
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import Row, delete, select, update
+from sqlalchemy import Row, delete, func, select, update
 
 from bridge.core.ids import RoomID, UserID
 from bridge.core.links import Link, LinkSettings
@@ -94,14 +94,24 @@ async def save_link(
     return found
 
 
-async def delete_link(db: Database, link_id: int) -> None:
-    """Remove a link and its mail records; the room keeps its messages."""
-    from bridge.db.schema import mail_raw, message_map, sender_notice
+async def delete_link(db: Database, link_id: int) -> int:
+    """Remove a link and its mail records; the room keeps its messages. Mail from Matrix not
+    sent yet is dropped with it (it would go to a list the room is no longer linked to):
+    returns how many."""
+    from bridge.db.schema import mail_outbox, mail_raw, message_map, sender_notice
 
     async with db.begin() as conn:
-        for table in (sender_notice, message_map, mail_raw):
+        unsent = (
+            await conn.execute(
+                select(func.count())
+                .select_from(mail_outbox)
+                .where(mail_outbox.c.link_id == link_id, mail_outbox.c.state == "pending")
+            )
+        ).scalar_one()
+        for table in (sender_notice, message_map, mail_raw, mail_outbox):
             await conn.execute(delete(table).where(table.c.link_id == link_id))
         await conn.execute(delete(link).where(link.c.id == link_id))
+    return int(unsent)
 
 
 async def set_paused(db: Database, link_id: int, paused: bool) -> None:

@@ -28,6 +28,15 @@ class RawMail:
     attempts: int
 
 
+@dataclass(frozen=True)
+class MappedEvent:
+    """The mail a Matrix event became (or came from), as the message_map knows it."""
+
+    message_id: str
+    thread_root: EventID
+    subject: str | None
+
+
 async def highest_uid(db: Database, mailbox: str, uidvalidity: int) -> int:
     async with db.begin() as conn:
         value = (
@@ -158,6 +167,22 @@ async def lookup(db: Database, link_id: int, message_id: str) -> Mapped | None:
     if row is None:
         return None
     return Mapped(EventID(row.event_id), EventID(row.thread_root), row.subject)
+
+
+async def lookup_event(db: Database, link_id: int, event_id: str) -> MappedEvent | None:
+    """The Message-ID this link mapped to the event (the oldest, if there are several)."""
+    async with db.begin() as conn:
+        row = (
+            await conn.execute(
+                select(message_map)
+                .where(message_map.c.link_id == link_id, message_map.c.event_id == event_id)
+                .order_by(message_map.c.created_at, message_map.c.message_id)
+                .limit(1)
+            )
+        ).first()
+    if row is None:
+        return None
+    return MappedEvent(row.message_id, EventID(row.thread_root), row.subject)
 
 
 async def record_posted(

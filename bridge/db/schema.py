@@ -161,3 +161,33 @@ sender_notice = Table(
     Column("day", String(10), primary_key=True),
     Column("refused", Integer, nullable=False, server_default="0"),
 )
+
+# Mail the bridge sends for a Matrix event, stored before the first attempt so that a crash or
+# an unreachable server loses nothing; (link_id, event_id) makes a re-run handler harmless.
+# state: pending → sent | failed; reported: the outcome was told to the room.
+mail_outbox = Table(
+    "mail_outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("link_id", Integer, ForeignKey("link.id"), nullable=False),
+    Column("room_id", String(255), nullable=False),
+    Column("event_id", String(255), nullable=False),
+    Column("kind", String(16), nullable=False),  # message | correction
+    Column("message_id", String(998), nullable=False),  # without <>
+    Column("raw", LargeBinary, nullable=False),
+    Column("mail_from", String(320), nullable=False),
+    Column("recipients", Text, nullable=False),  # JSON list of addresses
+    Column("state", String(16), nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("first_tried_at", BigInteger, nullable=True),
+    Column("next_attempt_at", BigInteger, nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("smtp_code", Integer, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("finished_at", BigInteger, nullable=True),
+    Column("reported", Boolean, nullable=False, server_default=false()),
+    UniqueConstraint("link_id", "event_id", name="ux_mail_outbox_event"),
+    Index("ix_mail_outbox_due", "state", "next_attempt_at"),
+    Index("ix_mail_outbox_report", "reported", "state"),
+    Index("ix_mail_outbox_event_id", "event_id"),
+)

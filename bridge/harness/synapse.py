@@ -642,6 +642,28 @@ class MatrixTestClient:
                 raise MatrixRequestError("GET", path, response.status, _decode_body(data))
             return data
 
+    async def upload(self, data: bytes, content_type: str, filename: str) -> str:
+        """Upload media; returns its mxc:// URI."""
+        session = self._get_session()
+        async with session.post(
+            self.base_url + "/_matrix/media/v3/upload",
+            data=data,
+            params={"filename": filename},
+            headers={"Content-Type": content_type},
+        ) as response:
+            body = _decode_body(await response.read())
+            if response.status >= 400 or not isinstance(body, dict):
+                raise MatrixRequestError("POST", "/upload", response.status, body)
+        return str(body["content_uri"])
+
+    async def set_displayname(self, name: str) -> None:
+        """The user's global display name (copied into the rooms they are in)."""
+        await self.request(
+            "PUT",
+            f"/_matrix/client/v3/profile/{_quote(self.user_id)}/displayname",
+            json_body={"displayname": name},
+        )
+
     async def joined_members(self, room_id: str) -> list[str]:
         response = await self.request(
             "GET", f"/_matrix/client/v3/rooms/{_quote(room_id)}/joined_members"

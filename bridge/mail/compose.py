@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import email
+import email.header
 import email.policy
 import hashlib
 import hmac
@@ -25,6 +26,7 @@ __all__ = [
     "ComposeError",
     "OutgoingMail",
     "compose",
+    "conversation_subject",
     "is_own_message_id",
     "own_message_id",
 ]
@@ -326,6 +328,32 @@ def _match_end(pattern: re.Pattern[str], text: str) -> int:
     return match.end() if match else 0
 
 
+def _bodies(mail: OutgoingMail) -> tuple[str, str]:
+    """The text and the sanitised HTML ("" for none) of `mail`, reply fallbacks removed; the
+    text is taken from the HTML when it is blank."""
+    text = _clean_body(mail.body_text)
+    if mail.in_reply_to is not None:
+        text = _strip_text_fallback(text)
+    html = ""
+    if mail.body_html:
+        source = _clean_body(mail.body_html[:_MAX_HTML_INPUT])
+        html = sanitize_html(
+            _strip_html_fallback(source), image_urls={}, max_input=_MAX_HTML_INPUT
+        )
+    if not text.strip() and html:
+        text = html_to_text(html)
+    return text, html
+
+
+def conversation_subject(mail: OutgoingMail) -> str:
+    """The subject the conversation `mail` starts or continues is known by: the Subject that
+    compose() writes for it, without a leading "Re: ". For a new conversation that is the
+    cleaned first line of the text (or "(no subject)"), in a thread the cleaned thread subject.
+    """
+    text, _ = _bodies(mail)
+    return _subject(mail, text).removeprefix("Re: ")
+
+
 # --- composition ------------------------------------------------------------------------------
 
 
@@ -360,17 +388,7 @@ def compose(
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("now must be timezone-aware")
 
-    text = _clean_body(mail.body_text)
-    if mail.in_reply_to is not None:
-        text = _strip_text_fallback(text)
-    html = ""
-    if mail.body_html:
-        source = _clean_body(mail.body_html[:_MAX_HTML_INPUT])
-        html = sanitize_html(
-            _strip_html_fallback(source), image_urls={}, max_input=_MAX_HTML_INPUT
-        )
-    if not text.strip() and html:
-        text = html_to_text(html)
+    text, html = _bodies(mail)
     subject = _subject(mail, text)
     if mail.correction:
         text = "Correction: " + text
@@ -385,7 +403,7 @@ def compose(
     msg["From"] = Address(display_name=from_name, addr_spec=from_address)
     msg["To"] = Address(addr_spec=list_address)
     msg["Reply-To"] = Address(addr_spec=list_address)
-    msg["Subject"] = subject
+    _set_subject(msg, subject)
     msg["Date"] = now
     _set_ids(msg, "Message-ID", [message_id])
     if parent is not None:
@@ -412,6 +430,21 @@ def compose(
     raw = msg.as_bytes()
     _check(raw, bridge_header, (from_name, from_address), list_address)
     return raw
+
+
+def _set_subject(msg: MIMEPart, subject: str) -> None:
+    """The Subject, its spaces kept.
+
+    Python 3.11's folder puts the space between two encoded-words of a long non-ASCII subject
+    outside them, as folding whitespace, which RFC 2047 decoders drop: "équipes « numérique »"
+    arrives as "équipes« numérique »". email.header.Header keeps every space inside an
+    encoded-word. `subject` is one clean line (_clean_line): no controls, no "=?".
+    """
+    if subject.isascii():
+        msg["Subject"] = subject
+        return
+    encoded = email.header.Header(subject, "utf-8", header_name="Subject").encode(linesep="\n")
+    msg.set_raw("Subject", encoded)
 
 
 def _set_ids(msg: MIMEPart, name: str, ids: list[str]) -> None:

@@ -98,14 +98,16 @@ class SendResult:
     refused: tuple[str, ...] = ()
 
 
-def retry_delay(attempt: int) -> float:
+def retry_delay(attempt: int, schedule: Sequence[float] = RETRY_SCHEDULE) -> float:
     """Seconds to wait after failed attempt number ``attempt`` (1-based), ±10 % jitter.
 
-    30 s, 1 min, 2, 5, 10, 30 min, 1 h, 2 h, then every 4 h.
+    By default 30 s, 1 min, 2, 5, 10, 30 min, 1 h, 2 h, then every 4 h (the last repeats).
     """
     if attempt < 1:
         raise ValueError(f"attempt starts at 1, not {attempt}")
-    base = RETRY_SCHEDULE[min(attempt, len(RETRY_SCHEDULE)) - 1]
+    if not schedule:
+        raise ValueError("the schedule is empty")
+    base = schedule[min(attempt, len(schedule)) - 1]
     return base * (1 + random.uniform(-RETRY_JITTER, RETRY_JITTER))
 
 

@@ -11,6 +11,7 @@ from bridge.core.commands import CommandContext, CommandProcessor, Reply, parse_
 from bridge.core.errors import Ignored, PermanentError
 from bridge.core.ids import EventID, RoomID
 from bridge.core.permissions import PermissionLevel
+from bridge.db import links as link_db
 from bridge.db import rooms
 from bridge.db.engine import Database
 from bridge.db.inbox import InboxEvent
@@ -193,9 +194,10 @@ class ManagementBot:
             raise Ignored("message in a room the bot is not in")
         if room.encrypted:
             raise Ignored("room is encrypted: the bot never answers in clear")
-        command = parse_command(
-            body, self.config.appservice.command_prefix, is_direct=room.is_direct_chat
-        )
+        # A room linked to a list is a conversation, even with only one person and the bot in
+        # it: there, only prefixed text is a command.
+        is_direct = room.is_direct_chat and not await link_db.links_in_room(self.db, item.room_id)
+        command = parse_command(body, self.config.appservice.command_prefix, is_direct=is_direct)
         if command is None:
             raise Ignored("not a command")
         level = self.config.permissions.level_for(sender)
@@ -210,12 +212,10 @@ class ManagementBot:
             sender=sender,
             room_id=item.room_id,
             level=level,
-            is_direct=room.is_direct_chat,
+            is_direct=is_direct,
             power_level=power_level,
         )
-        reply = await self.commands.run(
-            command, level, is_direct=room.is_direct_chat, context=context
-        )
+        reply = await self.commands.run(command, level, is_direct=is_direct, context=context)
         thread_root = None
         if isinstance(relates, dict) and relates.get("rel_type") == "m.thread":
             root = relates.get("event_id")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from mautrix.api import MediaPath, Method, Path
@@ -18,6 +20,10 @@ from bridge.core.health import ComponentHealth
 from bridge.core.ids import EventID, RoomID, UserID
 
 log = logging.getLogger("passerelle.matrix.client")
+
+# mxc://<server name>/<media ID>, as the spec allows them (no path tricks).
+_MXC = re.compile(r"mxc://([A-Za-z0-9.:\[\]-]{1,255})/([A-Za-z0-9_-]{1,255})", re.ASCII)
+_DOWNLOAD_CHUNK = 64 * 1024
 
 # What "infinite" power means for our comparisons.
 CREATOR_POWER_LEVEL = 1 << 53
@@ -42,6 +48,7 @@ class MatrixClient:
         self.config = config
         self.health = health
         self.bot_mxid = config.bot_mxid
+        self._session = session
         self._api = AppServiceAPI(
             base_url=config.homeserver.address,
             bot_mxid=MautrixUserID(config.bot_mxid),
@@ -248,3 +255,44 @@ class MatrixClient:
             return False
         extra = content.get("additional_creators")
         return event.get("sender") == user_id or (isinstance(extra, list) and user_id in extra)
+
+    async def joined_members(self, room_id: RoomID) -> dict[UserID, str | None]:
+        """Joined members and their room display names (None when they have none)."""
+        result = await self.request(Method.GET, Path.v3.rooms[room_id].joined_members)
+        joined = result.get("joined")
+        members: dict[UserID, str | None] = {}
+        if isinstance(joined, dict):
+            for user_id, info in joined.items():
+                name = info.get("display_name") if isinstance(info, dict) else None
+                members[UserID(str(user_id))] = name if isinstance(name, str) else None
+        return members
+
+    async def download(self, mxc: str, max_bytes: int) -> bytes | None:
+        """Media through authenticated media (/_matrix/client/v1/media/download), as the bot.
+        None when it is larger than max_bytes (the download stops there); PermanentError for
+        a malformed URI or media the homeserver refuses, TransientError for an outage."""
+        match = _MXC.fullmatch(mxc)
+        if match is None:
+            raise PermanentError("not an mxc:// URI")
+        server, media_id = (quote(part, safe="") for part in match.groups())
+        url = (
+            f"{self.config.homeserver.address.rstrip('/')}"
+            f"/_matrix/client/v1/media/download/{server}/{media_id}"
+        )
+        headers = {"Authorization": f"Bearer {self.config.appservice.as_token}"}
+        try:
+            async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
+                if resp.status >= 500 or resp.status == 429:
+                    raise TransientError(f"homeserver answered {resp.status} to a download")
+                if resp.status != 200:
+                    raise PermanentError(f"homeserver answered {resp.status} to a download")
+                if (resp.content_length or 0) > max_bytes:
+                    return None
+                data = bytearray()
+                async for chunk in resp.content.iter_chunked(_DOWNLOAD_CHUNK):
+                    data += chunk
+                    if len(data) > max_bytes:
+                        return None
+                return bytes(data)
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            raise TransientError(f"homeserver unreachable: {e or type(e).__name__}") from e

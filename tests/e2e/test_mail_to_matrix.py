@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
@@ -26,28 +26,6 @@ from tests.conftest import BridgeProcess, SynapseSetup, UserFactory
 from tests.e2e.test_bot import message_from, replies_to
 
 PASSWORD = "list-password"
-
-
-@pytest.fixture(scope="session")
-def dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DovecotServer]:
-    server = DovecotServer(tmp_path_factory.mktemp("dovecot"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="session")
-def postfix(
-    tmp_path_factory: pytest.TempPathFactory, dovecot: DovecotServer
-) -> Iterator[PostfixServer]:
-    server = PostfixServer(tmp_path_factory.mktemp("postfix"), lmtp_port=dovecot.lmtp_port)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @dataclass

@@ -290,3 +290,27 @@ def test_parse_level(value: str, expected: PermissionLevel) -> None:
 def test_parse_bad_level(value: object) -> None:
     with pytest.raises(ValueError, match="unknown permission level"):
         PermissionLevel.parse(value)
+
+
+async def test_status_reply_shows_the_outbox() -> None:
+    report = STATUS | {
+        "outbox": {
+            "pending": 3,
+            "sent": 40,
+            "failed": 1,
+            "smtp": {"reachable": False, "last_error": "connection refused"},
+        }
+    }
+
+    async def source() -> dict[str, Any]:
+        return report
+
+    reply = await CommandProcessor(PREFIX, source).run(
+        Command("status", ()), PermissionLevel.USER, is_direct=True
+    )
+    assert "Mail out: 3 waiting, 40 sent, 1 failed (SMTP last error: connection refused)" in (
+        reply.text
+    )
+    # Without an SMTP server configured there is no outbox section and no line.
+    plain = await processor().run(Command("status", ()), PermissionLevel.USER, is_direct=True)
+    assert "Mail out" not in plain.text

@@ -1,0 +1,262 @@
+"""The outbox of mail to send: queueing, the worker's store, and outcomes to tell the room."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Row, false, func, select, update
+from sqlalchemy.sql.elements import ColumnElement
+
+from bridge.core.ids import EventID, RoomID
+from bridge.db.engine import Database
+from bridge.db.schema import mail_outbox, message_map
+from bridge.db.util import insert_ignore, now_ms
+from bridge.mail.outbox import OutboxItem
+from bridge.mail.smtp import SendResult
+
+log = logging.getLogger("passerelle.db.outbox")
+
+KINDS = ("message", "correction")
+STATES = ("pending", "sent", "failed")
+
+
+@dataclass(frozen=True)
+class NewOutgoing:
+    """A mail to queue for a Matrix event, with what maps its Message-ID back to the thread."""
+
+    link_id: int
+    room_id: RoomID
+    event_id: EventID
+    kind: str  # message | correction
+    message_id: str  # without <>
+    raw: bytes
+    mail_from: str
+    recipients: tuple[str, ...]
+    thread_root: EventID
+    subject: str | None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        if not self.message_id or self.message_id.startswith("<") or ">" in self.message_id:
+            raise ValueError(f"message_id must be bare, without <>: {self.message_id!r}")
+        if not self.recipients:
+            raise ValueError("a mail needs at least one recipient")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A finished mail whose outcome the room may need to hear about."""
+
+    id: int
+    link_id: int
+    room_id: RoomID
+    event_id: EventID
+    kind: str
+    state: str  # sent | failed
+    message: str  # the last error, or the refused recipients of a sent mail; "" if none
+    code: int | None
+
+
+async def enqueue(db: Database, item: NewOutgoing) -> int | None:
+    """Queue the mail, due now, and map its Message-ID to the event, in one commit.
+
+    Returns the outbox id, or None if this link already queued a mail for this event (a
+    handler run again after a crash): nothing is changed then.
+    """
+    now = now_ms()
+    async with db.begin() as conn:
+        outbox_id = (
+            await conn.execute(
+                insert_ignore(conn, mail_outbox, ["link_id", "event_id"])
+                .values(
+                    link_id=item.link_id,
+                    room_id=item.room_id,
+                    event_id=item.event_id,
+                    kind=item.kind,
+                    message_id=item.message_id,
+                    raw=item.raw,
+                    mail_from=item.mail_from,
+                    recipients=json.dumps(list(item.recipients)),
+                    state="pending",
+                    attempts=0,
+                    next_attempt_at=now,
+                    created_at=now,
+                )
+                .returning(mail_outbox.c.id)
+            )
+        ).scalar_one_or_none()
+        if outbox_id is None:
+            return None
+        # A reply to this mail threads back under the event's thread.
+        await conn.execute(
+            insert_ignore(conn, message_map, ["link_id", "message_id"]).values(
+                link_id=item.link_id,
+                message_id=item.message_id,
+                room_id=item.room_id,
+                event_id=item.event_id,
+                thread_root=item.thread_root,
+                subject=item.subject,
+                created_at=now,
+            )
+        )
+    return int(outbox_id)
+
+
+def _ms(seconds: float) -> int:
+    # Rounded, for stored times and "now" alike: monotonic, so a time t is due at any now >= t,
+    # and a time read back from the store (ms / 1000) gives the same milliseconds again.
+    return round(seconds * 1000)
+
+
+def _item(row: Row[Any]) -> OutboxItem:
+    return OutboxItem(
+        id=int(row.id),
+        raw=bytes(row.raw),
+        mail_from=row.mail_from,
+        recipients=tuple(json.loads(row.recipients)),
+        attempts=int(row.attempts),
+        first_tried_at=None if row.first_tried_at is None else row.first_tried_at / 1000,
+        next_attempt_at=row.next_attempt_at / 1000,
+    )
+
+
+class DbOutboxStore:
+    """Implements the outbox worker's OutboxStore on the database.
+
+    An outcome only changes a mail still pending: a finished one is never brought back.
+    """
+
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self._clock = clock  # the worker's clock, for first_tried_at and finished_at
+
+    async def due(self, now: float, limit: int, exclude: set[int]) -> list[OutboxItem]:
+        query = (
+            select(mail_outbox)
+            .where(mail_outbox.c.state == "pending", mail_outbox.c.next_attempt_at <= _ms(now))
+            .order_by(mail_outbox.c.next_attempt_at, mail_outbox.c.id)
+            .limit(limit)
+        )
+        if exclude:
+            query = query.where(mail_outbox.c.id.not_in(exclude))
+        async with self.db.begin() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_item(r) for r in rows]
+
+    async def mark_sent(self, item_id: int, result: SendResult) -> None:
+        await self._update_pending(
+            item_id,
+            state="sent",
+            finished_at=_ms(self._clock()),
+            smtp_code=result.code,
+            last_error=result.message if result.refused else None,
+        )
+
+    async def mark_retry(self, item_id: int, result: SendResult, next_attempt_at: float) -> None:
+        await self._update_pending(
+            item_id,
+            attempts=mail_outbox.c.attempts + 1,
+            first_tried_at=func.coalesce(mail_outbox.c.first_tried_at, _ms(self._clock())),
+            next_attempt_at=_ms(next_attempt_at),
+            last_error=result.message,
+            smtp_code=result.code,
+        )
+
+    async def mark_failed(self, item_id: int, result: SendResult) -> None:
+        await self._update_pending(
+            item_id,
+            state="failed",
+            finished_at=_ms(self._clock()),
+            attempts=mail_outbox.c.attempts + 1,
+            last_error=result.message,
+            smtp_code=result.code,
+        )
+
+    async def _update_pending(self, item_id: int, **values: Any) -> None:
+        async with self.db.begin() as conn:
+            result = await conn.execute(
+                update(mail_outbox)
+                .where(mail_outbox.c.id == item_id, mail_outbox.c.state == "pending")
+                .values(**values)
+            )
+        if not result.rowcount:
+            log.warning("outbox item %d is not pending any more; outcome not recorded", item_id)
+
+
+async def outcomes_to_report(db: Database, limit: int, *, include_sent: bool) -> list[Outcome]:
+    """Finished mails not reported yet, oldest first: failed ones, and sent ones if asked."""
+    states = ["failed", "sent"] if include_sent else ["failed"]
+    query = (
+        select(mail_outbox)
+        .where(_unreported(), mail_outbox.c.state.in_(states))
+        .order_by(mail_outbox.c.id)
+        .limit(limit)
+    )
+    async with db.begin() as conn:
+        rows = (await conn.execute(query)).all()
+    return [
+        Outcome(
+            id=int(r.id),
+            link_id=int(r.link_id),
+            room_id=RoomID(r.room_id),
+            event_id=EventID(r.event_id),
+            kind=r.kind,
+            state=r.state,
+            message=r.last_error or "",
+            code=None if r.smtp_code is None else int(r.smtp_code),
+        )
+        for r in rows
+    ]
+
+
+def _unreported() -> ColumnElement[bool]:
+    return mail_outbox.c.reported == false()
+
+
+async def mark_reported(db: Database, item_id: int) -> None:
+    async with db.begin() as conn:
+        await conn.execute(
+            update(mail_outbox).where(mail_outbox.c.id == item_id).values(reported=True)
+        )
+
+
+async def mark_all_sent_reported(db: Database) -> int:
+    """Flag every sent mail as reported (for a bridge that says nothing on success)."""
+    async with db.begin() as conn:
+        result = await conn.execute(
+            update(mail_outbox)
+            .where(mail_outbox.c.state == "sent", _unreported())
+            .values(reported=True)
+        )
+    return int(result.rowcount)
+
+
+async def mails_for_event(db: Database, event_id: str) -> list[tuple[int, int, str]]:
+    """(outbox id, link id, state) of every mail carrying this event, in id order."""
+    query = (
+        select(mail_outbox.c.id, mail_outbox.c.link_id, mail_outbox.c.state)
+        .where(mail_outbox.c.event_id == event_id)
+        .order_by(mail_outbox.c.id)
+    )
+    async with db.begin() as conn:
+        rows = (await conn.execute(query)).all()
+    return [(int(r.id), int(r.link_id), str(r.state)) for r in rows]
+
+
+async def counts(db: Database) -> dict[str, int]:
+    """Number of outbox mails per state (every state, zeros included)."""
+    async with db.begin() as conn:
+        rows = (
+            await conn.execute(
+                select(mail_outbox.c.state, func.count()).group_by(mail_outbox.c.state)
+            )
+        ).all()
+    result = dict.fromkeys(STATES, 0)
+    result.update({str(state): int(n) for state, n in rows})
+    return result
