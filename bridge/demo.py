@@ -23,8 +23,16 @@ LIST_PASSWORD = "demo-list-password"  # a loopback-only Dovecot made for the dem
 SENDER = "Agent Dupont <agent.dupont@achats.gouv.fr>"
 
 
+DEMO_FROM = "passerelle@example.test"
+
+
 def _write_demo_config(
-    folder: Path, synapse_port: int, bridge_port: int, list_address: str, imap_port: int
+    folder: Path,
+    synapse_port: int,
+    bridge_port: int,
+    list_address: str,
+    imap_port: int,
+    smtp_port: int,
 ) -> Path:
     """Create or refresh the demo config: new ports each run, the same tokens and database."""
     path = folder / "config.yaml"
@@ -52,7 +60,12 @@ def _write_demo_config(
                 "user": list_address,
                 "password": LIST_PASSWORD,
             }
-        }
+        },
+        # Matrix → mail through the same Postfix: what is written in the linked room reaches
+        # the list's mailbox (and, coming back, is recognised and not posted again).
+        "smtp": {"host": "127.0.0.1", "port": smtp_port, "tls": "none"},
+        "from_address": DEMO_FROM,
+        "on_sent": "reaction",
     }
     atomic_write(path, dump_yaml(user))
     return path
@@ -129,12 +142,41 @@ async def _link_list_room(
             f"Bonjour à tous,\nce message ({marker}) est arrivé par SMTP, IMAP puis Matrix."
         )
         await aiosmtplib.send(message, hostname="127.0.0.1", port=smtp_port)
-        await client.wait_for_event(
+        posted = await client.wait_for_event(
             room_id,
             lambda e: marker in str(e.get("content", {}).get("body", "")),
             timeout=30,
         )
+        # And back: a reply in that thread goes out by mail; the bot reacts ✉️ once Postfix
+        # accepted it.
+        reply = await client.send_event(
+            room_id,
+            "m.room.message",
+            {
+                "msgtype": "m.text",
+                "body": f"Bien reçu ({marker}), réponse envoyée depuis Matrix.",
+                "m.relates_to": {
+                    "rel_type": "m.thread",
+                    "event_id": posted["event_id"],
+                    "is_falling_back": True,
+                    "m.in_reply_to": {"event_id": posted["event_id"]},
+                },
+            },
+        )
+        await client.wait_for_event(room_id, _reacted_sent(reply, bot), timeout=30)
         return room_id
+
+
+def _reacted_sent(event_id: str, bot: str) -> Any:
+    def match(event: dict[str, Any]) -> bool:
+        relates = event.get("content", {}).get("m.relates_to", {})
+        return (
+            event.get("type") == "m.reaction"
+            and event.get("sender") == bot
+            and relates.get("event_id") == event_id
+        )
+
+    return match
 
 
 async def _serve(
@@ -174,6 +216,11 @@ async def _serve(
             "'Subject: Test\\n\\nBonjour')\""
         )
         print(
+            "What you write in that room is mailed to the list from "
+            f"“<your name> via Passerelle” <{DEMO_FROM}>, in the right mail conversation; the "
+            "bot reacts ✉️ once Postfix took it (a reply to the first mail already went out)."
+        )
+        print(
             "\nUse any Matrix client with the homeserver URL above (e.g. Element's 'custom "
             "server'), invite the bot to a room and write “!passerelle help”."
         )
@@ -206,8 +253,9 @@ def run_demo(folder: Path, *, check_only: bool = False) -> int:
     dovecot = DovecotServer(folder / "dovecot")
     list_address = dovecot.add_user(LIST_USER, LIST_PASSWORD)
     synapse_port, bridge_port = free_port(), free_port()
+    postfix = PostfixServer(folder / "postfix", lmtp_port=dovecot.lmtp_port)
     config_path = _write_demo_config(
-        folder, synapse_port, bridge_port, list_address, dovecot.imap_port
+        folder, synapse_port, bridge_port, list_address, dovecot.imap_port, postfix.smtp_port
     )
     registration = folder / "registration.yaml"
     try:
@@ -222,7 +270,6 @@ def run_demo(folder: Path, *, check_only: bool = False) -> int:
         app_service_config_files=[registration],
     )
     synapse.data_dir.mkdir(exist_ok=True)
-    postfix = PostfixServer(folder / "postfix", lmtp_port=dovecot.lmtp_port)
     print(f"Starting Dovecot, Postfix and Synapse ({synapse.base_url}) …")
     try:
         dovecot.start()

@@ -24,6 +24,8 @@ def test_demo_check_runs_twice_on_the_same_state(tmp_path: Path) -> None:
         assert "• status" in result.stdout
         # The linked list room got a mail through SMTP → Postfix → Dovecot → the bridge.
         assert "a first mail sent through Postfix is in it" in result.stdout
+        # And a reply written in Matrix went out by mail (the demo waits for the ✉️ reaction).
+        assert "a reply to the first mail already went out" in result.stdout
     config = (folder / "config.yaml").read_text()
     assert "generate" not in config
     assert (folder / "registration.yaml").stat().st_mode & 0o077 == 0
