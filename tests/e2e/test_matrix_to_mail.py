@@ -451,3 +451,30 @@ async def test_hostile_display_name_and_body_stay_in_the_body(
     assert html is not None
     assert "<script" not in html.get_content()
     assert "javascript:" not in html.get_content()
+
+
+async def test_two_members_with_one_name_are_told_apart(
+    via_sink: tuple[OutSetup, ScriptedHandler, int], make_user: UserFactory
+) -> None:
+    """Another member takes Alice's display name: her mail names her MXID too (the bridge
+    rereads the members when someone joins or changes their name)."""
+    setup, handler, _ = via_sink
+    room = setup.mail.room_id
+    await setup.alice.send_text(room, "Avant l'homonyme.")
+    await wait_for(lambda: received_with(handler, "Avant l"), "the first mail")
+    twin = await make_user("twin")
+    await twin.set_displayname("Alice Martin")
+    await setup.alice.invite(room, twin.user_id)
+    await twin.join(room)
+    await setup.alice.wait_for_membership(room, twin.user_id, "join")
+    await setup.alice.send_text(room, "Après l'homonyme.")
+    got = await wait_for(lambda: received_with(handler, "Apr"), "the second mail")
+
+    def sender_name(content: bytes) -> str:
+        parsed = email.message_from_bytes(content, policy=email.policy.default)
+        (address,) = parsed["From"].addresses
+        return str(address.display_name)
+
+    first = received_with(handler, "Avant l")[0]
+    assert sender_name(first.content) == "Alice Martin via Passerelle"
+    assert sender_name(got[0].content) == f"Alice Martin ({setup.alice.user_id}) via Passerelle"
