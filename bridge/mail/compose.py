@@ -263,7 +263,7 @@ def _clean_body(text: str) -> str:
     return _BODY_CONTROLS.sub("", text)
 
 
-def _strip_text_fallback(text: str) -> str:
+def strip_text_fallback(text: str) -> str:
     """A Matrix reply fallback removed: leading "> " lines (the first one quoting the original
     sender as "> <@user:server>" or "> * <@user:server>") followed by a blank line."""
     if not _TEXT_FALLBACK_START.match(text):
@@ -333,7 +333,7 @@ def _bodies(mail: OutgoingMail) -> tuple[str, str]:
     text is taken from the HTML when it is blank."""
     text = _clean_body(mail.body_text)
     if mail.in_reply_to is not None:
-        text = _strip_text_fallback(text)
+        text = strip_text_fallback(text)
     html = ""
     if mail.body_html:
         source = _clean_body(mail.body_html[:_MAX_HTML_INPUT])

@@ -12,9 +12,9 @@ from bridge.core.ghosts import clean_display_name
 from bridge.core.ids import EventID, UserID
 from bridge.core.message import Attachment
 
-# The mail model and its fallback rule: an emote's "* name" goes after a reply fallback so
+# The mail model and its reply-fallback rule: an emote's "* name" goes after a fallback so
 # that compose() still recognises (and removes) the fallback.
-from bridge.mail.compose import OutgoingMail, _strip_text_fallback
+from bridge.mail.compose import OutgoingMail, strip_text_fallback
 from bridge.mail.mime import safe_filename
 
 __all__ = [
@@ -199,7 +199,7 @@ def outgoing_mail(
         text, body_html = safe_filename(plan.media.filename), None
     elif plan.msgtype == "m.emote":
         name = clean_display_name(sender_name) or clean_display_name(plan.sender)
-        rest = _strip_text_fallback(text) if plan.reply_to is not None else text
+        rest = strip_text_fallback(text) if plan.reply_to is not None else text
         text = f"{text[: len(text) - len(rest)]}* {name} {rest}"
         if body_html is not None:
             body_html = f"* {html.escape(name)} {body_html}"
