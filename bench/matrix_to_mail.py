@@ -1,0 +1,851 @@
+#!/usr/bin/env python3
+"""Matrix → mail capacity and latency of the bridge, as ratios to bare SMTP and to Synapse.
+
+Starts its own Dovecot (the list's mailbox: a link needs one), an SMTP sink in a process of its
+own, Synapse (with the bridge's registration and a second, probe appservice's) and
+`python -m bridge run` on 127.0.0.1 with free ports and a temporary directory, measures, prints,
+stops everything:
+
+    python bench/matrix_to_mail.py [--events 1000] [--batch 100] [--latency 100] [--pace 0.2]
+
+Two figures, against references measured in the same run:
+
+1. capacity: N m.room.message events are PUT to the bridge's transaction endpoint in
+   transactions of B, back to back, each waiting for its 200 (as Synapse does); rate = N /
+   (last mail accepted by the sink - start of the first PUT). Reference: aiosmtplib sending N
+   mails of the same size to the same sink, 4 at a time and a new connection per mail (as the
+   bridge's outbox worker does), before and after the bridge's turn; also one at a time.
+2. latency: K messages sent one at a time by a user through Synapse's client API, S seconds
+   apart. Per message: send -> the event in the probe appservice's transaction (Synapse's own
+   latency) and send -> the bridge's mail accepted by the sink; p50 and p99 of both.
+
+The sink notes the time it accepts each mail's DATA and the marker in its body (sequence
+number), so every mail is also checked to arrive exactly once. The last line printed is one
+JSON object with every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import email
+import email.policy
+import email.utils
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+import aiosmtplib
+from aiohttp import web
+
+# `bench` and `tests` are not installed packages: import them from this checkout.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.mail_to_matrix import (  # noqa: E402
+    BUSY_CORES,
+    LOG_LINE_RE,
+    MARKER_RE,
+    CpuMeter,
+    Probes,
+    Profiler,
+    code_version,
+    find_pid,
+    link_room,
+    marker,
+    mean_rate,
+    percentile,
+    process_cpu,
+    profile_summary,
+    quote,
+    temp_folder,
+)
+from bridge.harness.dovecot import DovecotServer  # noqa: E402
+from bridge.harness.ports import free_port  # noqa: E402
+from bridge.harness.synapse import MatrixTestClient, SynapseServer  # noqa: E402
+from bridge.registration import atomic_write, dump_yaml, generate_registration  # noqa: E402
+from tests.conftest import BridgeProcess, bridge_config_dict  # noqa: E402
+
+CAPACITY_TARGET = 0.8  # bridge rate / raw aiosmtplib rate
+LATENCY_TARGET_MS = 20.0  # p50(send -> SMTP) - p50(send -> transaction)
+OUTBOX_CONCURRENCY = 4  # OutboxWorker's default (bridge/mail/outbox.py)
+PASSWORD = "bench-password"
+FROM_ADDRESS = "passerelle@example.test"
+DISPLAY_NAME = "Alice Martin"
+MARKER_BYTES = re.compile(MARKER_RE.pattern.encode())
+APP_PREFIX = "/_matrix/app/v1"
+QUEUED_RE = re.compile(r"queued message (\S+) of ")
+
+
+def message_text(tag: str, seq: int) -> str:
+    """What a person writes; the first line becomes the mail's Subject."""
+    return (
+        f"Livraison {marker(tag, seq)}\n"
+        "Bonjour,\n"
+        f"je confirme la livraison de {20 + seq % 30} ramettes de papier au bureau 204 avant "
+        "vendredi. Merci de me renvoyer le bon de commande signé.\n"
+        "Cordialement,\nAlice"
+    )
+
+
+def raw_mail(address: str, tag: str, seq: int) -> bytes:
+    """About what the bridge composes for the same message (bridge/mail/compose.py)."""
+    text = message_text(tag, seq)
+    msg = EmailMessage(policy=email.policy.SMTP)
+    msg["From"] = f'"{DISPLAY_NAME} via Passerelle" <{FROM_ADDRESS}>'
+    msg["To"] = address
+    msg["Reply-To"] = address
+    msg["Subject"] = text.split("\n", 1)[0]
+    msg["Date"] = email.utils.formatdate(usegmt=True)
+    msg["Message-ID"] = email.utils.make_msgid(domain="example.test")
+    msg["X-Passerelle-Loop"] = "example.test"
+    msg["X-Auto-Response-Suppress"] = "All"
+    msg.set_content(text, cte="quoted-printable")
+    return msg.as_bytes()
+
+
+def ms_stats(prefix: str, values: Sequence[float]) -> dict[str, float | None]:
+    """{prefix_p50_ms, prefix_p99_ms} of values in seconds."""
+    return {
+        f"{prefix}_{name}_ms": (
+            round(1000 * v, 1) if (v := percentile(values, q)) is not None else None
+        )
+        for name, q in (("p50", 50), ("p99", 99))
+    }
+
+
+# --- the SMTP sink (its own process) -----------------------------------------------------------
+
+
+def find_marker(content: bytes) -> tuple[str, int]:
+    """(tag, sequence number) of a mail; ("?", -1) when it carries none."""
+    match = MARKER_BYTES.search(content)
+    if match is None:  # an encoded Subject and body: read it decoded
+        parsed = email.message_from_bytes(content, policy=email.policy.default)
+        body = parsed.get_body(preferencelist=("plain",))  # type: ignore[attr-defined]
+        text = body.get_content() if body is not None else ""
+        found = MARKER_RE.search(str(parsed["Subject"] or "") + str(text))
+        return (found.group(1), int(found.group(2))) if found else ("?", -1)
+    return match.group(1).decode(), int(match.group(2))
+
+
+class SinkHandler:
+    """aiosmtpd handler: accepts every mail and writes "tag seq accepted_at size" for it."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        accepted = time.time()
+        content: bytes = envelope.original_content or envelope.content
+        tag, seq = find_marker(content)
+        self.out.write(f"{tag} {seq} {accepted:.6f} {len(content)}\n")
+        return "250 2.0.0 queued"
+
+
+def serve_sink(port: int, log_path: Path) -> None:
+    """`--serve-sink PORT FILE`: the sink's process, until SIGTERM. Its first line: "ready"."""
+    from aiosmtpd.smtp import SMTP
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        with log_path.open("a", buffering=1, encoding="utf-8") as out:
+            handler = SinkHandler(out)
+            server = await loop.create_server(
+                lambda: SMTP(handler, hostname="sink.test"), "127.0.0.1", port
+            )
+            out.write(f"ready 0 {time.time():.6f} 0\n")
+            await stop.wait()
+            server.close()
+
+    asyncio.run(serve())
+
+
+@dataclass
+class SinkProcess:
+    """The sink, started as `python bench/matrix_to_mail.py --serve-sink`."""
+
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> None:
+        output = self.log_path.with_suffix(".out").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve-sink", str(self.port), str(self.log_path)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+        output.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"SMTP sink exited {self.proc.returncode}")
+            if self.log_path.exists() and self.log_path.read_text().startswith("ready"):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"SMTP sink not ready after {timeout} s")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class SinkLog:
+    """What the sink accepted, read from its log as it grows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self.accepted: dict[str, dict[int, list[float]]] = {}
+        self.sizes: dict[str, list[int]] = {}
+
+    def refresh(self) -> None:
+        with self.path.open("rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        for line in complete.decode().splitlines():
+            tag, seq, at, size = line.split()
+            if tag == "ready":
+                continue
+            self.accepted.setdefault(tag, {}).setdefault(int(seq), []).append(float(at))
+            self.sizes.setdefault(tag, []).append(int(size))
+
+    def times(self, tag: str) -> dict[int, list[float]]:
+        return self.accepted.get(tag, {})
+
+    async def wait(self, tag: str, count: int, timeout: float) -> bool:
+        """Until `count` distinct mails of `tag` were accepted; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.refresh()
+            if len(self.times(tag)) >= count:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.1)
+
+    def check(self, tag: str, count: int) -> dict[str, Any]:
+        """Exactly once: every sequence number of 0..count-1 accepted once, nothing else."""
+        self.refresh()
+        seen = self.times(tag)
+        missing = [seq for seq in range(count) if seq not in seen]
+        sizes = self.sizes.get(tag, [])
+        return {
+            "accepted": sum(len(v) for v in seen.values()),
+            "duplicates": sum(len(v) - 1 for v in seen.values()),
+            "missing": len(missing),
+            "missing_first": missing[:10],
+            "unexpected": sum(1 for seq in seen if not 0 <= seq < count),
+            "mean_size": round(sum(sizes) / len(sizes)) if sizes else None,
+        }
+
+
+# --- the probe appservice (in this process) ------------------------------------------------------
+
+
+class ProbeAppservice:
+    """A second appservice whose namespace takes every room: Synapse pushes it the same
+    events as the bridge, and it notes when each bench message arrived."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.as_token = secrets.token_hex(32)
+        self.hs_token = secrets.token_hex(32)
+        self.arrived: dict[tuple[str, int], float] = {}
+        self.transactions = 0
+        self._runner: web.AppRunner | None = None
+
+    def write_registration(self, path: Path) -> None:
+        registration = {
+            "id": "bench-probe",
+            "url": f"http://127.0.0.1:{self.port}",
+            "as_token": self.as_token,
+            "hs_token": self.hs_token,
+            "sender_localpart": "benchprobe",
+            "rate_limited": False,
+            "namespaces": {
+                "users": [],
+                "aliases": [],
+                "rooms": [{"regex": "!.*", "exclusive": False}],
+            },
+        }
+        atomic_write(path, dump_yaml(registration))
+
+    async def _transaction(self, request: web.Request) -> web.Response:
+        arrived = time.time()
+        if request.headers.get("Authorization") != f"Bearer {self.hs_token}":
+            return web.json_response({"errcode": "M_FORBIDDEN"}, status=403)
+        body = await request.json()
+        self.transactions += 1
+        for event in body.get("events") or []:
+            text = str((event.get("content") or {}).get("body", ""))
+            if match := MARKER_RE.search(text):
+                self.arrived.setdefault((match.group(1), int(match.group(2))), arrived)
+        return web.json_response({})
+
+    async def _other(self, request: web.Request) -> web.Response:
+        if request.method == "POST" and request.path.endswith("/ping"):
+            return web.json_response({})
+        return web.json_response({"errcode": "M_NOT_FOUND"}, status=404)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_put(APP_PREFIX + "/transactions/{txn_id}", self._transaction)
+        app.router.add_route("*", "/{tail:.*}", self._other)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+# --- the servers ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Servers:
+    folder: Path
+    dovecot: DovecotServer
+    sink: SinkProcess
+    synapse: SynapseServer
+    bridge: BridgeProcess
+    probe: ProbeAppservice
+    list_address: str
+    alice_id: str
+    alice_token: str
+
+    @property
+    def bot(self) -> str:
+        return self.bridge.config.bot_mxid
+
+
+def start_servers(folder: Path, stack: contextlib.ExitStack, *, diagnose: bool) -> Servers:
+    """Every server, each stopped by `stack` however the run ends."""
+    dovecot = DovecotServer(folder / "dovecot")
+    list_address = dovecot.add_user("list", PASSWORD)
+    stack.callback(dovecot.stop)
+    dovecot.start()
+
+    sink = SinkProcess(folder / "sink.log")
+    stack.callback(sink.stop)
+    sink.start()
+
+    homeserver_port, bridge_port = free_port(), free_port()
+    loggers = {"aiosqlite": "WARNING", "asyncio": "WARNING"}
+    if diagnose:
+        loggers["sqlalchemy.engine.Engine"] = "INFO"  # every statement, BEGIN and COMMIT
+    database = f"sqlite+aiosqlite:///{folder / 'passerelle.db'}"
+    mailbox = {"host": "127.0.0.1", "port": dovecot.imap_port, "tls": "none"}
+    settings = bridge_config_dict(
+        homeserver_port,
+        bridge_port,
+        database,
+        mail={
+            "mailboxes": {list_address: mailbox | {"user": list_address, "password": PASSWORD}},
+            "smtp": {"host": "127.0.0.1", "port": sink.port, "tls": "none"},
+            "from_address": FROM_ADDRESS,
+        },
+        logging={"level": "INFO", "loggers": loggers},
+    )
+    settings["appservice"]["as_token"] = settings["appservice"]["hs_token"] = "generate"
+    config_path = folder / "config.yaml"
+    atomic_write(config_path, dump_yaml(settings))
+    bridge_registration = folder / "registration.yaml"
+    generate_registration(config_path, bridge_registration, env={})
+    probe = ProbeAppservice(free_port())
+    probe_registration = folder / "probe-registration.yaml"
+    probe.write_registration(probe_registration)
+
+    synapse = SynapseServer(
+        data_dir=folder / "synapse",
+        port=homeserver_port,
+        app_service_config_files=[bridge_registration, probe_registration],
+    )
+    synapse.data_dir.mkdir()
+    stack.callback(synapse.stop)
+    synapse.start()
+
+    bridge = BridgeProcess(config_path, database, folder / "bridge.log")
+    stack.callback(bridge.stop)
+    bridge.start()
+
+    alice_id = synapse.register_user("benchalice", "pw-benchalice")
+    alice_token = synapse.login("benchalice", "pw-benchalice")
+    return Servers(
+        folder, dovecot, sink, synapse, bridge, probe, list_address, alice_id, alice_token
+    )
+
+
+@dataclass
+class SinkCpuMeter(CpuMeter):
+    """CpuMeter of bench/mail_to_matrix.py, with the SMTP sink's process counted apart."""
+
+    sink_pid: int | None = None
+
+    def _sample(self) -> dict[str, float]:
+        return super()._sample() | {"sink": process_cpu(self.sink_pid)}
+
+    def stop(self) -> dict[str, float]:
+        used = super().stop()
+        used["others"] = round(used["others"] - used["sink"], 2)
+        return used
+
+
+def with_cpu(result: dict[str, Any], cpu: dict[str, float], messages: int) -> dict[str, Any]:
+    result["cpu_s"] = cpu
+    result["cpu_ms_per_message"] = {
+        k: round(1000 * v / messages, 2) for k, v in cpu.items() if k not in ("wall", "machine")
+    }
+    return result
+
+
+# --- phases --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    servers: Servers
+    sink_log: SinkLog
+    probes: Probes
+    room_id: str = ""
+
+    async def raw(self, tag: str, count: int, concurrency: int) -> dict[str, Any]:
+        """aiosmtplib alone: `count` mails, `concurrency` at a time, a connection per mail."""
+        address = self.servers.list_address
+        mails = iter([raw_mail(address, tag, seq) for seq in range(count)])
+        helo = await asyncio.to_thread(socket.getfqdn)
+
+        async def worker() -> None:
+            for raw in mails:  # one iterator shared by the workers
+                await aiosmtplib.send(
+                    raw,
+                    sender=FROM_ADDRESS,
+                    recipients=[address],
+                    hostname="127.0.0.1",
+                    port=self.servers.sink.port,
+                    local_hostname=helo,
+                    start_tls=False,
+                    timeout=30,
+                )
+
+        self.probes.start(f"raw-{tag}", bridge=False)
+        start = time.time()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        complete = await self.sink_log.wait(tag, count, 60)
+        cpu = self.probes.stop()
+        check = self.sink_log.check(tag, count)
+        last = max((max(t) for t in self.sink_log.times(tag).values()), default=start)
+        elapsed = last - start
+        result = {
+            "concurrency": concurrency,
+            "sends": count,
+            "complete": complete,
+            "elapsed_s": round(elapsed, 3),
+            "rate_per_s": round(count / elapsed, 1) if elapsed > 0 else None,
+            **check,
+        }
+        return with_cpu(result, cpu, count)
+
+    async def capacity(self, run: str, count: int, batch: int) -> dict[str, Any]:
+        """`count` events PUT straight to the bridge in transactions of `batch`, back to back."""
+        tag = "cap"
+        now = int(time.time() * 1000)
+        events = [
+            {
+                "type": "m.room.message",
+                "room_id": self.room_id,
+                "sender": self.servers.alice_id,
+                "event_id": f"$bench-{run}-{seq}",
+                "origin_server_ts": now + seq,
+                "content": {"msgtype": "m.text", "body": message_text(tag, seq)},
+                "unsigned": {"age": 5},
+            }
+            for seq in range(count)
+        ]
+        url = f"{self.servers.bridge.base_url}{APP_PREFIX}/transactions/"
+        token = self.servers.bridge.config.appservice.hs_token
+        put_s: list[float] = []
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+            self.probes.start("capacity", bridge=True)
+            start = time.time()
+            for number, first in enumerate(range(0, count, batch)):
+                begin = time.time()
+                body = {"events": events[first : first + batch]}
+                async with http.put(url + quote(f"bench-{run}-{number}"), json=body) as response:
+                    answer = await response.read()
+                    if response.status != 200:
+                        raise RuntimeError(f"transaction refused: {response.status} {answer!r}")
+                put_s.append(time.time() - begin)
+            stored = time.time()
+            complete = await self.sink_log.wait(tag, count, 120 + count * 0.5)
+            cpu = self.probes.stop()
+        await asyncio.sleep(1)  # a late duplicate would show now
+        check = self.sink_log.check(tag, count)
+        accepted = [min(t) for t in self.sink_log.times(tag).values()]
+        elapsed = (max(accepted) - start) if accepted else float("nan")
+        result = {
+            "window": (start, max(accepted, default=start)),
+            "events": count,
+            "batch": batch,
+            "transactions": len(put_s),
+            "complete": complete,
+            "puts_s": round(stored - start, 3),
+            **ms_stats("put", put_s),
+            "first_accepted_ms": round(1000 * (min(accepted) - start)) if accepted else None,
+            "elapsed_s": round(elapsed, 3),
+            "rate_per_s": round(len(accepted) / elapsed, 1) if accepted else 0.0,
+            **check,
+        }
+        return with_cpu(result, cpu, count)
+
+    async def send_paced(
+        self, alice: MatrixTestClient, tag: str, count: int, pace: float
+    ) -> dict[int, tuple[float, float, str]]:
+        """`count` messages through Synapse, one every `pace` seconds (or back to back when a
+        send takes longer); seq -> (before the PUT, after its answer, event ID)."""
+        sent: dict[int, tuple[float, float, str]] = {}
+        start = time.monotonic()
+        for seq in range(count):
+            await asyncio.sleep(max(0.0, start + seq * pace - time.monotonic()))
+            begin = time.time()
+            event_id = await alice.send_text(self.room_id, message_text(tag, seq))
+            sent[seq] = (begin, time.time(), event_id)
+        return sent
+
+    async def latency(self, alice: MatrixTestClient, count: int, pace: float) -> dict[str, Any]:
+        """Per message sent through Synapse: when the probe got it, when the sink did."""
+        tag = "lat"
+        self.probes.start("latency", bridge=True)
+        sent = await self.send_paced(alice, tag, count, pace)
+        complete = await self.sink_log.wait(tag, count, 60)
+        deadline = time.monotonic() + 30
+        probe = self.servers.probe
+        while sum(k[0] == tag for k in probe.arrived) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        cpu = self.probes.stop()
+        check = self.sink_log.check(tag, count)
+        accepted = self.sink_log.times(tag)
+        queued = queued_times(self.servers.bridge.log_text().splitlines())
+        send, txn, smtp, own, to_outbox, from_outbox = [], [], [], [], [], []
+        for seq, (begin, end, event_id) in sent.items():
+            send.append(end - begin)
+            pushed = probe.arrived.get((tag, seq))
+            mailed = min(accepted[seq]) if seq in accepted else None
+            stored = queued.get(event_id)
+            if pushed is not None:
+                txn.append(pushed - begin)
+            if mailed is not None:
+                smtp.append(mailed - begin)
+            if pushed is not None and mailed is not None:
+                own.append(mailed - pushed)
+            if pushed is not None and stored is not None:
+                to_outbox.append(stored - pushed)
+            if stored is not None and mailed is not None:
+                from_outbox.append(mailed - stored)
+        result: dict[str, Any] = {
+            "messages": count,
+            "pace_s": pace,
+            "complete": complete,
+            "pushed_to_probe": len(txn),
+            **ms_stats("send", send),
+            **ms_stats("txn", txn),
+            **ms_stats("smtp", smtp),
+            **ms_stats("smtp_after_txn", own),
+            # The bridge's log has millisecond stamps: a split to the millisecond, no better.
+            **ms_stats("txn_to_queued", to_outbox),
+            **ms_stats("queued_to_smtp", from_outbox),
+            **check,
+        }
+        if result["smtp_p50_ms"] is not None and result["txn_p50_ms"] is not None:
+            result["p50_difference_ms"] = round(result["smtp_p50_ms"] - result["txn_p50_ms"], 1)
+        return with_cpu(result, cpu, count)
+
+
+def describe(result: dict[str, Any]) -> None:
+    cpu = result["cpu_ms_per_message"]
+    print(
+        f"    CPU per message: synapse {cpu['synapse']} ms, bridge {cpu['bridge']} ms, "
+        f"sink {cpu['sink']} ms, dovecot {cpu['dovecot']} ms, bench {cpu['bench']} ms, "
+        f"other processes {cpu['others']} ms",
+        flush=True,
+    )
+    problems = {k: result[k] for k in ("duplicates", "missing", "unexpected") if result.get(k)}
+    if problems:
+        print(f"  PROBLEMS: {problems} (first missing: {result.get('missing_first')})")
+
+
+async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
+    synapse_pid = find_pid(str(servers.synapse.config_path))
+    bridge_pid = servers.bridge.proc.pid if servers.bridge.proc else None
+    sink_pid = servers.sink.proc.pid if servers.sink.proc else None
+    meter = SinkCpuMeter(
+        synapse_pid, bridge_pid, servers.dovecot.run_dir / "master.pid", sink_pid=sink_pid
+    )
+    probes = Probes(meter, Profiler(args.profile, native=args.native), synapse_pid, bridge_pid)
+    bench = Bench(servers, SinkLog(servers.sink.log_path), probes)
+    results: dict[str, Any] = {"events": args.events, "batch": args.batch}
+    await servers.probe.start()
+    try:
+        async with MatrixTestClient(
+            servers.synapse.base_url, servers.alice_token, servers.alice_id
+        ) as alice:
+            await alice.set_displayname(DISPLAY_NAME)
+            bench.room_id = await link_room(servers, alice, servers.list_address, "Achats")
+            if args.warmup:
+                # Cold caches (Synapse's, the bridge's first SMTP connections) are paid by
+                # neither side of a ratio.
+                await bench.send_paced(alice, "warm", args.warmup, 0)
+                if not await bench.sink_log.wait("warm", args.warmup, 60 + args.warmup):
+                    raise RuntimeError("the warm-up messages did not all reach the SMTP sink")
+            await asyncio.sleep(2)
+
+            print(f"capacity: {args.events} mails", flush=True)
+            results["raw_before"] = before = await bench.raw("rawa", args.events, 4)
+            print(f"  raw aiosmtplib, 4 at a time (before): {before['rate_per_s']}/s")
+            describe(before)
+            results["raw_sequential"] = one = await bench.raw("rawseq", args.events, 1)
+            print(f"  raw aiosmtplib, one at a time:        {one['rate_per_s']}/s")
+            describe(one)
+            await asyncio.sleep(1)
+            run_id = uuid.uuid4().hex[:8]
+            results["bridge"] = bridge = await bench.capacity(run_id, args.events, args.batch)
+            print(
+                f"  bridge: {bridge['events']} events in {bridge['transactions']} transactions "
+                f"(all answered after {bridge['puts_s']} s, PUT p50 {bridge['put_p50_ms']} ms), "
+                f"{bridge['accepted']} mails accepted in {bridge['elapsed_s']} s = "
+                f"{bridge['rate_per_s']}/s"
+            )
+            describe(bridge)
+            results["raw_after"] = after = await bench.raw("rawb", args.events, 4)
+            print(f"  raw aiosmtplib, 4 at a time (after):  {after['rate_per_s']}/s")
+            describe(after)
+
+            if args.latency:
+                await asyncio.sleep(2)
+                print(f"latency: {args.latency} messages, {args.pace} s apart", flush=True)
+                results["latency"] = lat = await bench.latency(alice, args.latency, args.pace)
+                print(
+                    f"  send -> transaction p50 {lat['txn_p50_ms']} ms, p99 {lat['txn_p99_ms']} "
+                    f"ms; send -> SMTP p50 {lat['smtp_p50_ms']} ms, p99 {lat['smtp_p99_ms']} ms"
+                )
+                describe(lat)
+    finally:
+        await servers.probe.stop()
+
+    results["raw_rate_per_s"] = raw_rate = mean_rate(before, after)
+    results["ratio"] = round(bridge["rate_per_s"] / raw_rate, 3) if raw_rate else None
+    results["disturbed"] = {
+        key: round(value["cpu_s"]["others"] / value["cpu_s"]["wall"], 2)
+        for key, value in results.items()
+        if isinstance(value, dict)
+        and "cpu_s" in value
+        and value["cpu_s"]["others"] > BUSY_CORES * value["cpu_s"]["wall"]
+    }
+    bench.sink_log.refresh()
+    results["sink_unmarked"] = sum(len(v) for v in bench.sink_log.times("?").values())
+    if args.profile:
+        results["profiles"] = {
+            path.stem: profile_summary(path) for path in sorted(args.profile.glob("*.txt"))
+        }
+    return results
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--events", type=int, default=1000, help="events in the capacity phase")
+    parser.add_argument("--batch", type=int, default=100, help="events per transaction")
+    parser.add_argument(
+        "--latency", type=int, default=100, help="messages in the latency phase (0: skip)"
+    )
+    parser.add_argument(
+        "--pace", type=float, default=0.2, help="seconds between two latency messages"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=50, help="unmeasured messages through Synapse first"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="folder for py-spy profiles of the bridge and Synapse (needs py-spy on PATH)",
+    )
+    parser.add_argument("--native", action="store_true", help="py-spy with --native")
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="log the bridge's SQL and count its transactions and statements per mail in the "
+        "capacity phase (slows the bridge: not for the ratios)",
+    )
+    parser.add_argument("--serve-sink", nargs=2, metavar=("PORT", "FILE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_sink is None and (
+        args.events < 1 or args.batch < 1 or min(args.latency, args.warmup) < 0 or args.pace < 0
+    ):
+        parser.error("counts must be positive")
+    if args.profile is not None:
+        args.profile = args.profile.resolve()
+    return args
+
+
+def sql_per_mail(lines: list[str], capacity: dict[str, Any], mails: int) -> dict[str, float]:
+    """From a --diagnose bridge log: the database transactions (BEGIN) and statements by kind
+    the bridge ran per mail during the capacity phase."""
+    since, until = capacity["window"]
+    counts: Counter[str] = Counter()
+    for when, logger, message in log_records(lines):
+        word = message.split(" ", 1)[0]
+        # "[generated in …] (parameters)" lines follow their statement: not counted.
+        if logger == "sqlalchemy.engine.Engine" and since <= when <= until and word[:1] != "[":
+            counts[word] += 1
+    return {kind: round(n / mails, 2) for kind, n in counts.most_common()}
+
+
+def log_records(lines: Sequence[str]) -> Iterator[tuple[float, str, str]]:
+    """(Unix time, logger, message) of each line of the bridge's log (millisecond stamps)."""
+    for line in lines:
+        match = LOG_LINE_RE.match(line)
+        if match is not None:
+            stamp = match.group(1)
+            when = time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S"))
+            yield when + int(stamp[20:]) / 1000, match.group(2), match.group(3)
+
+
+def queued_times(lines: Sequence[str]) -> dict[str, float]:
+    """Event ID -> when the bridge logged it queued in its outbox (bridge/mailout.py)."""
+    return {
+        match.group(1): when
+        for when, _, message in log_records(lines)
+        if (match := QUEUED_RE.match(message))
+    }
+
+
+def verdict(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> None:
+    bridge, ratio = results["bridge"], results["ratio"]
+    print()
+    print(
+        f"capacity: bridge {bridge['rate_per_s']} mails/s ({args.events} events in transactions "
+        f"of {args.batch}); raw aiosmtplib 4 at a time {results['raw_rate_per_s']}/s (before "
+        f"{results['raw_before']['rate_per_s']}, after {results['raw_after']['rate_per_s']}), "
+        f"one at a time {results['raw_sequential']['rate_per_s']}/s"
+    )
+    missed = []
+    if ratio is not None:
+        ok = ratio >= CAPACITY_TARGET
+        print(f"bridge/raw: {ratio:.2f} (target >= {CAPACITY_TARGET}) {verdict(ok)}")
+        if not ok:
+            missed.append("capacity")
+    lat = results.get("latency")
+    if lat is not None:
+        print(
+            f"latency send -> transaction (Synapse, probe appservice): p50 {lat['txn_p50_ms']} "
+            f"ms, p99 {lat['txn_p99_ms']} ms"
+        )
+        print(
+            f"latency send -> SMTP accepted (bridge): p50 {lat['smtp_p50_ms']} ms, "
+            f"p99 {lat['smtp_p99_ms']} ms (after the transaction: p50 "
+            f"{lat['smtp_after_txn_p50_ms']} ms, p99 {lat['smtp_after_txn_p99_ms']} ms)"
+        )
+        print(
+            f"  of which transaction -> in the outbox p50 {lat['txn_to_queued_p50_ms']} ms, "
+            f"queued -> SMTP accepted p50 {lat['queued_to_smtp_p50_ms']} ms"
+        )
+        difference = lat.get("p50_difference_ms")
+        if difference is not None:
+            ok = difference <= LATENCY_TARGET_MS
+            print(
+                f"p50 difference: {difference:+.1f} ms (target <= +{LATENCY_TARGET_MS:.0f} ms) "
+                f"{verdict(ok)}"
+            )
+            if not ok:
+                missed.append("latency")
+    problems = [
+        f"{key}: {results[key][k]} {k}"
+        for key in ("bridge", "latency")
+        if key in results
+        for k in ("duplicates", "missing", "unexpected")
+        if results[key][k]
+    ]
+    print("exactly once: " + ("; ".join(problems) if problems else "ok"))
+    if results["disturbed"]:
+        print(
+            "WARNING: other processes on this machine used more than "
+            f"{BUSY_CORES} cores during {', '.join(results['disturbed'])} "
+            f"(cores used: {results['disturbed']}); those numbers are unreliable: run again "
+            "on a quiet machine"
+        )
+    if missed:
+        print(f"target missed for: {', '.join(missed)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve_sink is not None:
+        serve_sink(int(args.serve_sink[0]), Path(args.serve_sink[1]))
+        return 0
+    started = time.monotonic()
+    code = code_version()  # before the bridge starts: the tree may change during the run
+    with temp_folder(args.keep) as folder, contextlib.ExitStack() as stack:
+        print(f"starting Dovecot, the SMTP sink, Synapse and the bridge in {folder}", flush=True)
+        servers = start_servers(folder, stack, diagnose=args.diagnose)
+        try:
+            results = asyncio.run(run(servers, args))
+        except BaseException:
+            print(f"--- bridge log tail ---\n{servers.bridge.log_tail(40)}", file=sys.stderr)
+            raise
+        log_lines = servers.bridge.log_text().splitlines()
+        if args.diagnose:
+            results["sql_per_mail"] = sql = sql_per_mail(log_lines, results["bridge"], args.events)
+            print(f"bridge SQL per mail (capacity phase): {json.dumps(sql)}")
+        results["bridge_log_errors"] = sum(
+            "ERROR" in line or "Traceback" in line for line in log_lines
+        )
+        results["bridge_log_lines"] = len(log_lines)
+    results["total_s"] = round(time.monotonic() - started, 1)
+    results["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "platform": sys.platform,
+    }
+    results["code"] = code
+    report(results, args)
+    print(json.dumps(results, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
