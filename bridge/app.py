@@ -48,13 +48,15 @@ log = logging.getLogger("passerelle")
 class _ReportingStore(DbOutboxStore):
     """The outbox store, waking the reporter when an outcome is there to tell."""
 
-    def __init__(self, db: Database, notify: Callable[[], None]) -> None:
+    def __init__(self, db: Database, notify: Callable[[], None], *, tell_sent: bool) -> None:
         super().__init__(db)
         self._notify = notify
+        self._tell_sent = tell_sent
 
     async def mark_sent(self, item_id: int, result: SendResult) -> None:
         await super().mark_sent(item_id, result)
-        self._notify()
+        if self._tell_sent:  # with on_sent: none there is nothing to tell
+            self._notify()
 
     async def mark_failed(self, item_id: int, result: SendResult) -> None:
         await super().mark_failed(item_id, result)
@@ -122,7 +124,9 @@ class Bridge:
                 self.smtp_health,
             )
             self.outbox = OutboxWorker(
-                _ReportingStore(self.db, self.reporter.notify),
+                _ReportingStore(
+                    self.db, self.reporter.notify, tell_sent=self.reporter.include_sent
+                ),
                 sender,
                 give_up_after=config.mail.give_up_after,
                 retry_schedule=functools.partial(retry_delay, schedule=config.mail.retry_delays),
@@ -137,7 +141,7 @@ class Bridge:
             is_own_message=self.mail_out.is_own_message_id,
         )
         self.mail = MailService(config, self.db, self.tasks, self.relay)
-        LinkCommands(config, self.db, self.mail.refresh, self._announce_link).register(commands)
+        LinkCommands(config, self.db, self._links_changed, self._announce_link).register(commands)
         self.status.extra["mailboxes"] = self.mail.report
         if self.outbox is not None:
             self.status.db_extra["outbox"] = self._outbox_report
@@ -188,6 +192,7 @@ class Bridge:
         else:
             log.info("mail.smtp.host is not set: messages written in Matrix are not mailed")
         await self.mail.sync_config_links(self._bot_join)
+        self.mail_out.links_changed()
         await self.mail.refresh()
         self.tasks.spawn(self.monitor.run(), name="homeserver-monitor")
 
@@ -220,6 +225,11 @@ class Bridge:
 
     async def _room_joined(self, room_id: RoomID) -> None:
         await self.mail.room_joined(room_id)
+        self.mail_out.links_changed()
+
+    async def _links_changed(self) -> None:
+        self.mail_out.links_changed()
+        await self.mail.refresh()
 
     async def _after_connect(self) -> None:
         """After the first contact and after an outage: fetch what the homeserver dropped."""

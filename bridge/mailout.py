@@ -102,6 +102,23 @@ class MailOut:
         self.enabled = config.mail.smtp is not None
         self.secret = config.message_id_secret
         self._members: dict[RoomID, dict[UserID, str | None]] = {}
+        # The mail links of each room, read once: every message of a linked room needs them.
+        # Dropped whenever links change (link, unlink, a waiting link resumed).
+        self._links: dict[RoomID, list[Link]] = {}
+
+    def links_changed(self) -> None:
+        self._links.clear()
+
+    async def _active_links(self, room_id: RoomID) -> list[Link]:
+        links = self._links.get(room_id)
+        if links is None:
+            links = [
+                link
+                for link in await link_db.links_in_room(self.db, room_id)
+                if link.kind == "mail" and not link.paused
+            ]
+            self._links[room_id] = links
+        return links
 
     def is_own_message_id(self, message_id: str) -> bool:
         """Whether a Message-ID is one this bridge gave (for any configured sender domain)."""
@@ -123,11 +140,7 @@ class MailOut:
             raise Ignored(f"{item.event_type} is not mailed")
         if not self.enabled:
             raise Ignored("Matrix → mail is off (mail.smtp.host is not set)")
-        links = [
-            link
-            for link in await link_db.links_in_room(self.db, item.room_id)
-            if link.kind == "mail" and not link.paused
-        ]
+        links = await self._active_links(item.room_id)
         if not links:
             raise Ignored("no mail link in this room")
         if item.event_type == "m.room.redaction":

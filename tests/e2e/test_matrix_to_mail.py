@@ -478,3 +478,21 @@ async def test_two_members_with_one_name_are_told_apart(
     first = received_with(handler, "Avant l")[0]
     assert sender_name(first.content) == "Alice Martin via Passerelle"
     assert sender_name(got[0].content) == f"Alice Martin ({setup.alice.user_id}) via Passerelle"
+
+
+async def test_after_unlink_nothing_is_mailed(
+    via_sink: tuple[OutSetup, ScriptedHandler, int],
+) -> None:
+    setup, handler, _ = via_sink
+    room = setup.mail.room_id
+    await setup.alice.send_text(room, "Encore lié.")
+    await wait_for(lambda: received_with(handler, "Encore li"), "the mail while linked")
+    question = await setup.alice.send_text(room, f"!passerelle unlink {setup.mail.address}")
+    answer = await setup.alice.wait_for_event(room, replies_to(question, setup.mail.bot))
+    assert "Unlinked" in answer["content"]["body"]
+    await setup.alice.send_text(room, "Plus lié du tout.")
+    # Handled in room order: once the bot answered a later command, the message was handled.
+    probe = await setup.alice.send_text(room, "!passerelle links")
+    await setup.alice.wait_for_event(room, replies_to(probe, setup.mail.bot))
+    await asyncio.sleep(1.0)  # the outbox worker would have sent it by now
+    assert received_with(handler, "Plus li") == []
