@@ -17,6 +17,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from bridge.core.ids import UserID
+from bridge.core.links import LinkSettings
 from bridge.core.permissions import PermissionLevel, PermissionTable
 
 ENV_PREFIX = "PASSERELLE_"
@@ -141,6 +142,15 @@ class LinkSpec:
     from_address: str | None = None
     send_edits: bool = True
     egress_domains: tuple[str, ...] = ()
+
+    def settings(self) -> LinkSettings:
+        return LinkSettings(
+            allowed_senders=self.allowed_senders,
+            thread_mode=self.thread_mode,
+            from_address=self.from_address,
+            send_edits=self.send_edits,
+            egress_domains=self.egress_domains,
+        )
 
 
 @dataclass(frozen=True)
@@ -522,9 +532,7 @@ def _mailbox(address: str, value: Any, config_dir: Path | None) -> MailboxSettin
     folder = value.get("folder", "INBOX")
     if not isinstance(folder, str) or not folder or not folder.isprintable():
         raise ConfigError(f"{key}.folder", "must be a folder name")
-    ca_file = value.get("ca_file")
-    if ca_file is not None and not isinstance(ca_file, str):
-        raise ConfigError(f"{key}.ca_file", "must be a file path or null")
+    ca_file = _ca_file(key, value)
     return MailboxSettings(
         address=address,
         host=host,
@@ -535,6 +543,13 @@ def _mailbox(address: str, value: Any, config_dir: Path | None) -> MailboxSettin
         folder=folder,
         ca_file=ca_file,
     )
+
+
+def _ca_file(key: str, value: Mapping[str, Any]) -> str | None:
+    ca_file = value.get("ca_file")
+    if ca_file is not None and not isinstance(ca_file, str):
+        raise ConfigError(f"{key}.ca_file", "must be a file path or null")
+    return ca_file
 
 
 def _password(key: str, value: Mapping[str, Any], config_dir: Path | None) -> str | None:
@@ -588,9 +603,7 @@ def _smtp(raw: dict[str, Any], config_dir: Path | None) -> SmtpSettings | None:
     password = _password(key, value, config_dir)
     if (user is None) != (password is None):
         raise ConfigError(f"{key}.password", "user and a password go together")
-    ca_file = value.get("ca_file")
-    if ca_file is not None and not isinstance(ca_file, str):
-        raise ConfigError(f"{key}.ca_file", "must be a file path or null")
+    ca_file = _ca_file(key, value)
     return SmtpSettings(
         host=host,
         port=port,

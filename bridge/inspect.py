@@ -115,14 +115,7 @@ def _event_link(config: Config, link: str | None) -> tuple[str, LinkSettings]:
     spec = next((s for s in config.links if s.address == wanted), None)
     if spec is None:
         raise LookupError(f"no link for {link} in the config's links")
-    settings = LinkSettings(
-        allowed_senders=spec.allowed_senders,
-        thread_mode=spec.thread_mode,
-        from_address=spec.from_address,
-        send_edits=spec.send_edits,
-        egress_domains=spec.egress_domains,
-    )
-    return spec.address, settings
+    return spec.address, spec.settings()
 
 
 def inspect_event(

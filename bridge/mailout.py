@@ -197,13 +197,14 @@ class MailOut:
             )
         recipients = (link.remote,)
         refused = [r for r in recipients if not link.settings.recipient_allowed(link.remote, r)]
+        in_thread = root if root != plan.event_id else None
         if refused:
-            await self._notice(
-                link.room_id,
-                f"Not mailed: {', '.join(refused)} is not an allowed recipient of this link.",
-                key=f"egress:{link.id}:{plan.event_id}",
-                reply_to=plan.event_id,
-                thread_root=root if root != plan.event_id else None,
+            await self._not_mailed(
+                link,
+                plan,
+                in_thread,
+                "egress",
+                f"{', '.join(refused)} is not an allowed recipient of this link",
             )
             return False
         try:
@@ -219,12 +220,8 @@ class MailOut:
             log.error(
                 "message %s in %s could not be composed safely: %s", plan.event_id, link.room_id, e
             )
-            await self._notice(
-                link.room_id,
-                f"Not mailed to {link.remote}: the message could not be turned into a safe mail.",
-                key=f"compose:{link.id}:{plan.event_id}",
-                reply_to=plan.event_id,
-                thread_root=root if root != plan.event_id else None,
+            await self._not_mailed(
+                link, plan, in_thread, "compose", "it could not be turned into a safe mail"
             )
             return False
         message_id = own_message_id(plan.event_id, _domain(from_address), self.secret)
@@ -255,6 +252,17 @@ class MailOut:
             stored,
         )
         return True
+
+    async def _not_mailed(
+        self, link: Link, plan: PlannedMail, thread: EventID | None, what: str, why: str
+    ) -> None:
+        await self._notice(
+            link.room_id,
+            f"Not mailed to {link.remote}: {why}.",
+            key=f"{what}:{link.id}:{plan.event_id}",
+            reply_to=plan.event_id,
+            thread_root=thread,
+        )
 
     async def _thread(
         self, link: Link, plan: PlannedMail

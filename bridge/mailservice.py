@@ -10,7 +10,6 @@ from typing import Any
 from bridge.config import Config
 from bridge.core.health import ComponentHealth
 from bridge.core.ids import RoomID
-from bridge.core.links import LinkSettings
 from bridge.core.mailrelay import MailRelay
 from bridge.core.tasks import TaskGroup
 from bridge.db import links as link_db
@@ -42,13 +41,7 @@ class MailService:
                 room_id=RoomID(spec.room_id),
                 kind="mail",
                 remote=spec.address,
-                settings=LinkSettings(
-                    allowed_senders=spec.allowed_senders,
-                    thread_mode=spec.thread_mode,
-                    from_address=spec.from_address,
-                    send_edits=spec.send_edits,
-                    egress_domains=spec.egress_domains,
-                ),
+                settings=spec.settings(),
                 source="config",
                 created_by=None,
             )
