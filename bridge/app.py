@@ -103,7 +103,12 @@ class Bridge:
         self.status = StatusReporter(self.db, self.homeserver_health)
         commands = CommandProcessor(config.appservice.command_prefix, self.status.report)
         self.bot = ManagementBot(
-            config, self.client, self.db, commands, on_joined=self._room_joined
+            config,
+            self.client,
+            self.db,
+            commands,
+            on_joined=self._room_joined,
+            is_linked=self._room_is_linked,
         )
         self.ghosts = GhostManager(config, self.client, self.db)
         self.poster = MatrixPoster(self.client, self.ghosts)
@@ -226,6 +231,9 @@ class Bridge:
     async def _room_joined(self, room_id: RoomID) -> None:
         await self.mail.room_joined(room_id)
         self.mail_out.links_changed()
+
+    async def _room_is_linked(self, room_id: RoomID) -> bool:
+        return bool(await self.mail_out.room_links(room_id))
 
     async def _links_changed(self) -> None:
         self.mail_out.links_changed()

@@ -109,16 +109,20 @@ class MailOut:
     def links_changed(self) -> None:
         self._links.clear()
 
-    async def _active_links(self, room_id: RoomID) -> list[Link]:
+    async def room_links(self, room_id: RoomID) -> list[Link]:
+        """The room's mail links, paused ones included."""
         links = self._links.get(room_id)
         if links is None:
             links = [
                 link
                 for link in await link_db.links_in_room(self.db, room_id)
-                if link.kind == "mail" and not link.paused
+                if link.kind == "mail"
             ]
             self._links[room_id] = links
         return links
+
+    async def _active_links(self, room_id: RoomID) -> list[Link]:
+        return [link for link in await self.room_links(room_id) if not link.paused]
 
     def is_own_message_id(self, message_id: str) -> bool:
         """Whether a Message-ID is one this bridge gave (for any configured sender domain)."""

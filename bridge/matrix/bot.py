@@ -53,6 +53,7 @@ class ManagementBot:
         commands: CommandProcessor,
         *,
         on_joined: Callable[[RoomID], Awaitable[None]] | None = None,
+        is_linked: Callable[[RoomID], Awaitable[bool]] | None = None,
     ) -> None:
         self.config = config
         self.client = client
@@ -60,6 +61,7 @@ class ManagementBot:
         self.commands = commands
         self.mxid = config.bot_mxid
         self.on_joined = on_joined
+        self.is_linked = is_linked or self._has_links
 
     async def handle(self, item: InboxEvent) -> None:
         """Handle one stored event; raises Ignored when it is none of the bot's business."""
@@ -144,6 +146,9 @@ class ManagementBot:
             txn_id=derived_txn_id("greeting", item.event_id),
         )
 
+    async def _has_links(self, room_id: RoomID) -> bool:
+        return bool(await link_db.links_in_room(self.db, room_id))
+
     async def _refuse(self, item: InboxEvent, reason: str) -> None:
         try:
             await self.client.leave(item.room_id, reason=reason)
@@ -196,7 +201,7 @@ class ManagementBot:
             raise Ignored("room is encrypted: the bot never answers in clear")
         # A room linked to a list is a conversation, even with only one person and the bot in
         # it: there, only prefixed text is a command.
-        is_direct = room.is_direct_chat and not await link_db.links_in_room(self.db, item.room_id)
+        is_direct = room.is_direct_chat and not await self.is_linked(item.room_id)
         command = parse_command(body, self.config.appservice.command_prefix, is_direct=is_direct)
         if command is None:
             raise Ignored("not a command")
