@@ -496,3 +496,53 @@ async def test_after_unlink_nothing_is_mailed(
     await setup.alice.wait_for_event(room, replies_to(probe, setup.mail.bot))
     await asyncio.sleep(1.0)  # the outbox worker would have sent it by now
     assert received_with(handler, "Plus li") == []
+
+
+async def test_a_thread_started_in_matrix_is_one_mail_conversation(
+    via_sink: tuple[OutSetup, ScriptedHandler, int],
+) -> None:
+    setup, handler, _ = via_sink
+    room = setup.mail.room_id
+    root = await setup.alice.send_text(room, "Inventaire des fournitures\nListe jointe demain.")
+    first = await wait_for(lambda: received_with(handler, "Inventaire"), "the first mail")
+    await setup.alice.send_event(
+        room, "m.room.message", thread_reply(root, "Ajoutez les cartouches.")
+    )
+    second = await wait_for(lambda: received_with(handler, "cartouches"), "the thread reply")
+    opening = parsed_mail(first[0].content)
+    answer = parsed_mail(second[0].content)
+    assert str(opening["Subject"]) == "Inventaire des fournitures"
+    assert str(answer["Subject"]) == "Re: Inventaire des fournitures"
+    assert str(answer["In-Reply-To"]) == str(opening["Message-ID"])
+    assert str(answer["References"]) == str(opening["Message-ID"])
+
+
+async def test_a_mail_that_never_goes_is_given_up_and_told(
+    synapse_setup: SynapseSetup,
+    dovecot: DovecotServer,
+    alice: MatrixTestClient,
+    tmp_path: Path,
+) -> None:
+    from bridge.harness.ports import free_port
+
+    smtp = {"host": "127.0.0.1", "port": free_port(), "tls": "none"}  # nobody listens
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'bridge.db'}"
+    setup = await start_linked(
+        synapse_setup, dovecot, alice, db_url, tmp_path, smtp, mail_extra={"give_up_after": 2}
+    )
+    try:
+        event_id = await alice.send_text(setup.mail.room_id, "Jamais envoyé.")
+        notice = await alice.wait_for_event(
+            setup.mail.room_id, replies_to(event_id, setup.mail.bot), timeout=30
+        )
+        body = notice["content"]["body"]
+        assert "could not be mailed" in body
+        assert "gave up after" in body
+    finally:
+        setup.mail.bridge.stop()
+
+
+def parsed_mail(content: bytes) -> EmailMessage:
+    msg = email.message_from_bytes(content, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    return msg
