@@ -114,7 +114,8 @@ class LinkCommands:
         await self.on_change()
         await self.announce(link, True)
         return Reply.plain(
-            f"Linked {address}: from now on its mail appears here ({_describe(link)})."
+            f"Linked {address}: from now on its mail appears here "
+            f"({_describe(link, self.config)})."
         )
 
     async def unlink(self, ctx: CommandContext, args: tuple[str, ...]) -> Reply:
@@ -148,12 +149,20 @@ class LinkCommands:
         here = await link_db.links_in_room(self.db, ctx.room_id)
         if not here:
             return Reply.plain("No list is linked to this room.")
-        return Reply.plain("\n".join(f"• {link.remote} — {_describe(link)}" for link in here))
+        return Reply.plain(
+            "\n".join(f"• {link.remote} — {_describe(link, self.config)}" for link in here)
+        )
 
 
-def _describe(link: Link) -> str:
+def _describe(link: Link, config: Config) -> str:
     senders = ", ".join(link.settings.allowed_senders) or "nobody"
     mode = "one thread per conversation" if link.settings.thread_mode == "threads" else "flat"
+    sender = link.settings.from_address or config.mail.from_address
+    if config.mail.smtp is None or sender is None:
+        out = "messages written here are not mailed"
+    else:
+        edits = "" if link.settings.send_edits else ", edits not"
+        out = f"messages written here are mailed to it from {sender}{edits}"
     paused = "; paused" if link.paused else ""
     source = " (from the config file)" if link.source == "config" else ""
-    return f"senders allowed: {senders}; {mode}{paused}{source}"
+    return f"senders allowed: {senders}; {mode}; {out}{paused}{source}"

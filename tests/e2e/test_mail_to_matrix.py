@@ -131,6 +131,8 @@ async def mail_setup(
         )
         answer = await alice.wait_for_event(room_id, replies_to(question, bot))
         assert "Linked" in answer["content"]["body"], answer["content"]["body"]
+        # No SMTP server configured: the link only brings mail in, and says so.
+        assert "messages written here are not mailed" in answer["content"]["body"]
         yield setup
     finally:
         bridge.stop()

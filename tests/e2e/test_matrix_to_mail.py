@@ -125,6 +125,10 @@ async def start_linked(
     question = await alice.send_text(room_id, f"!passerelle link {address} allow achats.gouv.fr")
     answer = await alice.wait_for_event(room_id, replies_to(question, bot))
     assert "Linked" in answer["content"]["body"], answer["content"]["body"]
+    assert (
+        f"messages written here are mailed to it from {FROM_ADDRESS}"
+        in (answer["content"]["body"])
+    )
     return OutSetup(setup, raw)
 
 
