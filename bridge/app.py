@@ -17,11 +17,12 @@ from bridge.config import Config
 from bridge.core.commands import CommandProcessor
 from bridge.core.errors import Ignored, PermanentError, TransientError
 from bridge.core.health import ComponentHealth
-from bridge.core.ids import RoomID
+from bridge.core.ids import EventID, RoomID
 from bridge.core.linkcommands import LinkCommands
 from bridge.core.links import Link
 from bridge.core.mailrelay import MailRelay
 from bridge.core.tasks import TaskGroup
+from bridge.db import links as link_db
 from bridge.db import outbox as outbox_db
 from bridge.db.engine import Database, open_database
 from bridge.db.inbox import InboxEvent
@@ -29,12 +30,12 @@ from bridge.db.outbox import DbOutboxStore
 from bridge.mail.ingest import make_parser
 from bridge.mail.outbox import OutboxWorker
 from bridge.mail.smtp import SendResult, SmtpConfig, SmtpSender, TlsMode, retry_delay
-from bridge.mailout import MailOut, OutcomeReporter
+from bridge.mailout import MailOut, OutcomeReporter, notice_content
 from bridge.mailservice import MailService
 from bridge.matrix.appservice import AppserviceServer, PathOnlyAccessLogger, json_errors
 from bridge.matrix.bot import ManagementBot
 from bridge.matrix.catchup import CatchUp
-from bridge.matrix.client import MatrixClient
+from bridge.matrix.client import MatrixClient, derived_txn_id
 from bridge.matrix.connection import HomeserverMonitor
 from bridge.matrix.dispatcher import EventDispatcher
 from bridge.matrix.ghosts import GhostManager
@@ -109,6 +110,7 @@ class Bridge:
             commands,
             on_joined=self._room_joined,
             is_linked=self._room_is_linked,
+            on_encrypted=self._room_encrypted,
         )
         self.ghosts = GhostManager(config, self.client, self.db)
         self.poster = MatrixPoster(self.client, self.ghosts)
@@ -230,6 +232,32 @@ class Bridge:
 
     async def _room_joined(self, room_id: RoomID) -> None:
         await self.mail.room_joined(room_id)
+        self.mail_out.links_changed()
+
+    async def _room_encrypted(self, room_id: RoomID, event_id: EventID) -> None:
+        """A linked room turned encryption on: its links are paused (mail is kept, nothing is
+        posted or mailed) and the room is told once, why."""
+        active = [
+            link for link in await link_db.links_in_room(self.db, room_id) if not link.paused
+        ]
+        if not active:
+            return
+        lists = ", ".join(sorted(link.remote for link in active))
+        text = (
+            "End-to-end encryption was turned on in this room. Passerelle cannot read or write "
+            f"encrypted messages, so the link to {lists} is paused: mail to the list is kept, "
+            "not posted here, and messages written here are not mailed. An administrator can "
+            "link the list to a room without encryption."
+        )
+        await self.client.send_event(
+            room_id,
+            "m.room.message",
+            notice_content(text),
+            derived_txn_id("encrypted", event_id),
+        )
+        for link in active:
+            await link_db.set_paused(self.db, link.id, True)
+            log.warning("%s paused: %s turned encryption on", link.remote, room_id)
         self.mail_out.links_changed()
 
     async def _room_is_linked(self, room_id: RoomID) -> bool:

@@ -13,6 +13,7 @@ from bridge.core.ids import RoomID
 from bridge.core.mailrelay import MailRelay
 from bridge.core.tasks import TaskGroup
 from bridge.db import links as link_db
+from bridge.db import rooms
 from bridge.db.engine import Database
 from bridge.mail.imap import ImapWatcher, MailboxConfig
 from bridge.mail.store import DbMailboxStore
@@ -45,6 +46,15 @@ class MailService:
                 source="config",
                 created_by=None,
             )
+            room = await rooms.get_room(self.db, link.room_id)
+            if room is not None and room.encrypted:
+                log.warning(
+                    "%s is linked to %s, which is encrypted: the link stays paused",
+                    link.remote,
+                    link.room_id,
+                )
+                await link_db.set_paused(self.db, link.id, True)
+                continue
             if not await join(link.room_id):
                 log.warning(
                     "the bot cannot join %s: mail for %s waits until someone invites it",
@@ -55,6 +65,9 @@ class MailService:
 
     async def room_joined(self, room_id: RoomID) -> None:
         """The bot was let into a room: links that waited for it resume."""
+        room = await rooms.get_room(self.db, room_id)
+        if room is not None and room.encrypted:
+            return  # links of an encrypted room stay paused
         waiting = [link for link in await link_db.links_in_room(self.db, room_id) if link.paused]
         for link in waiting:
             await link_db.set_paused(self.db, link.id, False)

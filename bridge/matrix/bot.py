@@ -54,6 +54,7 @@ class ManagementBot:
         *,
         on_joined: Callable[[RoomID], Awaitable[None]] | None = None,
         is_linked: Callable[[RoomID], Awaitable[bool]] | None = None,
+        on_encrypted: Callable[[RoomID, EventID], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.client = client
@@ -62,6 +63,7 @@ class ManagementBot:
         self.mxid = config.bot_mxid
         self.on_joined = on_joined
         self.is_linked = is_linked or self._has_links
+        self.on_encrypted = on_encrypted
 
     async def handle(self, item: InboxEvent) -> None:
         """Handle one stored event; raises Ignored when it is none of the bot's business."""
@@ -178,6 +180,9 @@ class ManagementBot:
         if not room.encrypted:
             log.warning("%s in %s: %s", NOW_ENCRYPTED, item.room_id, item.sender)
             await rooms.set_encrypted(self.db, item.room_id)
+        if self.on_encrypted is not None:
+            # Also on a retry: the callback is idempotent.
+            await self.on_encrypted(item.room_id, item.event_id)
 
     async def _on_message(self, item: InboxEvent) -> None:
         sender = item.sender

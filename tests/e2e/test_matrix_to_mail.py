@@ -550,3 +550,28 @@ def parsed_mail(content: bytes) -> EmailMessage:
     msg = email.message_from_bytes(content, policy=email.policy.default)
     assert isinstance(msg, EmailMessage)
     return msg
+
+
+async def test_encryption_turned_on_pauses_the_link_both_ways(
+    via_sink: tuple[OutSetup, ScriptedHandler, int],
+) -> None:
+    """Nothing crosses in clear once a linked room expects encryption: the bot says so once,
+    list mail is kept instead of posted, and what is written there is not mailed."""
+    setup, handler, _ = via_sink
+    room, bot = setup.mail.room_id, setup.mail.bot
+    await setup.alice.send_state(room, "m.room.encryption", {"algorithm": "m.megolm.v1.aes-sha2"})
+    said = "encryption was turned on"
+    notice = await setup.alice.wait_for_event(
+        room, lambda e: e["sender"] == bot and said in e["content"].get("body", "")
+    )
+    assert setup.mail.address in notice["content"]["body"]
+    assert notice["content"]["msgtype"] == "m.notice"
+
+    _, raw = setup.mail.mail("Après le chiffrement", "Ce mail ne doit pas être posté.")
+    await setup.mail.deliver(raw)
+    await setup.alice.send_text(room, "Écrit après le chiffrement.")
+    await asyncio.sleep(3.0)  # an IDLE push, a relay pass and an outbox pass would be done
+    assert received_with(handler, "chiffrement") == []
+    bodies = [e["content"].get("body", "") for e in await setup.alice.messages(room, limit=100)]
+    assert not [b for b in bodies if "ne doit pas" in b]
+    assert sum(said in b for b in bodies) == 1
