@@ -146,6 +146,7 @@ class Bridge:
             self.tasks,
             max_attempts=config.mail.max_attempts,
             is_own_message=self.mail_out.is_own_message_id,
+            has_own_marker=self.mail_out.has_own_marker,
         )
         self.mail = MailService(config, self.db, self.tasks, self.relay)
         LinkCommands(config, self.db, self._links_changed, self._announce_link).register(commands)

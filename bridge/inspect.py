@@ -17,7 +17,7 @@ from bridge.core.mailrelay import with_original
 from bridge.core.message import Attachment, IncomingMessage
 from bridge.core.permissions import PermissionLevel
 from bridge.core.threading import NEW_THREAD
-from bridge.mail.compose import ComposeError, compose
+from bridge.mail.compose import ComposeError, compose, loop_marker
 from bridge.mail.ingest import make_parser
 from bridge.mail.outgoing import NotSent, outgoing_mail, placeholder_attachment, plan_event
 from bridge.matrix import render
@@ -166,6 +166,7 @@ def inspect_event(
             domain=from_address.rpartition("@")[2],
             secret=config.message_id_secret,
             now=now or dt.datetime.now(dt.UTC),
+            marker=loop_marker(from_address.rpartition("@")[2], config.message_id_secret),
         )
     except ComposeError as e:
         return f"not sent: the message could not be composed safely ({e})\n".encode()

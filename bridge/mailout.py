@@ -34,7 +34,9 @@ from bridge.mail.compose import (
     ComposeError,
     compose,
     conversation_subject,
+    has_loop_marker,
     is_own_message_id,
+    loop_marker,
     own_message_id,
 )
 from bridge.mail.outgoing import NotSent, PlannedMail, outgoing_mail, plan_event
@@ -130,6 +132,10 @@ class MailOut:
             is_own_message_id(message_id, domain, self.secret) for domain in self.own_domains()
         )
 
+    def has_own_marker(self, raw: bytes) -> bool:
+        """Whether a mail carries this bridge's loop header (its own mail, come back)."""
+        return has_loop_marker(raw, [loop_marker(d, self.secret) for d in self.own_domains()])
+
     def own_domains(self) -> set[str]:
         addresses = {self.config.mail.from_address}
         addresses |= {spec.from_address for spec in self.config.links}
@@ -219,6 +225,7 @@ class MailOut:
                 domain=_domain(from_address),
                 secret=self.secret,
                 now=self.clock(),
+                marker=loop_marker(_domain(from_address), self.secret),
             )
         except ComposeError as e:
             log.error(

@@ -91,12 +91,14 @@ class MailRelay:
         *,
         max_attempts: int,
         is_own_message: Callable[[str], bool] = lambda _mid: False,
+        has_own_marker: Callable[[bytes], bool] = lambda _raw: False,
     ) -> None:
         self.db = db
         self.parse = parse
         self.poster = poster
         self.max_attempts = max_attempts
         self.is_own_message = is_own_message
+        self.has_own_marker = has_own_marker
         self._wake = asyncio.Event()
         self._in_flight: set[int] = set()
         self._parsing: dict[int, asyncio.Future[IncomingMessage]] = {}
@@ -213,7 +215,7 @@ class MailRelay:
         if message.auto_generated:
             raise Ignored("automatic reply")
         message_id = message.thread.message_id or synthetic_message_id(raw.raw)
-        if self.is_own_message(message_id):
+        if self.is_own_message(message_id) or self.has_own_marker(raw.raw):
             raise Ignored("the bridge's own mail coming back")
         address = message.sender.address
         if not link.settings.sender_allowed(address):

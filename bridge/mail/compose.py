@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import email
 import email.header
+import email.parser
 import email.policy
 import hashlib
 import hmac
 import re
 import unicodedata
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from email.headerregistry import Address
@@ -123,6 +125,7 @@ _MSG_ID = re.compile(
     r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+", re.ASCII
 )
 _OWN_ID = re.compile(r"([a-z2-7]{32})\.([0-9a-f]{16})@(.+)", re.ASCII)
+_MARKER = re.compile(r"[!-~](?:[ !-~]{0,200}[!-~])?", re.ASCII)
 _FIELD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,60}", re.ASCII)
 _CONTENT_TYPE = re.compile(
     r"([a-z0-9][a-z0-9!#$&^_.+-]{0,63})/([a-z0-9][a-z0-9!#$&^_.+-]{0,63})", re.ASCII
@@ -186,6 +189,29 @@ def is_own_message_id(message_id: str, domain: str, secret: bytes) -> bool:
     if match is None or match.group(3) != host:
         return False
     return hmac.compare_digest(_tag(match.group(1), secret), match.group(2))
+
+
+def loop_marker(domain: str, secret: bytes) -> str:
+    """The loop-header value a bridge holding `secret` writes on mail from `domain`: the
+    domain and a tag of that bridge, so two bridges of one domain on one list are told apart."""
+    _check_secret(secret)
+    tag = hmac.new(secret, b"loop marker", hashlib.sha256).hexdigest()[:16]
+    return f"{_check_domain(domain)}; {tag}"
+
+
+def has_loop_marker(
+    raw: bytes, markers: Collection[str], bridge_header: str = "X-Passerelle-Loop"
+) -> bool:
+    """Whether a mail's top-level header block carries `bridge_header` with one of our
+    `markers` (compose's `marker`): a mail this bridge composed, come back (a list keeps the
+    header on its copy; a person's reply does not). Only the header block is read."""
+    wanted = {d.lower() for d in markers}
+    if not wanted:
+        return False
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+    values = parsed.get_all(bridge_header) or []
+    return any(str(value).strip().lower() in wanted for value in values)
 
 
 def _tag(first: str, secret: bytes) -> str:
@@ -366,12 +392,14 @@ def compose(
     secret: bytes,
     now: datetime,
     bridge_header: str = "X-Passerelle-Loop",
+    marker: str | None = None,
 ) -> bytes:
     """`mail` as an RFC 5322 message (CRLF, pure ASCII) addressed to `list_address` only.
 
     From is `"<name> via Passerelle" <from_address>`, Reply-To and To are the list, the
     Message-ID is own_message_id(event_id), `<bridge_header>: <domain>` marks the mail for
-    loop detection and `X-Auto-Response-Suppress: All` silences Exchange auto-replies. The
+    loop detection (or `<bridge_header>: <marker>` when given, e.g. to tell two bridges of one
+    domain apart) and `X-Auto-Response-Suppress: All` silences Exchange auto-replies. The
     output is parsed back and checked before it is returned; ComposeError if that fails.
     ValueError for bad configuration (addresses, domain, header name, secret, naive `now`).
     """
@@ -410,7 +438,9 @@ def compose(
         _set_ids(msg, "In-Reply-To", [parent])
     if references:
         _set_ids(msg, "References", references)
-    msg[bridge_header] = host
+    if marker is not None and not _MARKER.fullmatch(marker):
+        raise ValueError("marker must be printable ASCII without line breaks")
+    msg[bridge_header] = host if marker is None else marker
     msg["X-Auto-Response-Suppress"] = "All"
     msg["MIME-Version"] = "1.0"
     for name in msg:

@@ -26,6 +26,7 @@ from bridge.db import links as link_db
 from bridge.db import mail as mail_db
 from bridge.db.engine import Database, open_database
 from bridge.db.schema import mail_raw, message_map
+from bridge.mail.compose import has_loop_marker, is_own_message_id, loop_marker, own_message_id
 from bridge.mail.ingest import make_parser
 from bridge.mail.store import DbMailboxStore
 
@@ -236,6 +237,11 @@ class Relay:
         return {str(r.message_id): (str(r.event_id), str(r.thread_root)) for r in rows}
 
 
+OWN_DOMAIN = "agency.example.org"
+OWN_SECRET = b"relay-test-secret-32-bytes-long!"
+OWN_MARKER = loop_marker(OWN_DOMAIN, OWN_SECRET)
+
+
 def mail_config() -> MailConfig:
     return MailConfig(
         mailboxes={},
@@ -262,7 +268,13 @@ async def relay(database: Database) -> AsyncIterator[Relay]:
     poster = RecordingPoster()
     checked: RoomPoster = poster  # the recording poster is a RoomPoster
     mail_relay = MailRelay(
-        database, make_parser(mail_config()), checked, tasks, max_attempts=MAX_ATTEMPTS
+        database,
+        make_parser(mail_config()),
+        checked,
+        tasks,
+        max_attempts=MAX_ATTEMPTS,
+        is_own_message=lambda mid: is_own_message_id(mid, OWN_DOMAIN, OWN_SECRET),
+        has_own_marker=lambda raw: has_loop_marker(raw, [OWN_MARKER]),
     )
     mail_relay.retry_initial = 0.01
     runner = asyncio.create_task(mail_relay.run(), name="mail-relay")
@@ -602,6 +614,22 @@ async def test_an_auto_reply_is_ignored(relay: Relay) -> None:
     assert await relay.states(link) == {1: "ignored"}
     assert relay.poster.posts == []
     assert relay.poster.notices == []
+
+
+async def test_the_bridges_own_mail_coming_back_is_not_posted(relay: Relay) -> None:
+    """By its tagged Message-ID, or (a list that rewrote the Message-ID) by its loop header.
+    Another bridge's marker, or a forged tag, does not hide a mail."""
+    link = await relay.link()
+    own_id = own_message_id("$event:agency.example.org", OWN_DOMAIN, OWN_SECRET)
+    forged = own_id.split(".")[0] + ".0000000000000000@" + OWN_DOMAIN
+    await relay.deliver(link, 1, make_mail("Re: x", message_id=own_id))
+    await relay.deliver(link, 2, make_mail("Re: x", extra=f"X-Passerelle-Loop: {OWN_MARKER}"))
+    other = loop_marker(OWN_DOMAIN, b"another bridge's key!!")
+    await relay.deliver(link, 3, make_mail("Re: x", extra=f"X-Passerelle-Loop: {other}"))
+    await relay.deliver(link, 4, make_mail("Re: x", message_id=forged))
+    await relay.settle()
+    assert await relay.states(link) == {1: "ignored", 2: "ignored", 3: "done", 4: "done"}
+    assert len(relay.poster.posts) == 2
 
 
 async def test_an_unreadable_mail_is_rejected_with_a_notice(relay: Relay) -> None:

@@ -19,7 +19,9 @@ from bridge.mail.compose import (
     ComposeError,
     OutgoingMail,
     compose,
+    has_loop_marker,
     is_own_message_id,
+    loop_marker,
     own_message_id,
 )
 
@@ -856,3 +858,30 @@ def test_outgoing_mail_is_frozen() -> None:
     mail = outgoing()
     with pytest.raises(dataclasses.FrozenInstanceError):
         mail.subject = "x"  # type: ignore[misc]
+
+
+# --- the loop marker ---------------------------------------------------------------------------
+
+
+def test_the_loop_marker_names_the_domain_and_this_bridge() -> None:
+    marker = loop_marker("Agency.Example.org", SECRET)
+    assert marker.startswith("agency.example.org; ")
+    assert marker == loop_marker(DOMAIN, SECRET)
+    assert marker != loop_marker(DOMAIN, b"another-secret-of-32-bytes-len!!")
+    raw = build(outgoing(), marker=marker)
+    assert raw_header(raw, "X-Passerelle-Loop") == marker
+    assert has_loop_marker(raw, [marker])
+    assert not has_loop_marker(raw, [loop_marker(DOMAIN, b"another-secret-of-32-bytes-len!!")])
+    assert not has_loop_marker(raw, [])
+
+
+def test_a_marker_in_the_body_is_not_a_header() -> None:
+    marker = loop_marker(DOMAIN, SECRET)
+    raw = build(outgoing(body_text=f"X-Passerelle-Loop: {marker}"))
+    assert not has_loop_marker(raw, [marker])
+
+
+@pytest.mark.parametrize("marker", ["", " x", "x\r\nBcc: a@b.c", "é", "x" * 300])
+def test_a_bad_marker_is_refused(marker: str) -> None:
+    with pytest.raises(ValueError, match="marker"):
+        build(outgoing(), marker=marker)
