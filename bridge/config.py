@@ -595,6 +595,8 @@ def _smtp(raw: dict[str, Any], config_dir: Path | None) -> SmtpSettings | None:
             f"{key}.tls", "none (cleartext) is only allowed for a server on this machine"
         )
     port = value.get("port")
+    if port is None:
+        port = {"starttls": 587, "tls": 465, "none": 25}[tls]
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ConfigError(f"{key}.port", "must be a port number")
     user = value.get("user")

@@ -42,6 +42,21 @@ def test_smtp_defaults_are_submission_with_starttls() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("smtp", "port"),
+    [
+        ({"tls": "tls"}, 465),
+        ({"tls": "starttls"}, 587),
+        ({"tls": "none", "host": "127.0.0.1"}, 25),
+        ({"tls": "tls", "port": 2465}, 2465),
+    ],
+)
+def test_smtp_port_follows_the_tls_mode_unless_given(smtp: dict[str, Any], port: int) -> None:
+    settings = parse_config(with_smtp(smtp), env={}).mail.smtp
+    assert settings is not None
+    assert settings.port == port
+
+
 def test_from_address_is_required_with_smtp() -> None:
     config_error(
         minimal(mail={"smtp": {"host": "smtp.example.org"}}), "mail.from_address", "required"
