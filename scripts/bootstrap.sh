@@ -12,6 +12,8 @@ command -v postfix >/dev/null 2>&1 || packages+=(postfix)
 command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 \
     || packages+=(postgresql)
 command -v make >/dev/null 2>&1 || packages+=(make)
+# The SMTP TLS tests make a throw-away certificate with the openssl command.
+command -v openssl >/dev/null 2>&1 || packages+=(openssl)
 if [ ${#packages[@]} -gt 0 ]; then
     echo "bootstrap: installing ${packages[*]}"
     apt-get update -q
