@@ -12,24 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.mail.compose import OutgoingMail, compose, conversation_subject
+from tests.unit.test_mail_compose import outgoing
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 NOW = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
-
-
-def outgoing(**overrides: object) -> OutgoingMail:
-    fields: dict[str, object] = {
-        "event_id": "$event1:agency.example.org",
-        "sender_mxid": "@alice:agency.example.org",
-        "sender_name": "Alice Martin",
-        "body_text": "Hello list.",
-        "body_html": None,
-        "subject": "",
-        "in_reply_to": None,
-        "references": (),
-    }
-    fields.update(overrides)
-    return OutgoingMail(**fields)  # type: ignore[arg-type]
 
 
 def sent_subject(mail: OutgoingMail) -> str:

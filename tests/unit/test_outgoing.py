@@ -24,6 +24,7 @@ from bridge.mail.outgoing import (
     placeholder_attachment,
     plan_event,
 )
+from tests.unit.test_mail_compose import html_part, text_part
 
 BOT = "@passerelle:agency.example.org"
 ALICE = "@alice:agency.example.org"
@@ -126,23 +127,6 @@ def build(mail: OutgoingMail) -> email.message.EmailMessage:
     head = raw.partition(b"\r\n\r\n")[0]
     assert b"\nbcc" not in head.lower()
     return msg
-
-
-def text_of(msg: email.message.EmailMessage) -> str:
-    part = msg.get_body(("plain",))
-    assert part is not None
-    content = part.get_content()
-    assert isinstance(content, str)
-    return content.replace("\r\n", "\n")
-
-
-def html_of(msg: email.message.EmailMessage) -> str | None:
-    part = msg.get_body(("html",))
-    if part is None:
-        return None
-    content = part.get_content()
-    assert isinstance(content, str)
-    return content.replace("\r\n", "\n")
 
 
 # --- which events are mailed ------------------------------------------------------------------
@@ -738,7 +722,7 @@ def test_an_edit_becomes_a_correction() -> None:
     assert mail.body_text == "Meeting at 3 pm"
     msg = build(mail)
     assert msg["Subject"] == "Re: Meeting at 3 pm"
-    assert text_of(msg) == "Correction: Meeting at 3 pm\n"
+    assert text_part(msg) == "Correction: Meeting at 3 pm\n"
 
 
 def test_an_emote() -> None:
@@ -752,8 +736,8 @@ def test_an_emote() -> None:
     assert mail.body_text == "* Alice <b>Martin</b> waves"
     assert mail.body_html == "* Alice &lt;b&gt;Martin&lt;/b&gt; <em>waves</em>"
     msg = build(mail)
-    assert text_of(msg) == "* Alice <b>Martin</b> waves\n"
-    html = html_of(msg)
+    assert text_part(msg) == "* Alice <b>Martin</b> waves\n"
+    html = html_part(msg)
     assert html is not None
     assert html.startswith("* Alice &lt;b&gt;Martin&lt;/b&gt; <em>waves</em>")
 
@@ -764,7 +748,7 @@ def test_an_emote_with_a_hostile_display_name() -> None:
     assert mail.body_text == "* Eve Bcc: victim@example.org waves"
     assert mail.sender_name == name  # compose cleans it for From itself
     msg = build(mail)
-    assert text_of(msg) == "* Eve Bcc: victim@example.org waves\n"
+    assert text_part(msg) == "* Eve Bcc: victim@example.org waves\n"
     assert msg["Subject"] == "* Eve Bcc: victim@example.org waves"
 
 
@@ -785,8 +769,8 @@ def test_an_emote_reply_keeps_its_fallback_first() -> None:
     mail = mail_for(plan(event(content)), subject="Lunch", in_reply_to="m1@lists.example.org")
     assert mail.body_text == "> <@bob:x> Lunch?\n\n* Alice Martin nods"
     msg = build(mail)
-    assert text_of(msg) == "* Alice Martin nods\n"  # compose removed the fallback
-    html = html_of(msg)
+    assert text_part(msg) == "* Alice Martin nods\n"  # compose removed the fallback
+    html = html_part(msg)
     assert html is not None
     assert html.startswith("* Alice Martin nods")
     assert "Lunch?" not in html
@@ -807,7 +791,7 @@ def test_a_file_without_caption_shows_its_name() -> None:
     assert (mail.body_text, mail.body_html) == ("Budget 2024.pdf", None)
     msg = build(mail)
     assert msg["Subject"] == "Budget 2024.pdf"
-    assert text_of(msg) == "Budget 2024.pdf\n"
+    assert text_part(msg) == "Budget 2024.pdf\n"
     (part,) = msg.iter_attachments()
     assert part.get_filename() == "Budget 2024.pdf"
     assert part.get_content_type() == "application/pdf"
@@ -838,7 +822,7 @@ def test_a_hostile_filename_flows_through_safely() -> None:
     name = part.get_filename()
     assert name == "xgpj.exeBcc: victim@example.org.txt"
     assert not any(c in name for c in BIDI)
-    assert text_of(msg) == "xgpj.exeBcc: victim@example.org.txt\n"
+    assert text_part(msg) == "xgpj.exeBcc: victim@example.org.txt\n"
     assert not any(c in msg["Subject"] for c in BIDI + "\r\n")
 
 
@@ -860,7 +844,7 @@ def test_crlf_bcc_in_the_body_stays_in_the_body() -> None:
     mail = mail_for(plan(event({"msgtype": "m.text", "body": body})))
     msg = build(mail)
     assert msg["Subject"] == "Hello"
-    assert text_of(msg) == "Hello\nBcc: victim@example.org\n\nTo: x@evil.example\n"
+    assert text_part(msg) == "Hello\nBcc: victim@example.org\n\nTo: x@evil.example\n"
 
 
 def test_crlf_bcc_in_the_display_name_gives_one_recipient() -> None:
@@ -883,7 +867,7 @@ def test_scripts_and_javascript_links_are_gone_after_compose() -> None:
         "formatted_body": html,
     }
     msg = build(mail_for(plan(event(content))))
-    sent = html_of(msg)
+    sent = html_part(msg)
     assert sent is not None
     lowered = sent.lower()
     for gone in ("<script", "javascript:", "alert", "onerror"):
@@ -902,7 +886,7 @@ def test_a_huge_event_composes() -> None:
     mail = mail_for(plan(event(content)), sender_name="x" * 100_000)
     msg = build(mail)
     assert msg["Subject"] == "line"
-    assert len(text_of(msg)) <= 65536
+    assert len(text_part(msg)) <= 65536
 
 
 # --- placeholder attachments ------------------------------------------------------------------
