@@ -30,7 +30,7 @@ from bridge.db.outbox import DbOutboxStore
 from bridge.mail.ingest import make_parser
 from bridge.mail.outbox import OutboxWorker
 from bridge.mail.smtp import SendResult, SmtpConfig, SmtpSender, TlsMode, retry_delay
-from bridge.mailout import MailOut, OutcomeReporter, notice_content
+from bridge.mailout import MailOut, OutcomeReporter
 from bridge.mailservice import MailService
 from bridge.matrix.appservice import AppserviceServer, PathOnlyAccessLogger, json_errors
 from bridge.matrix.bot import ManagementBot
@@ -40,6 +40,7 @@ from bridge.matrix.connection import HomeserverMonitor
 from bridge.matrix.dispatcher import EventDispatcher
 from bridge.matrix.ghosts import GhostManager
 from bridge.matrix.poster import MatrixPoster
+from bridge.matrix.render import notice_content
 from bridge.status import StatusReporter
 from bridge.web.health import add_health_route
 

@@ -14,7 +14,6 @@ import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from bridge.config import Config
 from bridge.core.errors import Ignored, PermanentError, TransientError
@@ -41,31 +40,13 @@ from bridge.mail.compose import (
 )
 from bridge.mail.outgoing import NotSent, PlannedMail, outgoing_mail, plan_event
 from bridge.matrix.client import MatrixClient, derived_txn_id
+from bridge.matrix.render import notice_content
 
 log = logging.getLogger("passerelle.mail.out")
 
 REPORT_BATCH = 50
 REPORT_INTERVAL = 30.0
 SENT_REACTION = "✉️"
-
-
-def notice_content(
-    text: str, *, reply_to: EventID | None = None, thread_root: EventID | None = None
-) -> dict[str, Any]:
-    """An m.notice, as a reply to `reply_to` and inside the thread of `thread_root` if given."""
-    content: dict[str, Any] = {"msgtype": "m.notice", "body": text, "m.mentions": {}}
-    if thread_root is not None:
-        relation: dict[str, Any] = {
-            "rel_type": "m.thread",
-            "event_id": thread_root,
-            "is_falling_back": reply_to is None,
-        }
-        if reply_to is not None:
-            relation["m.in_reply_to"] = {"event_id": reply_to}
-        content["m.relates_to"] = relation
-    elif reply_to is not None:
-        content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
-    return content
 
 
 def sender_address(config: Config, link: Link) -> str | None:

@@ -16,6 +16,7 @@ from bridge.db import rooms
 from bridge.db.engine import Database
 from bridge.db.inbox import InboxEvent
 from bridge.matrix.client import MatrixClient, derived_txn_id
+from bridge.matrix.render import notice_content
 
 log = logging.getLogger("passerelle.matrix.bot")
 
@@ -247,22 +248,9 @@ class ManagementBot:
         reply_to: EventID | None = None,
         thread_root: EventID | None = None,
     ) -> EventID:
-        content: dict[str, Any] = {
-            "msgtype": "m.notice",
-            "body": reply.text,
-            "format": "org.matrix.custom.html",
-            "formatted_body": reply.html,
-            "m.mentions": {},
-        }
-        if thread_root is not None:
-            content["m.relates_to"] = {
-                "rel_type": "m.thread",
-                "event_id": thread_root,
-                "is_falling_back": reply_to is None,
-                **({"m.in_reply_to": {"event_id": reply_to}} if reply_to else {}),
-            }
-        elif reply_to is not None:
-            content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
+        content = notice_content(
+            reply.text, html=reply.html, reply_to=reply_to, thread_root=thread_root
+        )
         event_id = await self.client.send_event(room_id, "m.room.message", content, txn_id)
         log.debug("sent notice %s in %s (txn %s)", event_id, room_id, txn_id)
         return event_id

@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from bridge.core.ids import EventID
 from bridge.core.message import (
     INLINE_PREFIX,
     Attachment,
@@ -126,3 +127,29 @@ def follow_up_relation(main_event: str, target: ThreadTarget, *, threads: bool) 
             "m.in_reply_to": {"event_id": main_event},
         }
     return {"m.in_reply_to": {"event_id": main_event}}
+
+
+def notice_content(
+    text: str,
+    *,
+    html: str | None = None,
+    reply_to: EventID | None = None,
+    thread_root: EventID | None = None,
+) -> dict[str, Any]:
+    """An m.notice (bot output, never bridged), as a reply to `reply_to` and inside the thread
+    of `thread_root` if given; `html` is already safe HTML."""
+    content: dict[str, Any] = {"msgtype": "m.notice", "body": text, "m.mentions": {}}
+    if html is not None:
+        content.update(format="org.matrix.custom.html", formatted_body=html)
+    if thread_root is not None:
+        relation: dict[str, Any] = {
+            "rel_type": "m.thread",
+            "event_id": thread_root,
+            "is_falling_back": reply_to is None,
+        }
+        if reply_to is not None:
+            relation["m.in_reply_to"] = {"event_id": reply_to}
+        content["m.relates_to"] = relation
+    elif reply_to is not None:
+        content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
+    return content
