@@ -513,16 +513,7 @@ def _mailbox(address: str, value: Any, config_dir: Path | None) -> MailboxSettin
     host = _string(raw, "m.host") if "host" in value else ""
     if not host:
         raise ConfigError(f"{key}.host", "is required")
-    tls = value.get("tls", "tls")
-    if tls not in ("tls", "starttls", "none"):
-        raise ConfigError(f"{key}.tls", "must be tls, starttls or none")
-    if tls == "none" and host not in LOOPBACK_HOSTS:
-        raise ConfigError(
-            f"{key}.tls", "none (cleartext) is only allowed for a server on this machine"
-        )
-    port = value.get("port", 993 if tls == "tls" else 143)
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise ConfigError(f"{key}.port", "must be a port number")
+    tls, port = _tls_and_port(key, value, host, default_tls="tls", ports=_IMAP_PORTS)
     user = value.get("user")
     if not isinstance(user, str) or not user:
         raise ConfigError(f"{key}.user", "is required")
@@ -543,6 +534,34 @@ def _mailbox(address: str, value: Any, config_dir: Path | None) -> MailboxSettin
         folder=folder,
         ca_file=ca_file,
     )
+
+
+_IMAP_PORTS = {"tls": 993, "starttls": 143, "none": 143}
+_SMTP_PORTS = {"tls": 465, "starttls": 587, "none": 25}
+
+
+def _tls_and_port(
+    key: str,
+    value: Mapping[str, Any],
+    host: str,
+    *,
+    default_tls: str | None,
+    ports: dict[str, int],
+) -> tuple[str, int]:
+    """A server's TLS mode (cleartext only on this machine) and port (by mode if not given)."""
+    tls = value.get("tls", default_tls)
+    if tls not in ("tls", "starttls", "none"):
+        raise ConfigError(f"{key}.tls", "must be tls, starttls or none")
+    if tls == "none" and host not in LOOPBACK_HOSTS:
+        raise ConfigError(
+            f"{key}.tls", "none (cleartext) is only allowed for a server on this machine"
+        )
+    port = value.get("port")
+    if port is None:
+        port = ports[tls]
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(f"{key}.port", "must be a port number")
+    return tls, port
 
 
 def _ca_file(key: str, value: Mapping[str, Any]) -> str | None:
@@ -587,18 +606,7 @@ def _smtp(raw: dict[str, Any], config_dir: Path | None) -> SmtpSettings | None:
         return None
     if not isinstance(host, str) or not host or not host.isprintable() or " " in host:
         raise ConfigError(f"{key}.host", "must be a host name, or null to send no mail")
-    tls = value.get("tls")
-    if tls not in ("tls", "starttls", "none"):
-        raise ConfigError(f"{key}.tls", "must be tls, starttls or none")
-    if tls == "none" and host not in LOOPBACK_HOSTS:
-        raise ConfigError(
-            f"{key}.tls", "none (cleartext) is only allowed for a server on this machine"
-        )
-    port = value.get("port")
-    if port is None:
-        port = {"starttls": 587, "tls": 465, "none": 25}[tls]
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise ConfigError(f"{key}.port", "must be a port number")
+    tls, port = _tls_and_port(key, value, host, default_tls=None, ports=_SMTP_PORTS)
     user = value.get("user")
     if user is not None and (not isinstance(user, str) or not user or not user.isprintable()):
         raise ConfigError(f"{key}.user", "must be a user name or null")
