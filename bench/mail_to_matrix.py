@@ -1040,23 +1040,44 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
     results["plain_n_rate_per_s"] = plain_n = mean_rate(plain_na, plain_nb)
     results["ratio_1"] = round(relay["rate_per_s"] / plain_1, 3)
     results["ratio_n"] = round(relay_n["rate_per_s"] / plain_n, 3)
-    results["disturbed"] = {
-        key: round(value["cpu_s"]["others"] / value["cpu_s"]["wall"], 2)
-        for key, value in results.items()
-        if isinstance(value, dict)
-        and "cpu_s" in value
-        and value["cpu_s"]["others"] > BUSY_CORES * value["cpu_s"]["wall"]
-    }
+    results["disturbed"] = disturbed_phases(results)
     if args.diagnose:
         results["relay_steps_alone_ms"] = steps = await relay_steps(
             servers.folder / "steps", servers.bridge.config.mail
         )
         print(f"relay steps alone (ms per mail): {json.dumps(steps)}")
     if args.profile:
-        results["profiles"] = {
-            path.stem: profile_summary(path) for path in sorted(args.profile.glob("*.txt"))
-        }
+        results["profiles"] = profile_summaries(args.profile)
     return results
+
+
+def disturbed_phases(results: dict[str, Any]) -> dict[str, float]:
+    """The phases during which other processes used more than BUSY_CORES: their share."""
+    return {
+        key: round(value["cpu_s"]["others"] / value["cpu_s"]["wall"], 2)
+        for key, value in results.items()
+        if isinstance(value, dict)
+        and "cpu_s" in value
+        and value["cpu_s"]["others"] > BUSY_CORES * value["cpu_s"]["wall"]
+    }
+
+
+def profile_summaries(folder: Path) -> dict[str, Any]:
+    return {path.stem: profile_summary(path) for path in sorted(folder.glob("*.txt"))}
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """--keep, --profile and --native, the same in every benchmark here."""
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="folder for py-spy profiles of the bridge and Synapse (needs py-spy on PATH)",
+    )
+    parser.add_argument(
+        "--native", action="store_true", help="py-spy with --native (C frames too: SQLite, …)"
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -1071,16 +1092,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--warmup", type=int, default=300, help="unmeasured sends first, to warm Synapse up"
     )
     parser.add_argument("--pace", type=float, default=1.0, help="seconds between paced mails")
-    parser.add_argument(
-        "--profile",
-        type=Path,
-        default=None,
-        help="folder for py-spy profiles of the bridge and Synapse (needs py-spy on PATH)",
-    )
-    parser.add_argument(
-        "--native", action="store_true", help="py-spy with --native (C frames too: SQLite, …)"
-    )
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    add_run_options(parser)
     parser.add_argument(
         "--diagnose",
         action="store_true",

@@ -65,14 +65,16 @@ from bench.mail_to_matrix import (  # noqa: E402
     CpuMeter,
     Probes,
     Profiler,
+    add_run_options,
     code_version,
+    disturbed_phases,
     find_pid,
     link_room,
     marker,
     mean_rate,
     percentile,
     process_cpu,
-    profile_summary,
+    profile_summaries,
     quote,
     temp_folder,
 )
@@ -664,19 +666,11 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
 
     results["raw_rate_per_s"] = raw_rate = mean_rate(before, after)
     results["ratio"] = round(bridge["rate_per_s"] / raw_rate, 3) if raw_rate else None
-    results["disturbed"] = {
-        key: round(value["cpu_s"]["others"] / value["cpu_s"]["wall"], 2)
-        for key, value in results.items()
-        if isinstance(value, dict)
-        and "cpu_s" in value
-        and value["cpu_s"]["others"] > BUSY_CORES * value["cpu_s"]["wall"]
-    }
+    results["disturbed"] = disturbed_phases(results)
     bench.sink_log.refresh()
     results["sink_unmarked"] = sum(len(v) for v in bench.sink_log.times("?").values())
     if args.profile:
-        results["profiles"] = {
-            path.stem: profile_summary(path) for path in sorted(args.profile.glob("*.txt"))
-        }
+        results["profiles"] = profile_summaries(args.profile)
     return results
 
 
@@ -693,14 +687,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--warmup", type=int, default=50, help="unmeasured messages through Synapse first"
     )
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
-    parser.add_argument(
-        "--profile",
-        type=Path,
-        default=None,
-        help="folder for py-spy profiles of the bridge and Synapse (needs py-spy on PATH)",
-    )
-    parser.add_argument("--native", action="store_true", help="py-spy with --native")
+    add_run_options(parser)
     parser.add_argument(
         "--diagnose",
         action="store_true",
