@@ -20,7 +20,9 @@ import pytest
 
 from bridge.app import Bridge
 from bridge.config import Config, load_config, parse_config
+from bridge.harness.dovecot import DovecotServer
 from bridge.harness.ports import free_port
+from bridge.harness.postfix import PostfixServer
 from bridge.harness.postgres import PostgresServer
 from bridge.harness.synapse import MatrixTestClient, SynapseServer
 from bridge.registration import atomic_write, dump_yaml, generate_registration
@@ -261,3 +263,28 @@ async def make_user(synapse_setup: SynapseSetup) -> AsyncIterator[UserFactory]:
     finally:
         for client in clients:
             await client.close()
+
+
+# --- mail servers shared by the integration and end-to-end tests ------------------------------
+
+
+@pytest.fixture(scope="session")
+def dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DovecotServer]:
+    server = DovecotServer(tmp_path_factory.mktemp("dovecot"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postfix(
+    tmp_path_factory: pytest.TempPathFactory, dovecot: DovecotServer
+) -> Iterator[PostfixServer]:
+    server = PostfixServer(tmp_path_factory.mktemp("postfix"), lmtp_port=dovecot.lmtp_port)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -9,7 +9,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from email.message import EmailMessage
 from pathlib import Path
@@ -564,31 +564,8 @@ def test_retry_delay_schedule() -> None:
 # --- Postfix → LMTP → Dovecot -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DovecotServer]:
-    server = DovecotServer(tmp_path_factory.mktemp("dovecot"))
-    try:
-        server.add_user("bridge", IMAP_PASSWORD)
-        server.start()
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def postfix(
-    tmp_path_factory: pytest.TempPathFactory, dovecot: DovecotServer
-) -> Iterator[PostfixServer]:
-    server = PostfixServer(tmp_path_factory.mktemp("postfix"), lmtp_port=dovecot.lmtp_port)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-
-
 async def test_postfix_delivers_to_dovecot(dovecot: DovecotServer, postfix: PostfixServer) -> None:
-    mailbox = f"bridge@{dovecot.domain}"
+    mailbox = dovecot.add_user(f"smtp{uuid.uuid4().hex[:8]}", IMAP_PASSWORD)
     subject = f"outbox-{uuid.uuid4().hex[:8]}"
     raw = make_message(subject, "Sent through SmtpSender.\n")
     sender, health = sender_for(postfix.smtp_port)
