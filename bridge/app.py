@@ -51,7 +51,7 @@ class _ReportingStore(DbOutboxStore):
     """The outbox store, waking the reporter when an outcome is there to tell."""
 
     def __init__(self, db: Database, notify: Callable[[], None], *, tell_sent: bool) -> None:
-        super().__init__(db)
+        super().__init__(db, report_sent=tell_sent)
         self._notify = notify
         self._tell_sent = tell_sent
 

@@ -132,9 +132,14 @@ class DbOutboxStore:
     An outcome only changes a mail still pending: a finished one is never brought back.
     """
 
-    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, db: Database, clock: Callable[[], float] = time.time, *, report_sent: bool = True
+    ) -> None:
         self.db = db
         self._clock = clock  # the worker's clock, for first_tried_at and finished_at
+        # False: success is not told in the room, so a sent mail is recorded as reported at
+        # once (turning reactions on later must not react to every mail sent before).
+        self._report_sent = report_sent
 
     async def due(self, now: float, limit: int, exclude: set[int]) -> list[OutboxItem]:
         query = (
@@ -156,6 +161,7 @@ class DbOutboxStore:
             finished_at=_ms(self._clock()),
             smtp_code=result.code,
             last_error=result.message if result.refused else None,
+            reported=not self._report_sent,
         )
 
     async def mark_retry(self, item_id: int, result: SendResult, next_attempt_at: float) -> None:
@@ -224,17 +230,6 @@ async def mark_reported(db: Database, item_id: int) -> None:
         await conn.execute(
             update(mail_outbox).where(mail_outbox.c.id == item_id).values(reported=True)
         )
-
-
-async def mark_all_sent_reported(db: Database) -> int:
-    """Flag every sent mail as reported (for a bridge that says nothing on success)."""
-    async with db.begin() as conn:
-        result = await conn.execute(
-            update(mail_outbox)
-            .where(mail_outbox.c.state == "sent", _unreported())
-            .values(reported=True)
-        )
-    return int(result.rowcount)
 
 
 async def mails_for_event(db: Database, event_id: str) -> list[tuple[int, int, str]]:

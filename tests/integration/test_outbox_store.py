@@ -403,19 +403,19 @@ async def test_outcomes_to_report_and_mark_reported(db: Database) -> None:
     assert (await row(db, ids["failed"]))["reported"] is True
 
 
-async def test_mark_all_sent_reported_flags_only_sent_mail(db: Database) -> None:
+async def test_without_success_reports_sent_mail_is_reported_at_once(db: Database) -> None:
+    """Regression: with success not told (on_sent: none), sent mail stayed unreported, so
+    turning reactions on later reacted to every mail ever sent."""
     link = await make_link(db)
-    store = DbOutboxStore(db)
-    ids = [await enqueue(db, outgoing(link, event=f"$e{n}")) for n in range(4)]
+    store = DbOutboxStore(db, report_sent=False)
+    ids = [await enqueue(db, outgoing(link, event=f"$e{n}")) for n in range(3)]
     await store.mark_sent(ids[0], ACCEPTED)
-    await store.mark_sent(ids[1], ACCEPTED)
-    await store.mark_failed(ids[2], REFUSED)
+    await store.mark_failed(ids[1], REFUSED)
 
-    assert await outbox_db.mark_all_sent_reported(db) == 2
-    assert await outbox_db.mark_all_sent_reported(db) == 0  # already flagged
     remaining = await outbox_db.outcomes_to_report(db, 10, include_sent=True)
-    assert [(o.id, o.state) for o in remaining] == [(ids[2], "failed")]
-    assert (await row(db, ids[3]))["reported"] is False  # pending: nothing to report yet
+    assert [(o.id, o.state) for o in remaining] == [(ids[1], "failed")]
+    assert (await row(db, ids[0]))["reported"] is True
+    assert (await row(db, ids[2]))["reported"] is False  # pending: nothing to report yet
 
 
 async def test_mails_for_event_and_counts(db: Database) -> None:
