@@ -810,7 +810,7 @@ def diagnose_log(text: str, since: float, until: float) -> dict[str, Any]:
 
 async def relay_steps(folder: Path, mail: MailConfig, count: int = 300) -> dict[str, float]:
     """The database and parsing steps MailRelay.handle awaits one after the other for each
-    mail (bridge/core/mailrelay.py), timed alone in this process on a fresh SQLite database
+    mail (bridge/relay/mail_in.py), timed alone in this process on a fresh SQLite database
     with the bridge's own settings: their cost without any contention (ms per mail)."""
     folder.mkdir(parents=True, exist_ok=True)
     db = await open_database(

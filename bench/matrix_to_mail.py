@@ -729,7 +729,7 @@ def log_records(lines: Sequence[str]) -> Iterator[tuple[float, str, str]]:
 
 
 def queued_times(lines: Sequence[str]) -> dict[str, float]:
-    """Event ID -> when the bridge logged it queued in its outbox (bridge/mailout.py)."""
+    """Event ID -> when the bridge logged it queued in its outbox (bridge/relay/mail_out.py)."""
     return {
         match.group(1): when
         for when, _, message in log_records(lines)

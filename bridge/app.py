@@ -20,7 +20,6 @@ from bridge.core.health import ComponentHealth
 from bridge.core.ids import EventID, RoomID
 from bridge.core.linkcommands import LinkCommands
 from bridge.core.links import Link
-from bridge.core.mailrelay import MailRelay
 from bridge.core.tasks import TaskGroup
 from bridge.db import links as link_db
 from bridge.db import outbox as outbox_db
@@ -30,8 +29,6 @@ from bridge.db.outbox import DbOutboxStore
 from bridge.mail.ingest import make_parser
 from bridge.mail.outbox import OutboxWorker
 from bridge.mail.smtp import SendResult, SmtpConfig, SmtpSender, TlsMode, retry_delay
-from bridge.mailout import MailOut, OutcomeReporter
-from bridge.mailservice import MailService
 from bridge.matrix.appservice import AppserviceServer, PathOnlyAccessLogger, json_errors
 from bridge.matrix.bot import ManagementBot
 from bridge.matrix.catchup import CatchUp
@@ -41,6 +38,9 @@ from bridge.matrix.dispatcher import EventDispatcher
 from bridge.matrix.ghosts import GhostManager
 from bridge.matrix.poster import MatrixPoster
 from bridge.matrix.render import notice_content
+from bridge.relay.mail_in import MailRelay
+from bridge.relay.mail_out import MailOut, OutcomeReporter
+from bridge.relay.mailboxes import MailService
 from bridge.status import StatusReporter
 from bridge.web.health import add_health_route
 

@@ -13,7 +13,6 @@ from bridge.config import Config, LinkSpec, parse_config
 from bridge.core.errors import Refused
 from bridge.core.ghosts import encode_localpart, ghost_display_name
 from bridge.core.links import LinkSettings
-from bridge.core.mailrelay import with_original
 from bridge.core.message import Attachment, IncomingMessage
 from bridge.core.permissions import PermissionLevel
 from bridge.core.threading import NEW_THREAD
@@ -22,6 +21,7 @@ from bridge.mail.ingest import make_parser
 from bridge.mail.outgoing import NotSent, outgoing_mail, placeholder_attachment, plan_event
 from bridge.matrix import render
 from bridge.matrix.poster import plan_events
+from bridge.relay.mail_in import with_original
 
 OFFLINE = {"homeserver": {"address": "https://homeserver.invalid", "domain": "homeserver.invalid"}}
 

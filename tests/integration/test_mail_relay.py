@@ -18,7 +18,6 @@ from bridge.config import DatabaseConfig, MailConfig
 from bridge.core.errors import TransientError
 from bridge.core.ids import EventID, RoomID
 from bridge.core.links import Link, LinkSettings
-from bridge.core.mailrelay import MailRelay, RoomPoster, synthetic_message_id
 from bridge.core.message import IncomingMessage
 from bridge.core.tasks import TaskGroup
 from bridge.core.threading import ThreadTarget
@@ -29,6 +28,7 @@ from bridge.db.schema import mail_raw, message_map
 from bridge.mail.compose import has_loop_marker, is_own_message_id, loop_marker, own_message_id
 from bridge.mail.ingest import make_parser
 from bridge.mail.store import DbMailboxStore
+from bridge.relay.mail_in import MailRelay, RoomPoster, synthetic_message_id
 
 MAX_ATTEMPTS = 3
 ROOM_A = RoomID("!a:localhost")

@@ -10,13 +10,13 @@ from typing import Any
 from bridge.config import Config
 from bridge.core.health import ComponentHealth
 from bridge.core.ids import RoomID
-from bridge.core.mailrelay import MailRelay
 from bridge.core.tasks import TaskGroup
 from bridge.db import links as link_db
 from bridge.db import rooms
 from bridge.db.engine import Database
 from bridge.mail.imap import ImapWatcher, MailboxConfig
 from bridge.mail.store import DbMailboxStore
+from bridge.relay.mail_in import MailRelay
 
 log = logging.getLogger("passerelle.mail")
 
