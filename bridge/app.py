@@ -18,7 +18,6 @@ from bridge.core.commands import CommandProcessor
 from bridge.core.errors import Ignored, PermanentError, TransientError
 from bridge.core.health import ComponentHealth
 from bridge.core.ids import EventID, RoomID
-from bridge.core.linkcommands import LinkCommands
 from bridge.core.links import Link
 from bridge.core.tasks import TaskGroup
 from bridge.db import links as link_db
@@ -38,6 +37,7 @@ from bridge.matrix.dispatcher import EventDispatcher
 from bridge.matrix.ghosts import GhostManager
 from bridge.matrix.poster import MatrixPoster
 from bridge.matrix.render import notice_content
+from bridge.relay.link_commands import LinkCommands
 from bridge.relay.mail_in import MailRelay
 from bridge.relay.mail_out import MailOut, OutcomeReporter
 from bridge.relay.mailboxes import MailService
