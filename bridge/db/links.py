@@ -95,20 +95,37 @@ async def save_link(
 
 
 async def delete_link(db: Database, link_id: int) -> int:
-    """Remove a link and its mail records; the room keeps its messages. Mail from Matrix not
-    sent yet is dropped with it (it would go to a list the room is no longer linked to):
-    returns how many."""
-    from bridge.db.schema import mail_outbox, mail_raw, message_map, sender_notice
+    """Remove a link and its records; the room keeps its messages. Messages from Matrix not
+    sent yet are dropped with it (they would go to a list or remote room the room is no
+    longer linked to): returns how many."""
+    from bridge.db.schema import (
+        mail_outbox,
+        mail_raw,
+        message_map,
+        remote_event_map,
+        remote_outbox,
+        sender_notice,
+    )
 
     async with db.begin() as conn:
-        unsent = (
-            await conn.execute(
-                select(func.count())
-                .select_from(mail_outbox)
-                .where(mail_outbox.c.link_id == link_id, mail_outbox.c.state == "pending")
-            )
-        ).scalar_one()
-        for table in (sender_notice, message_map, mail_raw, mail_outbox):
+        unsent = 0
+        for outbox in (mail_outbox, remote_outbox):
+            unsent += (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(outbox)
+                    .where(outbox.c.link_id == link_id, outbox.c.state == "pending")
+                )
+            ).scalar_one()
+        tables = (
+            sender_notice,
+            message_map,
+            mail_raw,
+            mail_outbox,
+            remote_event_map,
+            remote_outbox,
+        )
+        for table in tables:
             await conn.execute(delete(table).where(table.c.link_id == link_id))
         await conn.execute(delete(link).where(link.c.id == link_id))
     return int(unsent)

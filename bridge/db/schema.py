@@ -191,3 +191,73 @@ mail_outbox = Table(
     Index("ix_mail_outbox_report", "reported", "state"),
     Index("ix_mail_outbox_event_id", "event_id"),
 )
+
+# --- external ministry servers ("remotes") ----------------------------------------------------
+
+# Per remote: the /sync position. It only moves in the commit that stores the batch's events,
+# so a crash anywhere re-reads what was not stored, and nothing stored is read twice.
+remote_sync = Table(
+    "remote_sync",
+    metadata,
+    Column("remote", String(64), primary_key=True),
+    Column("next_batch", Text, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+# Every event /sync gave for a linked remote room, stored before the position moves on.
+# state: pending → done | refused | ignored | failed
+remote_inbox = Table(
+    "remote_inbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("remote", String(64), nullable=False),
+    Column("room_id", String(255), nullable=False),
+    Column("event_id", String(255), nullable=False),
+    Column("event_json", Text, nullable=False),
+    Column("received_at", BigInteger, nullable=False),
+    Column("state", String(16), nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text, nullable=True),
+    UniqueConstraint("remote", "event_id", name="ux_remote_inbox_event"),
+    Index("ix_remote_inbox_state", "state", "id"),
+)
+
+# Remote event ⇄ agency event, per link, whichever side wrote it first (one to one).
+# remote_sender: who wrote it on the remote side (the bridge's own account for direction
+# "out"), so that only its author's redaction is mirrored.
+remote_event_map = Table(
+    "remote_event_map",
+    metadata,
+    Column("link_id", Integer, ForeignKey("link.id"), primary_key=True),
+    Column("remote_event_id", String(255), primary_key=True),
+    Column("agency_event_id", String(255), nullable=False),
+    Column("remote_sender", String(255), nullable=False),
+    Column("direction", String(3), nullable=False),  # in | out
+    Column("created_at", BigInteger, nullable=False),
+    UniqueConstraint("link_id", "agency_event_id", name="ux_remote_event_map_agency"),
+)
+
+# Agency events to send to a remote room, stored before the first attempt; (link_id,
+# event_id) makes a re-run handler harmless, and the transaction ID derived from the event
+# makes a resend after a crash harmless on the remote server.
+# state: pending → sent | failed; reported: a failure was told to the room.
+remote_outbox = Table(
+    "remote_outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("link_id", Integer, ForeignKey("link.id"), nullable=False),
+    Column("room_id", String(255), nullable=False),
+    Column("event_id", String(255), nullable=False),
+    Column("plan_json", Text, nullable=False),
+    Column("state", String(16), nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", BigInteger, nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("remote_event_id", String(255), nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("finished_at", BigInteger, nullable=True),
+    Column("reported", Boolean, nullable=False, server_default=false()),
+    UniqueConstraint("link_id", "event_id", name="ux_remote_outbox_event"),
+    Index("ix_remote_outbox_due", "state", "link_id", "id"),
+    Index("ix_remote_outbox_report", "reported", "state"),
+)

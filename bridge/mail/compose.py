@@ -20,6 +20,7 @@ from email.policy import EmailPolicy
 from typing import TYPE_CHECKING
 
 from bridge.core.ghosts import clean_display_name
+from bridge.core.matrix_event import strip_html_fallback, strip_text_fallback
 from bridge.core.message import Attachment
 from bridge.mail.html import html_to_text, sanitize_html
 from bridge.mail.mime import safe_filename
@@ -139,8 +140,6 @@ _LINE_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _BIDI_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
 _ENCODED_WORD_START = "=?"
 _REPLY_PREFIX = re.compile(r"(?:re[ \t]*(?:\[[0-9]{1,4}\])?[ \t]*[:\uff1a][ \t]*)+", re.I)
-_TEXT_FALLBACK_START = re.compile(r"> (?:\* )?<")
-_MX_REPLY_TAG = re.compile(r"<(/?)mx-reply(?=[\t\n\f\r />])", re.IGNORECASE | re.ASCII)
 
 # The headers compose writes at the top level, and in body parts.
 _TOP_HEADERS = (
@@ -289,44 +288,6 @@ def _clean_body(text: str) -> str:
     return _BODY_CONTROLS.sub("", text)
 
 
-def strip_text_fallback(text: str) -> str:
-    """A Matrix reply fallback removed: leading "> " lines (the first one quoting the original
-    sender as "> <@user:server>" or "> * <@user:server>") followed by a blank line."""
-    if not _TEXT_FALLBACK_START.match(text):
-        return text
-    lines = text.split("\n")
-    index = 0
-    while index < len(lines) and (lines[index].startswith("> ") or lines[index] == ">"):
-        index += 1
-    if index < len(lines) and not lines[index].strip():
-        return "\n".join(lines[index + 1 :]).lstrip("\n")
-    return text
-
-
-def _strip_html_fallback(html: str) -> str:
-    """Every <mx-reply> element removed with its content, nested ones included. An element
-    left open runs to the end of the input, as in an HTML parser. Linear time."""
-    out: list[str] = []
-    depth = 0
-    pos = 0
-    for match in _MX_REPLY_TAG.finditer(html):
-        if match.start() < pos:
-            continue  # inside a tag already consumed
-        if depth == 0:
-            out.append(html[pos : match.start()])
-        end = html.find(">", match.end())
-        if end < 0:  # an unterminated tag: an HTML tokenizer drops the rest
-            return "".join(out)
-        if match.group(1):
-            depth = max(depth - 1, 0)
-        else:
-            depth += 1
-        pos = end + 1
-    if depth == 0:
-        out.append(html[pos:])
-    return "".join(out)
-
-
 def _from_name(mail: OutgoingMail) -> str:
     """The From display name: the cleaned room name, or the MXID when the name is empty or
     looks like an address (a spoofing attempt: "boss@agency.fr via Passerelle")."""
@@ -363,9 +324,7 @@ def _bodies(mail: OutgoingMail) -> tuple[str, str]:
     html = ""
     if mail.body_html:
         source = _clean_body(mail.body_html[:_MAX_HTML_INPUT])
-        html = sanitize_html(
-            _strip_html_fallback(source), image_urls={}, max_input=_MAX_HTML_INPUT
-        )
+        html = sanitize_html(strip_html_fallback(source), image_urls={}, max_input=_MAX_HTML_INPUT)
     if not text.strip() and html:
         text = html_to_text(html)
     return text, html
