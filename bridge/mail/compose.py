@@ -20,8 +20,8 @@ from email.policy import EmailPolicy
 from typing import TYPE_CHECKING
 
 from bridge.core.ghosts import clean_display_name
+from bridge.core.html import html_to_text, sanitize_html
 from bridge.core.message import Attachment
-from bridge.mail.html import html_to_text, sanitize_html
 from bridge.mail.mime import safe_filename
 
 __all__ = [
