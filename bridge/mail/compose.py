@@ -20,9 +20,9 @@ from email.policy import EmailPolicy
 from typing import TYPE_CHECKING
 
 from bridge.core.ghosts import clean_display_name
+from bridge.core.html import html_to_text, sanitize_html
 from bridge.core.matrix_event import strip_html_fallback, strip_text_fallback
 from bridge.core.message import Attachment
-from bridge.mail.html import html_to_text, sanitize_html
 from bridge.mail.mime import safe_filename
 
 __all__ = [

@@ -6,8 +6,8 @@ import dataclasses
 from collections.abc import Callable
 
 from bridge.config import MailConfig
+from bridge.core.html import sanitize_html
 from bridge.core.message import IncomingMessage, inline_placeholder
-from bridge.mail.html import sanitize_html
 from bridge.mail.mime import MailLimits, parse_mail
 
 

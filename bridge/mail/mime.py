@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from urllib.parse import unquote_to_bytes
 
+from bridge.core.html import html_to_text
 from bridge.core.message import Attachment, IncomingMessage, ThreadRef
 from bridge.mail.address import parse_from
 from bridge.mail.errors import MailRejected
-from bridge.mail.html import html_to_text
 from bridge.mail.trim import trim_reply
 
 __all__ = ["MailLimits", "parse_mail", "safe_filename"]

@@ -14,7 +14,8 @@ from bridge.core.tasks import TaskGroup
 from bridge.db import links as link_db
 from bridge.db import rooms
 from bridge.db.engine import Database
-from bridge.mail.imap import ImapWatcher, MailboxConfig
+from bridge.mail.imap_session import MailboxConfig
+from bridge.mail.imap_watcher import ImapWatcher
 from bridge.mail.store import DbMailboxStore
 from bridge.relay.mail_in import MailRelay
 

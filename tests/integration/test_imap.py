@@ -23,15 +23,10 @@ import pytest
 from bridge.core.health import ComponentHealth
 from bridge.harness.dovecot import DovecotServer
 from bridge.harness.ports import free_port
-from bridge.mail import imap
-from bridge.mail.imap import (
-    ImapError,
-    ImapTlsError,
-    ImapWatcher,
-    MailboxConfig,
-    MailboxStore,
-    parse_fetch,
-)
+from bridge.mail import imap_session
+from bridge.mail.imap_session import ImapError, ImapTlsError, MailboxConfig
+from bridge.mail.imap_watcher import QUARANTINED_SIZE, ImapWatcher, MailboxStore
+from bridge.mail.imap_wire import FetchRecord, parse_fetch
 
 PASSWORD = "imap-test-Secr3t"
 MAILBOX = "list@agency.example"
@@ -459,25 +454,26 @@ async def test_unreadable_message_is_quarantined_after_three_attempts(
     """Fault injection: the parser fails on UID 2 only; later mails must still flow."""
     uids = await append_many(dovecot, user, [make_message(f"poison {n}") for n in range(4)])
     validity = await dovecot.uidvalidity(user, PASSWORD)
-    real_parse = imap.parse_fetch
+    real_parse = parse_fetch
     seen: list[int] = []
 
-    def parse_but_break_uid_2(lines: list[bytes | bytearray]) -> list[imap.FetchRecord]:
+    def parse_but_break_uid_2(lines: list[bytes | bytearray]) -> list[FetchRecord]:
         records = []
         for record in real_parse(lines):
             if record.uid == 2 and record.body is not None:
                 seen.append(2)
-                record = imap.FetchRecord(2, error="injected")
+                record = FetchRecord(2, error="injected")
             records.append(record)
         return records
 
-    monkeypatch.setattr(imap, "parse_fetch", parse_but_break_uid_2)
+    # The connection layer looks parse_fetch up at call time in its own module.
+    monkeypatch.setattr(imap_session, "parse_fetch", parse_but_break_uid_2)
     store, health = MemoryStore(), ComponentHealth("imap")
     watcher = watcher_for(config_for(dovecot, user), store, health)
     assert await watcher.sync_once() == 3
     assert store.stores() == [
         ("store_raw", validity, uids[0]),
-        ("store_oversized", validity, 2, imap.QUARANTINED_SIZE),
+        ("store_oversized", validity, 2, QUARANTINED_SIZE),
         ("store_raw", validity, uids[2]),
         ("store_raw", validity, uids[3]),
     ]

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from bridge.mail.html import MAX_NESTING, html_to_text, sanitize_html
+from bridge.core.html import MAX_NESTING, html_to_text, sanitize_html
 
 MXC = "mxc://passerelle.invalid/cid-696d6731"
 IMAGES = {"img1@agency.example.org": MXC}
@@ -343,6 +343,40 @@ def test_deep_nesting_is_bounded_even_without_the_input_cut() -> None:
     out = sanitize_html(html, image_urls={}, max_input=len(html))
     assert time.perf_counter() - start < 2
     assert out == ""
+
+
+# --- formatted bodies from another homeserver -------------------------------------------------
+# The same allowlist serves Matrix HTML arriving from another server, with no cid: images to map.
+
+
+def remote(html: str) -> str:
+    return sanitize_html(html, image_urls={}, max_input=BIG)
+
+
+def test_remote_mxc_image_is_dropped_without_a_mapping() -> None:
+    assert remote('<img src="mxc://other.server/abc">') == ""
+    assert (
+        remote('<p>see <img src="mxc://other.server/abc" alt="chart"></p>') == "<p>see chart</p>"
+    )
+
+
+def test_remote_javascript_link_loses_its_href() -> None:
+    assert remote('<a href="javascript:alert(1)">x</a>') == '<a rel="noopener noreferrer">x</a>'
+
+
+def test_remote_reply_fallback_content_survives_without_the_tag() -> None:
+    """Current behaviour, recorded: mx-reply is not on the allowlist, so the tag goes but its
+    content (the quoted fallback) stays. The spec says a client strips the fallback by removing
+    the whole mx-reply element; compose.py does that before sanitising, this module does not."""
+    out = remote(
+        '<mx-reply><blockquote><a href="https://matrix.to/#/!r:x/$e">In reply to</a>'
+        "<br>quoted</blockquote></mx-reply>answer"
+    )
+    assert "mx-reply" not in out
+    assert out == (
+        '<blockquote><a href="https://matrix.to/#/!r:x/$e" rel="noopener noreferrer">'
+        "In reply to</a><br>quoted</blockquote>answer"
+    )
 
 
 # --- text from HTML ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Mail HTML made safe for Matrix (the spec's allowlist, bounded nesting) and read as text."""
+"""Untrusted HTML made safe for Matrix (the spec's allowlist, bounded nesting) and read as text."""
 
 from __future__ import annotations
 
@@ -525,7 +525,7 @@ def sanitize_html(html: str, *, image_urls: Mapping[str, str], max_input: int) -
 
 
 # ----------------------------------------------------------------------------------------------
-# Plain text from HTML, for mail that has no text/plain part.
+# Plain text from HTML, for a message that has no plain-text version.
 
 _BLOCKS = _HEADINGS | _names(
     "p div br li ul ol dl dt dd tr table thead tbody tfoot caption blockquote pre hr section"
