@@ -302,7 +302,7 @@ def _clean_content(
         if has_caption(source, body):
             clean["filename"] = clean_display_name(found.filename, 255) or "file"
         info = source.get("info")
-        kept = {"mimetype": found.content_type}
+        kept: dict[str, Any] = {"mimetype": found.content_type}
         if isinstance(info, Mapping):
             for key in _INFO_INTS:
                 value = info.get(key)
@@ -415,28 +415,18 @@ def _fold(text: str) -> str:
 
 def _remove_folded(text: str, needle: str) -> str:
     """`text` without any occurrence of `needle`, compared folded (NFKC, no case)."""
-    if not needle.strip():
+    target = unicodedata.normalize("NFKC", needle).casefold().strip()
+    if not target:
         return text
-    target = _fold(needle)
-    out = text
     while True:
-        folded = [_fold(c) for c in out]
-        # Find the shortest span of characters whose fold matches the needle's fold.
-        span = _find_span(folded, target)
-        if span is None:
-            return out
-        start, end = span
-        out = out[:start] + " " + out[end:]
-
-
-def _find_span(folded: list[str], target: str) -> tuple[int, int] | None:
-    for start in range(len(folded)):
-        acc = ""
-        for end in range(start, len(folded)):
-            acc = " ".join((acc + folded[end]).split()) if folded[end].strip() else acc + " "
-            candidate = " ".join(acc.split())
-            if candidate == target:
-                return start, end + 1
-            if len(candidate) > len(target) + 1:
-                break
-    return None
+        folded: list[str] = []
+        origin: list[int] = []  # the index in `text` of each folded character
+        for index, char in enumerate(text):
+            for out in unicodedata.normalize("NFKC", char).casefold():
+                folded.append(out)
+                origin.append(index)
+        found = "".join(folded).find(target)
+        if found < 0:
+            return text
+        start, end = origin[found], origin[found + len(target) - 1] + 1
+        text = text[:start] + text[end:]
