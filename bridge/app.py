@@ -35,6 +35,7 @@ from bridge.matrix.client import MatrixClient, derived_txn_id
 from bridge.matrix.connection import HomeserverMonitor
 from bridge.matrix.dispatcher import EventDispatcher
 from bridge.matrix.ghosts import GhostManager
+from bridge.matrix.members import RoomMembers
 from bridge.matrix.poster import MatrixPoster
 from bridge.matrix.render import notice_content
 from bridge.relay.link_commands import LinkCommands
@@ -139,7 +140,10 @@ class Bridge:
                 give_up_after=config.mail.give_up_after,
                 retry_schedule=functools.partial(retry_delay, schedule=config.mail.retry_delays),
             )
-        self.mail_out = MailOut(config, self.db, self.client, notify_outbox=self._notify_outbox)
+        self.members = RoomMembers(self.client)
+        self.mail_out = MailOut(
+            config, self.db, self.client, self.members, notify_outbox=self._notify_outbox
+        )
         self.relay = MailRelay(
             self.db,
             make_parser(config.mail),
@@ -292,6 +296,8 @@ class Bridge:
     async def handle_event(self, item: InboxEvent) -> None:
         """Every stored event comes through here, in order per room: the bot's business
         (invites, commands), then mail for linked rooms."""
+        if item.event_type == "m.room.member":
+            self.members.changed(item.room_id)
         reasons = []
         for handler in (self.bot.handle, self.mail_out.handle):
             try:

@@ -197,3 +197,36 @@ def strip_html_fallback(html: str) -> str:
     if depth == 0:
         out.append(html[pos:])
     return "".join(out)
+
+
+def mapped_relation(
+    relations: Relations, mapped: Mapping[str, str | None]
+) -> dict[str, Any] | None:
+    """The m.relates_to for the other side's copy of a message (not an edit), its IDs taken
+    from `mapped` (the other side's event for each event ID; None: never passed on). A
+    relation to something never passed on is left out: the message goes plainly."""
+    root = mapped.get(relations.thread_root) if relations.thread_root else None
+    reply = mapped.get(relations.reply_to) if relations.reply_to else None
+    if root is not None:
+        return {
+            "rel_type": "m.thread",
+            "event_id": root,
+            "is_falling_back": reply is None,
+            "m.in_reply_to": {"event_id": reply or root},
+        }
+    if reply is not None:
+        return {"m.in_reply_to": {"event_id": reply}}
+    return None
+
+
+def edit_content(new_content: dict[str, Any], original: str) -> dict[str, Any]:
+    """An edit of `original` to `new_content`, with the "* " fallback for older clients."""
+    edit = {k: v for k, v in new_content.items() if k not in ("m.mentions", "url", "filename")}
+    edit["body"] = "* " + str(new_content.get("body", ""))
+    if "formatted_body" in new_content:
+        edit["formatted_body"] = "* " + str(new_content["formatted_body"])
+    edit["m.new_content"] = new_content
+    if "m.mentions" in new_content:
+        edit["m.mentions"] = new_content["m.mentions"]
+    edit["m.relates_to"] = {"rel_type": "m.replace", "event_id": original}
+    return edit

@@ -18,8 +18,10 @@ from bridge.core.matrix_event import (
     MediaRef,
     NotSent,
     Relations,
+    edit_content,
     event_id_of,
     has_caption,
+    mapped_relation,
     matrix_id,
     read_media,
     read_relations,
@@ -352,28 +354,11 @@ def agency_message_content(
     relations = message.relations
     if relations.replaces is not None:
         original = mapped.get(relations.replaces)
-        if original is None:
-            return content  # an edit of something never relayed: the new text, plainly
-        edit = {key: value for key, value in content.items() if key not in ("m.mentions", "url")}
-        edit["body"] = "* " + content["body"]
-        if "formatted_body" in content:
-            edit["formatted_body"] = "* " + content["formatted_body"]
-        return edit | {
-            "m.new_content": content,
-            "m.mentions": content["m.mentions"],
-            "m.relates_to": {"rel_type": "m.replace", "event_id": original},
-        }
-    root = mapped.get(relations.thread_root) if relations.thread_root else None
-    reply = mapped.get(relations.reply_to) if relations.reply_to else None
-    if root is not None:
-        content["m.relates_to"] = {
-            "rel_type": "m.thread",
-            "event_id": root,
-            "is_falling_back": reply is None,
-            "m.in_reply_to": {"event_id": reply or root},
-        }
-    elif reply is not None:
-        content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply}}
+        # An edit of something never relayed: the new text, plainly.
+        return content if original is None else edit_content(content, original)
+    relates = mapped_relation(relations, mapped)
+    if relates is not None:
+        content["m.relates_to"] = relates
     return content
 
 

@@ -165,6 +165,32 @@ class MatrixClient:
             raise PermanentError("homeserver answered a send without an event_id")
         return EventID(event_id)
 
+    async def redact(
+        self,
+        room_id: RoomID,
+        event_id: EventID,
+        txn_id: str,
+        *,
+        reason: str | None = None,
+        as_user: UserID | None = None,
+    ) -> EventID:
+        content = {"reason": reason} if reason else {}
+        result = await self.request(
+            Method.PUT,
+            Path.v3.rooms[room_id].redact[event_id][txn_id],
+            content,
+            as_user=as_user,
+        )
+        redaction = result.get("event_id")
+        if not isinstance(redaction, str):
+            raise PermanentError("homeserver answered a redaction without an event_id")
+        return EventID(redaction)
+
+    async def set_avatar_url(self, mxid: UserID, url: str) -> None:
+        await self.request(
+            Method.PUT, Path.v3.profile[mxid].avatar_url, {"avatar_url": url}, as_user=mxid
+        )
+
     async def get_state(
         self, room_id: RoomID, event_type: str, state_key: str = ""
     ) -> dict[str, Any] | None:

@@ -29,8 +29,15 @@ class GhostManager:
         return self.config.ghost_mxid(encode_localpart(address))
 
     async def ensure(self, address: str, display_name: str, room_id: RoomID) -> UserID:
+        """The ghost of a mail address, named "Name (address)", in the room."""
         mxid = self.mxid_for(address)
         name = ghost_display_name(display_name, address)
+        return await self.ensure_user(mxid, name, room_id, kind="mail", remote_id=address)
+
+    async def ensure_user(
+        self, mxid: UserID, name: str, room_id: RoomID, *, kind: str, remote_id: str
+    ) -> UserID:
+        """A ghost registered, showing `name`, and joined to the room."""
         if self._named.get(mxid) != name:
             known = await ghosts.get_display_name(self.db, mxid)
             if known is None:
@@ -38,7 +45,7 @@ class GhostManager:
             if known != name:
                 await self.client.set_displayname(mxid, name)
                 await ghosts.save_ghost(
-                    self.db, mxid, kind="mail", remote_id=address, display_name=name
+                    self.db, mxid, kind=kind, remote_id=remote_id, display_name=name
                 )
             self._named[mxid] = name
         if (mxid, room_id) not in self._joined:
@@ -50,3 +57,11 @@ class GhostManager:
                 await self.client.join(room_id, as_user=mxid)
             self._joined.add((mxid, room_id))
         return mxid
+
+    async def leave(self, mxid: UserID, room_id: RoomID) -> None:
+        """The ghost leaves the room (its remote user left theirs)."""
+        self._joined.discard((mxid, room_id))
+        try:
+            await self.client.leave(room_id, as_user=mxid)
+        except PermanentError as e:
+            log.info("%s could not leave %s: %s", mxid, room_id, e)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from bridge.config import Config
 from bridge.core.errors import Ignored, PermanentError, TransientError
-from bridge.core.ids import EventID, RoomID, UserID
+from bridge.core.ids import EventID, RoomID
 from bridge.core.links import Link
 from bridge.core.message import Attachment
 from bridge.core.permissions import PermissionLevel
@@ -40,6 +40,7 @@ from bridge.mail.compose import (
 )
 from bridge.mail.outgoing import NotSent, PlannedMail, outgoing_mail, plan_event
 from bridge.matrix.client import MatrixClient, derived_txn_id
+from bridge.matrix.members import RoomMembers
 from bridge.matrix.render import notice_content
 
 log = logging.getLogger("passerelle.mail.out")
@@ -73,6 +74,7 @@ class MailOut:
         config: Config,
         db: Database,
         client: MatrixClient,
+        members: RoomMembers,
         *,
         notify_outbox: Callable[[], None],
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
@@ -84,7 +86,7 @@ class MailOut:
         self.clock = clock
         self.enabled = config.mail.smtp is not None
         self.secret = config.message_id_secret
-        self._members: dict[RoomID, dict[UserID, str | None]] = {}
+        self.members = members
         # The mail links of each room, read once: every message of a linked room needs them.
         # Dropped whenever links change (link, unlink, a waiting link resumed).
         self._links: dict[RoomID, list[Link]] = {}
@@ -125,7 +127,6 @@ class MailOut:
     async def handle(self, item: InboxEvent) -> None:
         """One stored event; raises Ignored when it has nothing to do with mail."""
         if item.event_type == "m.room.member":
-            self._members.pop(item.room_id, None)
             raise Ignored("membership")
         if item.event_type not in ("m.room.message", "m.room.redaction"):
             raise Ignored(f"{item.event_type} is not mailed")
@@ -170,7 +171,7 @@ class MailOut:
         if thread is None:
             return False
         root, parent, subject, references = thread
-        name, disambiguate = await self._sender_name(link.room_id, plan.sender)
+        name, disambiguate = await self.members.name(link.room_id, plan.sender)
         attachments, notes = await self._attachments(plan)
         mail = outgoing_mail(
             plan,
@@ -286,19 +287,6 @@ class MailOut:
         subject = root.subject if root is not None else parent.subject
         refs = tuple(dict.fromkeys(m.message_id for m in (root, parent) if m is not None))
         return root_event or parent.thread_root, parent.message_id, subject, refs
-
-    async def _sender_name(self, room_id: RoomID, sender: UserID) -> tuple[str, bool]:
-        members = self._members.get(room_id)
-        if members is None or sender not in members:
-            try:
-                members = await self.client.joined_members(room_id)
-            except PermanentError as e:
-                log.warning("cannot read the members of %s: %s", room_id, e)
-                members = {}
-            self._members[room_id] = members
-        name = members.get(sender) or ""
-        same = [user for user, other in members.items() if other == name and user != sender]
-        return name, bool(name) and bool(same)
 
     async def _attachments(self, plan: PlannedMail) -> tuple[tuple[Attachment, ...], list[str]]:
         """The file of a media message, downloaded; notes for a file that cannot come."""
