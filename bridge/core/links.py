@@ -68,8 +68,23 @@ class Link:
     id: int
     name: str
     room_id: RoomID
-    kind: str  # "mail"
-    remote: str  # the list address
+    kind: str  # "mail" or "remote"
+    remote: str  # the list address, or remote_link_key() for a remote room
     settings: LinkSettings
     paused: bool
     source: str  # "config" or "bot"
+
+
+REMOTE_KIND = "remote"
+
+
+def remote_link_key(remote: str, room_id: str) -> str:
+    """What a remote link's `remote` column holds: "<remote name>/<room ID on that server>"
+    (a remote's name has no "/", a room ID starts with "!")."""
+    return f"{remote}/{room_id}"
+
+
+def split_remote_key(key: str) -> tuple[str, str]:
+    """(remote name, remote room ID) of a remote link."""
+    remote, _, room_id = key.partition("/")
+    return remote, room_id
