@@ -192,6 +192,7 @@ class RemoteClient:
                 headers=self._headers(content_type),
                 timeout=aiohttp.ClientTimeout(total=total),
                 allow_redirects=False,
+                raise_for_status=False,  # whatever the caller's session says: we classify
             ) as resp:
                 if not 200 <= resp.status < 300:
                     await self._raise_for_status(method, path, resp)
@@ -442,6 +443,7 @@ class RemoteClient:
                 headers=self._headers(),
                 timeout=aiohttp.ClientTimeout(total=self.request_timeout),
                 max_redirects=3,
+                raise_for_status=False,
             ) as resp:
                 if resp.status != 200:
                     await self._raise_for_status("GET", path, resp)
