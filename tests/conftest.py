@@ -244,16 +244,18 @@ def bridge_process(
 UserFactory = Callable[..., Awaitable[MatrixTestClient]]
 
 
-@pytest.fixture
-async def make_user(synapse_setup: SynapseSetup) -> AsyncIterator[UserFactory]:
-    """Register a fresh human user on Synapse and return a logged-in client for them."""
+def user_password(localpart: str) -> str:
+    """The password make_user and make_ministry_user give a user (to log in a second time)."""
+    return "pw-" + localpart
+
+
+async def _user_factory(synapse: SynapseServer) -> AsyncIterator[UserFactory]:
     clients: list[MatrixTestClient] = []
 
     async def make(prefix: str = "user", localpart: str | None = None) -> MatrixTestClient:
         name = localpart or f"{prefix}{uuid.uuid4().hex[:8]}"
-        synapse = synapse_setup.synapse
-        user_id = synapse.register_user(name, "pw-" + name)
-        token = synapse.login(name, "pw-" + name)
+        user_id = synapse.register_user(name, user_password(name))
+        token = synapse.login(name, user_password(name))
         client = MatrixTestClient(synapse.base_url, token, user_id)
         clients.append(client)
         return client
@@ -263,6 +265,50 @@ async def make_user(synapse_setup: SynapseSetup) -> AsyncIterator[UserFactory]:
     finally:
         for client in clients:
             await client.close()
+
+
+@pytest.fixture
+async def make_user(synapse_setup: SynapseSetup) -> AsyncIterator[UserFactory]:
+    """Register a fresh human user on Synapse and return a logged-in client for them."""
+    async for make in _user_factory(synapse_setup.synapse):
+        yield make
+
+
+# --- the ministry's homeserver: a second Synapse, reached only through its client API ------------
+
+MINISTRY_SERVER_NAME = "ministere.localhost"
+MINISTRY_BRIDGE_LOCALPART = "passerelle-agence"
+
+
+@pytest.fixture(scope="session")
+def ministry_synapse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SynapseServer]:
+    """An external homeserver with no appservice; it does not federate with synapse_setup (the
+    harness exposes no federation listener and whitelists no domain)."""
+    folder = tmp_path_factory.mktemp("synapse-ministry")
+    synapse = SynapseServer(
+        data_dir=folder / "synapse", server_name=MINISTRY_SERVER_NAME, port=free_port()
+    )
+    synapse.start()
+    try:
+        yield synapse
+    finally:
+        synapse.stop()
+
+
+@pytest.fixture
+async def make_ministry_user(ministry_synapse: SynapseServer) -> AsyncIterator[UserFactory]:
+    """Register a fresh person on the ministry's homeserver; a logged-in client for them."""
+    async for make in _user_factory(ministry_synapse):
+        yield make
+
+
+@pytest.fixture(scope="session")
+def ministry_bridge_account(ministry_synapse: SynapseServer) -> tuple[str, str]:
+    """(user_id, access_token) of the ordinary account the bridge uses on the ministry's
+    homeserver; its password is user_password(MINISTRY_BRIDGE_LOCALPART)."""
+    password = user_password(MINISTRY_BRIDGE_LOCALPART)
+    user_id = ministry_synapse.register_user(MINISTRY_BRIDGE_LOCALPART, password)
+    return user_id, ministry_synapse.login(MINISTRY_BRIDGE_LOCALPART, password)
 
 
 # --- mail servers shared by the integration and end-to-end tests ------------------------------

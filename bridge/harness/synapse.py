@@ -521,14 +521,20 @@ class MatrixTestClient:
         is_direct: bool = False,
         name: str | None = None,
         encrypted: bool = False,
+        public: bool = False,
+        alias_localpart: str | None = None,
     ) -> str:
-        body: dict[str, Any] = {
-            "preset": "trusted_private_chat" if is_direct else "private_chat",
-            "invite": list(invite),
-            "is_direct": is_direct,
-        }
+        """A new room: private (invite only) unless public (anyone may join); alias_localpart
+        publishes #alias_localpart:server for it."""
+        if public:
+            preset = "public_chat"
+        else:
+            preset = "trusted_private_chat" if is_direct else "private_chat"
+        body: dict[str, Any] = {"preset": preset, "invite": list(invite), "is_direct": is_direct}
         if name is not None:
             body["name"] = name
+        if alias_localpart is not None:
+            body["room_alias_name"] = alias_localpart
         if encrypted:
             body["initial_state"] = [
                 {
@@ -576,6 +582,20 @@ class MatrixTestClient:
             json_body=content,
         )
         return str(response["event_id"])
+
+    async def redact(self, room_id: str, event_id: str, reason: str | None = None) -> str:
+        """Redact an event; returns the redaction's event ID."""
+        response = await self.request(
+            "PUT",
+            f"/_matrix/client/v3/rooms/{_quote(room_id)}/redact/{_quote(event_id)}/"
+            f"harness-{uuid.uuid4().hex}",
+            json_body={"reason": reason} if reason is not None else {},
+        )
+        return str(response["event_id"])
+
+    async def logout(self) -> None:
+        """Invalidate this client's access token (other logins of the user keep working)."""
+        await self.request("POST", "/_matrix/client/v3/logout", json_body={})
 
     async def send_state(
         self, room_id: str, event_type: str, content: dict[str, Any], state_key: str = ""
