@@ -359,7 +359,9 @@ class RemoteRelay:
             self._names[key] = name if isinstance(name, str) else None
         members = await self.members.members(link.room_id)
         agency_names = [
-            n for u, n in members.items() if n and not self.config.is_ghost(u) and u != self.config.bot_mxid
+            n
+            for u, n in members.items()
+            if n and not self.config.is_ghost(u) and u != self.config.bot_mxid
         ]
         reserved = [s.settings.display_suffix for s in self.sides.values()]
         reserved += [s.settings.agency_suffix for s in self.sides.values()]
@@ -407,7 +409,13 @@ class RemoteRelay:
                 key=f"remote-refused:{link.id}:{who}:{day}",
             )
         count = await mail_db.count_refusal(self.db, link.id, who, day)
-        log.info("event from %s on %s not relayed (%d today): %s", who, side.settings.name, count, reason)
+        log.info(
+            "event from %s on %s not relayed (%d today): %s",
+            who,
+            side.settings.name,
+            count,
+            reason,
+        )
 
     async def _notice(self, link: Link, text: str, *, key: str) -> None:
         await self.client.send_event(

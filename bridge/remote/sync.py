@@ -4,6 +4,7 @@ whole before its position is kept, gaps filled from /messages."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -164,10 +165,8 @@ class RemoteSyncer:
                 log.warning(
                     "remote %s: /sync failed (%s); again in %.0f s", self.client.name, e, delay
                 )
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), delay)
-                except TimeoutError:
-                    pass
                 continue
             backoff.reset()
             self.health.ok()
@@ -178,7 +177,9 @@ class RemoteSyncer:
         filter_json = sync_filter(rooms)
         if since is None:
             # A new remote: start from now. What was said before the link is not relayed.
-            response = await self.client.sync(None, json.dumps({"room": {"timeline": {"limit": 0}}}), 0)
+            response = await self.client.sync(
+                None, json.dumps({"room": {"timeline": {"limit": 0}}}), 0
+            )
             await self.store.store([], _next_batch(response))
             return 0
         poll = asyncio.ensure_future(self.client.sync(since, filter_json, self.timeout_ms))
@@ -229,7 +230,9 @@ class RemoteSyncer:
                 break
             token = end
         else:
-            log.warning("remote %s: a gap in %s was longer than read back", self.client.name, room_id)
+            log.warning(
+                "remote %s: a gap in %s was longer than read back", self.client.name, room_id
+            )
         found.reverse()
         return found
 

@@ -1,0 +1,343 @@
+"""Room → remote: what people write in a linked agency room, queued durably and sent to the
+linked remote room by the bridge's account there, in order, each message once.
+
+Each event is handled once per link by the inbox dispatcher (RemoteOut.handle): it becomes a
+row of the remote outbox. RemoteSender sends a link's rows one at a time, with a transaction
+ID derived from the agency event (so the remote server itself drops a resend after a crash),
+maps the remote event back to the agency event, and tells the room when one cannot go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from bridge.config import Config
+from bridge.core.errors import Ignored, PermanentError, TransientError
+from bridge.core.ids import EventID, RoomID, UserID
+from bridge.core.links import REMOTE_KIND, Link, split_remote_key
+from bridge.core.matrix_event import NotSent
+from bridge.core.permissions import PermissionLevel
+from bridge.core.remote_out import OutgoingPlan, plan_agency_event, remote_event, sender_label
+from bridge.core.tasks import TaskGroup
+from bridge.db import kv
+from bridge.db import links as link_db
+from bridge.db import remote as remote_db
+from bridge.db.engine import Database
+from bridge.db.inbox import InboxEvent
+from bridge.db.remote import RemoteOutgoing
+from bridge.matrix.client import MatrixClient, derived_txn_id
+from bridge.matrix.members import RoomMembers
+from bridge.matrix.render import notice_content
+from bridge.relay.remote_in import RemoteSide
+from bridge.remote.client import RemoteAuthError
+
+log = logging.getLogger("passerelle.remote.out")
+
+# Seconds between attempts after an outage or a refusal that may pass (429, 5xx).
+RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+SWEEP_INTERVAL = 30.0
+_HANDLED_TYPES = ("m.room.message", "m.sticker", "m.reaction", "m.room.redaction")
+
+
+class RemoteOut:
+    """Turns the messages of rooms linked to remote rooms into outbox rows."""
+
+    def __init__(
+        self,
+        config: Config,
+        db: Database,
+        client: MatrixClient,
+        members: RoomMembers,
+        sides: Mapping[str, RemoteSide],
+        *,
+        notify_sender: Callable[[], None],
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.client = client
+        self.members = members
+        self.sides = sides
+        self.notify_sender = notify_sender
+        self.clock = clock
+        self._links: dict[RoomID, list[Link]] = {}
+
+    def links_changed(self) -> None:
+        self._links.clear()
+
+    async def room_links(self, room_id: RoomID) -> list[Link]:
+        """The room's remote links, paused ones included."""
+        links = self._links.get(room_id)
+        if links is None:
+            links = [
+                link
+                for link in await link_db.links_in_room(self.db, room_id)
+                if link.kind == REMOTE_KIND
+            ]
+            self._links[room_id] = links
+        return links
+
+    async def handle(self, item: InboxEvent) -> None:
+        """One stored agency event; raises Ignored when it goes to no remote room."""
+        if item.event_type not in _HANDLED_TYPES:
+            raise Ignored(f"{item.event_type} is not passed on")
+        links = [
+            link
+            for link in await self.room_links(item.room_id)
+            if not link.paused and split_remote_key(link.remote)[0] in self.sides
+        ]
+        if not links:
+            raise Ignored("no remote link in this room")
+        plan = plan_agency_event(
+            item.event,
+            bot_mxid=self.config.bot_mxid,
+            is_bridge_user=self.config.is_ghost,
+            command_prefix=self.config.appservice.command_prefix,
+        )
+        if isinstance(plan, NotSent):
+            raise Ignored(plan.reason)
+        if self.config.permissions.level_for(UserID(plan.sender)) < PermissionLevel.USER:
+            await self._tell_not_permitted(item, links)
+            raise Ignored(f"{plan.sender} may not use the bridge")
+        sender = UserID(plan.sender)
+        name, _same = await self.members.name(item.room_id, sender)
+        queued = 0
+        for link in links:
+            side = self.sides[split_remote_key(link.remote)[0]]
+            label = sender_label(name, plan.sender, side.settings.agency_suffix)
+            stored = await remote_db.enqueue(
+                self.db,
+                link_id=link.id,
+                room_id=item.room_id,
+                event_id=item.event_id,
+                plan={"plan": plan.as_json(), "label": label},
+            )
+            if stored is not None:
+                queued += 1
+                log.info(
+                    "queued %s of %s for %s (#%d)",
+                    item.event_id,
+                    item.room_id,
+                    link.remote,
+                    stored,
+                )
+        if queued:
+            self.notify_sender()
+        else:
+            raise Ignored("already queued")
+
+    async def _tell_not_permitted(self, item: InboxEvent, links: list[Link]) -> None:
+        """Once per room per day: why someone's messages do not go to the remote rooms."""
+        day = self.clock().date().isoformat()
+        key = f"remote-not-permitted:{item.room_id}:{day}"
+        if await kv.get_value(self.db, key) is not None:
+            return
+        names = ", ".join(sorted({split_remote_key(link.remote)[0] for link in links}))
+        text = (
+            f"Messages from {item.sender} are not passed on to {names}: this bridge's "
+            "configuration does not let them use it. (Said once a day in this room.)"
+        )
+        content = notice_content(text, reply_to=item.event_id)
+        await self.client.send_event(item.room_id, "m.room.message", content, derived_txn_id(key))
+        await kv.set_value(self.db, key, item.event_id)
+
+
+class RemoteSender:
+    """Sends the remote outbox: one worker per link, in queue order; a message that cannot go
+    now holds the link's later ones behind it, so the remote room sees them in order."""
+
+    def __init__(
+        self,
+        config: Config,
+        db: Database,
+        client: MatrixClient,
+        sides: Mapping[str, RemoteSide],
+        tasks: TaskGroup,
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.client = client
+        self.sides = sides
+        self.tasks = tasks
+        self._wake = asyncio.Event()
+        self._workers: dict[int, asyncio.Task[None]] = {}
+        self._link_wake: dict[int, asyncio.Event] = {}
+
+    def notify(self) -> None:
+        self._wake.set()
+        for event in self._link_wake.values():
+            event.set()
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self._report_failures()
+                links = [
+                    link
+                    for link in await link_db.all_links(self.db)
+                    if link.kind == REMOTE_KIND
+                    and not link.paused
+                    and split_remote_key(link.remote)[0] in self.sides
+                ]
+                pending = await remote_db.pending_outgoing(self.db, [link.id for link in links])
+            except Exception as e:
+                log.error("cannot read the remote outbox (%s); retrying", e)
+                await asyncio.sleep(5)
+                continue
+            waiting = {item.link_id for item in pending}
+            for link in links:
+                if link.id in waiting and link.id not in self._workers:
+                    self._link_wake[link.id] = asyncio.Event()
+                    self._workers[link.id] = self.tasks.spawn(
+                        self._worker(link), name=f"remote-out:{link.id}"
+                    )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
+
+    async def _worker(self, link: Link) -> None:
+        try:
+            while True:
+                items = await remote_db.pending_outgoing(self.db, [link.id])
+                if not items:
+                    return
+                head = items[0]
+                delay = head.next_attempt_at / 1000 - time.time()
+                if delay > 0:
+                    wake = self._link_wake[link.id]
+                    wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), delay)
+                    continue
+                if not await self._attempt(link, head):
+                    return  # the remote stopped (token refused): the link waits
+        finally:
+            self._workers.pop(link.id, None)
+            self._link_wake.pop(link.id, None)
+
+    async def _attempt(self, link: Link, item: RemoteOutgoing) -> bool:
+        name, remote_room = split_remote_key(link.remote)
+        side = self.sides[name]
+        try:
+            await self.send(link, side, remote_room, item)
+        except RemoteAuthError as e:
+            log.error("remote %s refused the bridge's token; %s waits: %s", name, link.remote, e)
+            return False
+        except TransientError as e:
+            age = time.time() - item.created_at / 1000
+            if age > side.settings.give_up_after:
+                await self._fail(link, item, f"{side.settings.name} could not be reached: {e}")
+                return True
+            delay = RETRY_DELAYS[min(item.attempts, len(RETRY_DELAYS) - 1)]
+            log.warning("%s to %s waits %.0f s: %s", item.event_id, link.remote, delay, e)
+            next_at = int((time.time() + delay) * 1000)
+            await remote_db.mark_retry(self.db, item.id, str(e), next_at)
+        except PermanentError as e:
+            await self._fail(link, item, f"{side.settings.name} refused it: {e}")
+        return True
+
+    async def send(
+        self, link: Link, side: RemoteSide, remote_room: str, item: RemoteOutgoing
+    ) -> None:
+        plan = OutgoingPlan.from_json(item.plan["plan"])
+        label = str(item.plan.get("label", plan.sender))
+        txn = derived_txn_id("remote-out", str(link.id), plan.event_id)
+        if plan.kind == "redaction":
+            await self._redact(link, side, remote_room, item, plan, txn)
+            return
+        mapped: dict[str, str | None] = {}
+        for event_id in plan.related():
+            found = await remote_db.by_agency_event(self.db, link.id, event_id)
+            mapped[event_id] = None if found is None else found.remote_event_id
+        media_url, note = await self._copy_media(side, plan)
+        if note is not None:
+            plan = OutgoingPlan(
+                "message",
+                plan.event_id,
+                plan.sender,
+                content={"msgtype": "m.notice", "body": note},
+                thread_root=plan.thread_root,
+                reply_to=plan.reply_to,
+            )
+        found_event = remote_event(plan, label=label, mapped=mapped, media_url=media_url)
+        if isinstance(found_event, NotSent):
+            raise PermanentError(found_event.reason)
+        event_type, content = found_event
+        remote_event_id = await side.client.send_event(remote_room, event_type, content, txn)
+        await remote_db.mark_sent(self.db, item, remote_event_id, side.settings.user_id)
+        log.info("sent %s to %s as %s", item.event_id, link.remote, remote_event_id)
+
+    async def _redact(
+        self,
+        link: Link,
+        side: RemoteSide,
+        remote_room: str,
+        item: RemoteOutgoing,
+        plan: OutgoingPlan,
+        txn: str,
+    ) -> None:
+        target = await remote_db.by_agency_event(self.db, link.id, plan.target or "")
+        if target is None:
+            await remote_db.mark_done_without_event(self.db, item.id, "never passed on")
+            return
+        if target.direction != "out":
+            # The remote user's own message: the bridge's account may not delete it there.
+            await remote_db.mark_done_without_event(self.db, item.id, "a remote user's message")
+            return
+        redaction = await side.client.redact(remote_room, target.remote_event_id, txn)
+        await remote_db.mark_sent(self.db, item, redaction, side.settings.user_id)
+
+    async def _copy_media(
+        self, side: RemoteSide, plan: OutgoingPlan
+    ) -> tuple[str | None, str | None]:
+        media = plan.media_ref()
+        if media is None:
+            return None, None
+        limit = side.settings.max_media_size
+        too_large = f"[{media.filename[:200]}: too large to pass on (limit {limit} bytes)]"
+        if media.size is not None and media.size > limit:
+            return None, too_large
+        try:
+            data = await self.client.download(media.url, limit)
+        except PermanentError as e:
+            log.warning("file of %s not downloadable: %s", plan.event_id, e)
+            return None, f"[{media.filename[:200]}: the file could not be fetched]"
+        if data is None:
+            return None, too_large
+        url = await side.client.upload(data, media.content_type, media.filename[:200])
+        return url, None
+
+    async def _fail(self, link: Link, item: RemoteOutgoing, why: str) -> None:
+        log.warning("%s not passed on to %s: %s", item.event_id, link.remote, why)
+        await remote_db.mark_failed(self.db, item.id, why)
+        await self._report_failures()
+
+    async def _report_failures(self) -> None:
+        """A reply next to each message that could not go, told once."""
+        for item_id, _link_id, room_id, event_id, error in await remote_db.failures_to_report(
+            self.db, 50
+        ):
+            text = f"Your message could not be passed on: {error}"
+            content = notice_content(text, reply_to=EventID(event_id))
+            try:
+                await self.client.send_event(
+                    room_id,
+                    "m.room.message",
+                    content,
+                    derived_txn_id("remote-failed", str(item_id), event_id),
+                )
+            except TransientError:
+                return  # told on a later sweep
+            except PermanentError as e:
+                log.warning("failure of remote outbox item %d not told: %s", item_id, e)
+            await remote_db.mark_reported(self.db, item_id)
+
+
+def outbox_report(counts: dict[str, int]) -> dict[str, Any]:
+    return dict(counts)
