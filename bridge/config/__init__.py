@@ -45,11 +45,19 @@ from bridge.config.mail import (
     MailboxSettings,
     MailConfig,
     SmtpSettings,
-    _links,
     _mail,
+    _mail_link,
     check_sender_patterns,
     mail_address,
 )
+from bridge.config.remote import (
+    REMOTE_LINK_KEYS,
+    RemoteLinkSpec,
+    RemoteSettings,
+    _remote_link,
+    _remotes,
+)
+from bridge.core.ghosts import encode_localpart
 from bridge.core.ids import UserID
 from bridge.core.permissions import PermissionLevel, PermissionTable
 
@@ -62,6 +70,7 @@ __all__ = [
     "MIN_TOKEN_LENGTH",
     "ON_SENT",
     "PLACEHOLDER_DOMAIN",
+    "REMOTE_LINK_KEYS",
     "TOKEN_PLACEHOLDER",
     "AppserviceConfig",
     "Config",
@@ -72,6 +81,8 @@ __all__ = [
     "LoggingConfig",
     "MailConfig",
     "MailboxSettings",
+    "RemoteLinkSpec",
+    "RemoteSettings",
     "SmtpSettings",
     "check_sender_patterns",
     "load_config",
@@ -134,6 +145,8 @@ class Config:
     path: Path | None = None
     warnings: tuple[str, ...] = ()
     env_overrides: tuple[str, ...] = field(default=())
+    remotes: dict[str, RemoteSettings] = field(default_factory=dict)
+    remote_links: tuple[RemoteLinkSpec, ...] = ()
 
     @property
     def bot_mxid(self) -> UserID:
@@ -142,6 +155,11 @@ class Config:
     def ghost_mxid(self, localpart: str) -> UserID:
         name = self.appservice.ghost_username_template.format(localpart=localpart)
         return UserID(f"@{name}:{self.homeserver.domain}")
+
+    def remote_ghost_mxid(self, remote: str, user_id: str) -> UserID:
+        """The ghost of a remote's user. Never a mail sender's ghost: a mail address has no
+        ":" after its "@"."""
+        return self.ghost_mxid(encode_localpart(f"{remote}/{user_id}"))
 
     @property
     def ghost_regex(self) -> str:
@@ -172,6 +190,7 @@ class Config:
         values += [m.password for m in self.mail.mailboxes.values()]
         if self.mail.smtp is not None and self.mail.smtp.password:
             values.append(self.mail.smtp.password)
+        values += [r.access_token for r in self.remotes.values()]
         password = urlsplit(self.database.url).password
         if password:
             values.append(password)
@@ -259,6 +278,39 @@ def _appservice(raw: dict[str, Any], require_tokens: bool) -> AppserviceConfig:
     )
 
 
+def _links(
+    raw: dict[str, Any], mail: MailConfig, remotes: Mapping[str, RemoteSettings]
+) -> tuple[tuple[LinkSpec, ...], tuple[RemoteLinkSpec, ...]]:
+    """The `links:` entries: mail links (with address) and remote links (with remote)."""
+    value = raw["links"]
+    if not isinstance(value, list):
+        raise ConfigError("links", f"must be a list, not {_type_name(value)}")
+    mail_links = []
+    remote_links = []
+    seen_addresses: set[str] = set()
+    seen_rooms: set[tuple[str, str]] = set()
+    for i, entry in enumerate(value):
+        key = f"links[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(
+                key, "must be a mapping with room and address, or room, remote and remote_room"
+            )
+        if "remote" not in entry:
+            if "remote_room" in entry:
+                raise ConfigError(f"{key}.remote_room", "only for remote links (with remote)")
+            mail_links.append(_mail_link(key, entry, mail, seen_addresses))
+            continue
+        if "address" in entry:
+            raise ConfigError(
+                f"{key}.remote", "set either address (a mail link) or remote, not both"
+            )
+        for name in entry:
+            if name in LINK_KEYS and name not in REMOTE_LINK_KEYS:
+                raise ConfigError(f"{key}.{name}", "only for mail links")
+        remote_links.append(_remote_link(key, entry, remotes, seen_rooms))
+    return tuple(mail_links), tuple(remote_links)
+
+
 def _homeserver(raw: dict[str, Any]) -> HomeserverConfig:
     address = _http_url(raw, "homeserver.address")
     domain = _string(raw, "homeserver.domain")
@@ -296,7 +348,10 @@ def parse_config(
     database_url = normalise_database_url("database.url", _string(raw, "database.url"))
     homeserver = _homeserver(raw)
     appservice = _appservice(raw, require_tokens)
-    mail = _mail(raw, path.parent if path else None)
+    config_dir = path.parent if path else None
+    mail = _mail(raw, config_dir)
+    remotes = _remotes(raw, homeserver.domain, config_dir)
+    links, remote_links = _links(raw, mail, remotes)
     address = urlsplit(appservice.address)
     if (
         address.hostname in ("127.0.0.1", "localhost", "::1")
@@ -315,10 +370,12 @@ def parse_config(
         permissions=_permissions(raw),
         logging=_logging(raw),
         mail=mail,
-        links=_links(raw, mail),
+        links=links,
         path=path,
         warnings=tuple(warnings),
         env_overrides=tuple(overrides),
+        remotes=remotes,
+        remote_links=remote_links,
     )
 
 

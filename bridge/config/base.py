@@ -18,7 +18,7 @@ MIN_TOKEN_LENGTH = 32
 # Values that only exist in the example file and must be replaced before the bridge runs.
 PLACEHOLDER_DOMAIN = "example.invalid"
 # Sections whose keys are free-form: the user's mapping replaces the default one whole.
-FREE_FORM = {("permissions",), ("logging", "loggers"), ("mail", "mailboxes")}
+FREE_FORM = {("permissions",), ("logging", "loggers"), ("mail", "mailboxes"), ("remotes",)}
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # The package's default config: bridge/example-config.yaml (a link to config/example-config.yaml).
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "example-config.yaml"
@@ -252,20 +252,39 @@ def _ca_file(key: str, value: Mapping[str, Any]) -> str | None:
 
 def _password(key: str, value: Mapping[str, Any], config_dir: Path | None) -> str | None:
     """The password given inline or in password_file (not both); None when neither."""
-    password = value.get("password")
-    password_file = value.get("password_file")
-    if password is not None and password_file is not None:
-        raise ConfigError(f"{key}.password", "set exactly one of password and password_file")
-    if password_file is not None:
-        if not isinstance(password_file, str):
-            raise ConfigError(f"{key}.password_file", "must be a file path")
-        path = Path(password_file)
+    return _secret(key, value, config_dir, "password")
+
+
+def _secret(key: str, value: Mapping[str, Any], config_dir: Path | None, name: str) -> str | None:
+    """A secret given inline as `name` or in `name`_file (not both; the file relative to the
+    config's folder, without its line ending); None when neither."""
+    secret = value.get(name)
+    secret_file = value.get(f"{name}_file")
+    if secret is not None and secret_file is not None:
+        raise ConfigError(f"{key}.{name}", f"set exactly one of {name} and {name}_file")
+    if secret_file is not None:
+        if not isinstance(secret_file, str):
+            raise ConfigError(f"{key}.{name}_file", "must be a file path")
+        path = Path(secret_file)
         if not path.is_absolute() and config_dir is not None:
             path = config_dir / path
         try:
-            password = path.read_text(encoding="utf-8").strip("\r\n")
+            secret = path.read_text(encoding="utf-8").strip("\r\n")
         except OSError as e:
-            raise ConfigError(f"{key}.password_file", f"cannot read it: {e.strerror}") from None
-    if password is not None and (not isinstance(password, str) or not password):
-        raise ConfigError(f"{key}.password", "must be a non-empty string")
-    return password
+            raise ConfigError(f"{key}.{name}_file", f"cannot read it: {e.strerror}") from None
+    if secret is not None and (not isinstance(secret, str) or not secret):
+        raise ConfigError(f"{key}.{name}", "must be a non-empty string")
+    return secret
+
+
+def _room_id(key: str, value: Any) -> str:
+    """An agency room ID. Room versions 12 and later have IDs without a server part."""
+    if (
+        not isinstance(value, str)
+        or not value.startswith("!")
+        or not 1 < len(value) <= 255
+        or not value.isprintable()
+        or " " in value
+    ):
+        raise ConfigError(key, "must be a room ID like !abc:agency.example.org")
+    return value

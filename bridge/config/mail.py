@@ -15,6 +15,7 @@ from bridge.config.base import (
     _int,
     _number,
     _password,
+    _room_id,
     _string,
     _type_name,
 )
@@ -265,45 +266,27 @@ LINK_KEYS = (
 )
 
 
-def _links(raw: dict[str, Any], mail: MailConfig) -> tuple[LinkSpec, ...]:
-    value = raw["links"]
-    if not isinstance(value, list):
-        raise ConfigError("links", f"must be a list, not {_type_name(value)}")
-    links = []
-    seen: set[str] = set()
-    for i, entry in enumerate(value):
-        key = f"links[{i}]"
-        if not isinstance(entry, Mapping):
-            raise ConfigError(key, "must be a mapping with room and address")
-        for name in entry:
-            if name not in LINK_KEYS:
-                raise ConfigError(f"{key}.{name}", "unknown key")
-        room = entry.get("room")
-        # Room versions 12 and later have room IDs without a server part: only the sigil.
-        if (
-            not isinstance(room, str)
-            or not room.startswith("!")
-            or not 1 < len(room) <= 255
-            or not room.isprintable()
-            or " " in room
-        ):
-            raise ConfigError(f"{key}.room", "must be a room ID like !abc:agency.example.org")
-        address = mail_address(f"{key}.address", entry.get("address"))
-        if address not in mail.mailboxes:
-            raise ConfigError(f"{key}.address", "is not one of mail.mailboxes")
-        if address in seen:
-            raise ConfigError(f"{key}.address", "is linked twice")
-        seen.add(address)
-        mode = entry.get("thread_mode", "threads")
-        if mode not in ("threads", "flat"):
-            raise ConfigError(f"{key}.thread_mode", "must be threads or flat")
-        senders = check_sender_patterns(f"{key}.allowed_senders", entry.get("allowed_senders", []))
-        link_from = entry.get("from_address")
-        if link_from is not None:
-            link_from = mail_address(f"{key}.from_address", link_from)
-        edits = entry.get("send_edits", True)
-        if not isinstance(edits, bool):
-            raise ConfigError(f"{key}.send_edits", "must be true or false")
-        egress = check_sender_patterns(f"{key}.egress_domains", entry.get("egress_domains", []))
-        links.append(LinkSpec(room, address, senders, mode, link_from, edits, egress))
-    return tuple(links)
+def _mail_link(key: str, entry: Mapping[str, Any], mail: MailConfig, seen: set[str]) -> LinkSpec:
+    """One `links:` entry with an address: a room linked to one of mail.mailboxes."""
+    for name in entry:
+        if name not in LINK_KEYS:
+            raise ConfigError(f"{key}.{name}", "unknown key")
+    room = _room_id(f"{key}.room", entry.get("room"))
+    address = mail_address(f"{key}.address", entry.get("address"))
+    if address not in mail.mailboxes:
+        raise ConfigError(f"{key}.address", "is not one of mail.mailboxes")
+    if address in seen:
+        raise ConfigError(f"{key}.address", "is linked twice")
+    seen.add(address)
+    mode = entry.get("thread_mode", "threads")
+    if mode not in ("threads", "flat"):
+        raise ConfigError(f"{key}.thread_mode", "must be threads or flat")
+    senders = check_sender_patterns(f"{key}.allowed_senders", entry.get("allowed_senders", []))
+    link_from = entry.get("from_address")
+    if link_from is not None:
+        link_from = mail_address(f"{key}.from_address", link_from)
+    edits = entry.get("send_edits", True)
+    if not isinstance(edits, bool):
+        raise ConfigError(f"{key}.send_edits", "must be true or false")
+    egress = check_sender_patterns(f"{key}.egress_domains", entry.get("egress_domains", []))
+    return LinkSpec(room, address, senders, mode, link_from, edits, egress)
