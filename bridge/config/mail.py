@@ -1,0 +1,292 @@
+"""The mail section (IMAP mailboxes, SMTP, sending limits) and mail links."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bridge.config.base import (
+    LOOPBACK_HOSTS,
+    ConfigError,
+    _ca_file,
+    _int,
+    _number,
+    _password,
+    _room_id,
+    _string,
+    _type_name,
+)
+from bridge.core.links import LinkSettings
+
+_MAIL_ADDRESS = re.compile(r"^[a-z0-9.!#$%&'*+/=?^_`{|}~-]+@[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class MailboxSettings:
+    """An IMAP mailbox the bridge may read, by the list address it receives."""
+
+    address: str
+    host: str
+    port: int
+    tls: str  # "tls", "starttls" or "none"
+    user: str
+    password: str = field(repr=False)
+    folder: str = "INBOX"
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    """The SMTP server Matrix messages are submitted to."""
+
+    host: str
+    port: int
+    tls: str  # "tls", "starttls" or "none"
+    user: str | None
+    password: str | None = field(repr=False)
+    ca_file: str | None
+    timeout: float
+
+
+ON_SENT = ("none", "reaction")
+
+
+@dataclass(frozen=True)
+class MailConfig:
+    mailboxes: dict[str, MailboxSettings]
+    poll_interval: float
+    max_message_size: int
+    max_depth: int
+    max_parts: int
+    max_attempts: int
+    smtp: SmtpSettings | None = None  # None: Matrix → mail is off
+    from_address: str | None = None
+    retry_delays: tuple[float, ...] = (30, 60, 120, 300, 600, 1800, 3600, 7200, 14400)
+    give_up_after: float = 172800.0
+    max_attachment_size: int = 10485760
+    on_sent: str = "none"
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A link declared in the config file."""
+
+    room_id: str
+    address: str
+    allowed_senders: tuple[str, ...]
+    thread_mode: str
+    from_address: str | None = None
+    send_edits: bool = True
+    egress_domains: tuple[str, ...] = ()
+
+    def settings(self) -> LinkSettings:
+        return LinkSettings(
+            allowed_senders=self.allowed_senders,
+            thread_mode=self.thread_mode,
+            from_address=self.from_address,
+            send_edits=self.send_edits,
+            egress_domains=self.egress_domains,
+        )
+
+
+def mail_address(key: str, value: Any) -> str:
+    """A list or mailbox address as the config writes it: plain, lowercase, one '@'."""
+    if not isinstance(value, str) or not _MAIL_ADDRESS.match(value.strip().lower()):
+        raise ConfigError(key, "must be a plain mail address like list@agency.example.org")
+    return value.strip().lower()
+
+
+def _mailbox(address: str, value: Any, config_dir: Path | None) -> MailboxSettings:
+    key = f"mail.mailboxes.{address}"
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"must be a mapping, not {_type_name(value)}")
+    known = {"host", "port", "tls", "user", "password", "password_file", "folder", "ca_file"}
+    for name in value:
+        if name not in known:
+            raise ConfigError(f"{key}.{name}", "unknown key")
+    raw = {"m": dict(value)}
+    host = _string(raw, "m.host") if "host" in value else ""
+    if not host:
+        raise ConfigError(f"{key}.host", "is required")
+    tls, port = _tls_and_port(key, value, host, default_tls="tls", ports=_IMAP_PORTS)
+    user = value.get("user")
+    if not isinstance(user, str) or not user:
+        raise ConfigError(f"{key}.user", "is required")
+    password = _password(key, value, config_dir)
+    if password is None:
+        raise ConfigError(f"{key}.password", "set exactly one of password and password_file")
+    folder = value.get("folder", "INBOX")
+    if not isinstance(folder, str) or not folder or not folder.isprintable():
+        raise ConfigError(f"{key}.folder", "must be a folder name")
+    ca_file = _ca_file(key, value)
+    return MailboxSettings(
+        address=address,
+        host=host,
+        port=port,
+        tls=tls,
+        user=user,
+        password=password,
+        folder=folder,
+        ca_file=ca_file,
+    )
+
+
+_IMAP_PORTS = {"tls": 993, "starttls": 143, "none": 143}
+_SMTP_PORTS = {"tls": 465, "starttls": 587, "none": 25}
+
+
+def _tls_and_port(
+    key: str,
+    value: Mapping[str, Any],
+    host: str,
+    *,
+    default_tls: str | None,
+    ports: dict[str, int],
+) -> tuple[str, int]:
+    """A server's TLS mode (cleartext only on this machine) and port (by mode if not given)."""
+    tls = value.get("tls", default_tls)
+    if tls not in ("tls", "starttls", "none"):
+        raise ConfigError(f"{key}.tls", "must be tls, starttls or none")
+    if tls == "none" and host not in LOOPBACK_HOSTS:
+        raise ConfigError(
+            f"{key}.tls", "none (cleartext) is only allowed for a server on this machine"
+        )
+    port = value.get("port")
+    if port is None:
+        port = ports[tls]
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(f"{key}.port", "must be a port number")
+    return tls, port
+
+
+def _smtp(raw: dict[str, Any], config_dir: Path | None) -> SmtpSettings | None:
+    key = "mail.smtp"
+    value = raw["mail"]["smtp"]
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"must be a mapping, not {_type_name(value)}")
+    known = {"host", "port", "tls", "user", "password", "password_file", "ca_file", "timeout"}
+    for name in value:
+        if name not in known:
+            raise ConfigError(f"{key}.{name}", "unknown key")
+    host = value.get("host")
+    if host is None:
+        return None
+    if not isinstance(host, str) or not host or not host.isprintable() or " " in host:
+        raise ConfigError(f"{key}.host", "must be a host name, or null to send no mail")
+    tls, port = _tls_and_port(key, value, host, default_tls=None, ports=_SMTP_PORTS)
+    user = value.get("user")
+    if user is not None and (not isinstance(user, str) or not user or not user.isprintable()):
+        raise ConfigError(f"{key}.user", "must be a user name or null")
+    password = _password(key, value, config_dir)
+    if (user is None) != (password is None):
+        raise ConfigError(f"{key}.password", "user and a password go together")
+    ca_file = _ca_file(key, value)
+    return SmtpSettings(
+        host=host,
+        port=port,
+        tls=tls,
+        user=user,
+        password=password,
+        ca_file=ca_file,
+        timeout=_number(raw, f"{key}.timeout", 1, 600),
+    )
+
+
+def _retry_delays(value: Any) -> tuple[float, ...]:
+    if (
+        not isinstance(value, list)
+        or not 1 <= len(value) <= 50
+        or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and 0.1 <= v <= 86400
+            for v in value
+        )
+    ):
+        raise ConfigError(
+            "mail.retry_delays", "must be a list of 1 to 50 delays in seconds (0.1 to 86400)"
+        )
+    return tuple(float(v) for v in value)
+
+
+def _mail(raw: dict[str, Any], config_dir: Path | None) -> MailConfig:
+    boxes = raw["mail"]["mailboxes"]
+    if not isinstance(boxes, Mapping):
+        raise ConfigError("mail.mailboxes", f"must be a mapping, not {_type_name(boxes)}")
+    mailboxes = {}
+    for address, value in boxes.items():
+        canonical = mail_address(f"mail.mailboxes.{address}", address)
+        mailboxes[canonical] = _mailbox(canonical, value, config_dir)
+    smtp = _smtp(raw, config_dir)
+    from_value = raw["mail"]["from_address"]
+    from_address = None if from_value is None else mail_address("mail.from_address", from_value)
+    if smtp is not None and from_address is None:
+        raise ConfigError("mail.from_address", "is required when mail.smtp.host is set")
+    on_sent = raw["mail"]["on_sent"]
+    if on_sent not in ON_SENT:
+        raise ConfigError("mail.on_sent", "must be none or reaction")
+    return MailConfig(
+        mailboxes=mailboxes,
+        poll_interval=_number(raw, "mail.poll_interval", 1, 3600),
+        max_message_size=_int(raw, "mail.max_message_size", 1024, 1 << 31),
+        max_depth=_int(raw, "mail.max_depth", 1, 50),
+        max_parts=_int(raw, "mail.max_parts", 1, 1000),
+        max_attempts=_int(raw, "mail.max_attempts", 1, 100),
+        smtp=smtp,
+        from_address=from_address,
+        retry_delays=_retry_delays(raw["mail"]["retry_delays"]),
+        give_up_after=_number(raw, "mail.give_up_after", 0, 365 * 86400),
+        max_attachment_size=_int(raw, "mail.max_attachment_size", 0, 1 << 30),
+        on_sent=on_sent,
+    )
+
+
+def check_sender_patterns(key: str, value: Any) -> tuple[str, ...]:
+    from bridge.core.policy import DomainPattern
+
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, "must be a list of domains like gouv.fr or *.gouv.fr")
+    for pattern in value:
+        try:
+            DomainPattern.parse(pattern)
+        except ValueError as e:
+            raise ConfigError(key, f"{pattern[:100]!r}: {e}") from None
+    return tuple(value)
+
+
+LINK_KEYS = (
+    "room",
+    "address",
+    "allowed_senders",
+    "thread_mode",
+    "from_address",
+    "send_edits",
+    "egress_domains",
+)
+
+
+def _mail_link(key: str, entry: Mapping[str, Any], mail: MailConfig, seen: set[str]) -> LinkSpec:
+    """One `links:` entry with an address: a room linked to one of mail.mailboxes."""
+    for name in entry:
+        if name not in LINK_KEYS:
+            raise ConfigError(f"{key}.{name}", "unknown key")
+    room = _room_id(f"{key}.room", entry.get("room"))
+    address = mail_address(f"{key}.address", entry.get("address"))
+    if address not in mail.mailboxes:
+        raise ConfigError(f"{key}.address", "is not one of mail.mailboxes")
+    if address in seen:
+        raise ConfigError(f"{key}.address", "is linked twice")
+    seen.add(address)
+    mode = entry.get("thread_mode", "threads")
+    if mode not in ("threads", "flat"):
+        raise ConfigError(f"{key}.thread_mode", "must be threads or flat")
+    senders = check_sender_patterns(f"{key}.allowed_senders", entry.get("allowed_senders", []))
+    link_from = entry.get("from_address")
+    if link_from is not None:
+        link_from = mail_address(f"{key}.from_address", link_from)
+    edits = entry.get("send_edits", True)
+    if not isinstance(edits, bool):
+        raise ConfigError(f"{key}.send_edits", "must be true or false")
+    egress = check_sender_patterns(f"{key}.egress_domains", entry.get("egress_domains", []))
+    return LinkSpec(room, address, senders, mode, link_from, edits, egress)
