@@ -18,10 +18,11 @@ from bridge.core.commands import CommandProcessor
 from bridge.core.errors import Ignored, PermanentError, TransientError
 from bridge.core.health import ComponentHealth
 from bridge.core.ids import EventID, RoomID
-from bridge.core.links import Link
+from bridge.core.links import REMOTE_KIND, Link, split_remote_key
 from bridge.core.tasks import TaskGroup
 from bridge.db import links as link_db
 from bridge.db import outbox as outbox_db
+from bridge.db import remote as remote_db
 from bridge.db.engine import Database, open_database
 from bridge.db.inbox import InboxEvent
 from bridge.db.outbox import DbOutboxStore
@@ -42,6 +43,9 @@ from bridge.relay.link_commands import LinkCommands
 from bridge.relay.mail_in import MailRelay
 from bridge.relay.mail_out import MailOut, OutcomeReporter
 from bridge.relay.mailboxes import MailService
+from bridge.relay.remote_in import RemoteRelay
+from bridge.relay.remote_out import RemoteOut, RemoteSender
+from bridge.relay.remotes import RemoteService
 from bridge.status import StatusReporter
 from bridge.web.health import add_health_route
 
@@ -154,10 +158,45 @@ class Bridge:
             has_own_marker=self.mail_out.has_own_marker,
         )
         self.mail = MailService(config, self.db, self.tasks, self.relay)
-        LinkCommands(config, self.db, self._links_changed, self._announce_link).register(commands)
+        self.remote = RemoteService(
+            config, self.db, self.client, self.tasks, on_stored=self._notify_remote_relay
+        )
+        self.remote.open()
+        self.remote_relay = RemoteRelay(
+            config,
+            self.db,
+            self.client,
+            self.ghosts,
+            self.members,
+            self.remote.sides,
+            self.tasks,
+            max_attempts=config.appservice.max_event_attempts,
+            on_link_paused=self._link_paused,
+        )
+        self.remote_sender = RemoteSender(
+            config, self.db, self.client, self.remote.sides, self.tasks
+        )
+        self.remote_out = RemoteOut(
+            config,
+            self.db,
+            self.client,
+            self.members,
+            self.remote.sides,
+            notify_sender=self.remote_sender.notify,
+        )
+        LinkCommands(
+            config,
+            self.db,
+            self._links_changed,
+            self._announce_link,
+            remote_join=self.remote.join,
+        ).register(commands)
         self.status.extra["mailboxes"] = self.mail.report
         if self.outbox is not None:
             self.status.db_extra["outbox"] = self._outbox_report
+        if config.remotes:
+            self.status.db_extra["remotes"] = self.remote.report
+            self.status.db_extra["remote_outbox"] = self._remote_outbox_report
         self.catch_up = CatchUp(self.db, self.client)
         self.monitor = HomeserverMonitor(
             config, self.client, self.homeserver_health, self._after_connect
@@ -204,9 +243,15 @@ class Bridge:
             self.tasks.spawn(self.reporter.run(), name="outbox-reports")
         else:
             log.info("mail.smtp.host is not set: messages written in Matrix are not mailed")
+        if self.remote.sides:
+            self.tasks.spawn(self.remote_relay.run(), name="remote-relay")
+            self.tasks.spawn(self.remote_sender.run(), name="remote-sender")
         await self.mail.sync_config_links(self._bot_join)
+        await self.remote.sync_config_links(self._bot_join)
         self.mail_out.links_changed()
+        self.remote_out.links_changed()
         await self.mail.refresh()
+        await self.remote.refresh()
         self.tasks.spawn(self.monitor.run(), name="homeserver-monitor")
 
     async def _bot_join(self, room_id: RoomID) -> bool:
@@ -223,7 +268,15 @@ class Bridge:
     async def _announce_link(self, link: Link, active: bool) -> None:
         """m.bridge state (MSC2346), so clients can show the room is bridged, and to what."""
         content: dict[str, Any] = {}
-        if active:
+        if active and link.kind == REMOTE_KIND:
+            name, remote_room = split_remote_key(link.remote)
+            content = {
+                "bridgebot": self.config.bot_mxid,
+                "protocol": {"id": "matrix", "displayname": "Matrix (another ministry)"},
+                "network": {"id": name, "displayname": name},
+                "channel": {"id": remote_room, "displayname": remote_room},
+            }
+        elif active:
             content = {
                 "bridgebot": self.config.bot_mxid,
                 "protocol": {"id": "email", "displayname": "Email"},
@@ -238,7 +291,7 @@ class Bridge:
 
     async def _room_joined(self, room_id: RoomID) -> None:
         await self.mail.room_joined(room_id)
-        self.mail_out.links_changed()
+        await self._links_changed()
 
     async def _room_encrypted(self, room_id: RoomID, event_id: EventID) -> None:
         """A linked room turned encryption on: its links are paused (mail is kept, nothing is
@@ -248,12 +301,28 @@ class Bridge:
         ]
         if not active:
             return
-        lists = ", ".join(sorted(link.remote for link in active))
+        lists = ", ".join(sorted(link.remote for link in active if link.kind != REMOTE_KIND))
+        remotes = ", ".join(
+            sorted(
+                "{1} on {0}".format(*split_remote_key(link.remote))
+                for link in active
+                if link.kind == REMOTE_KIND
+            )
+        )
+        parts = []
+        if lists:
+            parts.append(
+                f"the link to {lists} is paused: mail to the list is kept, not posted here, and "
+                "messages written here are not mailed"
+            )
+        if remotes:
+            parts.append(
+                f"the link to {remotes} is paused: nothing is relayed in either direction"
+            )
         text = (
             "End-to-end encryption was turned on in this room. Passerelle cannot read or write "
-            f"encrypted messages, so the link to {lists} is paused: mail to the list is kept, "
-            "not posted here, and messages written here are not mailed. An administrator can "
-            "link the list to a room without encryption."
+            f"encrypted messages, so {'; '.join(parts)}. An administrator can link a room "
+            "without encryption instead."
         )
         await self.client.send_event(
             room_id,
@@ -264,14 +333,29 @@ class Bridge:
         for link in active:
             await link_db.set_paused(self.db, link.id, True)
             log.warning("%s paused: %s turned encryption on", link.remote, room_id)
-        self.mail_out.links_changed()
+        await self._links_changed()
 
     async def _room_is_linked(self, room_id: RoomID) -> bool:
-        return bool(await self.mail_out.room_links(room_id))
+        return bool(await self.mail_out.room_links(room_id)) or bool(
+            await self.remote_out.room_links(room_id)
+        )
 
     async def _links_changed(self) -> None:
         self.mail_out.links_changed()
+        self.remote_out.links_changed()
         await self.mail.refresh()
+        await self.remote.refresh()
+        self.remote_relay.notify()
+        self.remote_sender.notify()
+
+    def _link_paused(self) -> None:
+        self.tasks.spawn(self._links_changed(), name="links-changed")
+
+    def _notify_remote_relay(self) -> None:
+        self.remote_relay.notify()
+
+    async def _remote_outbox_report(self) -> dict[str, Any]:
+        return await remote_db.outbox_counts(self.db)
 
     async def _after_connect(self) -> None:
         """After the first contact and after an outage: fetch what the homeserver dropped."""
@@ -299,12 +383,13 @@ class Bridge:
         if item.event_type == "m.room.member":
             self.members.changed(item.room_id)
         reasons = []
-        for handler in (self.bot.handle, self.mail_out.handle):
+        handlers = (self.bot.handle, self.mail_out.handle, self.remote_out.handle)
+        for handler in handlers:
             try:
                 await handler(item)
             except Ignored as e:
                 reasons.append(str(e))
-        if len(reasons) == 2:
+        if len(reasons) == len(handlers):
             raise Ignored("; ".join(reasons))
 
     async def stop(self) -> None:
@@ -312,6 +397,8 @@ class Bridge:
             await self._runner.cleanup()
             self._runner = None
         await self.tasks.close()
+        if hasattr(self, "remote"):
+            await self.remote.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
