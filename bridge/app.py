@@ -174,7 +174,13 @@ class Bridge:
             on_link_paused=self._link_paused,
         )
         self.remote_sender = RemoteSender(
-            config, self.db, self.client, self.remote.sides, self.tasks
+            config,
+            self.db,
+            self.client,
+            self.remote.sides,
+            self.tasks,
+            is_stopped=self.remote.is_stopped,
+            on_token_refused=self.remote.token_refused,
         )
         self.remote_out = RemoteOut(
             config,

@@ -14,7 +14,7 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from bridge.config import Config
@@ -159,12 +159,17 @@ class RemoteSender:
         client: MatrixClient,
         sides: Mapping[str, RemoteSide],
         tasks: TaskGroup,
+        *,
+        is_stopped: Callable[[str], bool],
+        on_token_refused: Callable[[str, str], Awaitable[None]],
     ) -> None:
         self.config = config
         self.db = db
         self.client = client
         self.sides = sides
         self.tasks = tasks
+        self.is_stopped = is_stopped
+        self.on_token_refused = on_token_refused
         self._wake = asyncio.Event()
         self._workers: dict[int, asyncio.Task[None]] = {}
         self._link_wake: dict[int, asyncio.Event] = {}
@@ -185,6 +190,7 @@ class RemoteSender:
                     if link.kind == REMOTE_KIND
                     and not link.paused
                     and split_remote_key(link.remote)[0] in self.sides
+                    and not self.is_stopped(split_remote_key(link.remote)[0])
                 ]
                 pending = await remote_db.pending_outgoing(self.db, [link.id for link in links])
             except Exception as e:
@@ -227,7 +233,9 @@ class RemoteSender:
         try:
             await self.send(link, side, remote_room, item)
         except RemoteAuthError as e:
-            log.error("remote %s refused the bridge's token; %s waits: %s", name, link.remote, e)
+            # The remote stops as a whole (said once, in the log and the rooms); the message
+            # stays queued and goes once a new token is configured.
+            await self.on_token_refused(name, str(e))
             return False
         except TransientError as e:
             age = time.time() - item.created_at / 1000

@@ -188,12 +188,32 @@ class RemoteService:
             if syncer is not None:
                 syncer.rooms_changed()
 
+    def is_stopped(self, name: str) -> bool:
+        return name in self.stopped
+
+    async def token_refused(self, name: str, why: str) -> None:
+        """The remote no longer accepts the bridge's token: it stops as a whole (other
+        remotes and mail go on), with one log line and one notice in each linked room."""
+        if name in self.stopped:
+            return
+        self.stopped[name] = why
+        self.health[name].failed(f"the access token was refused: {why}")
+        log.error(
+            "remote %s stopped: its access token was refused (%s); give the bridge a new "
+            "token in the config and restart it",
+            name,
+            why,
+        )
+        task = self._tasks.pop(name, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        await self._tell_stopped(name)
+
     def _start(self, name: str) -> RemoteSyncer:
         side = self.sides[name]
 
         async def token_refused(why: str) -> None:
-            self.stopped[name] = why
-            await self._tell_stopped(name)
+            await self.token_refused(name, why)
 
         syncer = RemoteSyncer(
             side.client,

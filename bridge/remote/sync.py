@@ -150,13 +150,6 @@ class RemoteSyncer:
                 await self.sync_once(rooms)
             except RemoteAuthError as e:
                 self.stopped_reason = str(e)
-                self.health.failed(f"the access token was refused: {e}")
-                log.error(
-                    "remote %s stopped: its access token was refused (%s); give the bridge a "
-                    "new token in the config and restart it",
-                    self.client.name,
-                    e,
-                )
                 await self.on_token_refused(str(e))
                 return
             except (TransientError, PermanentError) as e:
