@@ -5,12 +5,16 @@ the remote homeserver restarting, a revoked token; and it stops relaying where i
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bridge.config import DatabaseConfig
+from bridge.db import remote as remote_db
+from bridge.db.engine import open_database
 from bridge.harness.synapse import MatrixTestClient, SynapseServer
 from tests.conftest import (
     MINISTRY_BRIDGE_LOCALPART,
@@ -265,3 +269,45 @@ async def test_membership_is_mirrored(linked: Linked) -> None:
         return ghost not in members["joined"]
 
     await wait_until(left, "the ghost gone", timeout=30)
+
+
+async def test_a_user_of_a_third_server_is_refused(linked: Linked) -> None:
+    """The remote room may federate with a server the link does not trust: its users' events
+    (as the remote's /sync would hand them over) are not posted, and the room is told once a
+    day. Such an event is put in the bridge's remote inbox directly: these two test servers
+    do not federate with a third."""
+    ghost = linked.ghost_of(linked.bob.user_id)
+    await linked.bob.send_text(linked.remote_room, "premier")
+    await linked.alice.wait_for_event(linked.agency_room, sent_by(ghost, "premier"))
+    forged = [
+        {
+            "type": "m.room.message",
+            "event_id": f"$forged{n}",
+            "sender": sender,
+            "origin_server_ts": 1,
+            "content": {"msgtype": "m.text", "body": f"usurpation {n}"},
+        }
+        for n, sender in enumerate(
+            ["@eve:evil.example", "@eve:ministere.localhost.evil.example", "@eve:evil.example"]
+        )
+    ]
+    db = await open_database(DatabaseConfig(linked.bridge.database_url, 2))
+    try:
+        position = await remote_db.sync_position(db, "ministere")
+        assert position is not None
+        await remote_db.store_batch(
+            db,
+            "ministere",
+            [(linked.remote_room, e["event_id"], json.dumps(e)) for e in forged],
+            position,
+        )
+    finally:
+        await db.close()
+    await linked.bob.send_text(linked.remote_room, "après")  # wakes the relay
+    await linked.alice.wait_for_event(linked.agency_room, sent_by(ghost, "après"))
+    await asyncio.sleep(1)
+    events = await linked.alice.messages(linked.agency_room)
+    assert not [e for e in events if "usurpation" in str(e.get("content", {}).get("body"))]
+    notices = [e for e in events if e.get("sender") == linked.bot and "is not relayed" in str(e)]
+    told = sorted(str(e["content"]["body"]).split()[3] for e in notices)
+    assert told == ["@eve:evil.example", "@eve:ministere.localhost.evil.example"], told
