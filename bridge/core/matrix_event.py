@@ -230,3 +230,21 @@ def edit_content(new_content: dict[str, Any], original: str) -> dict[str, Any]:
         edit["m.mentions"] = new_content["m.mentions"]
     edit["m.relates_to"] = {"rel_type": "m.replace", "event_id": original}
     return edit
+
+
+_IMAGE_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+)
+
+
+def image_type(data: bytes) -> str:
+    """The type of an avatar image from its first bytes (media repositories thumbnail by it)."""
+    for magic, content_type in _IMAGE_MAGIC:
+        if data.startswith(magic):
+            return content_type
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"

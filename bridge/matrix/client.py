@@ -282,15 +282,19 @@ class MatrixClient:
         extra = content.get("additional_creators")
         return event.get("sender") == user_id or (isinstance(extra, list) and user_id in extra)
 
-    async def joined_members(self, room_id: RoomID) -> dict[UserID, str | None]:
-        """Joined members and their room display names (None when they have none)."""
+    async def joined_members(self, room_id: RoomID) -> dict[UserID, tuple[str | None, str | None]]:
+        """Joined members with their room display name and avatar (None when not set)."""
         result = await self.request(Method.GET, Path.v3.rooms[room_id].joined_members)
         joined = result.get("joined")
-        members: dict[UserID, str | None] = {}
+        members: dict[UserID, tuple[str | None, str | None]] = {}
         if isinstance(joined, dict):
             for user_id, info in joined.items():
-                name = info.get("display_name") if isinstance(info, dict) else None
-                members[UserID(str(user_id))] = name if isinstance(name, str) else None
+                info = info if isinstance(info, dict) else {}
+                name, avatar = info.get("display_name"), info.get("avatar_url")
+                members[UserID(str(user_id))] = (
+                    name if isinstance(name, str) else None,
+                    avatar if isinstance(avatar, str) else None,
+                )
         return members
 
     async def download(self, mxc: str, max_bytes: int) -> bytes | None:

@@ -15,7 +15,7 @@ log = logging.getLogger("passerelle.matrix.members")
 class RoomMembers:
     def __init__(self, client: MatrixClient) -> None:
         self.client = client
-        self._members: dict[RoomID, dict[UserID, str | None]] = {}
+        self._members: dict[RoomID, dict[UserID, tuple[str | None, str | None]]] = {}
 
     def changed(self, room_id: RoomID) -> None:
         """A membership event arrived in the room: read it again next time."""
@@ -25,6 +25,16 @@ class RoomMembers:
         self, room_id: RoomID, *, wanted: UserID | None = None
     ) -> dict[UserID, str | None]:
         """Joined members and their names; read again when `wanted` is not among them."""
+        profiles = await self._profiles(room_id, wanted)
+        return {user: name for user, (name, _avatar) in profiles.items()}
+
+    async def avatar(self, room_id: RoomID, user_id: UserID) -> str | None:
+        """The user's avatar (an mxc:// URL) in the room, if any."""
+        return (await self._profiles(room_id, user_id)).get(user_id, (None, None))[1]
+
+    async def _profiles(
+        self, room_id: RoomID, wanted: UserID | None
+    ) -> dict[UserID, tuple[str | None, str | None]]:
         members = self._members.get(room_id)
         if members is None or (wanted is not None and wanted not in members):
             try:

@@ -17,6 +17,7 @@ from bridge.config import Config, RemoteSettings
 from bridge.core.errors import Ignored, PermanentError, Refused
 from bridge.core.ids import EventID, RoomID, UserID
 from bridge.core.links import REMOTE_KIND, Link, split_remote_key
+from bridge.core.matrix_event import MXC
 from bridge.core.remote_in import (
     NotRelayed,
     RemoteMember,
@@ -32,6 +33,7 @@ from bridge.core.remote_in import (
 from bridge.core.retry import settle
 from bridge.core.router import RoomQueues
 from bridge.core.tasks import TaskGroup
+from bridge.db import kv
 from bridge.db import links as link_db
 from bridge.db import mail as mail_db
 from bridge.db import remote as remote_db
@@ -46,6 +48,7 @@ from bridge.remote.client import RemoteClient
 log = logging.getLogger("passerelle.remote.relay")
 
 BATCH = 200
+AVATAR_MAX_BYTES = 1 << 20
 SWEEP_INTERVAL = 10.0
 
 
@@ -93,8 +96,9 @@ class RemoteRelay:
         self._queues: RoomQueues[tuple[Link, RemoteInboxItem]] = RoomQueues(
             self._process, tasks, "remote"
         )
-        # (remote room, remote user) → their display name there, from member events.
-        self._names: dict[tuple[str, str], str | None] = {}
+        # (remote room, remote user) → their display name and avatar there.
+        self._profiles: dict[tuple[str, str], tuple[str | None, str | None]] = {}
+        self._avatars: dict[UserID, str] = {}
         self.retry_initial = 1.0
 
     def notify(self) -> None:
@@ -304,7 +308,7 @@ class RemoteRelay:
     async def _member(
         self, link: Link, side: RemoteSide, item: RemoteInboxItem, plan: RemoteMember
     ) -> None:
-        self._names[(item.room_id, plan.user_id)] = plan.displayname
+        self._profiles[(item.room_id, plan.user_id)] = (plan.displayname, plan.avatar_url)
         ghost = self.config.remote_ghost_mxid(side.settings.name, plan.user_id)
         if plan.membership == "leave":
             await self.ghosts.leave(ghost, link.room_id)
@@ -350,13 +354,18 @@ class RemoteRelay:
     async def _ghost(self, link: Link, side: RemoteSide, remote_room: str, user: str) -> UserID:
         """The remote user's ghost, named as the remote room names them, in the agency room."""
         key = (remote_room, user)
-        if key not in self._names:
+        if key not in self._profiles:
             try:
                 state = await side.client.get_state(remote_room, "m.room.member", user)
             except PermanentError:
                 state = None
             name = state.get("displayname") if state else None
-            self._names[key] = name if isinstance(name, str) else None
+            avatar = state.get("avatar_url") if state else None
+            self._profiles[key] = (
+                name if isinstance(name, str) else None,
+                avatar if isinstance(avatar, str) and MXC.fullmatch(avatar) else None,
+            )
+        name, avatar = self._profiles[key]
         members = await self.members.members(link.room_id)
         agency_names = [
             n
@@ -366,16 +375,38 @@ class RemoteRelay:
         reserved = [s.settings.display_suffix for s in self.sides.values()]
         reserved += [s.settings.agency_suffix for s in self.sides.values()]
         shown = relayed_name(
-            self._names[key],
+            name,
             user,
             suffix=side.settings.display_suffix,
             reserved_suffixes=reserved,
             agency_names=agency_names,
         )
         mxid = self.config.remote_ghost_mxid(side.settings.name, user)
-        return await self.ghosts.ensure_user(
+        ghost = await self.ghosts.ensure_user(
             mxid, shown, link.room_id, kind=f"remote:{side.settings.name}", remote_id=user
         )
+        if avatar is not None:
+            await self._copy_avatar(side, ghost, avatar)
+        return ghost
+
+    async def _copy_avatar(self, side: RemoteSide, ghost: UserID, avatar: str) -> None:
+        """The remote user's avatar, copied to their ghost once (again when it changes)."""
+        key = f"ghost-avatar:{ghost}"
+        if self._avatars.get(ghost) == avatar:
+            return
+        if await kv.get_value(self.db, key) != avatar:
+            try:
+                found = await side.client.download(avatar, AVATAR_MAX_BYTES)
+                if found is None:
+                    return
+                data, content_type = found
+                url = await self.client.upload(data, content_type, "avatar", as_user=ghost)
+                await self.client.set_avatar_url(ghost, url)
+            except PermanentError as e:
+                log.info("avatar of %s not copied: %s", ghost, e)
+                return
+            await kv.set_value(self.db, key, avatar)
+        self._avatars[ghost] = avatar
 
     async def _mapped(self, link: Link, event_ids: tuple[str, ...]) -> dict[str, str | None]:
         mapped: dict[str, str | None] = {}

@@ -21,7 +21,7 @@ from bridge.config import Config
 from bridge.core.errors import Ignored, PermanentError, TransientError
 from bridge.core.ids import EventID, RoomID, UserID
 from bridge.core.links import REMOTE_KIND, Link, split_remote_key
-from bridge.core.matrix_event import NotSent
+from bridge.core.matrix_event import MXC, NotSent, image_type
 from bridge.core.permissions import PermissionLevel
 from bridge.core.remote_out import OutgoingPlan, plan_agency_event, remote_event, sender_label
 from bridge.core.tasks import TaskGroup
@@ -42,6 +42,7 @@ log = logging.getLogger("passerelle.remote.out")
 # Seconds between attempts after an outage or a refusal that may pass (429, 5xx).
 RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 SWEEP_INTERVAL = 30.0
+AVATAR_MAX_BYTES = 1 << 20
 _HANDLED_TYPES = ("m.room.message", "m.sticker", "m.reaction", "m.room.redaction")
 
 
@@ -107,6 +108,7 @@ class RemoteOut:
             raise Ignored(f"{plan.sender} may not use the bridge")
         sender = UserID(plan.sender)
         name, _same = await self.members.name(item.room_id, sender)
+        avatar = await self.members.avatar(item.room_id, sender)
         queued = 0
         for link in links:
             side = self.sides[split_remote_key(link.remote)[0]]
@@ -116,7 +118,7 @@ class RemoteOut:
                 link_id=link.id,
                 room_id=item.room_id,
                 event_id=item.event_id,
-                plan={"plan": plan.as_json(), "label": label},
+                plan={"plan": plan.as_json(), "label": label, "avatar": avatar},
             )
             if stored is not None:
                 queued += 1
@@ -273,7 +275,10 @@ class RemoteSender:
                 thread_root=plan.thread_root,
                 reply_to=plan.reply_to,
             )
-        found_event = remote_event(plan, label=label, mapped=mapped, media_url=media_url)
+        avatar = await self._remote_avatar(side, item.plan.get("avatar"))
+        found_event = remote_event(
+            plan, label=label, mapped=mapped, media_url=media_url, avatar_url=avatar
+        )
         if isinstance(found_event, NotSent):
             raise PermanentError(found_event.reason)
         event_type, content = found_event
@@ -320,6 +325,25 @@ class RemoteSender:
             return None, too_large
         url = await side.client.upload(data, media.content_type, media.filename[:200])
         return url, None
+
+    async def _remote_avatar(self, side: RemoteSide, agency_url: object) -> str | None:
+        """The remote copy of an agency avatar, uploaded once per remote and kept."""
+        if not isinstance(agency_url, str) or not MXC.fullmatch(agency_url):
+            return None
+        key = f"remote-avatar:{side.settings.name}:{agency_url}"
+        known = await kv.get_value(self.db, key)
+        if known is not None:
+            return known
+        try:
+            data = await self.client.download(agency_url, AVATAR_MAX_BYTES)
+            if data is None:
+                return None
+            url = await side.client.upload(data, image_type(data), "avatar")
+        except PermanentError as e:
+            log.info("avatar %s not copied to %s: %s", agency_url, side.settings.name, e)
+            return None
+        await kv.set_value(self.db, key, url)
+        return url
 
     async def _fail(self, link: Link, item: RemoteOutgoing, why: str) -> None:
         log.warning("%s not passed on to %s: %s", item.event_id, link.remote, why)

@@ -294,3 +294,37 @@ async def test_files_both_ways(linked: Linked) -> None:
     assert copy["content"]["url"].startswith("mxc://ministere.localhost/")
     assert await linked.bob.download(copy["content"]["url"]) == image
     assert copy["content"]["filename"] == "plan.png"
+
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+
+
+async def set_avatar(client: MatrixTestClient, data: bytes) -> str:
+    mxc = await client.upload(data, "image/png", "avatar.png")
+    await client.request(
+        "PUT",
+        f"/_matrix/client/v3/profile/{client.user_id}/avatar_url",
+        json_body={"avatar_url": mxc},
+    )
+    return mxc
+
+
+async def test_avatars_cross_both_ways(linked: Linked) -> None:
+    """A remote user's avatar becomes their ghost's; an agency user's goes with each message
+    in the per-message profile, copied to the remote server."""
+    await set_avatar(linked.bob, PNG)
+    ghost = linked.ghost_of(linked.bob.user_id)
+    await linked.bob.send_text(linked.remote_room, "avec avatar")
+    await linked.alice.wait_for_event(linked.agency_room, sent_by(ghost, "avec avatar"))
+    profile = await linked.alice.request("GET", f"/_matrix/client/v3/profile/{ghost}")
+    assert profile["avatar_url"].startswith("mxc://localhost/")
+    assert await linked.alice.download(profile["avatar_url"]) == PNG
+
+    await set_avatar(linked.alice, PNG[::-1])
+    await linked.alice.send_text(linked.agency_room, "mon avatar")
+    sent = await linked.bob.wait_for_event(
+        linked.remote_room, sent_by(linked.bridge_remote_user, "mon avatar")
+    )
+    avatar = sent["content"]["com.beeper.per_message_profile"]["avatar_url"]
+    assert avatar.startswith("mxc://ministere.localhost/")
+    assert await linked.bob.download(avatar) == PNG[::-1]
