@@ -6,7 +6,8 @@ PYTHON ?= python3
 setup:
 	bash scripts/bootstrap.sh
 
-# Local Synapse + Passerelle, a demo user, and the bot answering; Ctrl-C stops it.
+# Two local Synapses (agency, ministry), mail and Passerelle: demo users, a linked list and a
+# room linked across the two servers, each checked both ways; Ctrl-C stops it.
 demo: setup
 	$(PYTHON) -m bridge demo
 

@@ -76,9 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("event", type=Path, help="the event, as JSON (a whole event, not content)")
     demo = sub.add_parser(
         "demo",
-        help="start a local Synapse and the bridge, and show how to log in",
-        description="Start a local Synapse (127.0.0.1) with Passerelle registered, create a "
-        "demo user, check the bot answers, and keep both running until Ctrl-C.",
+        help="start local Synapses, mail and the bridge, and show how to log in",
+        description="Start a local Synapse (127.0.0.1) with Passerelle registered, a mail "
+        "server and a second Synapse for another ministry; create demo users, check a linked "
+        "list and a linked remote room both ways, and keep it all running until Ctrl-C.",
     )
     demo.add_argument("--dir", type=Path, default=Path("demo-data"), help="state folder")
     demo.add_argument(

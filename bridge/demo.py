@@ -1,4 +1,5 @@
-"""`passerelle demo`: Synapse, a mail server and the bridge, a demo user and a linked list."""
+"""`passerelle demo`: Synapse, a mail server and the bridge, a demo user and a linked list;
+the other ministry's side is in demo_remote."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def _write_demo_config(
     list_address: str,
     imap_port: int,
     smtp_port: int,
+    remotes: dict[str, Any],
 ) -> Path:
     """Create or refresh the demo config: new ports each run, the same tokens and database."""
     path = folder / "config.yaml"
@@ -67,12 +69,14 @@ def _write_demo_config(
         "from_address": DEMO_FROM,
         "on_sent": "reaction",
     }
+    user["remotes"] = remotes
     atomic_write(path, dump_yaml(user))
     return path
 
 
-def _password(folder: Path) -> str:
-    path = folder / "demo-password"
+def stored_password(folder: Path, name: str = "demo-password") -> str:
+    """A password made on the first run and kept in the state folder."""
+    path = folder / name
     if path.exists():
         return path.read_text(encoding="utf-8").strip()
     password = secrets.token_urlsafe(12)
@@ -87,11 +91,11 @@ async def _check_bot_answers(base_url: str, token: str, user_id: str, bot: str) 
         room_id = await client.create_room(invite=[bot], is_direct=True, name="Passerelle demo")
         await client.wait_for_membership(room_id, bot, "join", timeout=30)
         question = await client.send_text(room_id, "help")
-        answer = await client.wait_for_event(room_id, _reply_to(question, bot), timeout=30)
+        answer = await client.wait_for_event(room_id, reply_to(question, bot), timeout=30)
         return str(answer["content"].get("body", ""))
 
 
-def _reply_to(event_id: str, sender: str) -> Any:
+def reply_to(event_id: str, sender: str) -> Any:
     def match(event: dict[str, Any]) -> bool:
         relates = event.get("content", {}).get("m.relates_to", {})
         return bool(
@@ -127,7 +131,7 @@ async def _link_list_room(
             question = await client.send_text(
                 room_id, f"!passerelle link {list_address} allow achats.gouv.fr"
             )
-            answer = await client.wait_for_event(room_id, _reply_to(question, bot), timeout=30)
+            answer = await client.wait_for_event(room_id, reply_to(question, bot), timeout=30)
             if "Linked" not in answer["content"].get("body", ""):
                 raise RuntimeError(f"linking failed: {answer['content'].get('body')}")
             atomic_write(saved, room_id + "\n")
@@ -183,29 +187,53 @@ async def _serve(
     folder: Path,
     config_path: Path,
     synapse: Any,
+    ministry: Any,
     mail: tuple[str, int],
     check_only: bool,
 ) -> int:
     from bridge.app import Bridge
+    from bridge.demo_remote import (
+        AGENCY_NAME,
+        AGENCY_ROOM_NAME,
+        MINISTRY_NAME,
+        MINISTRY_ROOM_NAME,
+        MINISTRY_SERVER_NAME,
+        REMOTE,
+        link_remote_room,
+        set_displayname,
+    )
+    from bridge.harness.synapse import MatrixTestClient
 
     config = load_config(config_path)
     bridge = Bridge(config)
     await bridge.start()
     try:
-        password = _password(folder)
+        password = stored_password(folder)
         user_id = await asyncio.to_thread(synapse.register_user, DEMO_USER, password, True)
         token = await asyncio.to_thread(synapse.login, DEMO_USER, password)
-        answer = await _check_bot_answers(synapse.base_url, token, user_id, config.bot_mxid)
+        ministry_password = stored_password(folder, "ministere-demo-password")
         list_address, smtp_port = mail
-        await _link_list_room(
-            folder, synapse.base_url, token, user_id, config.bot_mxid, list_address, smtp_port
-        )
+        async with MatrixTestClient(synapse.base_url, token, user_id) as agency:
+            # Before any room: the name shows on both sides ("… (Agence) : …") and in mail.
+            await set_displayname(agency, AGENCY_NAME)
+            answer = await _check_bot_answers(synapse.base_url, token, user_id, config.bot_mxid)
+            await _link_list_room(
+                folder, synapse.base_url, token, user_id, config.bot_mxid, list_address, smtp_port
+            )
+            remote = await link_remote_room(folder, config, agency, ministry, ministry_password)
+        account = config.remotes[REMOTE].user_id
         print("\nPasserelle demo is running.")
-        print(f"  Homeserver:  {synapse.base_url}  (server name {SERVER_NAME})")
+        print(f"  Homeserver:  {synapse.base_url}  (server name {SERVER_NAME}: the agency)")
         print(f"  Log in as:   {user_id}  password: {password}")
         print(f"  Bridge bot:  {config.bot_mxid}  (health: {config.appservice.address}/health)")
         print(f"  Config:      {config_path}")
         print(f"  Mail:        {list_address}, SMTP 127.0.0.1:{smtp_port} (Postfix → Dovecot)")
+        print(
+            "\nAnother ministry's homeserver, not federated with the agency's (the bridge uses an "
+            f"ordinary account there, {account}):"
+        )
+        print(f"  Homeserver:  {ministry.base_url}  (server name {MINISTRY_SERVER_NAME})")
+        print(f"  Log in as:   {remote.user_id}  password: {ministry_password}")
         print("\nA direct chat 'Passerelle demo' was opened; the bot answered “help” with:\n")
         print("    " + answer.replace("\n", "\n    "))
         print(
@@ -221,12 +249,19 @@ async def _serve(
             "bot reacts ✉️ once Postfix took it (a reply to the first mail already went out)."
         )
         print(
-            "\nUse any Matrix client with the homeserver URL above (e.g. Element's 'custom "
+            f"\nThe room '{AGENCY_ROOM_NAME}' ({user_id}) is linked to '{MINISTRY_ROOM_NAME}' "
+            f"on {MINISTRY_SERVER_NAME} ({remote.user_id}): {MINISTRY_NAME}'s message there "
+            f"arrived here from the ghost “{remote.ghost_name}” ({remote.ghost}), "
+            f"and the reply went back from {account} as “{remote.relayed_as}”. Log in on both "
+            "sides (e.g. two browser profiles) to go on."
+        )
+        print(
+            "\nUse any Matrix client with the homeserver URLs above (e.g. Element's 'custom "
             "server'), invite the bot to a room and write “!passerelle help”."
         )
         if check_only:
             return 0
-        print("\nCtrl-C stops Synapse and the bridge.")
+        print("\nCtrl-C stops both Synapses, the mail server and the bridge.")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -239,6 +274,7 @@ async def _serve(
 
 def run_demo(folder: Path, *, check_only: bool = False) -> int:
     try:
+        from bridge.demo_remote import bridge_account, ministry_server, remote_section
         from bridge.harness.dovecot import DovecotServer
         from bridge.harness.postfix import PostfixServer
         from bridge.harness.synapse import SynapseServer
@@ -254,15 +290,7 @@ def run_demo(folder: Path, *, check_only: bool = False) -> int:
     list_address = dovecot.add_user(LIST_USER, LIST_PASSWORD)
     synapse_port, bridge_port = free_port(), free_port()
     postfix = PostfixServer(folder / "postfix", lmtp_port=dovecot.lmtp_port)
-    config_path = _write_demo_config(
-        folder, synapse_port, bridge_port, list_address, dovecot.imap_port, postfix.smtp_port
-    )
     registration = folder / "registration.yaml"
-    try:
-        generate_registration(config_path, registration)
-    except ConfigError as e:
-        print(f"passerelle demo: config error: {e}", file=sys.stderr)
-        return 10
     synapse = SynapseServer(
         data_dir=folder / "synapse",
         server_name=SERVER_NAME,
@@ -270,16 +298,38 @@ def run_demo(folder: Path, *, check_only: bool = False) -> int:
         app_service_config_files=[registration],
     )
     synapse.data_dir.mkdir(exist_ok=True)
-    print(f"Starting Dovecot, Postfix and Synapse ({synapse.base_url}) …")
+    ministry = ministry_server(folder)
+    print(
+        f"Starting Dovecot, Postfix, the ministry's Synapse ({ministry.base_url}) and the "
+        f"agency's ({synapse.base_url}) …"
+    )
     try:
         dovecot.start()
         postfix.start()
+        # First: the bridge's config names a token for its account on the ministry's server.
+        ministry.start()
+        password = stored_password(folder, "ministere-bridge-password")
+        account = bridge_account(folder, ministry, password)
+        config_path = _write_demo_config(
+            folder,
+            synapse_port,
+            bridge_port,
+            list_address,
+            dovecot.imap_port,
+            postfix.smtp_port,
+            remote_section(ministry, account),
+        )
+        try:
+            generate_registration(config_path, registration)
+        except ConfigError as e:
+            print(f"passerelle demo: config error: {e}", file=sys.stderr)
+            return 10
         synapse.start()
         mail = (list_address, postfix.smtp_port)
-        return asyncio.run(_serve(folder, config_path, synapse, mail, check_only))
+        return asyncio.run(_serve(folder, config_path, synapse, ministry, mail, check_only))
     except KeyboardInterrupt:
         return 0
     finally:
-        for server in (synapse, postfix, dovecot):
+        for server in (synapse, ministry, postfix, dovecot):
             with contextlib.suppress(Exception):
                 server.stop()

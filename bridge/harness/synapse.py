@@ -437,6 +437,18 @@ class SynapseServer:
         )
         return str(response["access_token"])
 
+    def whoami(self, token: str) -> str | None:
+        """The user an access token belongs to; None when Synapse does not accept it."""
+        try:
+            response = _request_json(
+                "GET", f"{self.base_url}/_matrix/client/v3/account/whoami", token=token
+            )
+        except MatrixRequestError as exc:
+            if exc.status == 401:
+                return None
+            raise
+        return str(response["user_id"])
+
 
 def _quote(value: str) -> str:
     return urllib.parse.quote(value, safe="")

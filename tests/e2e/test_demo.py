@@ -1,4 +1,5 @@
-"""The README's first command: `passerelle demo` brings up Synapse, mail and the bridge."""
+"""The README's first command: `passerelle demo` brings up Synapse, mail and the bridge, and the
+other ministry's homeserver with a room linked to it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from tests.conftest import subprocess_env
 
 def test_demo_check_runs_twice_on_the_same_state(tmp_path: Path) -> None:
     folder = tmp_path / "demo"
-    for _ in range(2):  # the second run reuses the tokens, database and Synapse data
+    kept: list[tuple[str, str]] = []
+    for _ in range(2):  # the second run reuses the tokens, database, rooms and Synapse data
         result = subprocess.run(
             [sys.executable, "-m", "bridge", "demo", "--check", "--dir", str(folder)],
             capture_output=True,
@@ -19,13 +21,32 @@ def test_demo_check_runs_twice_on_the_same_state(tmp_path: Path) -> None:
             text=True,
             timeout=110,
         )
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "Log in as:   @demo:localhost" in result.stdout
-        assert "• status" in result.stdout
+        out = result.stdout
+        assert result.returncode == 0, out + result.stderr
+        assert "Log in as:   @demo:localhost" in out
+        assert "• status" in out
         # The linked list room got a mail through SMTP → Postfix → Dovecot → the bridge.
-        assert "a first mail sent through Postfix is in it" in result.stdout
+        assert "a first mail sent through Postfix is in it" in out
         # And a reply written in Matrix went out by mail (the demo waits for the ✉️ reaction).
-        assert "a reply to the first mail already went out" in result.stdout
+        assert "a reply to the first mail already went out" in out
+        # The ministry's homeserver, and a message relayed each way between the linked rooms.
+        assert "(server name ministere.localhost)" in out
+        assert "Log in as:   @demo:ministere.localhost  password: " in out
+        assert "arrived here from the ghost “Demo Bruno (Ministère)”" in out
+        assert (
+            "the reply went back from @passerelle-agence:ministere.localhost as "
+            "“Demo Claire (Agence) : Bien reçu (" in out
+        )
+        kept.append(
+            (
+                (folder / "remote-rooms").read_text(),
+                (folder / "ministere-token").read_text(),
+            )
+        )
+    # Same linked rooms, same token for the bridge's account: nothing made twice.
+    assert kept[0] == kept[1]
     config = (folder / "config.yaml").read_text()
     assert "generate" not in config
-    assert (folder / "registration.yaml").stat().st_mode & 0o077 == 0
+    assert "access_token_file: ministere-token" in config
+    for secret in ("registration.yaml", "ministere-token"):
+        assert (folder / secret).stat().st_mode & 0o077 == 0
