@@ -351,7 +351,7 @@ class Bridge:
         self.remote_out.links_changed()
         await self.mail.refresh()
         await self.remote.refresh()
-        self.remote_relay.notify()
+        self.remote_relay.links_changed()
         self.remote_sender.notify()
 
     def _link_paused(self) -> None:

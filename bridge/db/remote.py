@@ -115,10 +115,13 @@ async def known_events(db: Database, remote: str, event_ids: Sequence[str]) -> s
     return {str(r.event_id) for r in rows}
 
 
-async def pending_events(db: Database, limit: int, exclude: set[int]) -> list[RemoteInboxItem]:
+async def pending_events(
+    db: Database, limit: int, exclude: set[int], *, after: int = 0
+) -> list[RemoteInboxItem]:
+    """Pending events in arrival order (only those stored after id `after`, if given)."""
     query = (
         select(remote_inbox)
-        .where(remote_inbox.c.state == "pending")
+        .where(remote_inbox.c.state == "pending", remote_inbox.c.id > after)
         .order_by(remote_inbox.c.id)
         .limit(limit + len(exclude))
     )
@@ -279,30 +282,36 @@ async def enqueue(
     return None if value is None else int(value)
 
 
-async def pending_outgoing(db: Database, link_ids: Sequence[int]) -> list[RemoteOutgoing]:
-    """Every pending item of these links, in the order they were queued."""
-    if not link_ids:
-        return []
-    query = (
-        select(remote_outbox)
-        .where(remote_outbox.c.state == "pending", remote_outbox.c.link_id.in_(link_ids))
-        .order_by(remote_outbox.c.id)
-    )
+async def links_with_pending(db: Database) -> set[int]:
+    """The links that have something waiting to be sent."""
+    query = select(remote_outbox.c.link_id).where(remote_outbox.c.state == "pending").distinct()
     async with db.begin() as conn:
         rows = (await conn.execute(query)).all()
-    return [
-        RemoteOutgoing(
-            id=int(r.id),
-            link_id=int(r.link_id),
-            room_id=RoomID(r.room_id),
-            event_id=EventID(r.event_id),
-            plan=json.loads(r.plan_json),
-            attempts=int(r.attempts),
-            next_attempt_at=int(r.next_attempt_at),
-            created_at=int(r.created_at),
-        )
-        for r in rows
-    ]
+    return {int(r.link_id) for r in rows}
+
+
+async def next_outgoing(db: Database, link_id: int) -> RemoteOutgoing | None:
+    """The oldest pending item of a link: what it sends next."""
+    query = (
+        select(remote_outbox)
+        .where(remote_outbox.c.state == "pending", remote_outbox.c.link_id == link_id)
+        .order_by(remote_outbox.c.id)
+        .limit(1)
+    )
+    async with db.begin() as conn:
+        r = (await conn.execute(query)).first()
+    if r is None:
+        return None
+    return RemoteOutgoing(
+        id=int(r.id),
+        link_id=int(r.link_id),
+        room_id=RoomID(r.room_id),
+        event_id=EventID(r.event_id),
+        plan=json.loads(r.plan_json),
+        attempts=int(r.attempts),
+        next_attempt_at=int(r.next_attempt_at),
+        created_at=int(r.created_at),
+    )
 
 
 async def mark_sent(db: Database, item: RemoteOutgoing, remote_event_id: str, sender: str) -> None:

@@ -4,7 +4,6 @@ its sender's ghost, in order per room."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -99,6 +98,9 @@ class RemoteRelay:
         # (remote room, remote user) → their display name and avatar there.
         self._profiles: dict[tuple[str, str], tuple[str | None, str | None]] = {}
         self._avatars: dict[UserID, str] = {}
+        self._links: dict[str, Link] | None = None
+        self._seen = 0  # the highest inbox id submitted
+        self._sweep = True
         self.retry_initial = 1.0
 
     def notify(self) -> None:
@@ -107,21 +109,37 @@ class RemoteRelay:
     async def wait_idle(self) -> None:
         await self._queues.wait_idle()
 
+    def links_changed(self) -> None:
+        """Links were added, removed, paused or resumed: read them again, and every pending
+        event (a resumed link's kept events too)."""
+        self._links = None
+        self._sweep = True
+        self._wake.set()
+
     async def run(self) -> None:
         while True:
             self._wake.clear()
+            sweep, self._sweep = self._sweep, False
             try:
-                found = await remote_db.pending_events(self.db, BATCH, set(self._in_flight))
-                links = {
-                    link.remote: link
-                    for link in await link_db.all_links(self.db)
-                    if link.kind == REMOTE_KIND
-                }
+                # Woken by new events: only those stored since the last look. On a sweep
+                # (links changed, or every SWEEP_INTERVAL): every pending event not in flight.
+                after = 0 if sweep else self._seen
+                found = await remote_db.pending_events(
+                    self.db, BATCH, set(self._in_flight), after=after
+                )
+                if self._links is None:
+                    self._links = {
+                        link.remote: link
+                        for link in await link_db.all_links(self.db)
+                        if link.kind == REMOTE_KIND
+                    }
+                links = self._links
             except Exception as e:
                 log.error("cannot read the remote inbox (%s); retrying", e)
                 await asyncio.sleep(5)
                 continue
             for item in found:
+                self._seen = max(self._seen, item.id)
                 link = links.get(f"{item.remote}/{item.room_id}")
                 if link is None:
                     await remote_db.finish(self.db, item.id, "ignored", error="not linked")
@@ -131,8 +149,12 @@ class RemoteRelay:
                 self._in_flight.add(item.id)
                 self._queues.submit(link.room_id, (link, item))
             if len(found) < BATCH:
-                with contextlib.suppress(TimeoutError):
+                try:
                     await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
+                except TimeoutError:
+                    self._sweep = True
+            else:
+                self._sweep = True
 
     async def _process(self, entry: tuple[Link, RemoteInboxItem]) -> None:
         link, item = entry
@@ -345,6 +367,7 @@ class RemoteRelay:
             )
         await self._notice(link, text, key=f"room-change:{link.id}:{plan.event_id}")
         await link_db.set_paused(self.db, link.id, True)
+        self._links = None
         log.warning("link %s paused: %s", link.remote, plan.kind)
         self.on_link_paused()
         raise Ignored(f"link paused: {plan.kind}")

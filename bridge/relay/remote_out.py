@@ -57,7 +57,7 @@ class RemoteOut:
         members: RoomMembers,
         sides: Mapping[str, RemoteSide],
         *,
-        notify_sender: Callable[[], None],
+        notify_sender: Callable[[int | None], None],
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         self.config = config
@@ -130,7 +130,8 @@ class RemoteOut:
                     stored,
                 )
         if queued:
-            self.notify_sender()
+            for link in links:
+                self.notify_sender(link.id)
         else:
             raise Ignored("already queued")
 
@@ -176,7 +177,11 @@ class RemoteSender:
         self._workers: dict[int, asyncio.Task[None]] = {}
         self._link_wake: dict[int, asyncio.Event] = {}
 
-    def notify(self) -> None:
+    def notify(self, link_id: int | None = None) -> None:
+        """Something was queued (for `link_id`): its worker looks now, or one is started."""
+        if link_id is not None and link_id in self._link_wake:
+            self._link_wake[link_id].set()
+            return
         self._wake.set()
         for event in self._link_wake.values():
             event.set()
@@ -186,20 +191,20 @@ class RemoteSender:
             self._wake.clear()
             try:
                 await self._report_failures()
+                waiting = await remote_db.links_with_pending(self.db)
                 links = [
                     link
                     for link in await link_db.all_links(self.db)
-                    if link.kind == REMOTE_KIND
+                    if link.id in waiting
+                    and link.kind == REMOTE_KIND
                     and not link.paused
                     and split_remote_key(link.remote)[0] in self.sides
                     and not self.is_stopped(split_remote_key(link.remote)[0])
                 ]
-                pending = await remote_db.pending_outgoing(self.db, [link.id for link in links])
             except Exception as e:
                 log.error("cannot read the remote outbox (%s); retrying", e)
                 await asyncio.sleep(5)
                 continue
-            waiting = {item.link_id for item in pending}
             for link in links:
                 if link.id in waiting and link.id not in self._workers:
                     self._link_wake[link.id] = asyncio.Event()
@@ -212,16 +217,19 @@ class RemoteSender:
     async def _worker(self, link: Link) -> None:
         try:
             while True:
-                items = await remote_db.pending_outgoing(self.db, [link.id])
-                if not items:
+                self._link_wake[link.id].clear()
+                head = await remote_db.next_outgoing(self.db, link.id)
+                if head is None:
+                    if self._link_wake[link.id].is_set():
+                        continue  # queued while we looked
+                    # No await from here on: a notify now finds no worker and wakes run().
+                    self._workers.pop(link.id, None)
+                    self._link_wake.pop(link.id, None)
                     return
-                head = items[0]
                 delay = head.next_attempt_at / 1000 - time.time()
                 if delay > 0:
-                    wake = self._link_wake[link.id]
-                    wake.clear()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), delay)
+                        await asyncio.wait_for(self._link_wake[link.id].wait(), delay)
                     continue
                 if not await self._attempt(link, head):
                     return  # the remote stopped (token refused): the link waits
