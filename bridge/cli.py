@@ -1,5 +1,5 @@
 """The `passerelle` command: run, generate-registration, check-config, inspect-mail,
-inspect-event, demo."""
+inspect-event, inspect-remote, demo."""
 
 from __future__ import annotations
 
@@ -74,6 +74,30 @@ def _parser() -> argparse.ArgumentParser:
         "--sender-name", default=None, help="the sender's room display name (default: MXID)"
     )
     ev.add_argument("event", type=Path, help="the event, as JSON (a whole event, not content)")
+    rem = sub.add_parser(
+        "inspect-remote",
+        help="show, as JSON, what the bridge would post for an event of a remote room "
+        "(touches no server)",
+        description="Read EVENT (one event as the remote's /sync returns it, as JSON), apply "
+        "the policy of remotes.NAME in the config, and print one JSON document: accepted, "
+        "reason, ghost (user_id, displayname) and the Matrix events the relay would send. "
+        "Offline, nothing is mapped: replies, threads and edits point to events taken as never "
+        "relayed (so the message shows plainly), a reaction becomes the notice sent for an "
+        "unknown message, a redaction is not accepted, and files get the placeholder URL "
+        "mxc://inspect/1. The sender's name in the remote room is unknown, so a message's "
+        "ghost is named by the user ID's localpart (a member event's own displayname is "
+        "used); for a leave, displayname is null. Exit 0 for any event, accepted or not; 2 for "
+        "an unknown remote or an unreadable file; 10 for a config error.",
+    )
+    rem.add_argument(
+        "-c", "--config", type=Path, default=None, help="config file (holds the remotes)"
+    )
+    rem.add_argument(
+        "--remote", required=True, metavar="NAME", help="apply the policy of remotes.NAME"
+    )
+    rem.add_argument(
+        "event", type=Path, metavar="EVENT", help="the event, as JSON (a whole event, not content)"
+    )
     demo = sub.add_parser(
         "demo",
         help="start local Synapses, mail and the bridge, and show how to log in",
@@ -190,6 +214,26 @@ def _inspect_event(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _inspect_remote(args: argparse.Namespace) -> int:
+    from bridge.inspect import offline_config, remote_settings, run_inspect_remote
+    from bridge.remote.client import SYNC_MAX_BYTES
+
+    config = load_config(args.config, require_tokens=False) if args.config else offline_config()
+    try:
+        remote_settings(config, args.remote)
+    except LookupError as e:
+        return _fail(EXIT_USAGE, "usage", str(e).strip("'\""))
+    if not args.event.is_file():
+        return _fail(EXIT_USAGE, "usage", f"{args.event}: no such file")
+    try:
+        with args.event.open("rb") as f:
+            raw = f.read(SYNC_MAX_BYTES + 1)  # one byte more says it is too large
+    except OSError as e:
+        return _fail(EXIT_USAGE, "usage", f"{args.event}: {e.strerror or e}")
+    print(run_inspect_remote(config, args.remote, raw))
+    return EXIT_OK
+
+
 def _demo(args: argparse.Namespace) -> int:
     from bridge.demo import run_demo
 
@@ -211,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "check-config": _check,
         "inspect-mail": _inspect_mail,
         "inspect-event": _inspect_event,
+        "inspect-remote": _inspect_remote,
         "demo": _demo,
     }
     try:

@@ -1,5 +1,5 @@
-"""`passerelle inspect-mail` and `inspect-event`: what the bridge would post for a mail, and
-mail for a Matrix event, without touching any server."""
+"""`passerelle inspect-mail`, `inspect-event` and `inspect-remote`: what the bridge would post
+for a mail or a remote room's event, and mail for a Matrix event, without touching any server."""
 
 from __future__ import annotations
 
@@ -9,12 +9,27 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bridge.config import Config, LinkSpec, parse_config
+from bridge.config import Config, LinkSpec, RemoteSettings, parse_config
 from bridge.core.errors import Refused
 from bridge.core.ghosts import encode_localpart, ghost_display_name
 from bridge.core.links import LinkSettings
 from bridge.core.message import Attachment, IncomingMessage
 from bridge.core.permissions import PermissionLevel
+from bridge.core.remote_in import (
+    NotRelayed,
+    RemoteMember,
+    RemoteMessage,
+    RemotePolicy,
+    RemoteReaction,
+    RemoteRedaction,
+    RemoteRoomChange,
+    agency_message_content,
+    file_notice_content,
+    plan_remote_event,
+    relayed_name,
+    too_large_note,
+    unrelayed_reaction_content,
+)
 from bridge.core.threading import NEW_THREAD
 from bridge.mail.compose import ComposeError, compose, loop_marker
 from bridge.mail.ingest import make_parser
@@ -22,6 +37,7 @@ from bridge.mail.outgoing import NotSent, outgoing_mail, placeholder_attachment,
 from bridge.matrix import render
 from bridge.matrix.poster import plan_events
 from bridge.relay.mail_in import with_original
+from bridge.remote.client import SYNC_MAX_BYTES, _decode_json
 
 OFFLINE = {"homeserver": {"address": "https://homeserver.invalid", "domain": "homeserver.invalid"}}
 
@@ -170,3 +186,129 @@ def inspect_event(
         )
     except ComposeError as e:
         return f"not sent: the message could not be composed safely ({e})\n".encode()
+
+
+# --- inspect-remote: what the bridge would post for one event of a remote room ----------------
+
+PLACEHOLDER_MXC = "mxc://inspect/1"
+
+
+def remote_settings(config: Config, remote: str) -> RemoteSettings:
+    settings = config.remotes.get(remote)
+    if settings is None:
+        known = ", ".join(sorted(config.remotes)) or "none (pass -c with the bridge's config)"
+        raise LookupError(f"no remote {remote[:64]!r} in the config's remotes (known: {known})")
+    return settings
+
+
+def read_remote_event(raw: bytes) -> object | NotRelayed:
+    """`raw` parsed as the remote client parses /sync (strict: no NaN, bounded nesting)."""
+    if len(raw) > SYNC_MAX_BYTES:
+        return NotRelayed(f"larger than the {SYNC_MAX_BYTES} bytes read of a /sync response")
+    try:
+        event: object = _decode_json(raw)
+    except ValueError as e:
+        return NotRelayed(f"not valid JSON ({str(e)[:200]})")
+    return event
+
+
+def inspect_remote(config: Config, remote: str, event: object) -> dict[str, Any]:
+    """The JSON report of inspect-remote; never raises for any event.
+
+    Offline, nothing is mapped: every related event counts as never relayed, as the relay
+    treats an unknown one; the sender's name in the remote room is unknown, so a message's
+    ghost is named as for a member without a display name (by the user ID's localpart).
+    """
+    settings = remote_settings(config, remote)
+    report: dict[str, Any] = {"accepted": False, "reason": None, "ghost": None, "events": []}
+    if isinstance(event, NotRelayed):
+        report["reason"] = event.reason
+        return report
+    policy = RemotePolicy(
+        remote=remote,
+        own_user_id=settings.user_id,
+        allowed_servers=frozenset(settings.allowed_servers),
+    )
+    try:
+        plan = plan_remote_event(event, policy)
+    except Exception as e:  # an admin tool: say what broke instead of a traceback
+        report["reason"] = f"could not be planned: {type(e).__name__}: {str(e)[:200]}"
+        return report
+    if isinstance(plan, NotRelayed):
+        # As the relay: only a refusal naming its sender is told to the room.
+        told = plan.refused and plan.sender is not None
+        told_text = " (the room is told, once a day per sender)" if told else ""
+        report["reason"] = plan.reason + told_text
+        return report
+    if isinstance(plan, RemoteRedaction):
+        report["reason"] = "a redaction of something never relayed"
+        return report
+    if isinstance(plan, RemoteRoomChange):
+        report["reason"] = _room_change(plan)
+        return report
+
+    def ghost(user_id: str, name: str | None) -> dict[str, Any]:
+        reserved = [s.display_suffix for s in config.remotes.values()]
+        reserved += [s.agency_suffix for s in config.remotes.values()]
+        shown = relayed_name(
+            name,
+            user_id,
+            suffix=settings.display_suffix,
+            reserved_suffixes=reserved,
+            agency_names=(),
+        )
+        return {"user_id": config.remote_ghost_mxid(remote, user_id), "displayname": shown}
+
+    report["accepted"] = True
+    if isinstance(plan, RemoteMember):
+        report["ghost"] = ghost(plan.user_id, plan.displayname)
+        if plan.membership == "leave":
+            report["ghost"]["displayname"] = None  # the ghost leaves; no name is set
+        return report
+    report["ghost"] = ghost(plan.sender, None)
+    if isinstance(plan, RemoteReaction):
+        content = unrelayed_reaction_content(plan.key)
+    else:
+        content = _message_content(config, settings, plan)
+    report["events"] = [{"type": "m.room.message", "content": content}]
+    return report
+
+
+def _message_content(
+    config: Config, settings: RemoteSettings, plan: RemoteMessage
+) -> dict[str, Any]:
+    too_large = (
+        plan.media is not None
+        and plan.media.size is not None
+        and plan.media.size > settings.max_media_size
+    )
+    content = agency_message_content(
+        plan,
+        mapped=dict.fromkeys(plan.relations.event_ids()),
+        ghost_of=lambda user: config.remote_ghost_mxid(settings.name, user),
+        media_url=PLACEHOLDER_MXC if plan.media is not None and not too_large else None,
+    )
+    if too_large:
+        content = file_notice_content(content, too_large_note(plan, settings.max_media_size))
+    return content
+
+
+def _room_change(plan: RemoteRoomChange) -> str:
+    if plan.kind == "upgraded":
+        target = plan.replacement or "a new room"
+        return (
+            f"the remote room was upgraded to {target}: the relay would tell the room "
+            "(linking the new room is left to someone who may manage links)"
+        )
+    if plan.kind == "encrypted":
+        what = "end-to-end encryption was turned on in the remote room"
+    else:
+        what = f"the bridge's account was {plan.reason or 'removed'} from the remote room"
+    return f"{what}: the relay would tell the room and pause the link"
+
+
+def run_inspect_remote(config: Config, remote: str, raw: bytes) -> str:
+    report = inspect_remote(config, remote, read_remote_event(raw))
+    text = json.dumps(report, ensure_ascii=False, indent=2)
+    # A lone surrogate (a \ud800 escape in the event) would make printing fail.
+    return text.encode("utf-8", "replace").decode("utf-8")

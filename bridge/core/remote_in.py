@@ -41,8 +41,13 @@ __all__ = [
     "RemoteRedaction",
     "RemoteRoomChange",
     "agency_message_content",
+    "file_name",
+    "file_note",
+    "file_notice_content",
     "plan_remote_event",
     "relayed_name",
+    "too_large_note",
+    "unrelayed_reaction_content",
 ]
 
 # What clients show; anything else is shown by its body, as the spec asks of clients.
@@ -360,6 +365,42 @@ def agency_message_content(
     if relates is not None:
         content["m.relates_to"] = relates
     return content
+
+
+def unrelayed_reaction_content(key: str) -> dict[str, Any]:
+    """What a reaction to a message never relayed here becomes: a notice by the reacting
+    ghost, since there is nothing to annotate."""
+    return {
+        "msgtype": "m.notice",
+        "body": f"reacted {key} to a message that was not relayed here",
+        "m.mentions": {},
+    }
+
+
+def file_name(message: RemoteMessage) -> str:
+    """The name a message's file is shown and uploaded under."""
+    name = message.content.get("filename") or message.content.get("body") or "file"
+    return str(name)[:200]
+
+
+def file_note(message: RemoteMessage, why: str) -> str:
+    """The text posted in place of a file that stays on the remote: its name and why."""
+    return f"[{file_name(message)}: {why}]"
+
+
+def too_large_note(message: RemoteMessage, limit: int) -> str:
+    return file_note(message, f"too large to copy here (limit {limit} bytes)")
+
+
+def file_notice_content(content: Mapping[str, Any], note: str) -> dict[str, Any]:
+    """The notice that replaces a message whose file stays behind, in the same thread or
+    reply as `content` (the agency content the message would have had)."""
+    return {
+        "msgtype": "m.notice",
+        "body": note,
+        "m.mentions": {},
+        **({"m.relates_to": content["m.relates_to"]} if "m.relates_to" in content else {}),
+    }
 
 
 def relayed_name(

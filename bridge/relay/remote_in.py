@@ -26,8 +26,13 @@ from bridge.core.remote_in import (
     RemoteRedaction,
     RemoteRoomChange,
     agency_message_content,
+    file_name,
+    file_note,
+    file_notice_content,
     plan_remote_event,
     relayed_name,
+    too_large_note,
+    unrelayed_reaction_content,
 )
 from bridge.core.retry import settle
 from bridge.core.router import RoomQueues
@@ -237,12 +242,7 @@ class RemoteRelay:
         )
         if note is not None:
             # The file stays behind: its name and why, in place of the file.
-            content = {
-                "msgtype": "m.notice",
-                "body": note,
-                "m.mentions": {},
-                **({"m.relates_to": content["m.relates_to"]} if "m.relates_to" in content else {}),
-            }
+            content = file_notice_content(content, note)
         event_type = "m.room.message"
         event_id = await self.client.send_event(
             link.room_id,
@@ -260,20 +260,19 @@ class RemoteRelay:
         """The agency copy of a remote file, or why there is none."""
         assert plan.media is not None
         limit = side.settings.max_media_size
-        name = plan.content.get("filename") or plan.content.get("body") or "file"
-        too_large = f"[{str(name)[:200]}: too large to copy here (limit {limit} bytes)]"
+        too_large = too_large_note(plan, limit)
         if plan.media.size is not None and plan.media.size > limit:
             return None, too_large
         try:
             found = await side.client.download(url, limit)
         except PermanentError as e:
             log.warning("file of %s not downloadable: %s", plan.event_id, e)
-            return None, f"[{str(name)[:200]}: the file could not be fetched from the remote]"
+            return None, file_note(plan, "the file could not be fetched from the remote")
         if found is None:
             return None, too_large
         data, content_type = found
         mxc = await self.client.upload(
-            data, plan.media.content_type or content_type, str(name)[:200], as_user=ghost
+            data, plan.media.content_type or content_type, file_name(plan), as_user=ghost
         )
         return mxc, None
 
@@ -284,11 +283,7 @@ class RemoteRelay:
         target = await remote_db.by_remote_event(self.db, link.id, plan.target)
         txn = derived_txn_id("remote-in", side.settings.name, plan.event_id)
         if target is None:
-            content: dict[str, Any] = {
-                "msgtype": "m.notice",
-                "body": f"reacted {plan.key} to a message that was not relayed here",
-                "m.mentions": {},
-            }
+            content = unrelayed_reaction_content(plan.key)
             event_id = await self.client.send_event(
                 link.room_id, "m.room.message", content, txn, as_user=ghost, ts=_bounded(plan.ts)
             )
