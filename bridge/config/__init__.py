@@ -203,9 +203,10 @@ def _permissions(raw: dict[str, Any]) -> PermissionTable:
         raise ConfigError("permissions", f"must be a mapping, not {_type_name(value)}")
     table: dict[str, PermissionLevel] = {}
     for who, level in value.items():
-        key = f"permissions.{who}"
+        shown = who if isinstance(who, str) and who.isprintable() else repr(who)
+        key = f"permissions.{shown}"
         if not isinstance(who, str) or not (
-            who == "*" or _MXID.match(who) or _SERVER_NAME.match(who)
+            who == "*" or _MXID.fullmatch(who) or _SERVER_NAME.fullmatch(who)
         ):
             raise ConfigError(key, "must be a user ID (@user:server), a server name or '*'")
         try:
@@ -237,7 +238,7 @@ def _logging(raw: dict[str, Any]) -> LoggingConfig:
 
 def _appservice(raw: dict[str, Any], require_tokens: bool) -> AppserviceConfig:
     bot = _string(raw, "appservice.bot_username")
-    if not _LOCALPART.match(bot):
+    if not _LOCALPART.fullmatch(bot):
         raise ConfigError("appservice.bot_username", "must be a valid lowercase Matrix localpart")
     template = _string(raw, "appservice.ghost_username_template")
     if template.count("{localpart}") != 1 or "{" in template.replace("{localpart}", ""):
@@ -245,7 +246,7 @@ def _appservice(raw: dict[str, Any], require_tokens: bool) -> AppserviceConfig:
             "appservice.ghost_username_template", "must contain {localpart} exactly once"
         )
     prefix, suffix = template.split("{localpart}")
-    if not prefix or not _LOCALPART.match(prefix + "x" + suffix):
+    if not prefix or not _LOCALPART.fullmatch(prefix + "x" + suffix):
         raise ConfigError(
             "appservice.ghost_username_template",
             "needs a fixed prefix before {localpart} and only localpart characters",
@@ -317,7 +318,7 @@ def _homeserver(raw: dict[str, Any]) -> HomeserverConfig:
     for key, value in (("homeserver.address", address), ("homeserver.domain", domain)):
         if PLACEHOLDER_DOMAIN in value:
             raise ConfigError(key, f"still holds the example placeholder {value!r}; set it")
-    if not _SERVER_NAME.match(domain):
+    if not _SERVER_NAME.fullmatch(domain):
         raise ConfigError("homeserver.domain", f"is not a valid server name: {domain!r}")
     return HomeserverConfig(
         address=address,

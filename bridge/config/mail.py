@@ -94,7 +94,7 @@ class LinkSpec:
 
 def mail_address(key: str, value: Any) -> str:
     """A list or mailbox address as the config writes it: plain, lowercase, one '@'."""
-    if not isinstance(value, str) or not _MAIL_ADDRESS.match(value.strip().lower()):
+    if not isinstance(value, str) or not _MAIL_ADDRESS.fullmatch(value.strip().lower()):
         raise ConfigError(key, "must be a plain mail address like list@agency.example.org")
     return value.strip().lower()
 

@@ -404,7 +404,9 @@ def test_appservice_address_is_checked_too() -> None:
     config_error(minimal(appservice={"address": "127.0.0.1:29330"}), "appservice.address", "http")
 
 
-@pytest.mark.parametrize("domain", ["exa mple.org", "-example.org", "example.org:abc", ""])
+@pytest.mark.parametrize(
+    "domain", ["exa mple.org", "-example.org", "example.org:abc", "", "example.org\n"]
+)
 def test_bad_homeserver_domain(domain: str) -> None:
     config_error(minimal(homeserver={"domain": domain}), "homeserver.domain")
 
@@ -515,9 +517,21 @@ def test_non_level_values_are_refused(level: Any) -> None:
     config_error(minimal(permissions={"example.org": level}), "permissions.example.org")
 
 
-@pytest.mark.parametrize("who", ["not a server!", "@Alice:example.org", "@alice", "alice@example"])
+@pytest.mark.parametrize(
+    "who",
+    [
+        "not a server!",
+        "@Alice:example.org",
+        "@alice",
+        "alice@example",
+        # A trailing newline once passed the check ("$" matches before it).
+        "example.org\n",
+        "@alice:example.org\n",
+    ],
+)
 def test_bad_permission_key(who: str) -> None:
-    config_error(minimal(permissions={who: "user"}), f"permissions.{who}", "user ID")
+    shown = who if who.isprintable() else repr(who)  # the error stays one line
+    config_error(minimal(permissions={who: "user"}), f"permissions.{shown}", "user ID")
 
 
 def test_permissions_must_be_a_mapping() -> None:
