@@ -59,16 +59,16 @@ def dump_yaml_source(synapse_setup: SynapseSetup) -> dict[str, Any]:
 
 
 def sent_by(sender: str, text: str) -> Predicate:
-    return (
-        lambda e: e.get("sender") == sender
+    return lambda e: (
+        e.get("sender") == sender
         and e.get("type") == "m.room.message"
         and text in str(e.get("content", {}).get("body", ""))
     )
 
 
 def body_has(text: str) -> Predicate:
-    return lambda e: e.get("type") == "m.room.message" and text in str(
-        e.get("content", {}).get("body", "")
+    return lambda e: (
+        e.get("type") == "m.room.message" and text in str(e.get("content", {}).get("body", ""))
     )
 
 
@@ -108,7 +108,9 @@ async def link_rooms(
     agency_room = await alice.create_room(invite=[bot], name="Coordination agence")
     await alice.wait_for_membership(agency_room, bot, "join")
     await alice.wait_for_event(agency_room, message_from(bot))
-    question = await alice.send_text(agency_room, f"!passerelle link-remote {REMOTE} {remote_room}")
+    question = await alice.send_text(
+        agency_room, f"!passerelle link-remote {REMOTE} {remote_room}"
+    )
     answer = await alice.wait_for_event(agency_room, replies_to(question, bot))
     assert "Linked" in answer["content"]["body"], answer["content"]["body"]
     return Linked(bridge, alice, bob, agency_room, remote_room, account[0], bot)
