@@ -418,37 +418,55 @@ def relayed_name(
     agency member of the room also has (compared without case or compatibility forms), or
     one that looks like a user ID, gets the user ID added.
     """
-    clean = clean_display_name(name or "", _MAX_NAME)
-    for _ in range(8):  # removing one copy can join the halves of another
-        before = clean
-        for reserved in {suffix, *reserved_suffixes}:
-            clean = _remove_folded(clean, reserved)
-        clean = clean_display_name(clean, _MAX_NAME)
-        if clean == before:
-            break
-    localpart = clean_display_name(user_id.partition(":")[0].lstrip("@"), _MAX_NAME)
+    reserved = {suffix, *reserved_suffixes}
+    clean = _without(clean_display_name(name or "", _MAX_NAME), reserved)
     if not clean:
-        clean = localpart or "?"
+        # A hostile server picks the localpart too: it is held to the same rule.
+        localpart = user_id.partition(":")[0].lstrip("@")
+        clean = _without(clean_display_name(localpart, _MAX_NAME), reserved) or "?"
     folded = {_fold(n) for n in agency_names if n}
-    if _fold(clean) in folded or "@" in unicodedata.normalize("NFKC", clean):
+    if (
+        _fold(clean) in folded
+        or _fold(f"{clean} {suffix}") in folded  # an agency member named "Alice (Remote)"
+        or "@" in unicodedata.normalize("NFKC", clean)
+    ):
         clean = f"{clean} ({clean_display_name(user_id, 255)})"
     return f"{clean} {suffix}".strip()
+
+
+def _without(text: str, reserved: Collection[str]) -> str:
+    """`text` (cleaned) without any copy of the `reserved` suffixes, however deeply nested:
+    removing one copy can join the halves of another, so rounds go on while one removes."""
+    while True:
+        before = text
+        for needle in reserved:
+            text = _remove_folded(text, needle)
+        text = clean_display_name(text, _MAX_NAME)
+        if len(text) >= len(before):  # nothing removed (every removal shortens the text)
+            return text
 
 
 def _fold(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
+def _caseless(char: str) -> str:
+    """One character without case or compatibility form, fully decomposed: a letter then a
+    combining mark (fullwidth "Ｅ" then U+0301, which NFC leaves alone) matches "é"."""
+    return unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", char).casefold())
+
+
 def _remove_folded(text: str, needle: str) -> str:
-    """`text` without any occurrence of `needle`, compared folded (NFKC, no case)."""
-    target = unicodedata.normalize("NFKC", needle).casefold().strip()
+    """`text` without any occurrence of `needle`, compared folded (no case or compatibility
+    form, decomposed)."""
+    target = "".join(map(_caseless, needle)).strip()
     if not target:
         return text
     while True:
         folded: list[str] = []
         origin: list[int] = []  # the index in `text` of each folded character
         for index, char in enumerate(text):
-            for out in unicodedata.normalize("NFKC", char).casefold():
+            for out in _caseless(char):
                 folded.append(out)
                 origin.append(index)
         found = "".join(folded).find(target)
