@@ -37,7 +37,8 @@ from bridge.mail.outgoing import NotSent, outgoing_mail, placeholder_attachment,
 from bridge.matrix import render
 from bridge.matrix.poster import plan_events
 from bridge.relay.mail_in import with_original
-from bridge.remote.client import SYNC_MAX_BYTES, _decode_json
+from bridge.remote import jsonsafe
+from bridge.remote.client import SYNC_MAX_BYTES
 
 OFFLINE = {"homeserver": {"address": "https://homeserver.invalid", "domain": "homeserver.invalid"}}
 
@@ -206,7 +207,7 @@ def read_remote_event(raw: bytes) -> object | NotRelayed:
     if len(raw) > SYNC_MAX_BYTES:
         return NotRelayed(f"larger than the {SYNC_MAX_BYTES} bytes read of a /sync response")
     try:
-        event: object = _decode_json(raw)
+        event: object = jsonsafe.loads(raw)
     except ValueError as e:
         return NotRelayed(f"not valid JSON ({str(e)[:200]})")
     return event

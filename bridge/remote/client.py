@@ -13,6 +13,7 @@ import aiohttp
 from yarl import URL
 
 from bridge.core.errors import PermanentError, TransientError
+from bridge.remote import jsonsafe
 
 log = logging.getLogger("passerelle.remote.client")
 
@@ -93,16 +94,9 @@ def _clean_text(value: object, limit: int = 200) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in value[:limit])
 
 
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"JSON constant {name} is not allowed")
-
-
 def _decode_json(raw: bytes) -> Any:
-    """Parse strictly (no NaN/Infinity); ValueError for anything that is not JSON."""
-    try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except RecursionError as e:
-        raise ValueError("JSON nested too deeply") from e
+    """Parse strictly; values nested too deeply become null (see jsonsafe)."""
+    return jsonsafe.loads(raw)
 
 
 def _str_field(body: dict[str, Any], key: str, what: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from bridge.core.backoff import Backoff
 from bridge.core.errors import PermanentError, TransientError
 from bridge.core.health import ComponentHealth
+from bridge.core.retry import describe
 from bridge.remote.client import RemoteAuthError, RemoteClient
 
 log = logging.getLogger("passerelle.remote.sync")
@@ -152,11 +153,16 @@ class RemoteSyncer:
                 self.stopped_reason = str(e)
                 await self.on_token_refused(str(e))
                 return
-            except (TransientError, PermanentError) as e:
+            except Exception as e:
+                # Outages and refusals, but also anything unforeseen in an answer: the loop
+                # must never die silently, and never spin.
                 delay = backoff.next_delay()
-                self.health.failed(str(e))
+                self.health.failed(str(e) or type(e).__name__)
                 log.warning(
-                    "remote %s: /sync failed (%s); again in %.0f s", self.client.name, e, delay
+                    "remote %s: /sync failed (%s); again in %.0f s",
+                    self.client.name,
+                    e if isinstance(e, (TransientError, PermanentError)) else describe(e),
+                    delay,
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), delay)
