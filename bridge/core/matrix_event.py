@@ -227,7 +227,8 @@ def edit_content(new_content: dict[str, Any], original: str) -> dict[str, Any]:
         edit["formatted_body"] = "* " + str(new_content["formatted_body"])
     edit["m.new_content"] = new_content
     if "m.mentions" in new_content:
-        edit["m.mentions"] = new_content["m.mentions"]
+        # Those mentioned were pinged by the original: an edit pings nobody again.
+        edit["m.mentions"] = {}
     edit["m.relates_to"] = {"rel_type": "m.replace", "event_id": original}
     return edit
 

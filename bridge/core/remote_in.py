@@ -262,7 +262,10 @@ def _plan_message(
     is_reply = relations.reply_to is not None or relations.thread_root is not None
     cleaned = _clean_content(source, event_type, is_reply=is_reply)
     if isinstance(cleaned, NotRelayed):
-        return cleaned
+        # A refusal is told to the room, which needs to know whose.
+        return NotRelayed(
+            cleaned.reason, refused=cleaned.refused, sender=sender if cleaned.refused else None
+        )
     clean, media = cleaned
     return RemoteMessage(
         event_id=event_id,
@@ -372,7 +375,8 @@ def unrelayed_reaction_content(key: str) -> dict[str, Any]:
     ghost, since there is nothing to annotate."""
     return {
         "msgtype": "m.notice",
-        "body": f"reacted {key} to a message that was not relayed here",
+        "body": f"reacted {clean_display_name(key, 100) or '?'} to a message that was not "
+        "relayed here",
         "m.mentions": {},
     }
 
@@ -380,7 +384,7 @@ def unrelayed_reaction_content(key: str) -> dict[str, Any]:
 def file_name(message: RemoteMessage) -> str:
     """The name a message's file is shown and uploaded under."""
     name = message.content.get("filename") or message.content.get("body") or "file"
-    return str(name)[:200]
+    return clean_display_name(str(name), 200) or "file"
 
 
 def file_note(message: RemoteMessage, why: str) -> str:

@@ -411,7 +411,7 @@ def test_edit_content() -> None:
     assert edit["body"] == "* new"
     assert edit["formatted_body"] == "* <b>new</b>"
     assert edit["m.new_content"] is new
-    assert edit["m.mentions"] == {"user_ids": ["@a:b"]}
+    assert edit["m.mentions"] == {}  # the original pinged them; the edit pings nobody again
     assert edit["m.relates_to"] == {"rel_type": "m.replace", "event_id": "$orig"}
     assert "url" not in edit
     assert "filename" not in edit

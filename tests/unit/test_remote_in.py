@@ -495,9 +495,10 @@ def test_media_caption_filename_that_is_all_invisible() -> None:
     assert found.content["filename"] == "file"
 
 
-def test_encrypted_media_is_refused() -> None:
+def test_encrypted_media_is_refused_and_says_whose() -> None:
+    """Regression: the refusal named no sender, so the room was never told of it."""
     content = {"msgtype": "m.file", "body": "f", "file": {"url": MXC_URL}}
-    assert plan(event(content)) == NotRelayed("encrypted media", refused=True)
+    assert plan(event(content)) == NotRelayed("encrypted media", refused=True, sender=EVE)
 
 
 @pytest.mark.parametrize("url", [None, "https://evil.org/x", "mxc://a/b/c", 5])

@@ -11,7 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.core.matrix_event import MediaRef, Relations
-from bridge.core.remote_in import RemoteMessage, agency_message_content, relayed_name
+from bridge.core.remote_in import (
+    RemoteMessage,
+    agency_message_content,
+    file_note,
+    relayed_name,
+    unrelayed_reaction_content,
+)
 
 SERVER = "interieur.example.org"
 EVE = f"@eve:{SERVER}"
@@ -267,3 +273,23 @@ def test_relayed_name_cannot_pass_for_anyone(
     head = _fold(found.removesuffix(own))
     for suffix in reserved:
         assert _fold(suffix) not in head, (found, suffix)
+
+
+def test_notices_name_files_and_reactions_cleanly() -> None:
+    """Regression: a reaction key or a file name with bidi controls or line breaks went into
+    the bot-side notice as is, and could make it read differently."""
+    notice = unrelayed_reaction_content("👍\u202e\nFAKE")
+    assert "\u202e" not in notice["body"]
+    assert "\n" not in notice["body"]
+    msg = RemoteMessage(
+        event_id="$e",
+        sender="@bob:s",
+        ts=None,
+        content={"msgtype": "m.file", "body": "rapport\u202efdp.exe\nligne"},
+        relations=Relations(),
+        media=None,
+        mentions=(),
+    )
+    note = file_note(msg, "too large")
+    assert "\u202e" not in note
+    assert "\n" not in note
