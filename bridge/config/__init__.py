@@ -61,6 +61,8 @@ from bridge.core.ghosts import encode_localpart
 from bridge.core.ids import UserID
 from bridge.core.permissions import PermissionLevel, PermissionTable
 
+MAX_MXID_BYTES = 255  # the Matrix spec's limit for a user ID
+
 __all__ = [
     "ENV_PREFIX",
     "EXAMPLE_CONFIG",
@@ -158,8 +160,13 @@ class Config:
 
     def remote_ghost_mxid(self, remote: str, user_id: str) -> UserID:
         """The ghost of a remote's user. Never a mail sender's ghost: a mail address has no
-        ":" after its "@"."""
-        return self.ghost_mxid(encode_localpart(f"{remote}/{user_id}"))
+        ":" after its "@". A user ID too long to encode within Matrix's 255 bytes gets a
+        digest instead ("<remote>/#<sha256>", which no user ID can be: IDs start with "@")."""
+        mxid = self.ghost_mxid(encode_localpart(f"{remote}/{user_id}"))
+        if len(mxid.encode("utf-8")) <= MAX_MXID_BYTES:
+            return mxid
+        digest = hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()
+        return self.ghost_mxid(encode_localpart(f"{remote}/#{digest}"))
 
     @property
     def ghost_regex(self) -> str:

@@ -585,3 +585,17 @@ def test_remote_ghosts_differ_from_mail_ghosts_and_between_remotes() -> None:
     assert len(ghosts) == 3
     mail_ghost = config.ghost_mxid(encode_localpart("alice@interieur.example.org"))
     assert mail_ghost not in ghosts
+
+
+def test_a_user_id_too_long_to_encode_gets_a_ghost_within_the_spec_limit() -> None:
+    """A remote user ID of 255 bytes is about three times longer once encoded: its ghost
+    would be refused by the homeserver. It gets a digest instead, still one per user."""
+    config = parse_config(with_remote(), env={})
+    long_a = "@" + "é" * 100 + ":interieur.example.org"
+    long_b = "@" + "è" * 100 + ":interieur.example.org"
+    ghost_a = config.remote_ghost_mxid(NAME, long_a)
+    assert len(ghost_a.encode("utf-8")) <= 255
+    assert config.is_ghost(ghost_a)
+    assert ghost_a == config.remote_ghost_mxid(NAME, long_a)
+    assert ghost_a != config.remote_ghost_mxid(NAME, long_b)
+    assert ghost_a != config.remote_ghost_mxid("autre", long_a)
