@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from bridge.harness.synapse import MatrixTestClient, SynapseServer
 from bridge.registration import atomic_write, dump_yaml
@@ -19,40 +16,9 @@ from tests.e2e.test_remote_relay import (
     REMOTE,
     Linked,
     body_has,
-    link_rooms,
     remote_config,
     sent_by,
 )
-
-
-@pytest.fixture
-async def people(
-    make_user: UserFactory, make_ministry_user: UserFactory
-) -> tuple[MatrixTestClient, MatrixTestClient]:
-    alice = await make_user("alice")
-    await alice.set_displayname("Alice Martin")
-    bob = await make_ministry_user("bob")
-    await bob.set_displayname("Bob Durand")
-    return alice, bob
-
-
-@pytest.fixture
-async def linked(
-    synapse_setup: SynapseSetup,
-    ministry_synapse: SynapseServer,
-    ministry_bridge_account: tuple[str, str],
-    people: tuple[MatrixTestClient, MatrixTestClient],
-    db_url: str,
-    tmp_path: Path,
-) -> AsyncIterator[Linked]:
-    alice, bob = people
-    setup = await link_rooms(
-        synapse_setup, ministry_synapse, ministry_bridge_account, alice, bob, db_url, tmp_path
-    )
-    try:
-        yield setup
-    finally:
-        setup.bridge.stop()
 
 
 async def ask(linked: Linked, command: str) -> str:

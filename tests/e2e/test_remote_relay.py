@@ -7,16 +7,14 @@ Real Synapses on both sides, the bridge as a subprocess.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from bridge.harness.synapse import MatrixTestClient, SynapseServer
 from bridge.registration import atomic_write, dump_yaml
-from tests.conftest import BridgeProcess, SynapseSetup, UserFactory
+from tests.conftest import BridgeProcess, SynapseSetup
 from tests.e2e.test_bot import message_from, replies_to
 
 REMOTE = "ministere"
@@ -114,35 +112,6 @@ async def link_rooms(
     answer = await alice.wait_for_event(agency_room, replies_to(question, bot))
     assert "Linked" in answer["content"]["body"], answer["content"]["body"]
     return Linked(bridge, alice, bob, agency_room, remote_room, account[0], bot)
-
-
-@pytest.fixture
-async def linked(
-    synapse_setup: SynapseSetup,
-    ministry_synapse: SynapseServer,
-    ministry_bridge_account: tuple[str, str],
-    make_user: UserFactory,
-    make_ministry_user: UserFactory,
-    db_url: str,
-    tmp_path: Path,
-) -> AsyncIterator[Linked]:
-    alice = await make_user("alice")
-    await alice.set_displayname("Alice Martin")
-    bob = await make_ministry_user("bob")
-    await bob.set_displayname("Bob Durand")
-    setup = await link_rooms(
-        synapse_setup,
-        ministry_synapse,
-        ministry_bridge_account,
-        alice,
-        bob,
-        db_url,
-        tmp_path,
-    )
-    try:
-        yield setup
-    finally:
-        setup.bridge.stop()
 
 
 async def test_text_both_ways_with_names(linked: Linked) -> None:

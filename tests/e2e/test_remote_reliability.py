@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from bridge.harness.synapse import MatrixTestClient, SynapseServer
 from tests.conftest import (
     MINISTRY_BRIDGE_LOCALPART,
     SynapseSetup,
-    UserFactory,
     http_json,
     user_password,
 )
@@ -47,36 +45,6 @@ async def bodies(client: MatrixTestClient, room_id: str, sender: str) -> list[st
         for e in events
         if e.get("sender") == sender and e.get("type") == "m.room.message"
     ]
-
-
-@pytest.fixture
-async def people(
-    make_user: UserFactory, make_ministry_user: UserFactory
-) -> tuple[MatrixTestClient, MatrixTestClient]:
-    alice = await make_user("alice")
-    await alice.set_displayname("Alice Martin")
-    bob = await make_ministry_user("bob")
-    await bob.set_displayname("Bob Durand")
-    return alice, bob
-
-
-@pytest.fixture
-async def linked(
-    synapse_setup: SynapseSetup,
-    ministry_synapse: SynapseServer,
-    ministry_bridge_account: tuple[str, str],
-    people: tuple[MatrixTestClient, MatrixTestClient],
-    db_url: str,
-    tmp_path: Path,
-) -> AsyncIterator[Linked]:
-    alice, bob = people
-    setup = await link_rooms(
-        synapse_setup, ministry_synapse, ministry_bridge_account, alice, bob, db_url, tmp_path
-    )
-    try:
-        yield setup
-    finally:
-        setup.bridge.stop()
 
 
 async def test_kill_9_mid_stream_both_ways(linked: Linked) -> None:

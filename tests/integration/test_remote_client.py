@@ -23,40 +23,9 @@ from bridge.remote.client import (
     RemoteRateLimited,
     RemoteRequestError,
 )
-from tests.conftest import MINISTRY_BRIDGE_LOCALPART, UserFactory, user_password
+from tests.conftest import MINISTRY_BRIDGE_LOCALPART, user_password
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
-def remote(
-    ministry_synapse: SynapseServer,
-    ministry_bridge_account: tuple[str, str],
-    http_session: aiohttp.ClientSession,
-) -> RemoteClient:
-    _, token = ministry_bridge_account
-    return RemoteClient(
-        "ministry", ministry_synapse.base_url, token, http_session, request_timeout=10
-    )
-
-
-@pytest.fixture
-async def person(make_ministry_user: UserFactory) -> MatrixTestClient:
-    return await make_ministry_user("agent")
-
-
-@pytest.fixture
-async def shared_room(person: MatrixTestClient, remote: RemoteClient) -> str:
-    """A private room of the ministry's person that the bridge account has joined."""
-    room_id = await person.create_room(invite=[await remote.whoami()], name="liaison")
-    assert await remote.join(room_id) == room_id
-    return room_id
 
 
 def _txn() -> str:
@@ -67,7 +36,7 @@ def _text(body: str) -> dict[str, Any]:
     return {"msgtype": "m.text", "body": body}
 
 
-def _room_filter(room_id: str) -> str:
+def room_filter(room_id: str) -> str:
     # No lazy_load_members: with it, Synapse 1.163's initial sync also lists the other joined
     # rooms (empty timeline, one member event in state), whatever room.rooms says.
     return json.dumps(
@@ -84,7 +53,7 @@ def _room_filter(room_id: str) -> str:
     )
 
 
-def _timeline(sync: dict[str, Any], room_id: str) -> list[dict[str, Any]]:
+def timeline(sync: dict[str, Any], room_id: str) -> list[dict[str, Any]]:
     events = sync.get("rooms", {}).get("join", {}).get(room_id, {}).get("timeline", {})
     return list(events.get("events", []))
 
@@ -240,25 +209,25 @@ async def test_sync_one_room_then_only_new_events(
     await person.send_text(noise, "ailleurs")
     before = await person.send_text(shared_room, "avant")
 
-    first = await remote.sync(None, _room_filter(shared_room), 0)
+    first = await remote.sync(None, room_filter(shared_room), 0)
     assert isinstance(first["next_batch"], str)
     assert set(first["rooms"]["join"]) == {shared_room}
-    assert before in [ev["event_id"] for ev in _timeline(first, shared_room)]
+    assert before in [ev["event_id"] for ev in timeline(first, shared_room)]
 
     after = await person.send_text(shared_room, "après")
     txn_id = _txn()
     mine = await remote.send_event(shared_room, "m.room.message", _text("de nous"), txn_id)
-    second = await remote.sync(first["next_batch"], _room_filter(shared_room), 5000)
-    timeline = _timeline(second, shared_room)
-    while mine not in [ev["event_id"] for ev in timeline]:  # the two may come in two syncs
-        second = await remote.sync(second["next_batch"], _room_filter(shared_room), 5000)
-        timeline += _timeline(second, shared_room)
-    assert [ev["event_id"] for ev in timeline] == [after, mine]
+    second = await remote.sync(first["next_batch"], room_filter(shared_room), 5000)
+    events = timeline(second, shared_room)
+    while mine not in [ev["event_id"] for ev in events]:  # the two may come in two syncs
+        second = await remote.sync(second["next_batch"], room_filter(shared_room), 5000)
+        events += timeline(second, shared_room)
+    assert [ev["event_id"] for ev in events] == [after, mine]
     # Our own events come back in /sync; the sending login sees its transaction ID on them.
-    ours = timeline[1]
+    ours = events[1]
     assert ours["sender"] == await remote.whoami()
     assert ours["unsigned"]["transaction_id"] == txn_id
-    assert "transaction_id" not in timeline[0].get("unsigned", {})
+    assert "transaction_id" not in events[0].get("unsigned", {})
 
 
 async def test_state(remote: RemoteClient, person: MatrixTestClient, shared_room: str) -> None:

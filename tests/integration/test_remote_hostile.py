@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -14,64 +13,11 @@ from aiohttp import web
 
 from bridge.core.remote_in import RemoteMessage, RemotePolicy, plan_remote_event
 from bridge.harness.ports import free_port
-from bridge.harness.synapse import MatrixTestClient, SynapseServer
+from bridge.harness.synapse import MatrixTestClient
 from bridge.remote.client import RemoteClient
-from tests.conftest import UserFactory
+from tests.integration.test_remote_client import room_filter, timeline
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
-def remote(
-    ministry_synapse: SynapseServer,
-    ministry_bridge_account: tuple[str, str],
-    http_session: aiohttp.ClientSession,
-) -> RemoteClient:
-    return RemoteClient(
-        "ministry",
-        ministry_synapse.base_url,
-        ministry_bridge_account[1],
-        http_session,
-        request_timeout=20,
-    )
-
-
-@pytest.fixture
-async def person(make_ministry_user: UserFactory) -> MatrixTestClient:
-    return await make_ministry_user("hostile")
-
-
-@pytest.fixture
-async def room(person: MatrixTestClient, remote: RemoteClient) -> str:
-    room_id = await person.create_room(invite=[await remote.whoami()])
-    assert await remote.join(room_id) == room_id
-    return room_id
-
-
-def room_filter(room_id: str) -> str:
-    return json.dumps(
-        {
-            "room": {
-                "rooms": [room_id],
-                "timeline": {"limit": 20},
-                "account_data": {"not_types": ["*"]},
-                "ephemeral": {"not_types": ["*"]},
-            },
-            "presence": {"not_types": ["*"]},
-            "account_data": {"not_types": ["*"]},
-        }
-    )
-
-
-def timeline(sync: dict[str, Any], room_id: str) -> list[dict[str, Any]]:
-    found = sync.get("rooms", {}).get("join", {}).get(room_id, {}).get("timeline", {})
-    return list(found.get("events", []))
 
 
 async def send_raw(
@@ -101,24 +47,24 @@ def nested(depth: int) -> bytes:
 async def test_deeply_nested_content_against_the_real_synapse(
     person: MatrixTestClient,
     remote: RemoteClient,
-    room: str,
+    shared_room: str,
     http_session: aiohttp.ClientSession,
 ) -> None:
     """Synapse (1.163) refuses 900 and 2000 levels itself; the deepest event it accepts still
     comes through the bridge's /sync and plan_remote_event."""
-    assert (await send_raw(http_session, person, room, nested(900)))[0] == 400
-    assert (await send_raw(http_session, person, room, nested(2000)))[0] == 400
+    assert (await send_raw(http_session, person, shared_room, nested(900)))[0] == 400
+    assert (await send_raw(http_session, person, shared_room, nested(2000)))[0] == 400
     low, high = 1, 900  # accepted, refused
     while high - low > 1:
         middle = (low + high) // 2
-        status, answer = await send_raw(http_session, person, room, nested(middle))
+        status, answer = await send_raw(http_session, person, shared_room, nested(middle))
         assert status in (200, 400), answer
         low, high = (middle, high) if status == 200 else (low, middle)
-    status, _ = await send_raw(http_session, person, room, nested(low))
+    status, _ = await send_raw(http_session, person, shared_room, nested(low))
     assert status == 200
-    await person.send_text(room, f"after {low} levels")
-    sync = await remote.sync(None, room_filter(room), 0)
-    events = timeline(sync, room)
+    await person.send_text(shared_room, f"after {low} levels")
+    sync = await remote.sync(None, room_filter(shared_room), 0)
+    events = timeline(sync, shared_room)
     assert f"after {low} levels" in [e.get("content", {}).get("body") for e in events]
     policy = RemotePolicy("ministry", await remote.whoami(), frozenset({"ministere.localhost"}))
     deepest = [e for e in events if e.get("content", {}).get("body") == f"deep {low}"]
@@ -198,7 +144,7 @@ async def test_a_very_deep_event_does_not_stall_sync(deep_sync_server: RemoteCli
 
 
 async def test_huge_hostile_message_comes_out_clean(
-    person: MatrixTestClient, remote: RemoteClient, room: str
+    person: MatrixTestClient, remote: RemoteClient, shared_room: str
 ) -> None:
     body = "x" * 60_000
     html = (
@@ -206,10 +152,10 @@ async def test_huge_hostile_message_comes_out_clean(
         '<a href="javascript:alert(3)">click</a><b onmouseover="alert(4)">bold</b>'
     ) * 20  # with the 60,000 characters, just under Synapse's 64 KiB per event
     await person.send_text(
-        room, body, extra={"format": "org.matrix.custom.html", "formatted_body": html}
+        shared_room, body, extra={"format": "org.matrix.custom.html", "formatted_body": html}
     )
-    sync = await remote.sync(None, room_filter(room), 0)
-    events = [e for e in timeline(sync, room) if e.get("type") == "m.room.message"]
+    sync = await remote.sync(None, room_filter(shared_room), 0)
+    events = [e for e in timeline(sync, shared_room) if e.get("type") == "m.room.message"]
     assert len(events) == 1
     policy = RemotePolicy("ministry", await remote.whoami(), frozenset({"ministere.localhost"}))
     found = plan_remote_event(events[0], policy)
