@@ -42,6 +42,7 @@ from bridge.mail.outgoing import NotSent, PlannedMail, outgoing_mail, plan_event
 from bridge.matrix.client import MatrixClient, derived_txn_id
 from bridge.matrix.members import RoomMembers
 from bridge.matrix.render import notice_content
+from bridge.relay.room_links import RoomLinks
 
 log = logging.getLogger("passerelle.mail.out")
 
@@ -87,24 +88,14 @@ class MailOut:
         self.enabled = config.mail.smtp is not None
         self.secret = config.message_id_secret
         self.members = members
-        # The mail links of each room, read once: every message of a linked room needs them.
-        # Dropped whenever links change (link, unlink, a waiting link resumed).
-        self._links: dict[RoomID, list[Link]] = {}
+        self._links = RoomLinks(db, "mail")
 
     def links_changed(self) -> None:
-        self._links.clear()
+        self._links.changed()
 
     async def room_links(self, room_id: RoomID) -> list[Link]:
         """The room's mail links, paused ones included."""
-        links = self._links.get(room_id)
-        if links is None:
-            links = [
-                link
-                for link in await link_db.links_in_room(self.db, room_id)
-                if link.kind == "mail"
-            ]
-            self._links[room_id] = links
-        return links
+        return await self._links.of(room_id)
 
     async def _active_links(self, room_id: RoomID) -> list[Link]:
         return [link for link in await self.room_links(room_id) if not link.paused]

@@ -35,6 +35,7 @@ from bridge.matrix.client import MatrixClient, derived_txn_id
 from bridge.matrix.members import RoomMembers
 from bridge.matrix.render import notice_content
 from bridge.relay.remote_in import RemoteSide
+from bridge.relay.room_links import RoomLinks
 from bridge.remote.client import RemoteAuthError
 
 log = logging.getLogger("passerelle.remote.out")
@@ -67,22 +68,14 @@ class RemoteOut:
         self.sides = sides
         self.notify_sender = notify_sender
         self.clock = clock
-        self._links: dict[RoomID, list[Link]] = {}
+        self._links = RoomLinks(db, REMOTE_KIND)
 
     def links_changed(self) -> None:
-        self._links.clear()
+        self._links.changed()
 
     async def room_links(self, room_id: RoomID) -> list[Link]:
         """The room's remote links, paused ones included."""
-        links = self._links.get(room_id)
-        if links is None:
-            links = [
-                link
-                for link in await link_db.links_in_room(self.db, room_id)
-                if link.kind == REMOTE_KIND
-            ]
-            self._links[room_id] = links
-        return links
+        return await self._links.of(room_id)
 
     async def handle(self, item: InboxEvent) -> None:
         """One stored agency event; raises Ignored when it goes to no remote room."""
