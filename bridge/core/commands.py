@@ -173,4 +173,31 @@ class CommandProcessor:
                 f"{outbox.get('failed', 0)} failed"
                 + (f" (SMTP last error: {error})" if error else "")
             )
+        lines.extend(_remote_lines(report))
         return Reply.plain("\n".join(lines))
+
+
+def _remote_lines(report: dict[str, Any]) -> list[str]:
+    """One line per remote homeserver, and one for what waits to go to them."""
+    lines = []
+    remotes = report.get("remotes")
+    if isinstance(remotes, dict):
+        for name, state in sorted(remotes.items()):
+            if not isinstance(state, dict):
+                continue
+            if state.get("stopped"):
+                how = f"stopped: {state['stopped']}"
+            elif state.get("reachable"):
+                how = "reachable"
+            else:
+                how = "unreachable" + (
+                    f" (last error: {state['last_error']})" if state.get("last_error") else ""
+                )
+            lines.append(f"Remote {name}: {how}; {state.get('rooms', 0)} linked room(s)")
+    out = report.get("remote_outbox")
+    if isinstance(out, dict):
+        lines.append(
+            f"To remote rooms: {out.get('pending', 0)} waiting, {out.get('sent', 0)} sent, "
+            f"{out.get('failed', 0)} failed"
+        )
+    return lines

@@ -314,3 +314,29 @@ async def test_status_reply_shows_the_outbox() -> None:
     # Without an SMTP server configured there is no outbox section and no line.
     plain = await processor().run(Command("status", ()), PermissionLevel.USER, is_direct=True)
     assert "Mail out" not in plain.text
+
+
+async def test_status_reply_shows_each_remote() -> None:
+    report = STATUS | {
+        "remotes": {
+            "interieur": {"reachable": True, "rooms": 2},
+            "armees": {"reachable": False, "last_error": "timeout", "rooms": 1},
+            "culture": {"reachable": False, "stopped": "M_UNKNOWN_TOKEN", "rooms": 1},
+            "broken": "not a mapping",
+        },
+        "remote_outbox": {"pending": 2, "sent": 9, "failed": 0},
+    }
+
+    async def source() -> dict[str, Any]:
+        return report
+
+    reply = await CommandProcessor(PREFIX, source).run(
+        Command("status", ()), PermissionLevel.USER, is_direct=True
+    )
+    assert "Remote interieur: reachable; 2 linked room(s)" in reply.text
+    assert "Remote armees: unreachable (last error: timeout); 1 linked room(s)" in reply.text
+    assert "Remote culture: stopped: M_UNKNOWN_TOKEN; 1 linked room(s)" in reply.text
+    assert "broken" not in reply.text
+    assert "To remote rooms: 2 waiting, 9 sent, 0 failed" in reply.text
+    plain = await processor().run(Command("status", ()), PermissionLevel.USER, is_direct=True)
+    assert "Remote" not in plain.text
