@@ -277,10 +277,12 @@ def test_an_encrypted_message_is_refused(tmp_path: Path, config_path: Path) -> N
     )
 
 
-def test_an_encrypted_file_is_not_relayed(tmp_path: Path, config_path: Path) -> None:
+def test_an_encrypted_file_is_refused_and_told(tmp_path: Path, config_path: Path) -> None:
     ev = event({"msgtype": "m.file", "body": "x.pdf", "file": {"url": f"mxc://{SERVER}/abc"}})
-    # The plan calls it a refusal but names no sender, so the relay tells nobody.
-    assert refused(inspect(tmp_path, ev, config_path)) == "encrypted media"
+    # Regression: the refusal named no sender, so the relay told nobody.
+    assert refused(inspect(tmp_path, ev, config_path)) == (
+        "encrypted media (the room is told, once a day per sender)"
+    )
 
 
 # --- reactions, redactions, members, the room -------------------------------------------------
