@@ -333,7 +333,7 @@ async def test_link_commands_need_power_and_a_configured_mailbox(
         f"/_matrix/client/v3/rooms/{room_id}/state/m.bridge/passerelle:{mail_setup.address}",
     )
     assert state == {}
-    assert "No list is linked" in await ask(alice, "!passerelle links")
+    assert "No list or remote room is linked" in await ask(alice, "!passerelle links")
 
 
 async def test_mail_sent_over_smtp_reaches_the_room(
