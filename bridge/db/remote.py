@@ -290,28 +290,29 @@ async def links_with_pending(db: Database) -> set[int]:
     return {int(r.link_id) for r in rows}
 
 
-async def next_outgoing(db: Database, link_id: int) -> RemoteOutgoing | None:
-    """The oldest pending item of a link: what it sends next."""
+async def next_outgoing(db: Database, link_id: int, limit: int) -> list[RemoteOutgoing]:
+    """The oldest pending items of a link, in order: what it sends next."""
     query = (
         select(remote_outbox)
         .where(remote_outbox.c.state == "pending", remote_outbox.c.link_id == link_id)
         .order_by(remote_outbox.c.id)
-        .limit(1)
+        .limit(limit)
     )
     async with db.begin() as conn:
-        r = (await conn.execute(query)).first()
-    if r is None:
-        return None
-    return RemoteOutgoing(
-        id=int(r.id),
-        link_id=int(r.link_id),
-        room_id=RoomID(r.room_id),
-        event_id=EventID(r.event_id),
-        plan=json.loads(r.plan_json),
-        attempts=int(r.attempts),
-        next_attempt_at=int(r.next_attempt_at),
-        created_at=int(r.created_at),
-    )
+        rows = (await conn.execute(query)).all()
+    return [
+        RemoteOutgoing(
+            id=int(r.id),
+            link_id=int(r.link_id),
+            room_id=RoomID(r.room_id),
+            event_id=EventID(r.event_id),
+            plan=json.loads(r.plan_json),
+            attempts=int(r.attempts),
+            next_attempt_at=int(r.next_attempt_at),
+            created_at=int(r.created_at),
+        )
+        for r in rows
+    ]
 
 
 async def mark_sent(db: Database, item: RemoteOutgoing, remote_event_id: str, sender: str) -> None:

@@ -43,6 +43,7 @@ log = logging.getLogger("passerelle.remote.out")
 # Seconds between attempts after an outage or a refusal that may pass (429, 5xx).
 RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 SWEEP_INTERVAL = 30.0
+OUT_BATCH = 50  # items of a link read at once
 AVATAR_MAX_BYTES = 1 << 20
 _HANDLED_TYPES = ("m.room.message", "m.sticker", "m.reaction", "m.room.redaction")
 
@@ -144,6 +145,29 @@ class RemoteOut:
         await kv.set_value(self.db, key, item.event_id)
 
 
+class _Run:
+    """Items one worker pass has sent and is recording in the background: the next send does
+    not wait for the commit, and relations to them are resolved from here meanwhile."""
+
+    def __init__(self) -> None:
+        self.recent: dict[str, str] = {}  # agency event → remote event
+        self._marks: list[asyncio.Task[None]] = []
+
+    def sent(self, db: Database, item: RemoteOutgoing, remote_event_id: str, sender: str) -> None:
+        self.recent[item.event_id] = remote_event_id
+        self._marks.append(
+            asyncio.ensure_future(remote_db.mark_sent(db, item, remote_event_id, sender))
+        )
+
+    async def settle(self) -> None:
+        """Every recording done (an error surfaces here, after the others finished)."""
+        marks, self._marks = self._marks, []
+        if marks:
+            for result in await asyncio.gather(*marks, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    raise result
+
+
 class RemoteSender:
     """Sends the remote outbox: one worker per link, in queue order; a message that cannot go
     now holds the link's later ones behind it, so the remote room sees them in order."""
@@ -211,61 +235,84 @@ class RemoteSender:
         try:
             while True:
                 self._link_wake[link.id].clear()
-                head = await remote_db.next_outgoing(self.db, link.id)
-                if head is None:
+                items = await remote_db.next_outgoing(self.db, link.id, OUT_BATCH)
+                if not items:
                     if self._link_wake[link.id].is_set():
                         continue  # queued while we looked
                     # No await from here on: a notify now finds no worker and wakes run().
                     self._workers.pop(link.id, None)
                     self._link_wake.pop(link.id, None)
                     return
-                delay = head.next_attempt_at / 1000 - time.time()
+                delay = items[0].next_attempt_at / 1000 - time.time()
                 if delay > 0:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._link_wake[link.id].wait(), delay)
                     continue
-                if not await self._attempt(link, head):
+                if not await self._send_in_order(link, items):
                     return  # the remote stopped (token refused): the link waits
         finally:
             self._workers.pop(link.id, None)
             self._link_wake.pop(link.id, None)
 
-    async def _attempt(self, link: Link, item: RemoteOutgoing) -> bool:
+    async def _send_in_order(self, link: Link, items: list[RemoteOutgoing]) -> bool:
+        """Send due items one after the other; stop at one that must wait. Recording a sent
+        item overlaps the next send (a crash in between resends it with the same transaction
+        ID, which the remote drops); False when the remote stopped."""
+        run = _Run()
+        try:
+            for item in items:
+                if item.next_attempt_at / 1000 > time.time():
+                    return True
+                outcome = await self._attempt(link, item, run)
+                if outcome != "sent":
+                    return outcome != "stopped"
+            return True
+        finally:
+            await run.settle()
+
+    async def _attempt(self, link: Link, item: RemoteOutgoing, run: _Run) -> str:
+        """sent (or finished otherwise: failed and told), held (retried later), stopped."""
         name, remote_room = split_remote_key(link.remote)
         side = self.sides[name]
         try:
-            await self.send(link, side, remote_room, item)
+            await self.send(link, side, remote_room, item, run)
         except RemoteAuthError as e:
             # The remote stops as a whole (said once, in the log and the rooms); the message
             # stays queued and goes once a new token is configured.
             await self.on_token_refused(name, str(e))
-            return False
+            return "stopped"
         except TransientError as e:
             age = time.time() - item.created_at / 1000
             if age > side.settings.give_up_after:
                 await self._fail(link, item, f"{side.settings.name} could not be reached: {e}")
-                return True
+                return "sent"
             delay = RETRY_DELAYS[min(item.attempts, len(RETRY_DELAYS) - 1)]
             log.warning("%s to %s waits %.0f s: %s", item.event_id, link.remote, delay, e)
             next_at = int((time.time() + delay) * 1000)
             await remote_db.mark_retry(self.db, item.id, str(e), next_at)
+            return "held"
         except PermanentError as e:
             await self._fail(link, item, f"{side.settings.name} refused it: {e}")
-        return True
+        return "sent"
 
     async def send(
-        self, link: Link, side: RemoteSide, remote_room: str, item: RemoteOutgoing
+        self,
+        link: Link,
+        side: RemoteSide,
+        remote_room: str,
+        item: RemoteOutgoing,
+        run: _Run | None = None,
     ) -> None:
+        run = run if run is not None else _Run()
         plan = OutgoingPlan.from_json(item.plan["plan"])
         label = str(item.plan.get("label", plan.sender))
         txn = derived_txn_id("remote-out", str(link.id), plan.event_id)
         if plan.kind == "redaction":
-            await self._redact(link, side, remote_room, item, plan, txn)
+            await self._redact(link, side, remote_room, item, plan, txn, run)
             return
         mapped: dict[str, str | None] = {}
         for event_id in plan.related():
-            found = await remote_db.by_agency_event(self.db, link.id, event_id)
-            mapped[event_id] = None if found is None else found.remote_event_id
+            mapped[event_id] = await self._remote_copy(link, event_id, run)
         media_url, note = await self._copy_media(side, plan)
         if note is not None:
             plan = OutgoingPlan(
@@ -284,8 +331,15 @@ class RemoteSender:
             raise PermanentError(found_event.reason)
         event_type, content = found_event
         remote_event_id = await side.client.send_event(remote_room, event_type, content, txn)
-        await remote_db.mark_sent(self.db, item, remote_event_id, side.settings.user_id)
+        run.sent(self.db, item, remote_event_id, side.settings.user_id)
         log.info("sent %s to %s as %s", item.event_id, link.remote, remote_event_id)
+
+    async def _remote_copy(self, link: Link, event_id: str, run: _Run) -> str | None:
+        """The remote event of an agency event (None: never passed on)."""
+        if event_id in run.recent:
+            return run.recent[event_id]
+        found = await remote_db.by_agency_event(self.db, link.id, event_id)
+        return None if found is None else found.remote_event_id
 
     async def _redact(
         self,
@@ -295,7 +349,9 @@ class RemoteSender:
         item: RemoteOutgoing,
         plan: OutgoingPlan,
         txn: str,
+        run: _Run,
     ) -> None:
+        await run.settle()  # the target may be one of the items just sent
         target = await remote_db.by_agency_event(self.db, link.id, plan.target or "")
         if target is None:
             await remote_db.mark_done_without_event(self.db, item.id, "never passed on")
@@ -305,7 +361,7 @@ class RemoteSender:
             await remote_db.mark_done_without_event(self.db, item.id, "a remote user's message")
             return
         redaction = await side.client.redact(remote_room, target.remote_event_id, txn)
-        await remote_db.mark_sent(self.db, item, redaction, side.settings.user_id)
+        run.sent(self.db, item, redaction, side.settings.user_id)
 
     async def _copy_media(
         self, side: RemoteSide, plan: OutgoingPlan
