@@ -223,6 +223,7 @@ class RemoteService:
             on_stored=self.on_stored,
             on_token_refused=token_refused,
             timeout_ms=int(side.settings.sync_timeout * 1000),
+            own_user_id=side.settings.user_id,
         )
         self._syncers[name] = syncer
         self._tasks[name] = self.tasks.spawn(syncer.run(), name=f"remote-sync:{name}")

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any, Protocol
 
@@ -31,6 +32,7 @@ TIMELINE_TYPES = [
 ]
 TIMELINE_LIMIT = 100
 GAP_PAGES = 10  # pages of /messages read back to fill a gap /sync left (limited: true)
+POSITION_INTERVAL = 30.0  # seconds between writes of a position that stored nothing
 MAX_ID = 255
 
 
@@ -124,6 +126,7 @@ class RemoteSyncer:
         on_stored: Callable[[], None],
         on_token_refused: Callable[[str], Awaitable[None]],
         timeout_ms: int,
+        own_user_id: str | None = None,
     ) -> None:
         self.client = client
         self.store = store
@@ -132,6 +135,9 @@ class RemoteSyncer:
         self.on_stored = on_stored
         self.on_token_refused = on_token_refused
         self.timeout_ms = timeout_ms
+        self.own_user_id = own_user_id
+        self._since: str | None = None  # the position asked from (read from the store once)
+        self._kept_at = 0.0
         self._changed = asyncio.Event()
         self.stopped_reason: str | None = None
 
@@ -172,14 +178,16 @@ class RemoteSyncer:
 
     async def sync_once(self, rooms: set[str]) -> int:
         """One /sync round: returns how many new events were stored."""
-        since = await self.store.position()
+        if self._since is None:
+            self._since = await self.store.position()
+        since = self._since
         filter_json = sync_filter(rooms)
         if since is None:
             # A new remote: start from now. What was said before the link is not relayed.
             response = await self.client.sync(
                 None, json.dumps({"room": {"timeline": {"limit": 0}}}), 0
             )
-            await self.store.store([], _next_batch(response))
+            await self._keep(response, [])
             return 0
         poll = asyncio.ensure_future(self.client.sync(since, filter_json, self.timeout_ms))
         changed = asyncio.ensure_future(self._changed.wait())
@@ -196,13 +204,37 @@ class RemoteSyncer:
             events.extend(await self._fill_gap(room_id, token))
         for room_id, event in batch_events(response, rooms):
             event_id = _event_id(event)
-            if event_id is not None:
+            if event_id is not None and not self._own_echo(event):
                 events.append((room_id, event_id, json.dumps(event, ensure_ascii=False)))
-        added = await self.store.store(events, _next_batch(response))
+        added = await self._keep(response, events)
         if added:
             log.debug("remote %s: %d new events", self.client.name, added)
             self.on_stored()
         return added
+
+    async def _keep(self, response: Mapping[str, Any], events: list[tuple[str, str, str]]) -> int:
+        """Store the events with the new position, in one commit. An answer with nothing to
+        store (often only the bridge's own echoes) moves the position in memory, and in the
+        database at most every POSITION_INTERVAL seconds: after a crash such answers are read
+        again, and again store nothing."""
+        token = _next_batch(response)
+        now = time.monotonic()
+        if events or self._since is None or now - self._kept_at >= POSITION_INTERVAL:
+            added = await self.store.store(events, token)
+            self._kept_at = now
+        else:
+            added = 0
+        self._since = token
+        return added
+
+    def _own_echo(self, event: Mapping[str, Any]) -> bool:
+        """A message the bridge's own account sent (it comes back in /sync): nothing to relay,
+        so not even stored. Its state events (its membership) do matter, and are kept."""
+        return (
+            self.own_user_id is not None
+            and event.get("sender") == self.own_user_id
+            and "state_key" not in event
+        )
 
     async def _fill_gap(self, room_id: str, token: str) -> list[tuple[str, str, str]]:
         """Events /sync skipped, read back until one already stored (oldest first)."""
@@ -222,7 +254,7 @@ class RemoteSyncer:
                 if event_id in known:
                     stop = True
                     break
-                if event.get("type") in TIMELINE_TYPES:
+                if event.get("type") in TIMELINE_TYPES and not self._own_echo(event):
                     found.append((room_id, event_id, json.dumps(event, ensure_ascii=False)))
             end = page.get("end")
             if stop or not isinstance(end, str):

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from bridge.config import DatabaseConfig
 from bridge.db import remote as remote_db
 from bridge.db.engine import open_database
+from bridge.db.schema import remote_inbox
 from bridge.harness.synapse import MatrixTestClient, SynapseServer
 from tests.conftest import (
     MINISTRY_BRIDGE_LOCALPART,
@@ -78,6 +80,17 @@ async def test_kill_9_mid_stream_both_ways(linked: Linked) -> None:
     await asyncio.sleep(2)  # anything posted twice would show by now
     assert await bodies(linked.alice, linked.agency_room, ghost) == expected_in
     assert await bodies(linked.bob, linked.remote_room, linked.bridge_remote_user) == expected_out
+    # The bridge's own messages came back in its /sync and were not even stored.
+    db = await open_database(DatabaseConfig(linked.bridge.database_url, 2))
+    try:
+        async with db.begin() as conn:
+            stored = (await conn.execute(select(remote_inbox.c.event_json))).scalars().all()
+    finally:
+        await db.close()
+    # (Its own membership is state, and is kept: its removal would matter.)
+    senders = {e["sender"] for e in map(json.loads, stored) if "state_key" not in e}
+    assert linked.bridge_remote_user not in senders
+    assert linked.bob.user_id in senders
 
 
 async def test_remote_homeserver_restart(linked: Linked, ministry_synapse: SynapseServer) -> None:
