@@ -93,13 +93,15 @@ async def test_kill_9_mid_stream_both_ways(linked: Linked) -> None:
     assert linked.bob.user_id in senders
 
 
-async def test_remote_homeserver_restart(linked: Linked, ministry_synapse: SynapseServer) -> None:
+async def test_remote_homeserver_killed_and_restarted(
+    linked: Linked, ministry_synapse: SynapseServer
+) -> None:
     """Messages written while the remote server is down go when it is back; its /sync
     resumes where it was."""
     ghost = linked.ghost_of(linked.bob.user_id)
     await linked.bob.send_text(linked.remote_room, "avant la coupure")
     await linked.alice.wait_for_event(linked.agency_room, sent_by(ghost, "avant la coupure"))
-    ministry_synapse.stop()
+    ministry_synapse.stop(kill=True)  # kill -9: what it had not written is lost to it
     try:
         for n in range(3):
             await linked.alice.send_text(linked.agency_room, f"pendant {n}")
@@ -292,3 +294,33 @@ async def test_a_user_of_a_third_server_is_refused(linked: Linked) -> None:
     notices = [e for e in events if e.get("sender") == linked.bot and "is not relayed" in str(e)]
     told = sorted(str(e["content"]["body"]).split()[3] for e in notices)
     assert told == ["@eve:evil.example", "@eve:ministere.localhost.evil.example"], told
+
+
+async def test_agency_homeserver_killed_and_restarted(
+    linked: Linked, synapse_setup: SynapseSetup
+) -> None:
+    """The remote side keeps talking while the agency's homeserver is down (kill -9): its
+    messages wait in the remote inbox and are posted once it is back, once each, in order."""
+    ghost = linked.ghost_of(linked.bob.user_id)
+    await linked.bob.send_text(linked.remote_room, "avant")
+    await linked.alice.wait_for_event(linked.agency_room, sent_by(ghost, "avant"))
+    synapse_setup.synapse.stop(kill=True)
+    try:
+        for n in range(3):
+            await linked.bob.send_text(linked.remote_room, f"pendant {n}")
+        await asyncio.sleep(3)
+    finally:
+        synapse_setup.synapse.start()
+
+    async def all_in() -> list[str] | None:
+        found = await bodies(linked.alice, linked.agency_room, ghost)
+        return found if len(found) >= 4 else None
+
+    await wait_until(all_in, "the messages written during the outage", timeout=120)
+    await asyncio.sleep(2)
+    assert await bodies(linked.alice, linked.agency_room, ghost) == [
+        "avant",
+        "pendant 0",
+        "pendant 1",
+        "pendant 2",
+    ]
