@@ -21,7 +21,6 @@ from bridge.core.ids import EventID, RoomID
 from bridge.core.links import Link
 from bridge.core.message import Attachment
 from bridge.core.permissions import PermissionLevel
-from bridge.db import kv
 from bridge.db import links as link_db
 from bridge.db import mail as mail_db
 from bridge.db import outbox as outbox_db
@@ -42,6 +41,7 @@ from bridge.mail.outgoing import NotSent, PlannedMail, outgoing_mail, plan_event
 from bridge.matrix.client import MatrixClient, derived_txn_id
 from bridge.matrix.members import RoomMembers
 from bridge.matrix.render import notice_content
+from bridge.relay.notices import tell_once
 from bridge.relay.room_links import RoomLinks
 
 log = logging.getLogger("passerelle.mail.out")
@@ -332,18 +332,16 @@ class MailOut:
     async def _tell_not_permitted(self, item: InboxEvent, links: list[Link]) -> None:
         """Once per room per day: why this room's messages from someone are not mailed."""
         day = self.clock().date().isoformat()
-        key = f"mailout-not-permitted:{item.room_id}:{day}"
-        if await kv.get_value(self.db, key) is not None:
-            return
         lists = ", ".join(sorted({link.remote for link in links}))
-        await self._notice(
+        await tell_once(
+            self.db,
+            self.client,
+            f"mailout-not-permitted:{item.room_id}:{day}",
             item.room_id,
             f"Messages from {item.sender} are not mailed to {lists}: this bridge's "
             "configuration does not let them use it. (Said once a day in this room.)",
-            key=key,
             reply_to=item.event_id,
         )
-        await kv.set_value(self.db, key, item.event_id)
 
     async def _notice(
         self,

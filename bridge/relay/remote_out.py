@@ -34,6 +34,7 @@ from bridge.db.remote import RemoteOutgoing
 from bridge.matrix.client import MatrixClient, derived_txn_id
 from bridge.matrix.members import RoomMembers
 from bridge.matrix.render import notice_content
+from bridge.relay.notices import tell_once
 from bridge.relay.remote_in import RemoteSide
 from bridge.relay.room_links import RoomLinks
 from bridge.remote.client import RemoteAuthError
@@ -132,17 +133,16 @@ class RemoteOut:
     async def _tell_not_permitted(self, item: InboxEvent, links: list[Link]) -> None:
         """Once per room per day: why someone's messages do not go to the remote rooms."""
         day = self.clock().date().isoformat()
-        key = f"remote-not-permitted:{item.room_id}:{day}"
-        if await kv.get_value(self.db, key) is not None:
-            return
         names = ", ".join(sorted({split_remote_key(link.remote)[0] for link in links}))
-        text = (
+        await tell_once(
+            self.db,
+            self.client,
+            f"remote-not-permitted:{item.room_id}:{day}",
+            item.room_id,
             f"Messages from {item.sender} are not passed on to {names}: this bridge's "
-            "configuration does not let them use it. (Said once a day in this room.)"
+            "configuration does not let them use it. (Said once a day in this room.)",
+            reply_to=item.event_id,
         )
-        content = notice_content(text, reply_to=item.event_id)
-        await self.client.send_event(item.room_id, "m.room.message", content, derived_txn_id(key))
-        await kv.set_value(self.db, key, item.event_id)
 
 
 class _Run:

@@ -16,6 +16,7 @@ from tests.e2e.test_remote_relay import (
     REMOTE,
     Linked,
     body_has,
+    link_rooms,
     remote_config,
     sent_by,
 )
@@ -177,3 +178,44 @@ async def test_a_link_from_the_config_file(
         assert "(from the config file)" in answer["content"]["body"]
     finally:
         bridge.stop()
+
+
+async def test_someone_not_permitted_is_told_once_a_day(
+    synapse_setup: SynapseSetup,
+    ministry_synapse: SynapseServer,
+    ministry_bridge_account: tuple[str, str],
+    people: tuple[MatrixTestClient, MatrixTestClient],
+    make_user: UserFactory,
+    db_url: str,
+    tmp_path: Path,
+) -> None:
+    alice, bob = people
+    linked = await link_rooms(
+        synapse_setup,
+        ministry_synapse,
+        ministry_bridge_account,
+        alice,
+        bob,
+        db_url,
+        tmp_path,
+        permissions={alice.user_id: "admin"},
+    )
+    try:
+        carol = await make_user("carol")
+        await alice.invite(linked.agency_room, carol.user_id)
+        await carol.join(linked.agency_room)
+        first = await carol.send_text(linked.agency_room, "puis-je parler ?")
+        notice = await alice.wait_for_event(
+            linked.agency_room, replies_to(first, linked.bot), timeout=30
+        )
+        assert "are not passed on to ministere" in notice["content"]["body"]
+        await carol.send_text(linked.agency_room, "et maintenant ?")
+        await alice.send_text(linked.agency_room, "moi oui")
+        await bob.wait_for_event(linked.remote_room, body_has("moi oui"), timeout=30)
+        remote = await bob.messages(linked.remote_room)
+        assert not [e for e in remote if "parler" in str(e.get("content"))]
+        agency = await alice.messages(linked.agency_room)
+        told = [e for e in agency if "are not passed on" in str(e.get("content"))]
+        assert len(told) == 1
+    finally:
+        linked.bridge.stop()

@@ -92,9 +92,12 @@ async def link_rooms(
     bob: MatrixTestClient,
     db_url: str,
     tmp_path: Path,
+    permissions: dict[str, str] | None = None,
     **extra: Any,
 ) -> Linked:
     raw = remote_config(synapse_setup, ministry, account, **extra)
+    if permissions is not None:
+        raw["permissions"] = permissions
     config_path = tmp_path / "config-remote.yaml"
     atomic_write(config_path, dump_yaml(raw))
     bridge = BridgeProcess(config_path, db_url, tmp_path / "bridge-remote.log")
