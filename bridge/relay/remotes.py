@@ -25,7 +25,7 @@ from bridge.db.engine import Database
 from bridge.matrix.client import MatrixClient, derived_txn_id
 from bridge.matrix.render import notice_content
 from bridge.relay.remote_in import RemoteSide
-from bridge.remote.client import RemoteClient
+from bridge.remote.client import RemoteAuthError, RemoteClient
 from bridge.remote.store import DbSyncStore
 from bridge.remote.sync import RemoteSyncer
 
@@ -104,6 +104,11 @@ class RemoteService:
             room_id = await side.client.join(room)
         except TransientError as e:
             raise RemoteJoinError(f"{remote} cannot be reached now ({e}); try again later") from e
+        except RemoteAuthError as e:
+            raise RemoteJoinError(
+                f"{remote} refused the bridge's access token ({e}); the administrator must "
+                "give the bridge a new one in the config"
+            ) from e
         except PermanentError as e:
             raise RemoteJoinError(
                 f"{remote} did not let the bridge's account {side.settings.user_id} join "

@@ -219,3 +219,34 @@ async def test_someone_not_permitted_is_told_once_a_day(
         assert len(told) == 1
     finally:
         linked.bridge.stop()
+
+
+async def test_a_refused_token_is_named_when_linking(
+    synapse_setup: SynapseSetup,
+    ministry_synapse: SynapseServer,
+    ministry_bridge_account: tuple[str, str],
+    people: tuple[MatrixTestClient, MatrixTestClient],
+    db_url: str,
+    tmp_path: Path,
+) -> None:
+    alice, bob = people
+    account = (ministry_bridge_account[0], "syt_not_a_valid_token_at_all")
+    raw = remote_config(synapse_setup, ministry_synapse, account)
+    config_path = tmp_path / "config-bad-token.yaml"
+    atomic_write(config_path, dump_yaml(raw))
+    bridge = BridgeProcess(config_path, db_url, tmp_path / "bridge-bad-token.log")
+    bridge.start()
+    try:
+        bot = synapse_setup.config.bot_mxid
+        remote_room = await bob.create_room(invite=[account[0]])
+        agency_room = await alice.create_room(invite=[bot])
+        await alice.wait_for_membership(agency_room, bot, "join")
+        await alice.wait_for_event(agency_room, message_from(bot))
+        question = await alice.send_text(
+            agency_room, f"!passerelle link-remote {REMOTE} {remote_room}"
+        )
+        answer = await alice.wait_for_event(agency_room, replies_to(question, bot))
+        assert "refused the bridge's access token" in answer["content"]["body"]
+        assert "syt_not_a_valid_token_at_all" not in bridge.log_text()
+    finally:
+        bridge.stop()
