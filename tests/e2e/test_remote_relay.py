@@ -300,3 +300,78 @@ async def test_avatars_cross_both_ways(linked: Linked) -> None:
     avatar = sent["content"]["com.beeper.per_message_profile"]["avatar_url"]
     assert avatar.startswith("mxc://ministere.localhost/")
     assert await linked.bob.download(avatar) == PNG[::-1]
+
+
+async def test_html_timestamps_and_mentions_from_the_remote(linked: Linked) -> None:
+    """HTML is reduced to the allowlist, the original time is kept, and a mention of @room or
+    of an agency member pings nobody here."""
+    ghost = linked.ghost_of(linked.bob.user_id)
+    original = await linked.bob.send_event(
+        linked.remote_room,
+        "m.room.message",
+        {
+            "msgtype": "m.text",
+            "body": f"@room attention {linked.alice.user_id}",
+            "format": "org.matrix.custom.html",
+            "formatted_body": '<b>attention</b><script>alert(1)</script><a href="javascript:x()">'
+            'lien</a><img src="mxc://ministere.localhost/abc" onerror="x()">',
+            "m.mentions": {"room": True, "user_ids": [linked.alice.user_id]},
+        },
+    )
+    relayed = await linked.alice.wait_for_event(linked.agency_room, sent_by(ghost, "attention"))
+    content = relayed["content"]
+    assert content["m.mentions"] == {}
+    assert content["formatted_body"].startswith("<b>attention</b>")
+    for bad in ("<script", "javascript:", "onerror", "<img"):
+        assert bad not in content["formatted_body"]
+    remote = [
+        e for e in await linked.bob.messages(linked.remote_room) if e["event_id"] == original
+    ]
+    assert relayed["origin_server_ts"] == remote[0]["origin_server_ts"]
+
+
+async def test_files_over_the_limit_are_named_not_copied(
+    synapse_setup: SynapseSetup,
+    ministry_synapse: SynapseServer,
+    ministry_bridge_account: tuple[str, str],
+    people: tuple[MatrixTestClient, MatrixTestClient],
+    db_url: str,
+    tmp_path: Path,
+) -> None:
+    alice, bob = people
+    linked = await link_rooms(
+        synapse_setup,
+        ministry_synapse,
+        ministry_bridge_account,
+        alice,
+        bob,
+        db_url,
+        tmp_path,
+        max_media_size=1000,
+    )
+    try:
+        ghost = linked.ghost_of(bob.user_id)
+        big = b"%PDF" + b"x" * 5000
+        mxc = await bob.upload(big, "application/pdf", "gros.pdf")
+        await bob.send_event(
+            linked.remote_room,
+            "m.room.message",
+            {"msgtype": "m.file", "body": "gros.pdf", "url": mxc, "info": {"size": len(big)}},
+        )
+        notice = await alice.wait_for_event(linked.agency_room, sent_by(ghost, "gros.pdf"))
+        assert notice["content"]["msgtype"] == "m.notice"
+        assert "too large to copy here (limit 1000 bytes)" in notice["content"]["body"]
+        assert "url" not in notice["content"]
+
+        # No size in info: the download itself stops at the limit.
+        mxc = await alice.upload(big, "application/pdf", "rapport.pdf")
+        await alice.send_event(
+            linked.agency_room,
+            "m.room.message",
+            {"msgtype": "m.file", "body": "rapport.pdf", "url": mxc},
+        )
+        copy = await bob.wait_for_event(linked.remote_room, body_has("rapport.pdf"))
+        assert "too large to pass on (limit 1000 bytes)" in copy["content"]["body"]
+        assert "url" not in copy["content"]
+    finally:
+        linked.bridge.stop()
