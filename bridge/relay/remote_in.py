@@ -42,7 +42,7 @@ from bridge.db import links as link_db
 from bridge.db import mail as mail_db
 from bridge.db import remote as remote_db
 from bridge.db.engine import Database
-from bridge.db.remote import RemoteInboxItem
+from bridge.db.remote import Mapped, RemoteInboxItem
 from bridge.matrix.client import MatrixClient, derived_txn_id
 from bridge.matrix.ghosts import GhostManager
 from bridge.matrix.members import RoomMembers
@@ -97,6 +97,11 @@ class RemoteRelay:
         self.on_link_paused = on_link_paused
         self._wake = asyncio.Event()
         self._in_flight: set[int] = set()
+        # Posted events whose mapping is being committed while the room's next event is sent:
+        # item id → the commit, and (link, remote event) → the mapping meanwhile.
+        self._recording: dict[int, asyncio.Task[None]] = {}
+        self._recent: dict[tuple[int, str], Mapped] = {}
+        self.tasks = tasks
         self._queues: RoomQueues[tuple[Link, RemoteInboxItem]] = RoomQueues(
             self._process, tasks, "remote"
         )
@@ -113,6 +118,8 @@ class RemoteRelay:
 
     async def wait_idle(self) -> None:
         await self._queues.wait_idle()
+        if self._recording:
+            await asyncio.gather(*self._recording.values(), return_exceptions=True)
 
     def links_changed(self) -> None:
         """Links were added, removed, paused or resumed: read them again, and every pending
@@ -130,7 +137,7 @@ class RemoteRelay:
                 # (links changed, or every SWEEP_INTERVAL): every pending event not in flight.
                 after = 0 if sweep else self._seen
                 found = await remote_db.pending_events(
-                    self.db, BATCH, set(self._in_flight), after=after
+                    self.db, BATCH, self._in_flight | set(self._recording), after=after
                 )
                 if self._links is None:
                     self._links = {
@@ -280,7 +287,7 @@ class RemoteRelay:
         self, link: Link, side: RemoteSide, item: RemoteInboxItem, plan: RemoteReaction
     ) -> None:
         ghost = await self._ghost(link, side, item.room_id, plan.sender)
-        target = await remote_db.by_remote_event(self.db, link.id, plan.target)
+        target = await self._lookup(link, plan.target)
         txn = derived_txn_id("remote-in", side.settings.name, plan.event_id)
         if target is None:
             content = unrelayed_reaction_content(plan.key)
@@ -304,7 +311,7 @@ class RemoteRelay:
         await self._record(link, item, event_id, plan.sender)
 
     async def _redaction(self, link: Link, item: RemoteInboxItem, plan: RemoteRedaction) -> None:
-        target = await remote_db.by_remote_event(self.db, link.id, plan.target)
+        target = await self._lookup(link, plan.target)
         if target is None:
             raise Ignored("a redaction of something never relayed")
         if target.direction != "in" or target.remote_sender != plan.sender:
@@ -429,21 +436,44 @@ class RemoteRelay:
     async def _mapped(self, link: Link, event_ids: tuple[str, ...]) -> dict[str, str | None]:
         mapped: dict[str, str | None] = {}
         for event_id in event_ids:
-            found = await remote_db.by_remote_event(self.db, link.id, event_id)
+            found = await self._lookup(link, event_id)
             mapped[event_id] = None if found is None else found.agency_event_id
         return mapped
+
+    async def _lookup(self, link: Link, remote_event_id: str) -> Mapped | None:
+        """The agency event of a remote event, committed or being committed."""
+        recent = self._recent.get((link.id, remote_event_id))
+        if recent is not None:
+            return recent
+        return await remote_db.by_remote_event(self.db, link.id, remote_event_id)
 
     async def _record(
         self, link: Link, item: RemoteInboxItem, event_id: EventID, sender: str
     ) -> None:
-        await remote_db.record_relayed(
-            self.db,
-            item_id=item.id,
-            link_id=link.id,
-            remote_event_id=item.event_id,
-            agency_event_id=event_id,
-            remote_sender=sender,
-        )
+        """Map the posted event and mark the item done, in the background: the room's next
+        event is sent meanwhile. Should the bridge stop before the commit, the item is posted
+        again with the same transaction ID, which the homeserver answers with this event."""
+        key = (link.id, item.event_id)
+        self._recent[key] = Mapped(item.event_id, event_id, sender, "in")
+
+        async def commit() -> None:
+            try:
+                await remote_db.record_relayed(
+                    self.db,
+                    item_id=item.id,
+                    link_id=link.id,
+                    remote_event_id=item.event_id,
+                    agency_event_id=event_id,
+                    remote_sender=sender,
+                )
+            except Exception as e:
+                # Still pending: the next sweep posts it again (same event) and records it.
+                log.warning("could not record %s yet: %s", item.event_id, e)
+            finally:
+                self._recording.pop(item.id, None)
+                self._recent.pop(key, None)
+
+        self._recording[item.id] = self.tasks.spawn(commit(), name=f"record:{item.id}")
         log.info("relayed %s of %s as %s", item.event_id, item.remote, event_id)
 
     async def _refused(self, link: Link, side: RemoteSide, sender: str, reason: str) -> None:
