@@ -200,6 +200,12 @@ class ManagementBot:
             isinstance(relates, dict) and relates.get("rel_type") == "m.replace"
         ):
             raise Ignored("edits are not commands")
+        prefix = self.config.appservice.command_prefix
+        if parse_command(body, prefix, is_direct=False) is None and await self.is_linked(
+            item.room_id
+        ):
+            # The common case, a message in a linked room: settled without the database.
+            raise Ignored("not a command")
         room = await rooms.get_room(self.db, item.room_id)
         if room is None or room.bot_membership != "join":
             raise Ignored("message in a room the bot is not in")
@@ -208,7 +214,7 @@ class ManagementBot:
         # A room linked to a list is a conversation, even with only one person and the bot in
         # it: there, only prefixed text is a command.
         is_direct = room.is_direct_chat and not await self.is_linked(item.room_id)
-        command = parse_command(body, self.config.appservice.command_prefix, is_direct=is_direct)
+        command = parse_command(body, prefix, is_direct=is_direct)
         if command is None:
             raise Ignored("not a command")
         level = self.config.permissions.level_for(sender)
