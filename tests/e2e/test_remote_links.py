@@ -15,8 +15,8 @@ from tests.e2e.test_remote_relay import (
     AGENCY_SUFFIX,
     REMOTE,
     Linked,
+    LinkFactory,
     body_has,
-    link_rooms,
     remote_config,
     sent_by,
 )
@@ -181,44 +181,28 @@ async def test_a_link_from_the_config_file(
 
 
 async def test_someone_not_permitted_is_told_once_a_day(
-    synapse_setup: SynapseSetup,
-    ministry_synapse: SynapseServer,
-    ministry_bridge_account: tuple[str, str],
+    link_with: LinkFactory,
     people: tuple[MatrixTestClient, MatrixTestClient],
     make_user: UserFactory,
-    db_url: str,
-    tmp_path: Path,
 ) -> None:
     alice, bob = people
-    linked = await link_rooms(
-        synapse_setup,
-        ministry_synapse,
-        ministry_bridge_account,
-        alice,
-        bob,
-        db_url,
-        tmp_path,
-        permissions={alice.user_id: "admin"},
+    linked = await link_with(permissions={alice.user_id: "admin"})
+    carol = await make_user("carol")
+    await alice.invite(linked.agency_room, carol.user_id)
+    await carol.join(linked.agency_room)
+    first = await carol.send_text(linked.agency_room, "puis-je parler ?")
+    notice = await alice.wait_for_event(
+        linked.agency_room, replies_to(first, linked.bot), timeout=30
     )
-    try:
-        carol = await make_user("carol")
-        await alice.invite(linked.agency_room, carol.user_id)
-        await carol.join(linked.agency_room)
-        first = await carol.send_text(linked.agency_room, "puis-je parler ?")
-        notice = await alice.wait_for_event(
-            linked.agency_room, replies_to(first, linked.bot), timeout=30
-        )
-        assert "are not passed on to ministere" in notice["content"]["body"]
-        await carol.send_text(linked.agency_room, "et maintenant ?")
-        await alice.send_text(linked.agency_room, "moi oui")
-        await bob.wait_for_event(linked.remote_room, body_has("moi oui"), timeout=30)
-        remote = await bob.messages(linked.remote_room)
-        assert not [e for e in remote if "parler" in str(e.get("content"))]
-        agency = await alice.messages(linked.agency_room)
-        told = [e for e in agency if "are not passed on" in str(e.get("content"))]
-        assert len(told) == 1
-    finally:
-        linked.bridge.stop()
+    assert "are not passed on to ministere" in notice["content"]["body"]
+    await carol.send_text(linked.agency_room, "et maintenant ?")
+    await alice.send_text(linked.agency_room, "moi oui")
+    await bob.wait_for_event(linked.remote_room, body_has("moi oui"), timeout=30)
+    remote = await bob.messages(linked.remote_room)
+    assert not [e for e in remote if "parler" in str(e.get("content"))]
+    agency = await alice.messages(linked.agency_room)
+    told = [e for e in agency if "are not passed on" in str(e.get("content"))]
+    assert len(told) == 1
 
 
 async def test_a_refused_token_is_named_when_linking(

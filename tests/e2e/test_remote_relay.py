@@ -7,7 +7,7 @@ Real Synapses on both sides, the bridge as a subprocess.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,9 @@ class Linked:
 
     def ghost_of(self, user_id: str) -> str:
         return self.bridge.config.remote_ghost_mxid(REMOTE, user_id)
+
+
+LinkFactory = Callable[..., Awaitable[Linked]]
 
 
 async def link_rooms(
@@ -331,47 +334,30 @@ async def test_html_timestamps_and_mentions_from_the_remote(linked: Linked) -> N
 
 
 async def test_files_over_the_limit_are_named_not_copied(
-    synapse_setup: SynapseSetup,
-    ministry_synapse: SynapseServer,
-    ministry_bridge_account: tuple[str, str],
-    people: tuple[MatrixTestClient, MatrixTestClient],
-    db_url: str,
-    tmp_path: Path,
+    link_with: LinkFactory, people: tuple[MatrixTestClient, MatrixTestClient]
 ) -> None:
     alice, bob = people
-    linked = await link_rooms(
-        synapse_setup,
-        ministry_synapse,
-        ministry_bridge_account,
-        alice,
-        bob,
-        db_url,
-        tmp_path,
-        max_media_size=1000,
+    linked = await link_with(max_media_size=1000)
+    ghost = linked.ghost_of(bob.user_id)
+    big = b"%PDF" + b"x" * 5000
+    mxc = await bob.upload(big, "application/pdf", "gros.pdf")
+    await bob.send_event(
+        linked.remote_room,
+        "m.room.message",
+        {"msgtype": "m.file", "body": "gros.pdf", "url": mxc, "info": {"size": len(big)}},
     )
-    try:
-        ghost = linked.ghost_of(bob.user_id)
-        big = b"%PDF" + b"x" * 5000
-        mxc = await bob.upload(big, "application/pdf", "gros.pdf")
-        await bob.send_event(
-            linked.remote_room,
-            "m.room.message",
-            {"msgtype": "m.file", "body": "gros.pdf", "url": mxc, "info": {"size": len(big)}},
-        )
-        notice = await alice.wait_for_event(linked.agency_room, sent_by(ghost, "gros.pdf"))
-        assert notice["content"]["msgtype"] == "m.notice"
-        assert "too large to copy here (limit 1000 bytes)" in notice["content"]["body"]
-        assert "url" not in notice["content"]
+    notice = await alice.wait_for_event(linked.agency_room, sent_by(ghost, "gros.pdf"))
+    assert notice["content"]["msgtype"] == "m.notice"
+    assert "too large to copy here (limit 1000 bytes)" in notice["content"]["body"]
+    assert "url" not in notice["content"]
 
-        # No size in info: the download itself stops at the limit.
-        mxc = await alice.upload(big, "application/pdf", "rapport.pdf")
-        await alice.send_event(
-            linked.agency_room,
-            "m.room.message",
-            {"msgtype": "m.file", "body": "rapport.pdf", "url": mxc},
-        )
-        copy = await bob.wait_for_event(linked.remote_room, body_has("rapport.pdf"))
-        assert "too large to pass on (limit 1000 bytes)" in copy["content"]["body"]
-        assert "url" not in copy["content"]
-    finally:
-        linked.bridge.stop()
+    # No size in info: the download itself stops at the limit.
+    mxc = await alice.upload(big, "application/pdf", "rapport.pdf")
+    await alice.send_event(
+        linked.agency_room,
+        "m.room.message",
+        {"msgtype": "m.file", "body": "rapport.pdf", "url": mxc},
+    )
+    copy = await bob.wait_for_event(linked.remote_room, body_has("rapport.pdf"))
+    assert "too large to pass on (limit 1000 bytes)" in copy["content"]["body"]
+    assert "url" not in copy["content"]

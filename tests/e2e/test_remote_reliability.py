@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +23,7 @@ from tests.conftest import (
     user_password,
 )
 from tests.e2e.test_bot import replies_to
-from tests.e2e.test_remote_relay import Linked, body_has, link_rooms, sent_by
+from tests.e2e.test_remote_relay import Linked, LinkFactory, body_has, sent_by
 
 pytestmark = pytest.mark.slow
 
@@ -126,11 +125,9 @@ async def test_remote_homeserver_killed_and_restarted(
 
 
 async def test_revoked_token_stops_that_remote_only(
-    synapse_setup: SynapseSetup,
+    link_with: LinkFactory,
     ministry_synapse: SynapseServer,
     people: tuple[MatrixTestClient, MatrixTestClient],
-    db_url: str,
-    tmp_path: Path,
 ) -> None:
     alice, bob = people
     # A login of its own, so revoking it leaves the session's shared token alone.
@@ -138,37 +135,32 @@ async def test_revoked_token_stops_that_remote_only(
     token = ministry_synapse.login(
         MINISTRY_BRIDGE_LOCALPART, user_password(MINISTRY_BRIDGE_LOCALPART)
     )
-    linked = await link_rooms(
-        synapse_setup, ministry_synapse, (user_id, token), alice, bob, db_url, tmp_path
+    linked = await link_with(account=(user_id, token))
+    ghost = linked.ghost_of(bob.user_id)
+    await bob.send_text(linked.remote_room, "encore valide")
+    await alice.wait_for_event(linked.agency_room, sent_by(ghost, "encore valide"))
+    async with MatrixTestClient(ministry_synapse.base_url, token, user_id) as session:
+        await session.logout()
+    await bob.send_text(linked.remote_room, "après révocation")
+    notice = await alice.wait_for_event(
+        linked.agency_room,
+        body_has("no longer accepts the bridge's access token"),
+        timeout=60,
     )
-    try:
-        ghost = linked.ghost_of(bob.user_id)
-        await bob.send_text(linked.remote_room, "encore valide")
-        await alice.wait_for_event(linked.agency_room, sent_by(ghost, "encore valide"))
-        async with MatrixTestClient(ministry_synapse.base_url, token, user_id) as session:
-            await session.logout()
-        await bob.send_text(linked.remote_room, "après révocation")
-        notice = await alice.wait_for_event(
-            linked.agency_room,
-            body_has("no longer accepts the bridge's access token"),
-            timeout=60,
-        )
-        assert notice["sender"] == linked.bot
-        # The bridge itself goes on: the bot still answers, /health says why.
-        question = await alice.send_text(linked.agency_room, "!passerelle status")
-        await alice.wait_for_event(linked.agency_room, replies_to(question, linked.bot))
-        _status, health = http_json(linked.bridge.base_url + "/health")
-        assert (
-            "refused" in health["remotes"]["ministere"]["stopped"]
-            or health["remotes"]["ministere"]["last_error"]
-        )
-        await alice.send_text(linked.agency_room, "gardé pour plus tard")
-        await asyncio.sleep(2)
-        log = linked.bridge.log_text()
-        assert log.count("remote ministere stopped") == 1, log[-3000:]
-        assert token not in log
-    finally:
-        linked.bridge.stop()
+    assert notice["sender"] == linked.bot
+    # The bridge itself goes on: the bot still answers, /health says why.
+    question = await alice.send_text(linked.agency_room, "!passerelle status")
+    await alice.wait_for_event(linked.agency_room, replies_to(question, linked.bot))
+    _status, health = http_json(linked.bridge.base_url + "/health")
+    assert (
+        "refused" in health["remotes"]["ministere"]["stopped"]
+        or health["remotes"]["ministere"]["last_error"]
+    )
+    await alice.send_text(linked.agency_room, "gardé pour plus tard")
+    await asyncio.sleep(2)
+    log = linked.bridge.log_text()
+    assert log.count("remote ministere stopped") == 1, log[-3000:]
+    assert token not in log
 
 
 async def relayed_once_both_ways(linked: Linked, tag: str) -> None:
