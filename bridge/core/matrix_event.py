@@ -249,3 +249,17 @@ def image_type(data: bytes) -> str:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "image/webp"
     return "application/octet-stream"
+
+
+def message_source(content: Mapping[str, Any]) -> tuple[Relations, Mapping[str, Any]] | NotSent:
+    """A message's relations, and the content its text is read from: m.new_content for an
+    edit (which takes its thread and reply from the original), the content itself otherwise."""
+    relations = read_relations(content)
+    if isinstance(relations, NotSent):
+        return relations
+    if relations.replaces is None:
+        return relations, content
+    new_content = content.get("m.new_content")
+    if not isinstance(new_content, Mapping):
+        return NotSent("an edit without m.new_content")
+    return relations, new_content

@@ -23,8 +23,8 @@ from bridge.core.matrix_event import (
     has_caption,
     mapped_relation,
     matrix_id,
+    message_source,
     read_media,
-    read_relations,
     server_of,
     show,
     strip_html_fallback,
@@ -250,15 +250,10 @@ def _plan_message(
 ) -> RemoteMessage | NotRelayed:
     if not content:
         return NotRelayed("a redacted or empty message")
-    relations = read_relations(content)
-    if isinstance(relations, NotSent):
-        return NotRelayed(relations.reason)
-    source: Mapping[str, Any] = content
-    if relations.replaces is not None:
-        new_content = content.get("m.new_content")
-        if not isinstance(new_content, Mapping):
-            return NotRelayed("an edit without m.new_content")
-        source = new_content
+    read = message_source(content)
+    if isinstance(read, NotSent):
+        return NotRelayed(read.reason)
+    relations, source = read
     is_reply = relations.reply_to is not None or relations.thread_root is not None
     cleaned = _clean_content(source, event_type, is_reply=is_reply)
     if isinstance(cleaned, NotRelayed):

@@ -23,8 +23,8 @@ from bridge.core.matrix_event import (
     has_caption,
     mapped_relation,
     matrix_id,
+    message_source,
     read_media,
-    read_relations,
     show,
     strip_html_fallback,
     strip_text_fallback,
@@ -130,15 +130,10 @@ def plan_agency_event(
         return NotSent(f"event type {show(event_type)} is not passed on")
     if not content:
         return NotSent("a redacted or empty message")
-    relations = read_relations(content)
-    if isinstance(relations, NotSent):
-        return relations
-    source: Mapping[str, Any] = content
-    if relations.replaces is not None:
-        new_content = content.get("m.new_content")
-        if not isinstance(new_content, Mapping):
-            return NotSent("an edit without m.new_content")
-        source = new_content
+    read = message_source(content)
+    if isinstance(read, NotSent):
+        return read
+    relations, source = read
     msgtype = "m.image" if event_type == "m.sticker" else source.get("msgtype")
     if not isinstance(msgtype, str) or msgtype not in _SENT_MSGTYPES:
         return NotSent(f"msgtype {show(msgtype)} is not passed on")

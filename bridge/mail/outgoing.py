@@ -17,8 +17,8 @@ from bridge.core.matrix_event import (
     NotSent,
     has_caption,
     matrix_id,
+    message_source,
     read_media,
-    read_relations,
     show,
     strip_text_fallback,
 )
@@ -90,16 +90,10 @@ def plan_event(
     if content.get("msgtype") == "m.notice":
         return NotSent("m.notice messages are not mailed (bot output)")
 
-    relations = read_relations(content)
-    if isinstance(relations, NotSent):
-        return relations
-    source: Mapping[str, Any] = content
-    if relations.replaces is not None:
-        # The service takes the thread and the reply from the original event.
-        new_content = content.get("m.new_content")
-        if not isinstance(new_content, Mapping):
-            return NotSent("an edit without m.new_content")
-        source = new_content
+    read = message_source(content)
+    if isinstance(read, NotSent):
+        return read
+    relations, source = read
 
     msgtype = source.get("msgtype")
     if msgtype == "m.notice":
