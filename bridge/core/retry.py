@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from bridge.core.backoff import Backoff
-from bridge.core.errors import TransientError
+from bridge.core.errors import Ignored, Refused, TransientError
 
 
 def describe(error: BaseException) -> str:
@@ -58,3 +58,39 @@ async def settle(
                 delay,
             )
         await asyncio.sleep(delay)
+
+
+async def settle_stored(
+    handle: Callable[[], Awaitable[None]],
+    finish: Callable[[str, str], Awaitable[None]],
+    *,
+    refused_state: str,
+    label: str,
+    count_failure: Callable[[str], Awaitable[int]],
+    give_up: Callable[[str], Awaitable[None]],
+    max_attempts: int,
+    log: logging.Logger,
+    initial: float = 1.0,
+) -> bool:
+    """`settle` for one item of a durable intake (a stored mail, a stored remote event): a
+    refusal or a skip is a final outcome, recorded with `finish(state, reason)`; any other
+    failure is retried, then given up."""
+
+    async def work() -> None:
+        try:
+            await handle()
+        except Refused as e:
+            await finish(refused_state, str(e))
+        except Ignored as e:
+            log.debug("%s ignored: %s", label, e)
+            await finish("ignored", str(e))
+
+    return await settle(
+        work,
+        label=label,
+        count_failure=count_failure,
+        give_up=give_up,
+        max_attempts=max_attempts,
+        log=log,
+        initial=initial,
+    )

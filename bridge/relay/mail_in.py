@@ -17,7 +17,7 @@ from bridge.core.errors import Ignored, Refused, TransientError
 from bridge.core.ids import EventID, RoomID
 from bridge.core.links import Link
 from bridge.core.message import Attachment, IncomingMessage
-from bridge.core.retry import describe, settle
+from bridge.core.retry import describe, settle_stored
 from bridge.core.router import RoomQueues
 from bridge.core.tasks import TaskGroup
 from bridge.core.threading import Mapped, ThreadTarget, resolve_thread
@@ -152,14 +152,11 @@ class MailRelay:
         link, raw = item
         label = f"mail {raw.uidvalidity}/{raw.uid} of {link.remote}"
 
-        async def work() -> None:
-            try:
-                await self.handle(link, raw)
-            except Refused as e:
-                await mail_db.finish(self.db, raw.id, "rejected", error=str(e))
-            except Ignored as e:
-                log.debug("%s ignored: %s", label, e)
-                await mail_db.finish(self.db, raw.id, "ignored", error=str(e))
+        async def handle() -> None:
+            await self.handle(link, raw)
+
+        async def finish(state: str, reason: str) -> None:
+            await mail_db.finish(self.db, raw.id, state, error=reason)
 
         async def count_failure(reason: str) -> int:
             return await mail_db.count_failure(self.db, raw.id, reason)
@@ -175,8 +172,10 @@ class MailRelay:
             await mail_db.finish(self.db, raw.id, "quarantined", error=reason)
 
         try:
-            await settle(
-                work,
+            await settle_stored(
+                handle,
+                finish,
+                refused_state="rejected",
                 label=label,
                 count_failure=count_failure,
                 give_up=give_up,

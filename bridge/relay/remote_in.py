@@ -34,7 +34,7 @@ from bridge.core.remote_in import (
     too_large_note,
     unrelayed_reaction_content,
 )
-from bridge.core.retry import settle
+from bridge.core.retry import settle_stored
 from bridge.core.router import RoomQueues
 from bridge.core.tasks import TaskGroup
 from bridge.db import kv
@@ -172,14 +172,11 @@ class RemoteRelay:
         link, item = entry
         label = f"remote event {item.event_id} of {item.remote}"
 
-        async def work() -> None:
-            try:
-                await self.handle(link, item)
-            except Refused as e:
-                await remote_db.finish(self.db, item.id, "refused", error=str(e))
-            except Ignored as e:
-                log.debug("%s ignored: %s", label, e)
-                await remote_db.finish(self.db, item.id, "ignored", error=str(e))
+        async def handle() -> None:
+            await self.handle(link, item)
+
+        async def finish(state: str, reason: str) -> None:
+            await remote_db.finish(self.db, item.id, state, error=reason)
 
         async def count_failure(reason: str) -> int:
             return await remote_db.count_failure(self.db, item.id, reason)
@@ -194,8 +191,10 @@ class RemoteRelay:
             await remote_db.finish(self.db, item.id, "failed", error=reason)
 
         try:
-            await settle(
-                work,
+            await settle_stored(
+                handle,
+                finish,
+                refused_state="refused",
                 label=label,
                 count_failure=count_failure,
                 give_up=give_up,
