@@ -204,6 +204,11 @@ class MailRelay:
             )
             await mail_db.finish(self.db, raw.id, "quarantined", error=problem)
             return
+        # The bridge's own mail, come back from the list, is known by its stored Message-ID or
+        # its loop header before anything in it is checked (its sender may fail the checks).
+        own_id = raw.message_id is not None and self.is_own_message(raw.message_id)
+        if own_id or self.has_own_marker(raw.raw):
+            raise Ignored("the bridge's own mail coming back")
         try:
             message = await self._parsed(raw)
         except Refused as e:

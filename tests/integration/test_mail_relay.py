@@ -632,6 +632,21 @@ async def test_the_bridges_own_mail_coming_back_is_not_posted(relay: Relay) -> N
     assert len(relay.poster.posts) == 2
 
 
+async def test_own_mail_is_recognised_before_its_sender_is_checked(relay: Relay) -> None:
+    """Regression (seen in the demo): the bridge's own mail came back from a list whose
+    address failed the strict sender check, and the room was told "not posted: invalid sender
+    address" for the bridge's own message. It is recognised first, and nobody is told."""
+    link = await relay.link()
+    own_id = own_message_id("$event2:agency.example.org", OWN_DOMAIN, OWN_SECRET)
+    await relay.deliver(link, 1, make_mail("Re: x", sender="a@b, c@d", message_id=own_id))
+    await relay.deliver(
+        link, 2, make_mail("Re: x", sender="a@b, c@d", extra=f"X-Passerelle-Loop: {OWN_MARKER}")
+    )
+    await relay.settle()
+    assert await relay.states(link) == {1: "ignored", 2: "ignored"}
+    assert relay.poster.notices == []
+
+
 async def test_an_unreadable_mail_is_rejected_with_a_notice(relay: Relay) -> None:
     link = await relay.link()
     await relay.deliver(link, 1, make_mail("Two senders", sender="a@gouv.fr, b@evil.com"))
