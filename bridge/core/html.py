@@ -456,8 +456,6 @@ class _AttributeFilter:
                 return value if _scheme(value) in _LINK_SCHEMES else None
             if attribute == "target":
                 return "_blank" if value.strip().lower() == "_blank" else None
-            if attribute == "rel":  # nh3's own link_rel
-                return value
             return None
         if tag == "img":
             if attribute == "src":
@@ -516,7 +514,7 @@ def sanitize_html(html: str, *, image_urls: Mapping[str, str], max_input: int) -
         attributes=_ATTRIBUTES,
         attribute_filter=_AttributeFilter(image_urls),
         strip_comments=True,
-        link_rel="noopener noreferrer",
+        link_rel=None,  # "rel" is not among the spec's attributes of <a>
         url_schemes=_NH3_SCHEMES,
         url_relative="deny",
     )
