@@ -43,6 +43,7 @@ from bridge.relay.link_commands import LinkCommands
 from bridge.relay.mail_in import MailRelay
 from bridge.relay.mail_out import MailOut, OutcomeReporter
 from bridge.relay.mailboxes import MailService
+from bridge.relay.notices import tell_once
 from bridge.relay.remote_in import RemoteRelay
 from bridge.relay.remote_out import RemoteOut, RemoteSender
 from bridge.relay.remotes import RemoteService
@@ -292,8 +293,33 @@ class Bridge:
             await self.client.send_state(
                 link.room_id, "m.bridge", f"passerelle:{link.remote}", content
             )
-        except (TransientError, PermanentError) as e:
+        except PermanentError as e:
             log.warning("could not set m.bridge state in %s: %s", link.room_id, e)
+            if self.client.errcode_of(e) == "M_FORBIDDEN":
+                await self._tell_bridge_state_denied(link.room_id)
+        except TransientError as e:
+            log.warning("could not set m.bridge state in %s: %s", link.room_id, e)
+
+    async def _tell_bridge_state_denied(self, room_id: RoomID) -> None:
+        """The room's admins hear once what the bot needs to mark the room as bridged."""
+        try:
+            levels = await self.client.get_state(room_id, "m.room.power_levels") or {}
+        except (TransientError, PermanentError):
+            levels = {}
+        events = levels.get("events")
+        needed = events.get("m.bridge") if isinstance(events, dict) else None
+        if not isinstance(needed, int):
+            default = levels.get("state_default", 50)
+            needed = default if isinstance(default, int) else 50
+        text = (
+            "The link works, but clients cannot show that this room is bridged: the bot needs "
+            f"power level {needed} here to set the room's m.bridge state. A room admin can "
+            "give it that level. (Said once in this room.)"
+        )
+        try:
+            await tell_once(self.db, self.client, f"m.bridge-denied:{room_id}", room_id, text)
+        except (TransientError, PermanentError) as e:
+            log.warning("could not tell %s about m.bridge state: %s", room_id, e)
 
     async def _room_joined(self, room_id: RoomID) -> None:
         await self.mail.room_joined(room_id)

@@ -234,3 +234,16 @@ async def test_a_refused_token_is_named_when_linking(
         assert "syt_not_a_valid_token_at_all" not in bridge.log_text()
     finally:
         bridge.stop()
+
+
+async def test_the_room_hears_once_what_power_the_bot_needs(linked: Linked) -> None:
+    """The bot, invited with power level 0, cannot set m.bridge state: the room is told once
+    what level it needs instead of the bridge only logging a 403 (issue 10 defect)."""
+    notice = await linked.alice.wait_for_event(
+        linked.agency_room, body_has("the bot needs power level 50 here")
+    )
+    assert notice["sender"] == linked.bot
+    await ask(linked, f"!passerelle unlink-remote {REMOTE} {linked.remote_room}")
+    await ask(linked, f"!passerelle link-remote {REMOTE} {linked.remote_room}")
+    events = await linked.alice.messages(linked.agency_room)
+    assert len([e for e in events if body_has("the bot needs power level")(e)]) == 1
