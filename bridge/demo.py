@@ -24,7 +24,9 @@ LIST_PASSWORD = "demo-list-password"  # a loopback-only Dovecot made for the dem
 SENDER = "Agent Dupont <agent.dupont@achats.gouv.fr>"
 
 
-DEMO_FROM = "passerelle@example.test"
+# The bridge's own sender address: one that passes the bridge's own strict address checks
+# (".test" is a special-use name, which they refuse).
+DEMO_FROM = "passerelle@achats.gouv.fr"
 
 
 def _write_demo_config(
@@ -241,7 +243,8 @@ async def _serve(
             "through Postfix is in it. Send more, e.g.:\n"
             f"    python -c \"import smtplib; smtplib.SMTP('127.0.0.1', {smtp_port}).sendmail("
             f"'agent.dupont@achats.gouv.fr', ['{list_address}'], "
-            "'Subject: Test\\n\\nBonjour')\""
+            f"'From: Agent Dupont <agent.dupont@achats.gouv.fr>\\nTo: {list_address}\\n"
+            "Subject: Test\\n\\nBonjour')\""
         )
         print(
             "What you write in that room is mailed to the list from "
