@@ -1,0 +1,121 @@
+"""Who really sent a mail: a verdict from the Authentication-Results of the agency's own MTA
+(RFC 8601), pinned by its authserv-id. Results any other server wrote are ignored: a sender
+can add its own header claiming anything. (Not wired into the relay yet: issue 10.)"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import authres
+
+log = logging.getLogger("passerelle.core.authentication")
+
+__all__ = ["AUTHENTICATED", "FAILED", "UNVERIFIED", "Verdict", "verdict_from_results"]
+
+AUTHENTICATED = "authenticated"
+UNVERIFIED = "unverified"
+FAILED = "failed"
+_MAX_HEADER = 8192  # characters of one header read; a longer one is not a real MTA's
+
+
+@dataclass(frozen=True)
+class Verdict:
+    verdict: str  # authenticated | unverified | failed
+    method: str | None  # dmarc | dkim: what decided it
+    domain: str | None  # the domain that authenticated (or failed)
+    reason: str  # one line, for the room, the audit log and inspect-mail
+
+
+def _domain(value: object) -> str | None:
+    """A domain from a result property: lowercase, without a local part or trailing dot."""
+    if not isinstance(value, str) or not value or len(value) > 255:
+        return None
+    domain = value.rpartition("@")[2].strip().rstrip(".").lower()
+    return domain or None
+
+
+def _trusted(headers: Iterable[str], trusted_ids: Collection[str]) -> list[Any]:
+    """The results of every header written by one of the pinned authserv-ids."""
+    pinned = {t.lower() for t in trusted_ids}
+    results: list[Any] = []
+    for raw in headers:
+        if not isinstance(raw, str) or len(raw) > _MAX_HEADER:
+            continue
+        header = _parse(raw)
+        if header is None:
+            continue
+        authserv_id = header.authserv_id
+        if isinstance(authserv_id, str) and authserv_id.lower() in pinned:
+            results.extend(header.results)
+    return results
+
+
+def _parse(raw: str) -> Any:
+    """One header's value parsed, or None when it is not RFC 8601 (hostile input)."""
+    try:
+        return authres.AuthenticationResultsHeader.parse_value(raw.strip())
+    except Exception as e:  # authres raises its own SyntaxError, and others
+        log.debug("Authentication-Results not read: %s", type(e).__name__)
+        return None
+
+
+def _property(result: Any, ptype: str, name: str) -> str | None:
+    for prop in getattr(result, "properties", ()):
+        if getattr(prop, "type", None) == ptype and getattr(prop, "name", None) == name:
+            return _domain(getattr(prop, "value", None))
+    return None
+
+
+def verdict_from_results(
+    headers: Iterable[str],
+    *,
+    trusted_ids: Collection[str],
+    from_domain: str,
+    org_domain: Callable[[str], str],
+) -> Verdict:
+    """The verdict for a mail whose From: domain is `from_domain`, from the values of its
+    Authentication-Results headers. `org_domain` gives a domain's organisational domain
+    (Public Suffix List), for relaxed DKIM alignment: `d=gouv.fr` never aligns with
+    `presidence.gouv.fr`, whose organisational domain is itself.
+
+    authenticated: DMARC pass for the From: domain, or a DKIM pass whose d= aligns with it.
+    failed: DMARC fail for it, an aligned DKIM fail, or trusted results that disagree.
+    unverified: nothing usable (no trusted header, none about this domain).
+    """
+    sender = from_domain.lower().rstrip(".")
+    sender_org = org_domain(sender)
+    passes: list[Verdict] = []
+    fails: list[Verdict] = []
+    for result in _trusted(headers, trusted_ids):
+        method = str(getattr(result, "method", "")).lower()
+        outcome = str(getattr(result, "result", "")).lower()
+        if method == "dmarc":
+            domain = _property(result, "header", "from")
+            if domain != sender:
+                continue
+            if outcome == "pass":
+                passes.append(Verdict(AUTHENTICATED, "dmarc", domain, "DMARC pass"))
+            elif outcome == "fail":
+                fails.append(Verdict(FAILED, "dmarc", domain, "DMARC fail"))
+        elif method == "dkim":
+            domain = _property(result, "header", "d") or _property(result, "header", "i")
+            if domain is None or org_domain(domain) != sender_org:
+                continue  # a signature by another organisation says nothing of this sender
+            if outcome == "pass":
+                passes.append(Verdict(AUTHENTICATED, "dkim", domain, f"DKIM pass, d={domain}"))
+            elif outcome in ("fail", "permerror"):
+                fails.append(Verdict(FAILED, "dkim", domain, f"DKIM {outcome}, d={domain}"))
+    if passes and fails:
+        first = fails[0]
+        return Verdict(
+            FAILED, first.method, first.domain, f"trusted results disagree: {first.reason}"
+        )
+    if fails:
+        return fails[0]
+    if passes:
+        dmarc = [v for v in passes if v.method == "dmarc"]
+        return dmarc[0] if dmarc else passes[0]
+    return Verdict(UNVERIFIED, None, None, "no trusted authentication result for this sender")
