@@ -6,6 +6,7 @@ Real Synapses on both sides, the bridge as a subprocess.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -274,28 +275,40 @@ async def test_files_both_ways(linked: Linked) -> None:
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 
 
-async def set_avatar(client: MatrixTestClient, data: bytes) -> str:
+async def set_avatar(client: MatrixTestClient, data: bytes, room_id: str) -> str:
+    """Set the user's avatar and wait until their membership in the room shows it (Synapse
+    updates room memberships after the profile call returns)."""
     mxc = await client.upload(data, "image/png", "avatar.png")
     await client.request(
         "PUT",
         f"/_matrix/client/v3/profile/{client.user_id}/avatar_url",
         json_body={"avatar_url": mxc},
     )
-    return mxc
+    path = f"/_matrix/client/v3/rooms/{room_id}/state/m.room.member/{client.user_id}"
+    for _ in range(100):
+        if (await client.request("GET", path)).get("avatar_url") == mxc:
+            return mxc
+        await asyncio.sleep(0.1)
+    raise AssertionError("the room never showed the new avatar")
 
 
 async def test_avatars_cross_both_ways(linked: Linked) -> None:
     """A remote user's avatar becomes their ghost's; an agency user's goes with each message
     in the per-message profile, copied to the remote server."""
-    await set_avatar(linked.bob, PNG)
+    await set_avatar(linked.bob, PNG, linked.remote_room)
     ghost = linked.ghost_of(linked.bob.user_id)
     await linked.bob.send_text(linked.remote_room, "avec avatar")
     await linked.alice.wait_for_event(linked.agency_room, sent_by(ghost, "avec avatar"))
-    profile = await linked.alice.request("GET", f"/_matrix/client/v3/profile/{ghost}")
+    profile: dict[str, Any] = {}
+    for _ in range(100):  # the ghost's profile is set while its message is sent
+        profile = await linked.alice.request("GET", f"/_matrix/client/v3/profile/{ghost}")
+        if "avatar_url" in profile:
+            break
+        await asyncio.sleep(0.1)
     assert profile["avatar_url"].startswith("mxc://localhost/")
     assert await linked.alice.download(profile["avatar_url"]) == PNG
 
-    await set_avatar(linked.alice, PNG[::-1])
+    await set_avatar(linked.alice, PNG[::-1], linked.agency_room)
     await linked.alice.send_text(linked.agency_room, "mon avatar")
     sent = await linked.bob.wait_for_event(
         linked.remote_room, sent_by(linked.bridge_remote_user, "mon avatar")
