@@ -14,7 +14,7 @@ from typing import Any
 
 from bridge.config import Config, RemoteSettings
 from bridge.core.errors import Ignored, PermanentError, Refused
-from bridge.core.ids import EventID, RoomID, UserID
+from bridge.core.ids import EventID, UserID
 from bridge.core.links import REMOTE_KIND, Link, split_remote_key
 from bridge.core.matrix_event import MXC
 from bridge.core.remote_in import (
@@ -504,17 +504,3 @@ class RemoteRelay:
 def _bounded(ts: int | None) -> int | None:
     """The remote's timestamp for the agency event, never in the future."""
     return None if ts is None else min(ts, _now_ms())
-
-
-def remote_link_rooms(links: list[Link], remote: str) -> set[str]:
-    """The remote rooms of a remote's active links (what its /sync reads)."""
-    rooms = set()
-    for link in links:
-        if link.kind == REMOTE_KIND and not link.paused:
-            name, room_id = split_remote_key(link.remote)
-            if name == remote:
-                rooms.add(room_id)
-    return rooms
-
-
-_ = RoomID  # re-exported type for the service

@@ -15,7 +15,6 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
 
 from bridge.config import Config
 from bridge.core.errors import Ignored, PermanentError, TransientError
@@ -426,7 +425,3 @@ class RemoteSender:
             except PermanentError as e:
                 log.warning("failure of remote outbox item %d not told: %s", item_id, e)
             await remote_db.mark_reported(self.db, item_id)
-
-
-def outbox_report(counts: dict[str, int]) -> dict[str, Any]:
-    return dict(counts)
