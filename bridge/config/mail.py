@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -55,6 +56,17 @@ ON_SENT = ("none", "reaction")
 
 
 @dataclass(frozen=True)
+class TrustSettings:
+    """Who vouches for a mail's sender: the agency MTA's Authentication-Results (pinned by
+    authserv-id), and optionally the bridge's own DKIM check when they say nothing."""
+
+    authserv_ids: tuple[str, ...] = ()
+    verify_dkim: bool = False
+    dns_server: tuple[str, int] | None = None  # (IP address, port); None: the system's
+    dns_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class MailConfig:
     mailboxes: dict[str, MailboxSettings]
     poll_interval: float
@@ -68,6 +80,7 @@ class MailConfig:
     give_up_after: float = 172800.0
     max_attachment_size: int = 10485760
     on_sent: str = "none"
+    trust: TrustSettings = TrustSettings()
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,8 @@ class LinkSpec:
     from_address: str | None = None
     send_edits: bool = True
     egress_domains: tuple[str, ...] = ()
+    require_authenticated: tuple[str, ...] | None = None
+    marking: str | None = None
 
     def settings(self) -> LinkSettings:
         return LinkSettings(
@@ -89,6 +104,8 @@ class LinkSpec:
             from_address=self.from_address,
             send_edits=self.send_edits,
             egress_domains=self.egress_domains,
+            require_authenticated=self.require_authenticated,
+            marking=self.marking,
         )
 
 
@@ -239,7 +256,68 @@ def _mail(raw: dict[str, Any], config_dir: Path | None) -> MailConfig:
         give_up_after=_number(raw, "mail.give_up_after", 0, 365 * 86400),
         max_attachment_size=_int(raw, "mail.max_attachment_size", 0, 1 << 30),
         on_sent=on_sent,
+        trust=_trust(raw["mail"]["trust"]),
     )
+
+
+_AUTHSERV_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,253}[A-Za-z0-9])?$")
+
+
+def _trust(value: Any) -> TrustSettings:
+    key = "mail.trust"
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"must be a mapping, not {_type_name(value)}")
+    ids = value.get("authserv_id", [])
+    if isinstance(ids, str):
+        ids = [ids]
+    if not isinstance(ids, list) or not all(
+        isinstance(i, str) and _AUTHSERV_ID.fullmatch(i) for i in ids
+    ):
+        raise ConfigError(
+            f"{key}.authserv_id",
+            "must be a list of the agency MTA's authserv-ids (host names like mx.agency.gouv.fr)",
+        )
+    verify = value.get("verify_dkim", False)
+    if not isinstance(verify, bool):
+        raise ConfigError(f"{key}.verify_dkim", "must be true or false")
+    timeout = value.get("dns_timeout", 5)
+    number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    if not number or not 0.1 <= timeout <= 60:
+        raise ConfigError(f"{key}.dns_timeout", "must be a number of seconds (0.1 to 60)")
+    return TrustSettings(
+        authserv_ids=tuple(dict.fromkeys(i.lower() for i in ids)),
+        verify_dkim=verify,
+        dns_server=_dns_server(f"{key}.dns_server", value.get("dns_server")),
+        dns_timeout=float(timeout),
+    )
+
+
+def _dns_server(key: str, value: Any) -> tuple[str, int] | None:
+    """An IP address, with an optional port: 192.0.2.1, 192.0.2.1:5353, [2001:db8::1]:53."""
+    if value is None:
+        return None
+    problem = "must be an IP address, optionally with :port (e.g. 10.0.0.53 or [::1]:5353)"
+    if not isinstance(value, str):
+        raise ConfigError(key, problem)
+    host, port = value, 53
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise ConfigError(key, problem)
+            port = int(rest[1:])
+    elif value.count(":") == 1:
+        host, _, text = value.partition(":")
+        if not text.isdigit():
+            raise ConfigError(key, problem)
+        port = int(text)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(key, problem) from None
+    if not 0 < port < 65536:
+        raise ConfigError(key, problem)
+    return str(address), port
 
 
 def check_sender_patterns(key: str, value: Any) -> tuple[str, ...]:
@@ -263,6 +341,8 @@ LINK_KEYS = (
     "from_address",
     "send_edits",
     "egress_domains",
+    "require_authenticated",
+    "marking",
 )
 
 
@@ -289,4 +369,22 @@ def _mail_link(key: str, entry: Mapping[str, Any], mail: MailConfig, seen: set[s
     if not isinstance(edits, bool):
         raise ConfigError(f"{key}.send_edits", "must be true or false")
     egress = check_sender_patterns(f"{key}.egress_domains", entry.get("egress_domains", []))
-    return LinkSpec(room, address, senders, mode, link_from, edits, egress)
+    required = entry.get("require_authenticated")
+    if required is not None:
+        required = check_sender_patterns(f"{key}.require_authenticated", required)
+    marking = entry.get("marking")
+    if marking is not None and (
+        not isinstance(marking, str) or not marking.strip() or not marking.isprintable()
+    ):
+        raise ConfigError(f"{key}.marking", "must be a marking like DIFFUSION RESTREINTE")
+    return LinkSpec(
+        room,
+        address,
+        senders,
+        mode,
+        link_from,
+        edits,
+        egress,
+        require_authenticated=required,
+        marking=marking.strip() if marking is not None else None,
+    )

@@ -20,6 +20,10 @@ class LinkSettings:
     from_address: str | None = None
     send_edits: bool = True
     egress_domains: tuple[str, ...] = ()
+    # Sender domains whose mail is posted only when authenticated (DKIM/DMARC); None: all of
+    # allowed_senders. A classification marking (None: unmarked), see mail.markings.
+    require_authenticated: tuple[str, ...] | None = None
+    marking: str | None = None
 
     def patterns(self) -> list[DomainPattern]:
         return [DomainPattern.parse(p) for p in self.allowed_senders]
@@ -39,6 +43,16 @@ class LinkSettings:
         domain = address.rpartition("@")[2]
         return bool(domain) and domain_allowed(domain, self.patterns())
 
+    def authentication_required(self, address: str) -> bool:
+        """Whether mail from this canonical address must be authenticated to be posted."""
+        patterns = (
+            self.allowed_senders
+            if self.require_authenticated is None
+            else self.require_authenticated
+        )
+        domain = address.rpartition("@")[2]
+        return bool(domain) and domain_allowed(domain, [DomainPattern.parse(p) for p in patterns])
+
     def as_json(self) -> dict[str, Any]:
         return {
             "allowed_senders": list(self.allowed_senders),
@@ -46,6 +60,10 @@ class LinkSettings:
             "from_address": self.from_address,
             "send_edits": self.send_edits,
             "egress_domains": list(self.egress_domains),
+            "require_authenticated": (
+                None if self.require_authenticated is None else list(self.require_authenticated)
+            ),
+            "marking": self.marking,
         }
 
     @classmethod
@@ -54,12 +72,19 @@ class LinkSettings:
         mode = data.get("thread_mode", "threads")
         sender = data.get("from_address")
         egress = data.get("egress_domains", [])
+        required = data.get("require_authenticated")
+        marking = data.get("marking")
         return cls(
             allowed_senders=tuple(str(s) for s in senders) if isinstance(senders, list) else (),
             thread_mode=mode if mode in THREAD_MODES else "threads",
             from_address=sender if isinstance(sender, str) and sender else None,
             send_edits=data.get("send_edits", True) is not False,
             egress_domains=tuple(str(d) for d in egress) if isinstance(egress, list) else (),
+            # Anything but a list keeps the default (all allowed senders): never less strict.
+            require_authenticated=(
+                tuple(str(d) for d in required) if isinstance(required, list) else None
+            ),
+            marking=marking if isinstance(marking, str) and marking else None,
         )
 
 
