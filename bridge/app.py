@@ -26,6 +26,7 @@ from bridge.db import remote as remote_db
 from bridge.db.engine import Database, open_database
 from bridge.db.inbox import InboxEvent
 from bridge.db.outbox import DbOutboxStore
+from bridge.mail.authcheck import SenderAuthenticator
 from bridge.mail.ingest import make_parser
 from bridge.mail.outbox import OutboxWorker
 from bridge.mail.smtp import SendResult, SmtpConfig, SmtpSender, TlsMode, retry_delay
@@ -154,6 +155,7 @@ class Bridge:
             make_parser(config.mail),
             self.poster,
             self.tasks,
+            authenticate=SenderAuthenticator(config.mail.trust).check,
             max_attempts=config.mail.max_attempts,
             is_own_message=self.mail_out.is_own_message_id,
             has_own_marker=self.mail_out.has_own_marker,

@@ -54,11 +54,16 @@ def _parser() -> argparse.ArgumentParser:
         "inspect-mail",
         help="show, as JSON, what the bridge would post for a mail (touches no server)",
         description="Parse MESSAGE (an .eml file) as the bridge would and print one JSON "
-        "document: accepted, reason, sender, and the Matrix events it would send. Exit 0 "
-        "for any mail, accepted or not.",
+        "document: accepted, reason, sender, auth (the sender's verdict and its evidence) "
+        "and the Matrix events it would send. Exit 0 for any mail, accepted or not.",
     )
     insp.add_argument("-c", "--config", type=Path, default=None, help="config file (optional)")
-    insp.add_argument("--link", default=None, help="apply this link's policy (its address)")
+    insp.add_argument(
+        "--link",
+        default=None,
+        help="apply this link's policy (its address; a link of the config, else one made in a "
+        "room, read from the database)",
+    )
     insp.add_argument("message", type=Path, help="the mail, as an .eml file")
     ev = sub.add_parser(
         "inspect-event",

@@ -4,15 +4,19 @@ for a mail or a remote room's event, and mail for a Matrix event, without touchi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from bridge.config import Config, LinkSpec, RemoteSettings, parse_config
+from bridge.core.authentication import AUTHENTICATED
 from bridge.core.errors import Refused
 from bridge.core.ghosts import encode_localpart, ghost_display_name
-from bridge.core.links import LinkSettings
+from bridge.core.links import Link, LinkSettings
 from bridge.core.message import Attachment, IncomingMessage
 from bridge.core.permissions import PermissionLevel
 from bridge.core.remote_in import (
@@ -31,6 +35,9 @@ from bridge.core.remote_in import (
     unrelayed_reaction_content,
 )
 from bridge.core.threading import NEW_THREAD
+from bridge.db import links as link_db
+from bridge.db.engine import DatabaseError, open_existing
+from bridge.mail.authcheck import SenderAuthenticator
 from bridge.mail.compose import ComposeError, compose, loop_marker
 from bridge.mail.ingest import make_parser
 from bridge.mail.outgoing import NotSent, outgoing_mail, placeholder_attachment, plan_event
@@ -48,21 +55,49 @@ def offline_config() -> Config:
 
 
 def _settings(config: Config, link: str | None) -> LinkSettings | None:
+    """The link's settings: from the config, else a link made in a room (the database)."""
     if link is None:
         return None
-    spec: LinkSpec | None = next((s for s in config.links if s.address == link.lower()), None)
-    if spec is None:
-        raise LookupError(f"no link for {link} in the config's links")
-    return LinkSettings(allowed_senders=spec.allowed_senders, thread_mode=spec.thread_mode)
+    address = link.lower().removeprefix("mail:")
+    spec: LinkSpec | None = next((s for s in config.links if s.address == address), None)
+    if spec is not None:
+        return spec.settings()
+    try:
+        stored = asyncio.run(_stored_link(config, address))
+    except DatabaseError as e:
+        raise LookupError(
+            f"no link for {link} in the config's links, and the database cannot be read: {e}"
+        ) from None
+    if stored is None:
+        raise LookupError(f"no link for {link} in the config's links or the database")
+    return stored.settings
 
 
-def _verdict(
-    config: Config, message: IncomingMessage, settings: LinkSettings | None
-) -> str | None:
+async def _stored_link(config: Config, address: str) -> Link | None:
+    db = await open_existing(config.database)
+    try:
+        return await link_db.link_by_remote(db, "mail", address)
+    except SQLAlchemyError as e:
+        raise DatabaseError(str(e).splitlines()[0]) from None
+    finally:
+        await db.close()
+
+
+def _refusal(message: IncomingMessage, settings: LinkSettings | None) -> str | None:
     if message.auto_generated:
         return "automatic reply: not relayed (loop protection)"
-    if settings is not None and not settings.sender_allowed(message.sender.address):
-        return f"sender {message.sender.address} is not among the link's allowed senders"
+    if settings is None:
+        return None
+    address = message.sender.address
+    if not settings.sender_allowed(address):
+        return f"sender {address} is not among the link's allowed senders"
+    auth = message.auth
+    required = settings.authentication_required(address)
+    if auth is not None and auth.verdict != AUTHENTICATED and required:
+        return (
+            f"sender {address} is {auth.verdict} ({auth.reason}); this link requires "
+            "its domain to be authenticated"
+        )
     return None
 
 
@@ -85,7 +120,13 @@ async def _events(message: IncomingMessage, threads: bool) -> list[dict[str, Any
 
 def inspect_mail(config: Config, raw: bytes, link: str | None) -> dict[str, Any]:
     """The JSON report of inspect-mail; never raises for any mail."""
-    report: dict[str, Any] = {"accepted": False, "reason": None, "sender": None, "events": []}
+    report: dict[str, Any] = {
+        "accepted": False,
+        "reason": None,
+        "sender": None,
+        "auth": None,
+        "events": [],
+    }
     settings = _settings(config, link)
     try:
         message = make_parser(config.mail)(raw)
@@ -101,7 +142,10 @@ def inspect_mail(config: Config, raw: bytes, link: str | None) -> dict[str, Any]
         "ghost": config.ghost_mxid(encode_localpart(sender.address)),
         "display_name": ghost_display_name(sender.display_name, sender.address),
     }
-    report["reason"] = _verdict(config, message, settings)
+    verdict = SenderAuthenticator(config.mail.trust).check(raw, sender.address)
+    report["auth"] = verdict.as_json()
+    message = dataclasses.replace(message, auth=verdict)
+    report["reason"] = _refusal(message, settings)
     report["accepted"] = report["reason"] is None
     if report["accepted"]:
         threads = settings is None or settings.thread_mode == "threads"

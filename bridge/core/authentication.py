@@ -1,23 +1,42 @@
 """Who really sent a mail: a verdict from the Authentication-Results of the agency's own MTA
 (RFC 8601), pinned by its authserv-id. Results any other server wrote are ignored: a sender
-can add its own header claiming anything. (Not wired into the relay yet: issue 10.)"""
+can add its own header claiming anything."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import authres
+from publicsuffixlist import PublicSuffixList
 
 log = logging.getLogger("passerelle.core.authentication")
 
-__all__ = ["AUTHENTICATED", "FAILED", "UNVERIFIED", "Verdict", "verdict_from_results"]
+__all__ = [
+    "AUTHENTICATED",
+    "CONTENT_KEY",
+    "FAILED",
+    "MARKS",
+    "UNVERIFIED",
+    "Verdict",
+    "aligned_spf_pass",
+    "organizational_domain",
+    "verdict_from_results",
+]
 
 AUTHENTICATED = "authenticated"
 UNVERIFIED = "unverified"
 FAILED = "failed"
+# What a room sees above a message whose sender is not authenticated (posted only where the
+# link allows it): French first, as the agencies' users read it.
+MARKS = {
+    UNVERIFIED: "⚠ expéditeur non vérifié / unverified sender",
+    FAILED: "⚠ échec de l'authentification de l'expéditeur / sender authentication failed",
+}
+CONTENT_KEY = "fr.passerelle.auth"
 _MAX_HEADER = 8192  # characters of one header read; a longer one is not a real MTA's
 
 
@@ -27,6 +46,32 @@ class Verdict:
     method: str | None  # dmarc | dkim: what decided it
     domain: str | None  # the domain that authenticated (or failed)
     reason: str  # one line, for the room, the audit log and inspect-mail
+
+    def content(self) -> dict[str, str | None]:
+        """What every relayed message carries, machine-readable, under CONTENT_KEY."""
+        return {"verdict": self.verdict, "method": self.method, "domain": self.domain}
+
+    def as_json(self) -> dict[str, str | None]:
+        return {
+            "verdict": self.verdict,
+            "method": self.method,
+            "domain": self.domain,
+            "reason": self.reason,
+        }
+
+
+@functools.cache
+def _suffixes() -> PublicSuffixList:
+    return PublicSuffixList()
+
+
+@functools.lru_cache(maxsize=4096)
+def organizational_domain(domain: str) -> str:
+    """The organisational domain (RFC 7489 3.2) from the Public Suffix List: one label below
+    the public suffix. `gouv.fr` is a public suffix, so `presidence.gouv.fr` is its own and
+    `gouv.fr` is only itself: a `d=gouv.fr` signature never aligns with an agency's domain."""
+    domain = domain.lower().rstrip(".")
+    return _suffixes().privatesuffix(domain) or domain
 
 
 def _domain(value: object) -> str | None:
@@ -119,3 +164,24 @@ def verdict_from_results(
         dmarc = [v for v in passes if v.method == "dmarc"]
         return dmarc[0] if dmarc else passes[0]
     return Verdict(UNVERIFIED, None, None, "no trusted authentication result for this sender")
+
+
+def aligned_spf_pass(
+    headers: Iterable[str],
+    *,
+    trusted_ids: Collection[str],
+    from_domain: str,
+    org_domain: Callable[[str], str],
+) -> str | None:
+    """The envelope domain of a trusted SPF pass aligned (relaxed) with the From: domain, if
+    any: what DMARC would count besides DKIM when the MTA checked SPF but not DMARC."""
+    sender_org = org_domain(from_domain.lower().rstrip("."))
+    for result in _trusted(headers, trusted_ids):
+        if str(getattr(result, "method", "")).lower() != "spf":
+            continue
+        if str(getattr(result, "result", "")).lower() != "pass":
+            continue
+        domain = _property(result, "smtp", "mailfrom") or _property(result, "smtp", "helo")
+        if domain is not None and org_domain(domain) == sender_org:
+            return domain
+    return None

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from bridge.core.authentication import Verdict
+
 
 @dataclass(frozen=True)
 class Sender:
@@ -51,6 +53,8 @@ class IncomingMessage:
     # bulk are not auto-replies: they mark ordinary list traffic, which is the product.
     auto_generated: bool = False
     notes: tuple[str, ...] = field(default=())  # what was dropped or trimmed, for the reader
+    # Who vouched for the sender (None: not checked, e.g. inspect without a config).
+    auth: Verdict | None = None
 
 
 INLINE_PREFIX = "mxc://passerelle.invalid/cid-"

@@ -138,6 +138,26 @@ async def open_database(config: DatabaseConfig) -> Database:
     return Database(engine)
 
 
+def _check_sqlite_file(url: str) -> None:
+    if url.startswith("sqlite"):
+        path = Path(url.split(":///", 1)[1]).expanduser()
+        if not path.is_file():
+            raise DatabaseError(f"the SQLite file {path} does not exist")
+
+
+async def open_existing(config: DatabaseConfig) -> Database:
+    """Connect to the bridge's database as it is, to read (admin tools): nothing is created
+    or migrated; DatabaseError if it does not exist or cannot be reached."""
+    _check_sqlite_file(config.url)
+    engine = create_engine(config)
+    try:
+        await Database(engine).ping()
+    except (SQLAlchemyError, OSError) as e:
+        await engine.dispose()
+        raise DatabaseError(f"cannot open the database: {_one_line(e)}") from e
+    return Database(engine)
+
+
 def _one_line(error: BaseException) -> str:
     text_ = str(getattr(error, "orig", None) or error)
     return text_.strip().splitlines()[0] if text_.strip() else type(error).__name__

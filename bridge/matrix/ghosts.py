@@ -28,26 +28,42 @@ class GhostManager:
     def mxid_for(self, address: str) -> UserID:
         return self.config.ghost_mxid(encode_localpart(address))
 
-    async def ensure(self, address: str, display_name: str, room_id: RoomID) -> UserID:
-        """The ghost of a mail address, named "Name (address)", in the room."""
+    async def ensure(
+        self, address: str, display_name: str, room_id: RoomID, *, rename: bool = True
+    ) -> UserID:
+        """The ghost of a mail address, named "Name (address)", in the room. With rename
+        false, an existing ghost keeps its name (a new one still gets this one)."""
         mxid = self.mxid_for(address)
         name = ghost_display_name(display_name, address)
-        return await self.ensure_user(mxid, name, room_id, kind="mail", remote_id=address)
+        return await self.ensure_user(
+            mxid, name, room_id, kind="mail", remote_id=address, rename=rename
+        )
 
     async def ensure_user(
-        self, mxid: UserID, name: str, room_id: RoomID, *, kind: str, remote_id: str
+        self,
+        mxid: UserID,
+        name: str,
+        room_id: RoomID,
+        *,
+        kind: str,
+        remote_id: str,
+        rename: bool = True,
     ) -> UserID:
-        """A ghost registered, showing `name`, and joined to the room."""
+        """A ghost registered, showing `name` (unless it exists and rename is false), and
+        joined to the room."""
         if self._named.get(mxid) != name:
             known = await ghosts.get_display_name(self.db, mxid)
             if known is None:
                 await self.client.register(mxid[1:].split(":", 1)[0])
-            if known != name:
-                await self.client.set_displayname(mxid, name)
-                await ghosts.save_ghost(
-                    self.db, mxid, kind=kind, remote_id=remote_id, display_name=name
-                )
-            self._named[mxid] = name
+            if known is not None and not rename:
+                self._named[mxid] = known  # keeps its name; a later authenticated mail renames
+            else:
+                if known != name:
+                    await self.client.set_displayname(mxid, name)
+                    await ghosts.save_ghost(
+                        self.db, mxid, kind=kind, remote_id=remote_id, display_name=name
+                    )
+                self._named[mxid] = name
         if (mxid, room_id) not in self._joined:
             try:
                 await self.client.join(room_id, as_user=mxid)

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bridge.core.authentication import AUTHENTICATED
 from bridge.core.ids import EventID, RoomID, UserID
 from bridge.core.message import Attachment, IncomingMessage
 from bridge.core.threading import ThreadTarget
@@ -78,8 +79,11 @@ class MatrixPoster:
         threads: bool,
         ts: int | None,
     ) -> EventID:
+        # Only an authenticated mail may rename an existing ghost: an unverified one (posted
+        # where the link allows it) cannot put a new name on somebody's ghost.
+        trusted = message.auth is None or message.auth.verdict == AUTHENTICATED
         ghost = await self.ghosts.ensure(
-            message.sender.address, message.sender.display_name, room_id
+            message.sender.address, message.sender.display_name, room_id, rename=trusted
         )
 
         async def upload(attachment: Attachment) -> str:

@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from bridge.core.authentication import CONTENT_KEY, MARKS
 from bridge.core.ids import EventID
 from bridge.core.message import (
     INLINE_PREFIX,
@@ -83,6 +84,11 @@ def main_content(
         formatted = f"<p><strong>{html.escape(lead)}</strong></p>{formatted}"
     if notes:
         formatted += f"<p><em>({html.escape(notes)})</em></p>"
+    mark = None if message.auth is None else MARKS.get(message.auth.verdict)
+    if mark is not None:
+        # First, in both forms, so no client (or notification) shows the text without it.
+        body = f"{mark}\n\n{body}"
+        formatted = f"<p><strong>{html.escape(mark)}</strong></p>{formatted}"
     content: dict[str, Any] = {
         "msgtype": "m.text",
         "body": body,
@@ -90,6 +96,8 @@ def main_content(
         "formatted_body": formatted,
         "m.mentions": {},
     }
+    if message.auth is not None:
+        content[CONTENT_KEY] = message.auth.content()
     rel = relation(target, threads=threads)
     if rel is not None:
         content["m.relates_to"] = rel

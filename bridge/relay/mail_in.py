@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from bridge.core.authentication import AUTHENTICATED, Verdict
 from bridge.core.backoff import Backoff
 from bridge.core.errors import Ignored, Refused, TransientError
 from bridge.core.ids import EventID, RoomID
@@ -53,6 +54,9 @@ class RoomPoster(Protocol):
 
 
 Parser = Callable[[bytes], IncomingMessage]
+# The verdict on a raw mail whose From: is the given (validated) address; may block on DNS, so
+# it runs in a worker thread.
+Authenticator = Callable[[bytes, str], Verdict]
 
 
 def synthetic_message_id(raw: bytes) -> str:
@@ -89,12 +93,14 @@ class MailRelay:
         poster: RoomPoster,
         tasks: TaskGroup,
         *,
+        authenticate: Authenticator,
         max_attempts: int,
         is_own_message: Callable[[str], bool] = lambda _mid: False,
         has_own_marker: Callable[[bytes], bool] = lambda _raw: False,
     ) -> None:
         self.db = db
         self.parse = parse
+        self.authenticate = authenticate
         self.poster = poster
         self.max_attempts = max_attempts
         self.is_own_message = is_own_message
@@ -235,6 +241,7 @@ class MailRelay:
             # Posted before a crash could record the outcome, or a copy under a new UID.
             await mail_db.finish(self.db, raw.id, "done", event_id=existing.event_id)
             return
+        message = await self._authenticated(link, raw.raw, message)
 
         async def known(mid: str) -> Mapped | None:
             return await mail_db.lookup(self.db, link.id, mid)
@@ -262,6 +269,27 @@ class MailRelay:
             subject=message.subject,
         )
         log.info("posted mail %s/%s of %s as %s", raw.uidvalidity, raw.uid, link.remote, event_id)
+
+    async def _authenticated(
+        self, link: Link, raw: bytes, message: IncomingMessage
+    ) -> IncomingMessage:
+        """The message with its verdict; Refused (the room told once a day per sender) when
+        the link requires its sender's domain to be authenticated and it is not. Nothing
+        about a refused mail reaches Matrix: no ghost is made or renamed for it."""
+        address = message.sender.address
+        loop = asyncio.get_running_loop()
+        verdict = await loop.run_in_executor(None, self.authenticate, raw, address)
+        log.debug("sender %s of a mail to %s: %s", address, link.remote, verdict.reason)
+        if verdict.verdict != AUTHENTICATED and link.settings.authentication_required(address):
+            await self._refused(
+                link,
+                address,
+                f"Mail from {address} to {link.remote} is not posted here: this link requires "
+                f"its sender to be authenticated, and it is {verdict.verdict} "
+                f"({verdict.reason}).",
+            )
+            raise Refused(f"sender {address} {verdict.verdict}: {verdict.reason}")
+        return dataclasses.replace(message, auth=verdict)
 
     async def _refused(self, link: Link, who: str, text: str) -> None:
         """Count a refusal; the room hears of each sender once a day, the log every time."""

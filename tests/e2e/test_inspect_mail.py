@@ -6,6 +6,7 @@ Whatever the mail, the tool prints exactly one JSON document and exits 0; only u
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import html.parser
 import json
@@ -20,10 +21,17 @@ from typing import Any
 
 import pytest
 
+from bridge.config import DatabaseConfig
+from bridge.core.authentication import CONTENT_KEY, MARKS, UNVERIFIED
+from bridge.core.ids import RoomID
+from bridge.core.links import LinkSettings
+from bridge.db import links as link_db
+from bridge.db.engine import open_database
 from bridge.registration import dump_yaml
 from tests.conftest import bridge_config_dict, subprocess_env
 
 LIST = "list@agency.example.org"
+MTA = "mx.agency.example.org"
 ROOM = "!r:localhost"
 MXC_INSPECT = re.compile(r"mxc://inspect/[0-9]+")
 BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -73,7 +81,7 @@ def inspect_bytes(tmp_path: Path, raw: bytes, *options: str | Path) -> dict[str,
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 0, result.stderr
     report = result.report
-    assert set(report) == {"accepted", "reason", "sender", "events"}
+    assert set(report) == {"accepted", "reason", "sender", "auth", "events"}
     assert isinstance(report["accepted"], bool)
     assert isinstance(report["events"], list)
     if report["accepted"]:
@@ -161,6 +169,7 @@ def link_config(tmp_path: Path) -> Path:
             }
         },
     )
+    raw["mail"]["trust"] = {"authserv_id": [MTA]}
     raw["links"] = [{"room": ROOM, "address": LIST, "allowed_senders": ["gouv.fr", "*.gouv.fr"]}]
     path = tmp_path / "config.yaml"
     path.write_text(dump_yaml(raw), encoding="utf-8")
@@ -180,7 +189,10 @@ def test_a_plain_text_mail_becomes_one_text_event(tmp_path: Path) -> None:
     assert "agent=40gouv.fr" in report["sender"]["ghost"]
     assert len(report["events"]) == 1
     content = main_content(report)
-    assert content["body"].startswith("Reunion de service")
+    # No config, so no trusted MTA: the sender is unverified, and the event says so first.
+    assert report["auth"]["verdict"] == "unverified"
+    assert content["body"].startswith(f"{MARKS[UNVERIFIED]}\n\nReunion de service")
+    assert content[CONTENT_KEY] == {"verdict": "unverified", "method": None, "domain": None}
     assert "la réunion est à 10h." in content["body"]
     assert content["m.mentions"] == {}
     assert "m.relates_to" not in content
@@ -387,11 +399,86 @@ def test_a_look_alike_domain_is_not_allowed_by_the_link(tmp_path: Path) -> None:
     assert report["events"] == []
 
 
-@pytest.mark.parametrize("sender", [b"agent@gouv.fr", b"Agent <agent@achats.gouv.fr>"])
-def test_the_links_own_domains_are_accepted(tmp_path: Path, sender: bytes) -> None:
+def passed(domain: str, authserv_id: str = "mx.agency.example.org") -> bytes:
+    return f"Authentication-Results: {authserv_id}; dmarc=pass header.from={domain}\r\n".encode()
+
+
+@pytest.mark.parametrize(
+    ("sender", "domain"),
+    [(b"agent@gouv.fr", "gouv.fr"), (b"Agent <agent@achats.gouv.fr>", "achats.gouv.fr")],
+)
+def test_the_links_own_domains_are_accepted(tmp_path: Path, sender: bytes, domain: str) -> None:
     config = link_config(tmp_path)
-    report = inspect_bytes(tmp_path, mail(sender=sender), "-c", config, "--link", LIST.upper())
+    raw = passed(domain) + mail(sender=sender)
+    report = inspect_bytes(tmp_path, raw, "-c", config, "--link", LIST.upper())
     assert report["accepted"] is True
+    assert report["auth"] == {
+        "verdict": "authenticated",
+        "method": "dmarc",
+        "domain": domain,
+        "reason": "DMARC pass",
+    }
+    assert "⚠" not in main_content(report)["body"]
+
+
+@pytest.mark.parametrize(
+    "results",
+    [
+        b"",  # nothing
+        passed("achats.gouv.fr", "mx.attacker.example"),  # another server's word
+        passed("gouv.fr"),  # about another domain (gouv.fr is a public suffix)
+        passed("achats.gouv.fr").replace(b"dmarc=pass", b"dmarc=fail"),
+    ],
+)
+def test_an_unauthenticated_sender_of_a_required_domain_is_refused(
+    tmp_path: Path, results: bytes
+) -> None:
+    config = link_config(tmp_path)
+    raw = results + mail(sender=b"Agent <agent@achats.gouv.fr>")
+    report = inspect_bytes(tmp_path, raw, "-c", config, "--link", LIST)
+    assert report["accepted"] is False
+    assert report["auth"]["verdict"] in ("unverified", "failed")
+    assert "requires" in report["reason"]
+    assert report["events"] == []
+
+
+def test_a_link_made_in_a_room_is_found_in_the_database(tmp_path: Path) -> None:
+    config = link_config(tmp_path)
+    made = "made-in-room@agency.example.org"
+
+    async def make_link() -> None:
+        db = await open_database(
+            DatabaseConfig(url=f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}")
+        )
+        try:
+            await link_db.save_link(
+                db,
+                room_id=RoomID(ROOM),
+                kind="mail",
+                remote=made,
+                settings=LinkSettings(allowed_senders=("example.org",)),
+                source="bot",
+                created_by=None,
+            )
+        finally:
+            await db.close()
+
+    asyncio.run(make_link())
+    outsider = inspect_bytes(tmp_path, mail(), "-c", config, "--link", made)
+    assert outsider["accepted"] is False
+    assert "allowed senders" in outsider["reason"]
+    unknown = run_inspect("-c", config, "--link", "nobody@agency.example.org", tmp_path / "x")
+    assert unknown.returncode == 2
+
+
+def test_an_unknown_link_is_a_usage_error_naming_both_places(tmp_path: Path) -> None:
+    config = link_config(tmp_path)
+    path = tmp_path / "m.eml"
+    path.write_bytes(mail())
+    result = run_inspect("-c", config, "--link", "nobody@agency.example.org", path)
+    assert result.returncode == 2
+    assert "config's links" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # --- hostile structure --------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
+from email.parser import BytesHeaderParser
+from email.utils import format_datetime, make_msgid, parseaddr
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,17 @@ from tests.conftest import BridgeProcess, SynapseSetup, UserFactory
 from tests.e2e.test_bot import message_from, replies_to
 
 PASSWORD = "list-password"
+# The agency MTA these tests stand in for: mail appended to Dovecot here is what it delivered,
+# with its Authentication-Results (the real milters write them in test_mail_auth_e2e.py).
+MTA = "mx.example.test"
+
+
+def authenticated(raw: bytes) -> bytes:
+    """The mail as the agency MTA delivers it after a DMARC pass for its From: domain."""
+    headers = BytesHeaderParser().parsebytes(raw)
+    domain = parseaddr(str(headers.get("From", "")))[1].rpartition("@")[2]
+    line = f"Authentication-Results: {MTA}; dmarc=pass header.from={domain}\r\n"
+    return line.encode() + raw
 
 
 @dataclass
@@ -38,8 +50,11 @@ class MailSetup:
     room_id: str
     bot: str
 
-    async def deliver(self, raw: bytes) -> int:
-        return await self.dovecot.append(self.address, PASSWORD, raw)
+    async def deliver(self, raw: bytes, *, auth: bool = True) -> int:
+        """Into the list mailbox; `auth`: as the agency MTA delivers a DMARC-passing mail."""
+        return await self.dovecot.append(
+            self.address, PASSWORD, authenticated(raw) if auth else raw
+        )
 
     def mail(
         self,
@@ -94,6 +109,7 @@ def bridge_config_with_mailbox(
             }
         },
         "poll_interval": 2,
+        "trust": {"authserv_id": [MTA]},
     }
     return raw
 
@@ -377,7 +393,7 @@ async def test_config_link_waits_for_the_bot_to_be_invited(
         msg["Subject"] = "En attente"
         msg["Message-ID"] = make_msgid(domain="achats.gouv.fr")
         msg.set_content("posté dès que le bot est invité")
-        await dovecot.append(address, PASSWORD, msg.as_bytes())
+        await dovecot.append(address, PASSWORD, authenticated(msg.as_bytes()))
         await asyncio.sleep(2)
         assert "waits until someone invites it" in bridge.log_text()
         assert not [

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 from bridge.config import DatabaseConfig, MailConfig
+from bridge.config.mail import TrustSettings
 from bridge.core.errors import TransientError
 from bridge.core.ids import EventID, RoomID
 from bridge.core.links import Link, LinkSettings
@@ -25,6 +26,7 @@ from bridge.db import links as link_db
 from bridge.db import mail as mail_db
 from bridge.db.engine import Database, open_database
 from bridge.db.schema import mail_raw, message_map
+from bridge.mail.authcheck import SenderAuthenticator
 from bridge.mail.compose import has_loop_marker, is_own_message_id, loop_marker, own_message_id
 from bridge.mail.ingest import make_parser
 from bridge.mail.store import DbMailboxStore
@@ -36,6 +38,8 @@ ROOM_B = RoomID("!b:localhost")
 LIST_A = "list-a@agency.example.org"
 LIST_B = "list-b@agency.example.org"
 ALLOWED = ("gouv.fr", "*.gouv.fr")
+# The agency MTA of these tests: its Authentication-Results are the ones the relay believes.
+MTA = "mx.agency.example.org"
 
 
 # --- the Matrix side ----------------------------------------------------------------------------
@@ -128,8 +132,14 @@ def make_mail(
     date: datetime | str | None = "now",
     extra: str = "",
     body: str = "Bonjour,\nvoici le message.",
+    auth: str | None = "dmarc=pass",
 ) -> bytes:
-    lines = [f"From: {sender}", f"To: {LIST_A}", f"Subject: {subject}"]
+    """A mail; `auth`: the result the agency MTA wrote for the sender's domain (None: none)."""
+    lines = []
+    if auth is not None:
+        domain = sender.rpartition("@")[2].rstrip(">").strip()
+        lines.append(f"Authentication-Results: {MTA}; {auth} header.from={domain}")
+    lines += [f"From: {sender}", f"To: {LIST_A}", f"Subject: {subject}"]
     if message_id == "auto":
         message_id = f"relay-{next(_numbers)}-{time.monotonic_ns()}@gouv.fr"
     if message_id is not None:
@@ -167,13 +177,16 @@ class Relay:
         *,
         allowed: tuple[str, ...] = ALLOWED,
         thread_mode: str = "threads",
+        required: tuple[str, ...] | None = None,
     ) -> Link:
         return await link_db.save_link(
             self.db,
             room_id=room,
             kind="mail",
             remote=remote,
-            settings=LinkSettings(allowed_senders=allowed, thread_mode=thread_mode),
+            settings=LinkSettings(
+                allowed_senders=allowed, thread_mode=thread_mode, require_authenticated=required
+            ),
             source="config",
             created_by=None,
         )
@@ -272,6 +285,7 @@ async def relay(database: Database) -> AsyncIterator[Relay]:
         make_parser(mail_config()),
         checked,
         tasks,
+        authenticate=SenderAuthenticator(TrustSettings(authserv_ids=(MTA,))).check,
         max_attempts=MAX_ATTEMPTS,
         is_own_message=lambda mid: is_own_message_id(mid, OWN_DOMAIN, OWN_SECRET),
         has_own_marker=lambda raw: has_loop_marker(raw, [OWN_MARKER]),
