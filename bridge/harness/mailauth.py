@@ -1,4 +1,4 @@
-"""A mail-authentication rig: Postfix with real opendkim + opendmarc, private DNS, test DKIM keys."""
+"""A mail-authentication rig: Postfix with the real milters, private DNS, test DKIM keys."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from bridge.harness.milters import AuthMilters
 from bridge.harness.postfix import PostfixServer
 
 SELECTOR = "rig"
+CLIENT_IP = "192.0.2.25"  # TEST-NET-1: where test mail claims to come from (see AuthRig.send)
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,9 @@ class AuthRig:
         milters = AuthMilters(
             base_dir / "milters", dns, authserv_id=authserv_id, dns_timeout=dns_timeout
         )
-        postfix = PostfixServer(base_dir / "postfix", lmtp_port=lmtp_port, milters=milters.milters)
+        postfix = PostfixServer(
+            base_dir / "postfix", lmtp_port=lmtp_port, milters=milters.milters, xclient=True
+        )
         return cls(dns, milters, postfix, dict(keys))
 
     @property
@@ -125,10 +128,26 @@ class AuthRig:
         return self.keys[domain].sign(raw)
 
     def send(
-        self, raw: bytes, mail_from: str, rcpt: str, helo: str = "client.sender.test"
+        self,
+        raw: bytes,
+        mail_from: str,
+        rcpt: str,
+        *,
+        client_ip: str = CLIENT_IP,
+        helo: str = "client.sender.test",
     ) -> None:
-        """Hand ``raw`` to the rig's Postfix over SMTP, as-is (no header is added)."""
-        with smtplib.SMTP(self.postfix.host, self.postfix.smtp_port, helo, timeout=30) as smtp:
+        """Hand ``raw`` to the rig's Postfix over SMTP, as-is (no header is added).
+
+        The session claims (XCLIENT) to come from ``client_ip``: libspf2 passes every loopback
+        client whatever the SPF record says, so SPF only means something for another address.
+        Raises ``smtplib.SMTPResponseException`` when Postfix (or a milter) refuses the mail.
+        """
+        with smtplib.SMTP(self.postfix.host, self.postfix.smtp_port, "rig.localhost") as smtp:
+            smtp.ehlo()
+            code, reply = smtp.docmd("XCLIENT", f"ADDR={client_ip} NAME=[UNAVAILABLE] HELO={helo}")
+            if code != 220:
+                raise smtplib.SMTPResponseException(code, reply)
+            smtp.ehlo(helo)
             smtp.sendmail(mail_from, [rcpt], raw)
 
 

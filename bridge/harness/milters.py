@@ -1,4 +1,4 @@
-"""The real Debian opendkim (verify) and opendmarc milters for the test Postfix, with private DNS."""
+"""The real Debian opendkim (verify mode) and opendmarc milters for the test Postfix."""
 
 from __future__ import annotations
 
@@ -169,10 +169,10 @@ SoftwareHeader false
         }
         for name, argv in commands.items():
             self.socket_path(name).unlink(missing_ok=True)
+            script = self._namespace_script(argv)
             with (self.base_dir / f"{name}.out").open("ab") as out:
                 self._procs[name] = subprocess.Popen(
-                    ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
-                    + [self._namespace_script(argv)],
+                    ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
@@ -184,7 +184,8 @@ SoftwareHeader false
                 if proc.poll() is not None or time.monotonic() > deadline:
                     diagnostics = self.diagnostics()
                     self.stop()
-                    raise RuntimeError(f"{name} did not start (status {proc.poll()})\n{diagnostics}")
+                    status = proc.poll()
+                    raise RuntimeError(f"{name} did not start (status {status})\n{diagnostics}")
                 time.sleep(0.02)
 
     def stop(self, grace: float = 1) -> None:

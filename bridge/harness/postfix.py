@@ -60,6 +60,8 @@ class PostfixServer:
     ``milters`` (e.g. ``["unix:/path/opendkim.sock"]``, run in that order) become
     ``smtpd_milters`` and ``non_smtpd_milters``; a milter that does not answer makes Postfix
     temp-fail the mail (``milter_default_action = tempfail``) rather than deliver it unchecked.
+    With ``xclient``, loopback clients may send ``XCLIENT ADDR=...`` to appear to Postfix and
+    its milters as a remote host (SPF checks pass any loopback client unconditionally).
     """
 
     base_dir: Path
@@ -68,6 +70,7 @@ class PostfixServer:
     domain: str = "example.test"
     lmtp_host: str = "127.0.0.1"
     milters: list[str] = field(default_factory=list)
+    xclient: bool = False
     host: str = field(default="127.0.0.1", init=False)
     runtime_dir: Path = field(init=False)
 
@@ -168,6 +171,8 @@ non_smtpd_milters = {milters}
 milter_default_action = tempfail
 milter_protocol = 6
 """
+        if self.xclient:
+            main_cf += "smtpd_authorized_xclient_hosts = 127.0.0.0/8\n"
         (self.config_dir / "main.cf").write_text(main_cf)
         # Postfix will not read a dictionary file changed within the last second or two: it polls
         # every 0.3 s until the file looks settled (≈ 2 s per start). Backdate what we wrote.
