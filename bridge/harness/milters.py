@@ -46,7 +46,10 @@ class AuthMilters:
     Authentication-Results claiming ``authserv_id`` that the sender wrote (``RemoveARFrom`` +
     ``RemoveARAll``) and adds its own, which opendmarc then trusts (``TrustedAuthservIDs``)
     for the DKIM part of DMARC; opendmarc checks SPF itself (``SPFSelfValidate``, ignoring SPF
-    results found in headers). Nothing is rejected: every verdict is delivered in the header.
+    results found in headers). Nothing is rejected for failing: every verdict is delivered in
+    the header. (A DKIM key lookup that times out after ``dns_timeout`` s does not temp-fail
+    the mail whatever ``On-DNSError`` says: opendkim 2.11's mlfi_eom drops the milter code
+    dkimf_libstatus returns, and writes no DKIM result at all.)
 
     Each milter runs in a mount namespace of its own (``unshare -m``) where /etc/resolv.conf
     names ``dns`` (libresolv and libspf2 read nothing else; opendkim's libunbound is also told
@@ -103,9 +106,6 @@ AlwaysAddARHeader yes
 InternalHosts file:{ignore}
 Nameservers {self.dns.address}
 DNSTimeout {self.dns_timeout}
-On-DNSError accept
-On-InternalError accept
-On-Security accept
 Socket local:{self.socket_path("opendkim")}
 PidFile {run / "opendkim.pid"}
 UMask 000
