@@ -167,7 +167,11 @@ class DnsServer:
                         data = _recv_exact(sock, struct.unpack("!H", header)[0])
                         reply = owner.answer(data or b"")
                         if reply is None:
-                            return  # a dropped name: hang up without a word
+                            # A dropped name: say nothing until the client gives up.
+                            sock.settimeout(30)
+                            while sock.recv(4096):
+                                pass
+                            return
                         sock.sendall(struct.pack("!H", len(reply)) + reply)
 
         udp = socketserver.ThreadingUDPServer((address, self.port), Udp)
@@ -178,7 +182,7 @@ class DnsServer:
         for server in (udp, tcp):
             server.daemon_threads = True
             thread = threading.Thread(
-                target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
+                target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
             )
             thread.start()
 

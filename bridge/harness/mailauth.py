@@ -142,7 +142,7 @@ class AuthRig:
         client whatever the SPF record says, so SPF only means something for another address.
         Raises ``smtplib.SMTPResponseException`` when Postfix (or a milter) refuses the mail.
         """
-        with smtplib.SMTP(self.postfix.host, self.postfix.smtp_port, "rig.localhost") as smtp:
+        with smtplib.SMTP(self.postfix.host, self.postfix.smtp_port, timeout=30) as smtp:
             smtp.ehlo()
             code, reply = smtp.docmd("XCLIENT", f"ADDR={client_ip} NAME=[UNAVAILABLE] HELO={helo}")
             if code != 220:

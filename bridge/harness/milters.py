@@ -47,9 +47,11 @@ class AuthMilters:
     ``RemoveARAll``) and adds its own, which opendmarc then trusts (``TrustedAuthservIDs``)
     for the DKIM part of DMARC; opendmarc checks SPF itself (``SPFSelfValidate``, ignoring SPF
     results found in headers). Nothing is rejected for failing: every verdict is delivered in
-    the header. (A DKIM key lookup that times out after ``dns_timeout`` s does not temp-fail
-    the mail whatever ``On-DNSError`` says: opendkim 2.11's mlfi_eom drops the milter code
-    dkimf_libstatus returns, and writes no DKIM result at all.)
+    the header; unsigned mail gets ``dkim=none`` (``AlwaysAddARHeader``, off by default). A DKIM
+    key lookup that times out after ``dns_timeout`` s does not temp-fail the mail whatever
+    ``On-DNSError`` says, and gets no DKIM result at all (seen with Debian's opendkim 2.11.0;
+    upstream's mlfi_eom keeps the milter code dkimf_libstatus returns in a variable it then
+    overwrites).
 
     Each milter runs in a mount namespace of its own (``unshare -m``) where /etc/resolv.conf
     names ``dns`` (libresolv and libspf2 read nothing else; opendkim's libunbound is also told
