@@ -14,6 +14,12 @@ command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/n
 command -v make >/dev/null 2>&1 || packages+=(make)
 # The SMTP TLS tests make a throw-away certificate with the openssl command.
 command -v openssl >/dev/null 2>&1 || packages+=(openssl)
+# The mail-authentication rig runs the real milters (tests/integration/test_mail_auth_rig.py);
+# publicsuffix gives opendmarc its Public Suffix List.
+command -v opendkim >/dev/null 2>&1 && command -v opendmarc >/dev/null 2>&1 \
+    || packages+=(opendkim opendkim-tools opendmarc)
+[ -f /usr/share/publicsuffix/public_suffix_list.dat ] || packages+=(publicsuffix)
+command -v unshare >/dev/null 2>&1 || packages+=(util-linux)
 if [ ${#packages[@]} -gt 0 ]; then
     echo "bootstrap: installing ${packages[*]}"
     apt-get update -q
@@ -22,7 +28,7 @@ fi
 
 if ! "$PYTHON" - <<'PY' 2>/dev/null
 import importlib.metadata as m, sys
-need = ["passerelle", "matrix-synapse", "pytest-asyncio", "schemathesis", "mypy", "ruff"]
+need = ["passerelle", "matrix-synapse", "pytest-asyncio", "schemathesis", "mypy", "ruff", "dnslib"]
 sys.exit(0 if all(m.version(n) for n in need) else 1)
 PY
 then

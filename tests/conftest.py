@@ -20,7 +20,9 @@ import pytest
 
 from bridge.app import Bridge
 from bridge.config import Config, load_config, parse_config
+from bridge.harness.dns import DnsServer
 from bridge.harness.dovecot import DovecotServer
+from bridge.harness.mailauth import CLIENT_IP, AuthRig, DkimKey
 from bridge.harness.ports import free_port
 from bridge.harness.postfix import PostfixServer
 from bridge.harness.postgres import PostgresServer
@@ -334,3 +336,60 @@ def postfix(
         yield server
     finally:
         server.stop()
+
+
+# --- the mail-authentication rig: Postfix with the real opendkim and opendmarc (issue 10) ------
+
+AUTHSERV_ID = "mx.agency.test"
+# Signing domains with a key published as rig._domainkey.<domain>.
+DKIM_DOMAINS = ("presidence.gouv.fr", "other.example", "gouv.fr")
+# SPF and DMARC. Test mail claims to come from CLIENT_IP (see AuthRig.send); relay.test, the
+# usual envelope sender, lists no host, so SPF only passes for a presidence.gouv.fr sender.
+AUTH_RECORDS = {
+    "presidence.gouv.fr": [f"v=spf1 ip4:{CLIENT_IP} -all"],
+    "_dmarc.presidence.gouv.fr": ["v=DMARC1; p=reject"],
+    "other.example": ["v=spf1 -all"],
+    "_dmarc.other.example": ["v=DMARC1; p=reject"],
+    "relay.test": ["v=spf1 -all"],
+}
+
+
+@pytest.fixture(scope="session")
+def dkim_keys() -> dict[str, DkimKey]:
+    """One fresh 2048-bit RSA key per signing domain (never written to the repository)."""
+    return {domain: DkimKey.generate(domain) for domain in DKIM_DOMAINS}
+
+
+@pytest.fixture(scope="session")
+def auth_rig(
+    tmp_path_factory: pytest.TempPathFactory,
+    dovecot: DovecotServer,
+    dkim_keys: dict[str, DkimKey],
+) -> Iterator[AuthRig]:
+    """DNS on 127.53.x.y:53, opendkim + opendmarc, and a Postfix of its own using them,
+    delivering example.test to the session Dovecot. Separate from the `postfix` fixture, which
+    stays milter-free."""
+    started = time.monotonic()
+    rig = AuthRig.build(
+        tmp_path_factory.mktemp("auth-rig"),
+        lmtp_port=dovecot.lmtp_port,
+        authserv_id=AUTHSERV_ID,
+        keys=dkim_keys,
+        records=AUTH_RECORDS,
+    )
+    rig.start()
+    print(f"\nauth rig started in {time.monotonic() - started:.2f} s (DNS on {rig.dns.address})")
+    try:
+        yield rig
+    finally:
+        rig.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_postfix(auth_rig: AuthRig) -> PostfixServer:
+    return auth_rig.postfix
+
+
+@pytest.fixture(scope="session")
+def auth_dns(auth_rig: AuthRig) -> DnsServer:
+    return auth_rig.dns

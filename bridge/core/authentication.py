@@ -126,14 +126,21 @@ def verdict_from_results(
     (Public Suffix List), for relaxed DKIM alignment: `d=gouv.fr` never aligns with
     `presidence.gouv.fr`, whose organisational domain is itself.
 
-    authenticated: DMARC pass for the From: domain, or a DKIM pass whose d= aligns with it.
+    authenticated: DMARC pass for the From: domain backed by an aligned pass in the same trusted
+    results (DKIM d= or SPF smtp.mailfrom), or a DKIM pass whose d= aligns with it.
     failed: DMARC fail for it, an aligned DKIM fail, or trusted results that disagree.
     unverified: nothing usable (no trusted header, none about this domain).
+
+    A DMARC pass is not taken on the MTA's word alone: opendmarc 1.4.2 (Debian 12) says
+    dmarc=pass for From: presidence.gouv.fr signed only by d=gouv.fr, a public suffix, which
+    RFC 7489 never aligns (seen on the real milters, tests/integration/test_mail_auth_rig.py).
     """
     sender = from_domain.lower().rstrip(".")
     sender_org = org_domain(sender)
     passes: list[Verdict] = []
     fails: list[Verdict] = []
+    dmarc_passes: list[Verdict] = []
+    aligned_spf_pass = False
     for result in _trusted(headers, trusted_ids):
         method = str(getattr(result, "method", "")).lower()
         outcome = str(getattr(result, "result", "")).lower()
@@ -142,9 +149,13 @@ def verdict_from_results(
             if domain != sender:
                 continue
             if outcome == "pass":
-                passes.append(Verdict(AUTHENTICATED, "dmarc", domain, "DMARC pass"))
+                dmarc_passes.append(Verdict(AUTHENTICATED, "dmarc", domain, "DMARC pass"))
             elif outcome == "fail":
                 fails.append(Verdict(FAILED, "dmarc", domain, "DMARC fail"))
+        elif method == "spf":
+            domain = _property(result, "smtp", "mailfrom")
+            if outcome == "pass" and domain is not None and org_domain(domain) == sender_org:
+                aligned_spf_pass = True
         elif method == "dkim":
             domain = _property(result, "header", "d") or _property(result, "header", "i")
             if domain is None or org_domain(domain) != sender_org:
@@ -153,6 +164,12 @@ def verdict_from_results(
                 passes.append(Verdict(AUTHENTICATED, "dkim", domain, f"DKIM pass, d={domain}"))
             elif outcome in ("fail", "permerror"):
                 fails.append(Verdict(FAILED, "dkim", domain, f"DKIM {outcome}, d={domain}"))
+    if dmarc_passes and (passes or aligned_spf_pass):
+        passes.extend(dmarc_passes)
+    elif dmarc_passes and not fails:
+        return Verdict(
+            UNVERIFIED, None, None, "DMARC pass without an aligned DKIM or SPF pass (ignored)"
+        )
     if passes and fails:
         first = fails[0]
         return Verdict(

@@ -56,6 +56,12 @@ class PostfixServer:
     Mail for ``domain`` is relayed to ``lmtp_host:lmtp_port`` (Dovecot's LMTP listener); other
     domains are refused at RCPT time (550, there is no outbound mail). Several instances can run
     at once.
+
+    ``milters`` (e.g. ``["unix:/path/opendkim.sock"]``, run in that order) become
+    ``smtpd_milters`` and ``non_smtpd_milters``; a milter that does not answer makes Postfix
+    temp-fail the mail (``milter_default_action = tempfail``) rather than deliver it unchecked.
+    With ``xclient``, loopback clients may send ``XCLIENT ADDR=...`` to appear to Postfix and
+    its milters as a remote host (SPF checks pass any loopback client unconditionally).
     """
 
     base_dir: Path
@@ -63,6 +69,8 @@ class PostfixServer:
     lmtp_port: int = 0
     domain: str = "example.test"
     lmtp_host: str = "127.0.0.1"
+    milters: list[str] = field(default_factory=list)
+    xclient: bool = False
     host: str = field(default="127.0.0.1", init=False)
     runtime_dir: Path = field(init=False)
 
@@ -155,6 +163,16 @@ queue_run_delay = 1s
 minimal_backoff_time = 1s
 maximal_backoff_time = 5s
 """
+        if self.milters:
+            milters = ", ".join(self.milters)
+            main_cf += f"""\
+smtpd_milters = {milters}
+non_smtpd_milters = {milters}
+milter_default_action = tempfail
+milter_protocol = 6
+"""
+        if self.xclient:
+            main_cf += "smtpd_authorized_xclient_hosts = 127.0.0.0/8\n"
         (self.config_dir / "main.cf").write_text(main_cf)
         # Postfix will not read a dictionary file changed within the last second or two: it polls
         # every 0.3 s until the file looks settled (≈ 2 s per start). Backdate what we wrote.

@@ -12,6 +12,7 @@ from bridge.core.authentication import (
 )
 
 MTA = "mx.agency.example"
+SENDER = "achats.gouv.fr"
 
 
 def org(domain: str) -> str:
@@ -56,7 +57,8 @@ def test_results_of_another_server_are_ignored() -> None:
 
 
 def test_the_pinned_id_is_compared_without_case() -> None:
-    assert verdict(f"{MTA.upper()}; dmarc=pass header.from=achats.gouv.fr")[0] == AUTHENTICATED
+    header = f"{MTA.upper()}; spf=pass smtp.mailfrom={SENDER}; dmarc=pass header.from={SENDER}"
+    assert verdict(header)[0] == AUTHENTICATED
 
 
 def test_failures() -> None:
@@ -65,13 +67,38 @@ def test_failures() -> None:
 
 
 def test_trusted_results_that_disagree_fail() -> None:
-    passed = f"{MTA}; dmarc=pass header.from=achats.gouv.fr"
+    passed = f"{MTA}; spf=pass smtp.mailfrom={SENDER}; dmarc=pass header.from={SENDER}"
     failed = f"{MTA}; dmarc=fail header.from=achats.gouv.fr"
     found = verdict_from_results(
         [passed, failed], trusted_ids=[MTA], from_domain="achats.gouv.fr", org_domain=org
     )
     assert found.verdict == FAILED
     assert "disagree" in found.reason
+
+
+def test_a_dmarc_pass_needs_an_aligned_pass_beside_it() -> None:
+    """What opendmarc 1.4.2 really wrote for From: presidence.gouv.fr signed by d=gouv.fr (a
+    public suffix) from a host SPF fails: its dmarc=pass rests on an alignment RFC 7489 denies."""
+    headers = (
+        f"{MTA}; dmarc=pass (p=reject dis=none) header.from=presidence.gouv.fr",
+        f"{MTA}; spf=fail smtp.mailfrom=relay.test",
+        f"{MTA};\n\tdkim=pass (2048-bit key; unprotected) header.d=gouv.fr header.i=@gouv.fr"
+        " header.a=rsa-sha256 header.s=rig header.b=XGAqS3uI;\n\tdkim-atps=neutral",
+    )
+    assert verdict(*headers, sender="presidence.gouv.fr") == (UNVERIFIED, None)
+    # An SPF pass for another organisation does not back it either.
+    unaligned = f"{MTA}; spf=pass smtp.mailfrom=relay.test; dmarc=pass header.from=achats.gouv.fr"
+    assert verdict(unaligned) == (UNVERIFIED, None)
+
+
+def test_a_dmarc_pass_backed_by_an_aligned_spf_pass_authenticates() -> None:
+    """Unsigned mail from a host the From: domain's SPF record lists (opendmarc's own check)."""
+    headers = (
+        f"{MTA}; dmarc=pass (p=reject dis=none) header.from=presidence.gouv.fr",
+        f"{MTA}; spf=pass smtp.mailfrom=presidence.gouv.fr",
+        f"{MTA}; dkim=none; dkim-atps=neutral",
+    )
+    assert verdict(*headers, sender="presidence.gouv.fr") == (AUTHENTICATED, "dmarc")
 
 
 def test_a_dmarc_result_for_another_from_domain_is_ignored() -> None:
