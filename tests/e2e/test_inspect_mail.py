@@ -400,7 +400,10 @@ def test_a_look_alike_domain_is_not_allowed_by_the_link(tmp_path: Path) -> None:
 
 
 def passed(domain: str, authserv_id: str = "mx.agency.example.org") -> bytes:
-    return f"Authentication-Results: {authserv_id}; dmarc=pass header.from={domain}\r\n".encode()
+    return (
+        f"Authentication-Results: {authserv_id}; dkim=pass header.d={domain}; "
+        f"dmarc=pass header.from={domain}\r\n"
+    ).encode()
 
 
 @pytest.mark.parametrize(
@@ -448,7 +451,7 @@ def test_a_link_made_in_a_room_is_found_in_the_database(tmp_path: Path) -> None:
 
     async def make_link() -> None:
         db = await open_database(
-            DatabaseConfig(url=f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}")
+            DatabaseConfig(url=f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}", pool_size=1)
         )
         try:
             await link_db.save_link(

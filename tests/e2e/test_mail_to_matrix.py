@@ -36,7 +36,10 @@ def authenticated(raw: bytes) -> bytes:
     """The mail as the agency MTA delivers it after a DMARC pass for its From: domain."""
     headers = BytesHeaderParser().parsebytes(raw)
     domain = parseaddr(str(headers.get("From", "")))[1].rpartition("@")[2]
-    line = f"Authentication-Results: {MTA}; dmarc=pass header.from={domain}\r\n"
+    line = (
+        f"Authentication-Results: {MTA}; dkim=pass header.d={domain}; "
+        f"dmarc=pass header.from={domain}\r\n"
+    )
     return line.encode() + raw
 
 

@@ -51,14 +51,29 @@ async def test_unauthenticated_mail_from_a_required_domain_is_refused_and_told_o
 
 async def test_a_failed_verdict_is_refused_even_when_another_result_passes(relay: Relay) -> None:
     link = await relay.link()
-    both = f"dmarc=pass header.from=achats.gouv.fr\r\nAuthentication-Results: {MTA}; dmarc=fail"
+    both = (
+        "dkim=pass header.d={domain}\r\nAuthentication-Results: "
+        + MTA
+        + "; dkim=fail header.d={domain}"
+    )
+    fail = "dmarc=fail header.from={domain}"
     await relay.deliver(link, 1, make_mail("Conflict", sender="a@achats.gouv.fr", auth=both))
-    await relay.deliver(link, 2, make_mail("Fail", sender="b@achats.gouv.fr", auth="dmarc=fail"))
+    await relay.deliver(link, 2, make_mail("Fail", sender="b@achats.gouv.fr", auth=fail))
     await relay.settle()
     assert await relay.states(link) == {1: "rejected", 2: "rejected"}
     assert relay.poster.posts == []
     assert len(relay.poster.notices) == 2
     assert all(FAILED in n.text for n in relay.poster.notices)
+
+
+async def test_a_dmarc_pass_alone_is_not_believed(relay: Relay) -> None:
+    """opendmarc passes d=gouv.fr for presidence.gouv.fr (test_mail_auth_rig.py): a DMARC pass
+    counts only with an aligned DKIM or SPF pass beside it."""
+    link = await relay.link()
+    alone = "dmarc=pass header.from={domain}"
+    await relay.deliver(link, 1, make_mail("Alone", sender="a@presidence.gouv.fr", auth=alone))
+    await relay.settle()
+    assert await relay.states(link) == {1: "rejected"}
 
 
 async def test_results_of_another_server_or_a_sender_are_not_believed(relay: Relay) -> None:

@@ -132,13 +132,13 @@ def make_mail(
     date: datetime | str | None = "now",
     extra: str = "",
     body: str = "Bonjour,\nvoici le message.",
-    auth: str | None = "dmarc=pass",
+    auth: str | None = "dkim=pass header.d={domain}; dmarc=pass header.from={domain}",
 ) -> bytes:
-    """A mail; `auth`: the result the agency MTA wrote for the sender's domain (None: none)."""
+    """A mail; `auth`: the results the agency MTA wrote ({domain}: the sender's; None: none)."""
     lines = []
     if auth is not None:
         domain = sender.rpartition("@")[2].rstrip(">").strip()
-        lines.append(f"Authentication-Results: {MTA}; {auth} header.from={domain}")
+        lines.append(f"Authentication-Results: {MTA}; " + auth.format(domain=domain))
     lines += [f"From: {sender}", f"To: {LIST_A}", f"Subject: {subject}"]
     if message_id == "auto":
         message_id = f"relay-{next(_numbers)}-{time.monotonic_ns()}@gouv.fr"
