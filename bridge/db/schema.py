@@ -186,7 +186,9 @@ mail_outbox = Table(
     Column("created_at", BigInteger, nullable=False),
     Column("finished_at", BigInteger, nullable=True),
     Column("reported", Boolean, nullable=False, server_default=false()),
-    Column("sender", String(255), nullable=True),  # the Matrix user who wrote it (0005)
+    # For the audit row: the Matrix user who wrote it, SHA-256 of its event content (0005).
+    Column("sender", String(255), nullable=True),
+    Column("body_sha256", String(64), nullable=True),
     UniqueConstraint("link_id", "event_id", name="ux_mail_outbox_event"),
     Index("ix_mail_outbox_due", "state", "next_attempt_at"),
     Index("ix_mail_outbox_report", "reported", "state"),

@@ -1,5 +1,5 @@
 """Audit log: hash-chained rows of every relayed or refused item, and the chain's head; the
-Matrix sender of each outgoing mail."""
+Matrix sender and content digest of each outgoing mail, for its audit row."""
 
 import sqlalchemy as sa
 from alembic import op
@@ -42,10 +42,12 @@ def upgrade() -> None:
     op.bulk_insert(head, [{"id": 1, "seq": 0, "hash": GENESIS}])
     with op.batch_alter_table("mail_outbox") as batch:
         batch.add_column(sa.Column("sender", sa.String(255), nullable=True))
+        batch.add_column(sa.Column("body_sha256", sa.String(64), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("mail_outbox") as batch:
+        batch.drop_column("body_sha256")
         batch.drop_column("sender")
     op.drop_table("audit_head")
     op.drop_table("audit_log")
