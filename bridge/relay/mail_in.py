@@ -235,13 +235,13 @@ class MailRelay:
                 link, "(unreadable)", f"A mail to {link.remote} was not posted: {e}."
             )
             raise
+        message_id = message.thread.message_id or synthetic_message_id(raw.raw)
+        self._facts[raw.id] = MailFacts(message.sender.address, message_id, verdict=None)
         if message.auto_generated:
             raise Ignored("automatic reply")
-        message_id = message.thread.message_id or synthetic_message_id(raw.raw)
         if self.is_own_message(message_id) or self.has_own_marker(raw.raw):
             raise Ignored("the bridge's own mail coming back")
         address = message.sender.address
-        self._facts[raw.id] = MailFacts(address, message_id, verdict=None)
         if not link.settings.sender_allowed(address):
             await self._refused(
                 link,
