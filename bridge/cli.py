@@ -1,5 +1,5 @@
 """The `passerelle` command: run, generate-registration, check-config, inspect-mail,
-inspect-event, inspect-remote, demo."""
+inspect-event, inspect-remote, audit, demo."""
 
 from __future__ import annotations
 
@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     rem.add_argument(
         "event", type=Path, metavar="EVENT", help="the event, as JSON (a whole event, not content)"
     )
+    _audit_parser(sub)
     demo = sub.add_parser(
         "demo",
         help="start local Synapses, mail and the bridge, and show how to log in",
@@ -117,6 +118,49 @@ def _parser() -> argparse.ArgumentParser:
         help="exit after the bot has answered instead of staying up",
     )
     return parser
+
+
+def _audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    audit = sub.add_parser(
+        "audit",
+        help="export or verify the audit log",
+        description="The audit log: one hash-chained row per relayed or refused item.",
+    )
+    actions = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    config_help = "config file (its database is read)"
+    exp = actions.add_parser(
+        "export",
+        help="write the rows as JSON Lines",
+        description="Write the audit rows, oldest first, one JSON object a line (seq, time "
+        "in ISO-8601 UTC, every field, prev_hash and hash).",
+    )
+    exp.add_argument("-c", "--config", type=Path, default=Path("config.yaml"), help=config_help)
+    exp.add_argument("--since", default=None, help="only rows from this date or time (UTC)")
+    exp.add_argument("--link", default=None, help="only rows of this link (its address/key)")
+    exp.add_argument("-o", "--output", type=Path, default=None, help="file (default: stdout)")
+    ver = actions.add_parser(
+        "verify",
+        help="check the hash chain",
+        description="Check every row's hash and its link to the previous row, and the end "
+        "of the chain against the stored head. Exit 0 and print the count when intact; exit "
+        "1 naming the first row (seq) that was changed, removed or inserted.",
+    )
+    ver.add_argument("-c", "--config", type=Path, default=Path("config.yaml"), help=config_help)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from bridge.audit_cli import run_export, run_verify
+    from bridge.db.engine import DatabaseError
+
+    config = _load(args.config, require_tokens=False)
+    try:
+        if args.audit_command == "export":
+            return asyncio.run(run_export(config, args.output, args.since, args.link))
+        return asyncio.run(run_verify(config))
+    except ValueError as e:
+        return _fail(EXIT_USAGE, "usage", str(e))
+    except DatabaseError as e:
+        return _fail(EXIT_DATABASE, "database", str(e))
 
 
 def _fail(code: int, kind: str, message: str) -> int:
@@ -261,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         "inspect-mail": _inspect_mail,
         "inspect-event": _inspect_event,
         "inspect-remote": _inspect_remote,
+        "audit": _audit,
         "demo": _demo,
     }
     try:

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from bridge.core.audit import AuditEntry
 from bridge.core.ids import EventID, RoomID
 from bridge.core.threading import Mapped
+from bridge.db.audit import append_in
 from bridge.db.engine import Database
 from bridge.db.schema import mail_raw, message_map, sender_notice
 from bridge.db.util import insert_ignore, now_ms
@@ -132,7 +134,9 @@ async def finish(
     *,
     error: str | None = None,
     event_id: str | None = None,
+    audit: AuditEntry | None = None,
 ) -> None:
+    """The mail's final state, and its audit row in the same commit."""
     assert state in DONE_STATES
     async with db.begin() as conn:
         await conn.execute(
@@ -140,6 +144,8 @@ async def finish(
             .where(mail_raw.c.id == mail_id)
             .values(state=state, last_error=error, event_id=event_id)
         )
+        if audit is not None:
+            await append_in(conn, audit)
 
 
 async def count_failure(db: Database, mail_id: int, error: str) -> int:
@@ -195,8 +201,9 @@ async def record_posted(
     event_id: EventID,
     thread_root: EventID,
     subject: str | None,
+    audit: AuditEntry | None = None,
 ) -> None:
-    """A posted mail: its Message-ID mapped and its state done, in one commit."""
+    """A posted mail: its Message-ID mapped, its state done and its audit row, in one commit."""
     async with db.begin() as conn:
         await _record(conn, link_id, message_id, room_id, event_id, thread_root, subject)
         await conn.execute(
@@ -204,6 +211,8 @@ async def record_posted(
             .where(mail_raw.c.id == mail_id)
             .values(state="done", last_error=None, event_id=event_id)
         )
+        if audit is not None:
+            await append_in(conn, audit)
 
 
 async def _record(

@@ -10,11 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, false, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
+from bridge.core.audit import AuditEntry
 from bridge.core.ids import EventID, RoomID
+from bridge.db.audit import append_in
 from bridge.db.engine import Database
-from bridge.db.schema import mail_outbox, message_map
+from bridge.db.schema import link, mail_outbox, message_map
 from bridge.db.util import insert_ignore, now_ms
 from bridge.mail.outbox import OutboxItem
 from bridge.mail.smtp import SendResult
@@ -39,6 +42,8 @@ class NewOutgoing:
     recipients: tuple[str, ...]
     thread_root: EventID
     subject: str | None
+    sender: str | None = None  # the Matrix user, for the audit row
+    body_sha256: str | None = None  # of the event's content, for the audit row
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -83,6 +88,8 @@ async def enqueue(db: Database, item: NewOutgoing) -> int | None:
                     raw=item.raw,
                     mail_from=item.mail_from,
                     recipients=json.dumps(list(item.recipients)),
+                    sender=item.sender,
+                    body_sha256=item.body_sha256,
                     state="pending",
                     attempts=0,
                     next_attempt_at=now,
@@ -185,14 +192,54 @@ class DbOutboxStore:
         )
 
     async def _update_pending(self, item_id: int, **values: Any) -> None:
+        """Record an attempt; a final outcome (sent, failed) with its audit row, in one commit."""
         async with self.db.begin() as conn:
             result = await conn.execute(
                 update(mail_outbox)
                 .where(mail_outbox.c.id == item_id, mail_outbox.c.state == "pending")
                 .values(**values)
             )
+            if result.rowcount and values.get("state") in ("sent", "failed"):
+                await append_in(conn, await _audit_entry(conn, item_id))
         if not result.rowcount:
             log.warning("outbox item %d is not pending any more; outcome not recorded", item_id)
+
+
+async def _audit_entry(conn: AsyncConnection, item_id: int) -> AuditEntry:
+    """The audit row of a mail whose final outcome was just stored."""
+    query = (
+        select(
+            mail_outbox.c.state,
+            mail_outbox.c.room_id,
+            mail_outbox.c.event_id,
+            mail_outbox.c.message_id,
+            mail_outbox.c.recipients,
+            mail_outbox.c.sender,
+            mail_outbox.c.body_sha256,
+            mail_outbox.c.last_error,
+            mail_outbox.c.smtp_code,
+            mail_outbox.c.kind,
+            link.c.remote,
+        )
+        .join(link, link.c.id == mail_outbox.c.link_id)
+        .where(mail_outbox.c.id == item_id)
+    )
+    row = (await conn.execute(query)).one()
+    code = f"{row.smtp_code} " if row.smtp_code is not None else ""
+    reason = f"{code}{row.last_error}" if row.last_error else (code.strip() or None)
+    if row.kind == "correction":
+        reason = f"correction; {reason}" if reason else "correction"
+    return AuditEntry(
+        direction="mail_out",
+        link=row.remote,
+        room_id=row.room_id,
+        sender=row.sender,
+        outcome=row.state,
+        recipients=tuple(json.loads(row.recipients)),
+        ids={"event_id": row.event_id, "message_id": row.message_id},
+        reason=reason,
+        body_sha256=row.body_sha256,
+    )
 
 
 async def outcomes_to_report(db: Database, limit: int, *, include_sent: bool) -> list[Outcome]:

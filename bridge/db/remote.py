@@ -10,7 +10,9 @@ from typing import Any
 from sqlalchemy import false, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from bridge.core.audit import AuditEntry
 from bridge.core.ids import EventID, RoomID
+from bridge.db.audit import append_in
 from bridge.db.engine import Database
 from bridge.db.schema import remote_event_map, remote_inbox, remote_outbox, remote_sync
 from bridge.db.util import insert_ignore, now_ms, upsert
@@ -141,7 +143,15 @@ async def pending_events(
     ][:limit]
 
 
-async def finish(db: Database, item_id: int, state: str, *, error: str | None = None) -> None:
+async def finish(
+    db: Database,
+    item_id: int,
+    state: str,
+    *,
+    error: str | None = None,
+    audit: AuditEntry | None = None,
+) -> None:
+    """The event's final state, and its audit row in the same commit."""
     assert state in INBOX_DONE
     async with db.begin() as conn:
         await conn.execute(
@@ -149,6 +159,8 @@ async def finish(db: Database, item_id: int, state: str, *, error: str | None = 
             .where(remote_inbox.c.id == item_id)
             .values(state=state, last_error=None if error is None else error[:2000])
         )
+        if audit is not None:
+            await append_in(conn, audit)
 
 
 async def count_failure(db: Database, item_id: int, error: str) -> int:
@@ -242,8 +254,9 @@ async def record_relayed(
     remote_event_id: str,
     agency_event_id: str,
     remote_sender: str,
+    audit: AuditEntry | None = None,
 ) -> None:
-    """A remote event posted in the agency room: mapped and done, in one commit."""
+    """A remote event posted in the agency room: mapped, done and audited, in one commit."""
     async with db.begin() as conn:
         await _map(conn, link_id, remote_event_id, agency_event_id, remote_sender, "in")
         await conn.execute(
@@ -251,6 +264,8 @@ async def record_relayed(
             .where(remote_inbox.c.id == item_id)
             .values(state="done", last_error=None)
         )
+        if audit is not None:
+            await append_in(conn, audit)
 
 
 # --- the outbox -------------------------------------------------------------------------------
@@ -315,11 +330,18 @@ async def next_outgoing(db: Database, link_id: int, limit: int) -> list[RemoteOu
     ]
 
 
-async def mark_sent(db: Database, item: RemoteOutgoing, remote_event_id: str, sender: str) -> None:
-    """Sent: the remote event mapped to the agency event and the item done, in one commit."""
+async def mark_sent(
+    db: Database,
+    item: RemoteOutgoing,
+    remote_event_id: str,
+    sender: str,
+    audit: AuditEntry | None = None,
+) -> None:
+    """Sent: the remote event mapped to the agency event, the item done and audited, in one
+    commit (the audit row only if the item was still pending)."""
     async with db.begin() as conn:
         await _map(conn, item.link_id, remote_event_id, item.event_id, sender, "out")
-        await conn.execute(
+        changed = await conn.execute(
             update(remote_outbox)
             .where(remote_outbox.c.id == item.id, remote_outbox.c.state == "pending")
             .values(
@@ -330,16 +352,22 @@ async def mark_sent(db: Database, item: RemoteOutgoing, remote_event_id: str, se
                 reported=True,
             )
         )
+        if audit is not None and changed.rowcount:
+            await append_in(conn, audit)
 
 
-async def mark_done_without_event(db: Database, item_id: int, note: str) -> None:
+async def mark_done_without_event(
+    db: Database, item_id: int, note: str, audit: AuditEntry | None = None
+) -> None:
     """Nothing had to be sent after all (e.g. the redaction of a message never relayed)."""
     async with db.begin() as conn:
-        await conn.execute(
+        changed = await conn.execute(
             update(remote_outbox)
             .where(remote_outbox.c.id == item_id, remote_outbox.c.state == "pending")
             .values(state="sent", finished_at=now_ms(), last_error=note[:2000], reported=True)
         )
+        if audit is not None and changed.rowcount:
+            await append_in(conn, audit)
 
 
 async def mark_retry(db: Database, item_id: int, error: str, next_attempt_at: int) -> None:
@@ -355,9 +383,11 @@ async def mark_retry(db: Database, item_id: int, error: str, next_attempt_at: in
         )
 
 
-async def mark_failed(db: Database, item_id: int, error: str) -> None:
+async def mark_failed(
+    db: Database, item_id: int, error: str, audit: AuditEntry | None = None
+) -> None:
     async with db.begin() as conn:
-        await conn.execute(
+        changed = await conn.execute(
             update(remote_outbox)
             .where(remote_outbox.c.id == item_id, remote_outbox.c.state == "pending")
             .values(
@@ -367,6 +397,8 @@ async def mark_failed(db: Database, item_id: int, error: str) -> None:
                 last_error=error[:2000],
             )
         )
+        if audit is not None and changed.rowcount:
+            await append_in(conn, audit)
 
 
 async def failures_to_report(

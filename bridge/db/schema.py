@@ -186,6 +186,9 @@ mail_outbox = Table(
     Column("created_at", BigInteger, nullable=False),
     Column("finished_at", BigInteger, nullable=True),
     Column("reported", Boolean, nullable=False, server_default=false()),
+    # For the audit row: the Matrix user who wrote it, SHA-256 of its event content (0005).
+    Column("sender", String(255), nullable=True),
+    Column("body_sha256", String(64), nullable=True),
     UniqueConstraint("link_id", "event_id", name="ux_mail_outbox_event"),
     Index("ix_mail_outbox_due", "state", "next_attempt_at"),
     Index("ix_mail_outbox_report", "reported", "state"),
@@ -260,4 +263,40 @@ remote_outbox = Table(
     UniqueConstraint("link_id", "event_id", name="ux_remote_outbox_event"),
     Index("ix_remote_outbox_due", "state", "link_id", "id"),
     Index("ix_remote_outbox_report", "reported", "state"),
+)
+
+# --- audit log --------------------------------------------------------------------------------
+
+# Append-only: one row per relayed or refused item, chained by hash (bridge/core/audit.py).
+# seq is given by the appender (no gaps); item_key, where set, makes a repeated record a no-op.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("time", BigInteger, nullable=False),  # ms since the epoch, UTC
+    Column("direction", String(16), nullable=False),
+    Column("item_key", String(1000), nullable=True, unique=True),
+    Column("link", String(512), nullable=False),
+    Column("room_id", String(255), nullable=True),
+    Column("sender", String(512), nullable=True),
+    Column("recipients", Text, nullable=False),  # JSON list
+    Column("ids", Text, nullable=False),  # JSON object: message_id, event_id, remote_event_id
+    Column("verdict", String(16), nullable=True),
+    Column("outcome", String(16), nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("body_sha256", String(64), nullable=True),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Index("ix_audit_log_time", "time"),
+    Index("ix_audit_log_link", "link", "seq"),
+)
+
+# The chain's head (one row, id 1): the last seq and hash, so that removing rows from the end
+# is seen too (a chain alone cannot tell a truncated log from a shorter one).
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
 )

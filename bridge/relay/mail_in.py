@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from bridge.core.audit import AuditEntry, digest
 from bridge.core.authentication import AUTHENTICATED, Verdict
 from bridge.core.backoff import Backoff
 from bridge.core.errors import Ignored, Refused, TransientError
@@ -72,6 +73,19 @@ def with_original(message: IncomingMessage, raw: bytes) -> IncomingMessage:
     return dataclasses.replace(message, attachments=(*message.attachments, original))
 
 
+# A mail's final state → its audit outcome.
+_OUTCOMES = {"done": "posted", "rejected": "refused", "duplicate": "ignored"}
+
+
+@dataclasses.dataclass(frozen=True)
+class MailFacts:
+    """What handle() learned of a mail, for its audit row when it settles."""
+
+    sender: str
+    message_id: str
+    verdict: str | None = None  # sender authentication: authenticated | unverified | failed
+
+
 def _timestamp(message: IncomingMessage) -> int | None:
     """The mail's own date for the event, never in the future."""
     if message.date is None:
@@ -108,6 +122,7 @@ class MailRelay:
         self._wake = asyncio.Event()
         self._in_flight: set[int] = set()
         self._parsing: dict[int, asyncio.Future[IncomingMessage]] = {}
+        self._facts: dict[int, MailFacts] = {}
         self._queues: RoomQueues[tuple[Link, RawMail]] = RoomQueues(self._process, tasks, "mail")
         self.retry_initial = 1.0
 
@@ -162,7 +177,8 @@ class MailRelay:
             await self.handle(link, raw)
 
         async def finish(state: str, reason: str) -> None:
-            await mail_db.finish(self.db, raw.id, state, error=reason)
+            audit = self._audit(link, raw, state, reason)
+            await mail_db.finish(self.db, raw.id, state, error=reason, audit=audit)
 
         async def count_failure(reason: str) -> int:
             return await mail_db.count_failure(self.db, raw.id, reason)
@@ -175,7 +191,8 @@ class MailRelay:
                 "find it in the bridge's database and logs.",
                 key=f"quarantine:{raw.id}",
             )
-            await mail_db.finish(self.db, raw.id, "quarantined", error=reason)
+            audit = self._audit(link, raw, "quarantined", reason)
+            await mail_db.finish(self.db, raw.id, "quarantined", error=reason, audit=audit)
 
         try:
             await settle_stored(
@@ -191,6 +208,7 @@ class MailRelay:
             )
         finally:
             self._in_flight.discard(raw.id)
+            self._facts.pop(raw.id, None)
             leftover = self._parsing.pop(raw.id, None)
             if leftover is not None:
                 leftover.cancel()
@@ -208,7 +226,8 @@ class MailRelay:
                 f"A mail to {link.remote} {problem}; it was set aside (#{raw.id}).",
                 key=f"oversized:{raw.id}",
             )
-            await mail_db.finish(self.db, raw.id, "quarantined", error=problem)
+            audit = self._audit(link, raw, "quarantined", problem)
+            await mail_db.finish(self.db, raw.id, "quarantined", error=problem, audit=audit)
             return
         # The bridge's own mail, come back from the list, is known by its stored Message-ID or
         # its loop header before anything in it is checked (its sender may fail the checks).
@@ -222,9 +241,10 @@ class MailRelay:
                 link, "(unreadable)", f"A mail to {link.remote} was not posted: {e}."
             )
             raise
+        message_id = message.thread.message_id or synthetic_message_id(raw.raw)
+        self._facts[raw.id] = MailFacts(message.sender.address, message_id, verdict=None)
         if message.auto_generated:
             raise Ignored("automatic reply")
-        message_id = message.thread.message_id or synthetic_message_id(raw.raw)
         if self.is_own_message(message_id) or self.has_own_marker(raw.raw):
             raise Ignored("the bridge's own mail coming back")
         address = message.sender.address
@@ -239,9 +259,10 @@ class MailRelay:
         existing = await mail_db.lookup(self.db, link.id, message_id)
         if existing is not None:
             # Posted before a crash could record the outcome, or a copy under a new UID.
-            await mail_db.finish(self.db, raw.id, "done", event_id=existing.event_id)
+            audit = self._audit(link, raw, "done", "posted before", existing.event_id)
+            await mail_db.finish(self.db, raw.id, "done", event_id=existing.event_id, audit=audit)
             return
-        message = await self._authenticated(link, raw.raw, message)
+        message = await self._authenticated(link, raw, message)
 
         async def known(mid: str) -> Mapped | None:
             return await mail_db.lookup(self.db, link.id, mid)
@@ -267,19 +288,24 @@ class MailRelay:
             event_id=event_id,
             thread_root=root if threads else event_id,
             subject=message.subject,
+            audit=self._audit(link, raw, "done", None, event_id),
         )
         log.info("posted mail %s/%s of %s as %s", raw.uidvalidity, raw.uid, link.remote, event_id)
 
     async def _authenticated(
-        self, link: Link, raw: bytes, message: IncomingMessage
+        self, link: Link, raw: RawMail, message: IncomingMessage
     ) -> IncomingMessage:
         """The message with its verdict; Refused (the room told once a day per sender) when
         the link requires its sender's domain to be authenticated and it is not. Nothing
         about a refused mail reaches Matrix: no ghost is made or renamed for it."""
         address = message.sender.address
         loop = asyncio.get_running_loop()
-        verdict = await loop.run_in_executor(None, self.authenticate, raw, address)
+        assert raw.raw is not None
+        verdict = await loop.run_in_executor(None, self.authenticate, raw.raw, address)
         log.debug("sender %s of a mail to %s: %s", address, link.remote, verdict.reason)
+        facts = self._facts.get(raw.id)
+        if facts is not None:
+            self._facts[raw.id] = dataclasses.replace(facts, verdict=verdict.verdict)
         if verdict.verdict != AUTHENTICATED and link.settings.authentication_required(address):
             await self._refused(
                 link,
@@ -290,6 +316,31 @@ class MailRelay:
             )
             raise Refused(f"sender {address} {verdict.verdict}: {verdict.reason}")
         return dataclasses.replace(message, auth=verdict)
+
+    def _audit(
+        self,
+        link: Link,
+        raw: RawMail,
+        state: str,
+        reason: str | None,
+        event_id: str | None = None,
+    ) -> AuditEntry:
+        """The audit row of a mail settling in `state`, stored with that state."""
+        facts = self._facts.get(raw.id)
+        message_id = facts.message_id if facts is not None else raw.message_id
+        ids = {"message_id": message_id or "", "event_id": event_id or ""}
+        return AuditEntry(
+            direction="mail_in",
+            link=link.remote,
+            room_id=link.room_id,
+            sender=facts.sender if facts is not None else None,
+            outcome=_OUTCOMES.get(state, state),
+            recipients=(link.room_id,),
+            ids=ids,
+            reason=reason,
+            verdict=facts.verdict if facts is not None else None,
+            body_sha256=digest(raw.raw) if raw.raw is not None else None,
+        )
 
     async def _refused(self, link: Link, who: str, text: str) -> None:
         """Count a refusal; the room hears of each sender once a day, the log every time."""

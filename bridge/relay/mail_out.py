@@ -16,11 +16,13 @@ import logging
 from collections.abc import Callable
 
 from bridge.config import Config
+from bridge.core.audit import AuditEntry, content_digest
 from bridge.core.errors import Ignored, PermanentError, TransientError
 from bridge.core.ids import EventID, RoomID
 from bridge.core.links import Link
 from bridge.core.message import Attachment
 from bridge.core.permissions import PermissionLevel
+from bridge.db import audit as audit_db
 from bridge.db import links as link_db
 from bridge.db import mail as mail_db
 from bridge.db import outbox as outbox_db
@@ -137,12 +139,15 @@ class MailOut:
         )
         if isinstance(plan, NotSent):
             raise Ignored(plan.reason)
+        body_sha256 = content_digest(item.event.get("content", {}))
         if self.config.permissions.level_for(plan.sender) < PermissionLevel.USER:
             await self._tell_not_permitted(item, links)
+            for link in links:
+                await self._audit_refused(link, plan, body_sha256, "refused", "not permitted")
             raise Ignored(f"{plan.sender} may not use the bridge")
         queued = 0
         for link in links:
-            if await self._queue(link, plan):
+            if await self._queue(link, plan, body_sha256):
                 queued += 1
         if queued:
             self.notify_outbox()
@@ -151,7 +156,7 @@ class MailOut:
 
     # --- one message, one link -----------------------------------------------------------------
 
-    async def _queue(self, link: Link, plan: PlannedMail) -> bool:
+    async def _queue(self, link: Link, plan: PlannedMail, body_sha256: str) -> bool:
         from_address = sender_address(self.config, link)
         if from_address is None:
             log.warning("no from_address for %s: Matrix messages are not mailed", link.remote)
@@ -182,6 +187,8 @@ class MailOut:
         refused = [r for r in recipients if not link.settings.recipient_allowed(link.remote, r)]
         in_thread = root if root != plan.event_id else None
         if refused:
+            why = f"recipient not allowed: {', '.join(refused)}"
+            await self._audit_refused(link, plan, body_sha256, "refused", why)
             await self._not_mailed(
                 link,
                 plan,
@@ -204,6 +211,7 @@ class MailOut:
             log.error(
                 "message %s in %s could not be composed safely: %s", plan.event_id, link.room_id, e
             )
+            await self._audit_refused(link, plan, body_sha256, "failed", "could not compose")
             await self._not_mailed(
                 link, plan, in_thread, "compose", "it could not be turned into a safe mail"
             )
@@ -223,6 +231,8 @@ class MailOut:
                 recipients=recipients,
                 thread_root=root if threads else plan.event_id,
                 subject=subject if subject else conversation_subject(mail),
+                sender=plan.sender,
+                body_sha256=body_sha256,
             ),
         )
         if stored is None:
@@ -236,6 +246,25 @@ class MailOut:
             stored,
         )
         return True
+
+    async def _audit_refused(
+        self, link: Link, plan: PlannedMail, body_sha256: str, outcome: str, reason: str
+    ) -> None:
+        """A message that will not be queued: its audit row, keyed by link and event, as the
+        inbox marks the event done only afterwards (a re-run records nothing twice)."""
+        entry = AuditEntry(
+            direction="mail_out",
+            link=link.remote,
+            room_id=link.room_id,
+            sender=plan.sender,
+            outcome=outcome,
+            recipients=(link.remote,),
+            ids={"event_id": plan.event_id},
+            reason=reason,
+            body_sha256=body_sha256,
+            item_key=f"mail_out:{link.id}:{plan.event_id}",
+        )
+        await audit_db.append(self.db, entry)
 
     async def _not_mailed(
         self, link: Link, plan: PlannedMail, thread: EventID | None, what: str, why: str

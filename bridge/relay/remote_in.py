@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.config import Config, RemoteSettings
+from bridge.core.audit import AuditEntry, content_digest
 from bridge.core.errors import Ignored, PermanentError, Refused
 from bridge.core.ids import EventID, UserID
 from bridge.core.links import REMOTE_KIND, Link, split_remote_key
@@ -176,7 +177,8 @@ class RemoteRelay:
             await self.handle(link, item)
 
         async def finish(state: str, reason: str) -> None:
-            await remote_db.finish(self.db, item.id, state, error=reason)
+            audit = _audit(link, item, state, reason)
+            await remote_db.finish(self.db, item.id, state, error=reason, audit=audit)
 
         async def count_failure(reason: str) -> int:
             return await remote_db.count_failure(self.db, item.id, reason)
@@ -188,7 +190,8 @@ class RemoteRelay:
                 f"{self.max_attempts} attempts and was set aside (#{item.id}).",
                 key=f"remote-failed:{item.id}",
             )
-            await remote_db.finish(self.db, item.id, "failed", error=reason)
+            audit = _audit(link, item, "failed", reason)
+            await remote_db.finish(self.db, item.id, "failed", error=reason, audit=audit)
 
         try:
             await settle_stored(
@@ -464,6 +467,7 @@ class RemoteRelay:
                     remote_event_id=item.event_id,
                     agency_event_id=event_id,
                     remote_sender=sender,
+                    audit=_audit(link, item, "posted", None, event_id),
                 )
             except Exception as e:
                 # Still pending: the next sweep posts it again (same event) and records it.
@@ -499,6 +503,29 @@ class RemoteRelay:
         await self.client.send_event(
             link.room_id, "m.room.message", notice_content(text), derived_txn_id("notice", key)
         )
+
+
+def _audit(
+    link: Link, item: RemoteInboxItem, outcome: str, reason: str | None, event_id: str = ""
+) -> AuditEntry:
+    """The audit row of a remote event settling with `outcome`, stored with its state."""
+    try:
+        event: Any = json.loads(item.event_json)
+    except (ValueError, RecursionError):
+        event = None
+    sender = event.get("sender") if isinstance(event, dict) else None
+    content = event.get("content") if isinstance(event, dict) else None
+    return AuditEntry(
+        direction="remote_in",
+        link=link.remote,
+        room_id=link.room_id,
+        sender=sender if isinstance(sender, str) else None,
+        outcome=outcome,
+        recipients=(link.room_id,),
+        ids={"remote_event_id": item.event_id, "event_id": event_id},
+        reason=reason,
+        body_sha256=content_digest(content) if content is not None else None,
+    )
 
 
 def _bounded(ts: int | None) -> int | None:

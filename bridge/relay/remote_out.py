@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from bridge.config import Config
+from bridge.core.audit import AuditEntry, content_digest
 from bridge.core.errors import Ignored, PermanentError, TransientError
 from bridge.core.ids import EventID, RoomID, UserID
 from bridge.core.links import REMOTE_KIND, Link, split_remote_key
@@ -24,6 +25,7 @@ from bridge.core.matrix_event import MXC, NotSent, image_type
 from bridge.core.permissions import PermissionLevel
 from bridge.core.remote_out import OutgoingPlan, plan_agency_event, remote_event, sender_label
 from bridge.core.tasks import TaskGroup
+from bridge.db import audit as audit_db
 from bridge.db import kv
 from bridge.db import links as link_db
 from bridge.db import remote as remote_db
@@ -99,6 +101,8 @@ class RemoteOut:
             raise Ignored(plan.reason)
         if self.config.permissions.level_for(UserID(plan.sender)) < PermissionLevel.USER:
             await self._tell_not_permitted(item, links)
+            for link in links:
+                await audit_db.append(self.db, refused_entry(link, item, "not permitted"))
             raise Ignored(f"{plan.sender} may not use the bridge")
         sender = UserID(plan.sender)
         name, _same = await self.members.name(item.room_id, sender)
@@ -152,10 +156,17 @@ class _Run:
         self.recent: dict[str, str] = {}  # agency event → remote event
         self._marks: list[asyncio.Task[None]] = []
 
-    def sent(self, db: Database, item: RemoteOutgoing, remote_event_id: str, sender: str) -> None:
+    def sent(
+        self,
+        db: Database,
+        item: RemoteOutgoing,
+        remote_event_id: str,
+        sender: str,
+        audit: AuditEntry | None = None,
+    ) -> None:
         self.recent[item.event_id] = remote_event_id
         self._marks.append(
-            asyncio.ensure_future(remote_db.mark_sent(db, item, remote_event_id, sender))
+            asyncio.ensure_future(remote_db.mark_sent(db, item, remote_event_id, sender, audit))
         )
 
     async def settle(self) -> None:
@@ -330,7 +341,8 @@ class RemoteSender:
             raise PermanentError(found_event.reason)
         event_type, content = found_event
         remote_event_id = await side.client.send_event(remote_room, event_type, content, txn)
-        run.sent(self.db, item, remote_event_id, side.settings.user_id)
+        audit = outbox_entry(link, item, "sent", None, remote_event_id)
+        run.sent(self.db, item, remote_event_id, side.settings.user_id, audit)
         log.info("sent %s to %s as %s", item.event_id, link.remote, remote_event_id)
 
     async def _remote_copy(self, link: Link, event_id: str, run: _Run) -> str | None:
@@ -353,14 +365,21 @@ class RemoteSender:
         await run.settle()  # the target may be one of the items just sent
         target = await remote_db.by_agency_event(self.db, link.id, plan.target or "")
         if target is None:
-            await remote_db.mark_done_without_event(self.db, item.id, "never passed on")
+            why = "redaction of a message never passed on"
+            audit = outbox_entry(link, item, "ignored", why)
+            await remote_db.mark_done_without_event(self.db, item.id, "never passed on", audit)
             return
         if target.direction != "out":
             # The remote user's own message: the bridge's account may not delete it there.
-            await remote_db.mark_done_without_event(self.db, item.id, "a remote user's message")
+            why = "redaction of a remote user's message"
+            audit = outbox_entry(link, item, "ignored", why)
+            await remote_db.mark_done_without_event(
+                self.db, item.id, "a remote user's message", audit
+            )
             return
         redaction = await side.client.redact(remote_room, target.remote_event_id, txn)
-        run.sent(self.db, item, redaction, side.settings.user_id)
+        audit = outbox_entry(link, item, "sent", None, redaction)
+        run.sent(self.db, item, redaction, side.settings.user_id, audit)
 
     async def _copy_media(
         self, side: RemoteSide, plan: OutgoingPlan
@@ -403,7 +422,7 @@ class RemoteSender:
 
     async def _fail(self, link: Link, item: RemoteOutgoing, why: str) -> None:
         log.warning("%s not passed on to %s: %s", item.event_id, link.remote, why)
-        await remote_db.mark_failed(self.db, item.id, why)
+        await remote_db.mark_failed(self.db, item.id, why, outbox_entry(link, item, "failed", why))
         await self._report_failures()
 
     async def _report_failures(self) -> None:
@@ -425,3 +444,42 @@ class RemoteSender:
             except PermanentError as e:
                 log.warning("failure of remote outbox item %d not told: %s", item_id, e)
             await remote_db.mark_reported(self.db, item_id)
+
+
+def outbox_entry(
+    link: Link, item: RemoteOutgoing, outcome: str, reason: str | None, remote_event_id: str = ""
+) -> AuditEntry:
+    """The audit row of a remote outbox item settling with `outcome`, stored with its state."""
+    plan = item.plan.get("plan")
+    plan = plan if isinstance(plan, dict) else {}
+    sender = plan.get("sender")
+    _name, remote_room = split_remote_key(link.remote)
+    return AuditEntry(
+        direction="remote_out",
+        link=link.remote,
+        room_id=link.room_id,
+        sender=sender if isinstance(sender, str) else None,
+        outcome=outcome,
+        recipients=(remote_room,),
+        ids={"event_id": item.event_id, "remote_event_id": remote_event_id},
+        reason=reason,
+        body_sha256=content_digest(plan.get("content", {})),
+    )
+
+
+def refused_entry(link: Link, item: InboxEvent, reason: str) -> AuditEntry:
+    """The audit row of an agency event refused before it was queued: keyed, as the inbox
+    marks it done only afterwards (a re-run after a crash records nothing twice)."""
+    _name, remote_room = split_remote_key(link.remote)
+    return AuditEntry(
+        direction="remote_out",
+        link=link.remote,
+        room_id=link.room_id,
+        sender=item.sender,
+        outcome="refused",
+        recipients=(remote_room,),
+        ids={"event_id": item.event_id},
+        reason=reason,
+        body_sha256=content_digest(item.event.get("content", {})),
+        item_key=f"remote_out:{link.id}:{item.event_id}",
+    )
