@@ -75,7 +75,7 @@ class MarkingSettings:
     """Classification markings: the ordered levels (lowest first) and the header that carries
     a mail's marking, in and out."""
 
-    levels: Levels = Levels(_DEFAULT_LEVELS)
+    levels: Levels = field(default_factory=lambda: Levels(_DEFAULT_LEVELS))
     header: str = "X-Classification"
 
 
@@ -448,9 +448,7 @@ def _mail_link(key: str, entry: Mapping[str, Any], mail: MailConfig, seen: set[s
         required = check_sender_patterns(f"{key}.require_authenticated", required)
     marking = entry.get("marking")
     if marking is not None:
-        canonical = (
-            mail.markings.levels.canonical(marking) if isinstance(marking, str) else None
-        )
+        canonical = mail.markings.levels.canonical(marking) if isinstance(marking, str) else None
         if canonical is None:
             known = ", ".join(mail.markings.levels.names)
             raise ConfigError(f"{key}.marking", f"must be one of mail.markings.levels ({known})")

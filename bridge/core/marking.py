@@ -17,7 +17,7 @@ MAX_LABEL = 200
 MAX_SUBJECT = 16 * 1024
 
 _SPACES = re.compile(r"[\s_\-\u2010-\u2015\u2212]+")
-_TAG = re.compile(r"\[([^\[\]]{1,%d})\]" % MAX_LABEL)
+_TAG = re.compile(rf"\[([^\[\]]{{1,{MAX_LABEL}}})\]")
 
 # Letters of other scripts drawn like Latin ones (after casefold), from Unicode TR39's
 # confusables: a label that only matches a level once they are read as Latin is a disguise.
