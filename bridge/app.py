@@ -157,6 +157,7 @@ class Bridge:
             max_attempts=config.mail.max_attempts,
             is_own_message=self.mail_out.is_own_message_id,
             has_own_marker=self.mail_out.has_own_marker,
+            levels=config.mail.markings.levels,
         )
         self.mail = MailService(config, self.db, self.tasks, self.relay)
         self.remote = RemoteService(

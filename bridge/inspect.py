@@ -13,6 +13,7 @@ from bridge.config import Config, LinkSpec, RemoteSettings, parse_config
 from bridge.core.errors import Refused
 from bridge.core.ghosts import encode_localpart, ghost_display_name
 from bridge.core.links import LinkSettings
+from bridge.core.marking import mail_marking, may_post
 from bridge.core.message import Attachment, IncomingMessage
 from bridge.core.permissions import PermissionLevel
 from bridge.core.remote_in import (
@@ -53,7 +54,9 @@ def _settings(config: Config, link: str | None) -> LinkSettings | None:
     spec: LinkSpec | None = next((s for s in config.links if s.address == link.lower()), None)
     if spec is None:
         raise LookupError(f"no link for {link} in the config's links")
-    return LinkSettings(allowed_senders=spec.allowed_senders, thread_mode=spec.thread_mode)
+    return LinkSettings(
+        allowed_senders=spec.allowed_senders, thread_mode=spec.thread_mode, marking=spec.marking
+    )
 
 
 def _verdict(
@@ -63,6 +66,12 @@ def _verdict(
         return "automatic reply: not relayed (loop protection)"
     if settings is not None and not settings.sender_allowed(message.sender.address):
         return f"sender {message.sender.address} is not among the link's allowed senders"
+    if settings is not None:
+        levels = config.mail.markings.levels
+        found = mail_marking(message.marking_headers, message.marking_subjects, levels)
+        verdict = may_post(settings.marking, found, levels)
+        if not verdict.allowed:
+            return f"not posted: {verdict.reason}"
     return None
 
 

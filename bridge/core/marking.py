@@ -37,9 +37,11 @@ _CONFUSABLES = str.maketrans(
 
 
 def normalise(label: str) -> str:
-    """A label as levels are compared: NFKC, accents dropped, casefolded, blanks, "_" and
-    dashes as one space, trimmed. "Très  secret", "TRES-SECRET" and "ＴＲÈＳ SECRET" agree."""
+    """A label as levels are compared: NFKC, invisible format characters (zero-width, bidi
+    controls, soft hyphen) removed, accents dropped, casefolded, blanks, "_" and dashes as one
+    space, trimmed. "Très  secret", "TRES-SECRET" and "ＴＲÈＳ SECRET" agree."""
     text = unicodedata.normalize("NFKC", label)
+    text = "".join(c for c in text if unicodedata.category(c) != "Cf")
     decomposed = unicodedata.normalize("NFD", text)
     bare = "".join(c for c in decomposed if not unicodedata.combining(c))
     folded = unicodedata.normalize("NFC", bare).casefold()
@@ -85,6 +87,14 @@ class Levels:
         skeleton = _skeleton(normalise(label))
         return any(_skeleton(normalise(name)) == skeleton for name in self.names)
 
+    def mentioned(self, label: str) -> bool:
+        """Not a level, but holds one above the lowest as whole words ("SECRET DÉFENSE",
+        "Projet très secret"), even disguised: a tag that claims more than nothing."""
+        if len(label) > MAX_LABEL or self.rank(label) is not None:
+            return False
+        words = f" {_skeleton(normalise(label))} "
+        return any(f" {_skeleton(normalise(name))} " in words for name in self.names[1:])
+
 
 # A mail's marking: None when it carries none; UNKNOWN when it carries one that is not a level
 # (ranked above every level: fail closed).
@@ -107,8 +117,9 @@ class MailMarking:
 
 def subject_tags(subject: str, levels: Levels) -> tuple[list[str], list[str]]:
     """The levels tagged `[LEVEL]` anywhere in `subject` (NFKC first, so full-width brackets
-    count), and the tags that are a disguised level. Other bracketed words ("[Achats]") are
-    not markings."""
+    count), and the tags that are no level but a disguised one or one that mentions a level
+    above the lowest ("[SECRET DÉFENSE]"): unknown. Other bracketed words ("[Achats]") are not
+    markings."""
     text = unicodedata.normalize("NFKC", subject[: MAX_SUBJECT + 1])
     found: list[str] = []
     disguised: list[str] = []
@@ -116,7 +127,7 @@ def subject_tags(subject: str, levels: Levels) -> tuple[list[str], list[str]]:
         inner = match.group(1)
         if levels.rank(inner) is not None:
             found.append(inner)
-        elif levels.disguised(inner):
+        elif levels.disguised(inner) or levels.mentioned(inner):
             disguised.append(inner)
     if len(subject) > MAX_SUBJECT:
         disguised.append("(subject too long to read whole)")
@@ -127,7 +138,7 @@ def mail_marking(headers: Sequence[str], subjects: Iterable[str], levels: Levels
     """The marking of a mail from the values of its marking header (every occurrence, RFC 2047
     already decoded) and its Subject(s): the highest of the levels found. A header value that
     is no level (blank, misspelt, a homoglyph, another scheme, too long) and a subject tag that
-    is a disguised level make the marking unknown, which ranks above every level."""
+    is a disguised level or mentions one make the marking unknown, above every level."""
     unknown: list[str] = []
     best: tuple[int, str] | None = None
     labels: list[str] = []

@@ -51,6 +51,10 @@ class IncomingMessage:
     # bulk are not auto-replies: they mark ordinary list traffic, which is the product.
     auto_generated: bool = False
     notes: tuple[str, ...] = field(default=())  # what was dropped or trimmed, for the reader
+    # For classification markings (core.marking): every value of the marking header, RFC 2047
+    # decoded, and every Subject decoded but not cut like `subject` (a tag may sit further on).
+    marking_headers: tuple[str, ...] = ()
+    marking_subjects: tuple[str, ...] = ()
 
 
 INLINE_PREFIX = "mxc://passerelle.invalid/cid-"

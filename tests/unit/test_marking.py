@@ -164,7 +164,7 @@ def test_a_link_without_marking_checks_nothing() -> None:
         "S\u0415CRET",  # Cyrillic Е
         "\u0405ECRET",  # Cyrillic Ѕ
         "SECRET, TRÈS SECRET",
-        "DIFFUSION RESTREINTE\u200b",  # zero-width space: not a level
+        "DIFFUSION RESTREINTE (copie)",
         "=?utf-8?q?SECRET?=",  # not decoded here: the parser decodes, an encoded word is text
         "X" * 100_000,
     ],
@@ -184,10 +184,22 @@ def test_an_unknown_header_marking_fails_closed(header: str) -> None:
         "[ЅЕСRЕТ]",  # mostly Cyrillic
         "Réunion [ΤRÈS SECRET]",  # Greek Tau
         "［SЕCRET］",  # full-width brackets and Cyrillic
+        "[SEC\u200bRET]",  # a zero-width space inside
+        "[SECRET DÉFENSE] Réunion",  # the old scheme
+        "[Projet très secret]",
     ],
 )
 def test_a_disguised_subject_tag_fails_closed(subject: str) -> None:
     assert not verdict(subject=subject)
+
+
+def test_invisible_characters_do_not_hide_a_level() -> None:
+    assert LEVELS.rank("DIFFUSION\u200b RESTREINTE\u202e") == 1
+    assert not verdict(subject="[\u2066SECRET\u2069]")
+
+
+def test_a_tag_mentioning_only_the_lowest_level_is_not_a_marking() -> None:
+    assert verdict(subject="[NON PROTÉGÉ - interne] Réunion")
 
 
 def test_full_width_brackets_are_tags() -> None:
