@@ -38,6 +38,7 @@ from bridge.mail.outgoing import NotSent, outgoing_mail, placeholder_attachment,
 from bridge.matrix import render
 from bridge.matrix.poster import plan_events
 from bridge.relay.mail_in import with_original
+from bridge.relay.mail_out import marking_of
 from bridge.remote import jsonsafe
 from bridge.remote.client import SYNC_MAX_BYTES
 
@@ -193,6 +194,7 @@ def inspect_event(
             secret=config.message_id_secret,
             now=now or dt.datetime.now(dt.UTC),
             marker=loop_marker(from_address.rpartition("@")[2], config.message_id_secret),
+            marking=marking_of(config, settings),
         )
     except ComposeError as e:
         return f"not sent: the message could not be composed safely ({e})\n".encode()

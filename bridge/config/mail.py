@@ -275,7 +275,7 @@ def _mail(raw: dict[str, Any], config_dir: Path | None) -> MailConfig:
     )
 
 
-_FIELD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,75}")
+_FIELD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,60}")  # as bridge.mail.compose writes one
 # Headers the bridge writes itself or that mean something else: never a marking header.
 _RESERVED_HEADERS = frozenset(
     {
