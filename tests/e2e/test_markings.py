@@ -7,6 +7,7 @@ bridge; mail out goes the bridge → Postfix → Dovecot, read back from the mai
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -173,7 +174,7 @@ async def test_mail_marked_higher_is_refused_and_the_room_told(marked: Marked) -
         notices = await told()
         if notices:
             break
-        await __import__("asyncio").sleep(0.3)
+        await asyncio.sleep(0.3)
     assert len(notices) == 2, notices
     for notice in notices:
         assert f"it is marked SECRET, above this room's {DR}" in notice
