@@ -184,3 +184,54 @@ async def test_mail_marked_higher_is_refused_and_the_room_told(marked: Marked) -
     events = await marked.alice.messages(marked.room_id, limit=200)
     bodies = " ".join(str(e.get("content", {}).get("body", "")) for e in events)
     assert "contenu secret" not in bodies
+
+
+async def test_a_config_link_marks_the_topic_at_start_up_once(
+    synapse_setup: SynapseSetup,
+    dovecot: DovecotServer,
+    make_user: UserFactory,
+    db_url: str,
+    tmp_path: Path,
+) -> None:
+    """A marked link of the config file: the topic gets its line when the bridge starts, and
+    not a second one when it starts again."""
+    address = dovecot.add_user(f"cfg{uuid.uuid4().hex[:8]}", PASSWORD)
+    alice = await make_user("alice")
+    bot = synapse_setup.config.bot_mxid
+    room_id = await alice.create_room(invite=[bot], name="Pinned by the admin")
+    await alice.send_state(room_id, "m.room.topic", {"topic": TOPIC})
+    levels = await alice.request(
+        "GET", f"/_matrix/client/v3/rooms/{room_id}/state/m.room.power_levels"
+    )
+    levels.setdefault("users", {})[bot] = 50
+    await alice.send_state(room_id, "m.room.power_levels", levels)
+    raw = bridge_config_with_mailbox(synapse_setup, dovecot, address)
+    raw["links"] = [
+        {"room": room_id, "address": address, "allowed_senders": ["achats.gouv.fr"]}
+        | {"marking": "Diffusion Restreinte"}
+    ]
+    config_path = tmp_path / "config.yaml"
+    atomic_write(config_path, dump_yaml(raw))
+
+    async def topic() -> str:
+        content = await alice.request(
+            "GET", f"/_matrix/client/v3/rooms/{room_id}/state/m.room.topic/"
+        )
+        return str(content.get("topic"))
+
+    for run in (1, 2):
+        bridge = BridgeProcess(config_path, db_url, tmp_path / f"bridge-{run}.log")
+        bridge.start()
+        try:
+            for _ in range(100):
+                if (await topic()).startswith(f"[{DR}]"):
+                    break
+                await asyncio.sleep(0.2)
+            state = await alice.request(
+                "GET", f"/_matrix/client/v3/rooms/{room_id}/state/m.bridge/passerelle:{address}"
+            )
+            assert state["fr.passerelle.marking"] == DR
+            await asyncio.sleep(1)  # time to mark it twice, if it were to
+            assert await topic() == f"[{DR}]\n{TOPIC}"
+        finally:
+            bridge.stop()
