@@ -48,6 +48,7 @@ from bridge.relay.notices import tell_once
 from bridge.relay.remote_in import RemoteRelay
 from bridge.relay.remote_out import RemoteOut, RemoteSender
 from bridge.relay.remotes import RemoteService
+from bridge.relay.room_marking import MARKING_KEY, RoomMarking
 from bridge.status import StatusReporter
 from bridge.web.health import add_health_route
 
@@ -147,6 +148,8 @@ class Bridge:
                 retry_schedule=functools.partial(retry_delay, schedule=config.mail.retry_delays),
             )
         self.members = RoomMembers(self.client)
+        self.room_marking = RoomMarking(config, self.db, self.client)
+        self._markings_shown = False
         self.mail_out = MailOut(
             config, self.db, self.client, self.members, notify_outbox=self._notify_outbox
         )
@@ -159,6 +162,7 @@ class Bridge:
             max_attempts=config.mail.max_attempts,
             is_own_message=self.mail_out.is_own_message_id,
             has_own_marker=self.mail_out.has_own_marker,
+            levels=config.mail.markings.levels,
         )
         self.mail = MailService(config, self.db, self.tasks, self.relay)
         self.remote = RemoteService(
@@ -291,6 +295,8 @@ class Bridge:
                 "protocol": {"id": "email", "displayname": "Email"},
                 "channel": {"id": link.remote, "displayname": link.remote},
             }
+        if active and link.settings.marking:
+            content[MARKING_KEY] = link.settings.marking
         try:
             await self.client.send_state(
                 link.room_id, "m.bridge", f"passerelle:{link.remote}", content
@@ -301,6 +307,18 @@ class Bridge:
                 await self._tell_bridge_state_denied(link.room_id)
         except TransientError as e:
             log.warning("could not set m.bridge state in %s: %s", link.room_id, e)
+        await self.room_marking.show(link.room_id, link)
+
+    async def _announce_markings(self, room_id: RoomID | None = None) -> None:
+        """Marked links (of one room, or all) shown in m.bridge state and the room topic."""
+        links = (
+            await link_db.all_links(self.db)
+            if room_id is None
+            else await link_db.links_in_room(self.db, room_id)
+        )
+        for link in links:
+            if link.settings.marking and not link.paused:
+                await self._announce_link(link, True)
 
     async def _tell_bridge_state_denied(self, room_id: RoomID) -> None:
         """The room's admins hear once what the bot needs to mark the room as bridged."""
@@ -326,6 +344,7 @@ class Bridge:
     async def _room_joined(self, room_id: RoomID) -> None:
         await self.mail.room_joined(room_id)
         await self._links_changed()
+        await self._announce_markings(room_id)
 
     async def _room_encrypted(self, room_id: RoomID, event_id: EventID) -> None:
         """A linked room turned encryption on: its links are paused (mail is kept, nothing is
@@ -392,7 +411,14 @@ class Bridge:
         return await remote_db.outbox_counts(self.db)
 
     async def _after_connect(self) -> None:
-        """After the first contact and after an outage: fetch what the homeserver dropped."""
+        """After the first contact and after an outage: fetch what the homeserver dropped.
+        The first time, marked links are shown in their rooms (state, topic)."""
+        if not self._markings_shown:
+            self._markings_shown = True
+            try:
+                await self._announce_markings()
+            except Exception as e:
+                log.warning("could not show the links' markings in their rooms: %s", e)
         try:
             found = await self.catch_up.run()
         except Exception as e:

@@ -17,6 +17,7 @@ from bridge.core.authentication import AUTHENTICATED
 from bridge.core.errors import Refused
 from bridge.core.ghosts import encode_localpart, ghost_display_name
 from bridge.core.links import Link, LinkSettings
+from bridge.core.marking import mail_marking, may_post
 from bridge.core.message import Attachment, IncomingMessage
 from bridge.core.permissions import PermissionLevel
 from bridge.core.remote_in import (
@@ -44,6 +45,7 @@ from bridge.mail.outgoing import NotSent, outgoing_mail, placeholder_attachment,
 from bridge.matrix import render
 from bridge.matrix.poster import plan_events
 from bridge.relay.mail_in import with_original
+from bridge.relay.mail_out import marking_of
 from bridge.remote import jsonsafe
 from bridge.remote.client import SYNC_MAX_BYTES
 
@@ -83,7 +85,9 @@ async def _stored_link(config: Config, address: str) -> Link | None:
         await db.close()
 
 
-def _refusal(message: IncomingMessage, settings: LinkSettings | None) -> str | None:
+def _refusal(
+    config: Config, message: IncomingMessage, settings: LinkSettings | None
+) -> str | None:
     if message.auto_generated:
         return "automatic reply: not relayed (loop protection)"
     if settings is None:
@@ -98,6 +102,11 @@ def _refusal(message: IncomingMessage, settings: LinkSettings | None) -> str | N
             f"sender {address} is {auth.verdict} ({auth.reason}); this link requires "
             "its domain to be authenticated"
         )
+    levels = config.mail.markings.levels
+    found = mail_marking(message.marking_headers, message.marking_subjects, levels)
+    marked = may_post(settings.marking, found, levels)
+    if not marked.allowed:
+        return f"not posted: {marked.reason}"
     return None
 
 
@@ -145,7 +154,7 @@ def inspect_mail(config: Config, raw: bytes, link: str | None) -> dict[str, Any]
     verdict = SenderAuthenticator(config.mail.trust).check(raw, sender.address)
     report["auth"] = verdict.as_json()
     message = dataclasses.replace(message, auth=verdict)
-    report["reason"] = _refusal(message, settings)
+    report["reason"] = _refusal(config, message, settings)
     report["accepted"] = report["reason"] is None
     if report["accepted"]:
         threads = settings is None or settings.thread_mode == "threads"
@@ -228,6 +237,7 @@ def inspect_event(
             secret=config.message_id_secret,
             now=now or dt.datetime.now(dt.UTC),
             marker=loop_marker(from_address.rpartition("@")[2], config.message_id_secret),
+            marking=marking_of(config, settings),
         )
     except ComposeError as e:
         return f"not sent: the message could not be composed safely ({e})\n".encode()

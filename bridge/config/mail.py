@@ -21,6 +21,7 @@ from bridge.config.base import (
     _type_name,
 )
 from bridge.core.links import LinkSettings
+from bridge.core.marking import MAX_LABEL, Levels, normalise
 
 _MAIL_ADDRESS = re.compile(r"^[a-z0-9.!#$%&'*+/=?^_`{|}~-]+@[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?$")
 
@@ -66,6 +67,18 @@ class TrustSettings:
     dns_timeout: float = 5.0
 
 
+_DEFAULT_LEVELS = ("NON PROTÉGÉ", "DIFFUSION RESTREINTE", "SECRET", "TRÈS SECRET")
+
+
+@dataclass(frozen=True)
+class MarkingSettings:
+    """Classification markings: the ordered levels (lowest first) and the header that carries
+    a mail's marking, in and out."""
+
+    levels: Levels = field(default_factory=lambda: Levels(_DEFAULT_LEVELS))
+    header: str = "X-Classification"
+
+
 @dataclass(frozen=True)
 class MailConfig:
     mailboxes: dict[str, MailboxSettings]
@@ -81,6 +94,7 @@ class MailConfig:
     max_attachment_size: int = 10485760
     on_sent: str = "none"
     trust: TrustSettings = TrustSettings()
+    markings: MarkingSettings = MarkingSettings()
 
 
 @dataclass(frozen=True)
@@ -257,6 +271,66 @@ def _mail(raw: dict[str, Any], config_dir: Path | None) -> MailConfig:
         max_attachment_size=_int(raw, "mail.max_attachment_size", 0, 1 << 30),
         on_sent=on_sent,
         trust=_trust(raw["mail"]["trust"]),
+        markings=_markings(raw["mail"]["markings"]),
+    )
+
+
+_FIELD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,60}")  # as bridge.mail.compose writes one
+# Headers the bridge writes itself or that mean something else: never a marking header.
+_RESERVED_HEADERS = frozenset(
+    {
+        "from", "to", "cc", "bcc", "reply-to", "sender", "subject", "date", "message-id",
+        "in-reply-to", "references", "mime-version", "content-type", "content-disposition",
+        "content-transfer-encoding", "content-id", "x-auto-response-suppress",
+        "x-passerelle-loop", "received", "return-path", "authentication-results",
+        "dkim-signature", "arc-seal", "arc-message-signature", "arc-authentication-results",
+    }
+)  # fmt: skip
+
+
+def _markings(value: Any) -> MarkingSettings:
+    key = "mail.markings"
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"must be a mapping, not {_type_name(value)}")
+    for name in value:
+        if name not in ("levels", "header"):
+            raise ConfigError(f"{key}.{name}", "unknown key")
+    levels = value.get("levels")
+    problem = "must be a list of 1 to 20 levels, lowest first, like [DIFFUSION RESTREINTE, SECRET]"
+    if (
+        not isinstance(levels, list)
+        or not 1 <= len(levels) <= 20
+        or not all(_level_label(level) for level in levels)
+    ):
+        raise ConfigError(f"{key}.levels", problem)
+    names = tuple(" ".join(level.split()) for level in levels)
+    keys = [normalise(name) for name in names]
+    for i, name in enumerate(keys):
+        if name in keys[:i]:
+            raise ConfigError(
+                f"{key}.levels",
+                f"“{names[i]}” is listed twice (case, accents and spaces do not count)",
+            )
+    header = value.get("header")
+    if (
+        not isinstance(header, str)
+        or not _FIELD_NAME.fullmatch(header)
+        or header.lower() in _RESERVED_HEADERS
+    ):
+        raise ConfigError(
+            f"{key}.header", "must be a header name of its own, like X-Classification"
+        )
+    return MarkingSettings(levels=Levels(names), header=header)
+
+
+def _level_label(value: Any) -> bool:
+    """A level as the config may write it: printable, no brackets, not blank, not too long."""
+    return (
+        isinstance(value, str)
+        and value.isprintable()
+        and bool(normalise(value))
+        and len(value) <= MAX_LABEL
+        and not any(c in value for c in "[]")
     )
 
 
@@ -373,10 +447,12 @@ def _mail_link(key: str, entry: Mapping[str, Any], mail: MailConfig, seen: set[s
     if required is not None:
         required = check_sender_patterns(f"{key}.require_authenticated", required)
     marking = entry.get("marking")
-    if marking is not None and (
-        not isinstance(marking, str) or not marking.strip() or not marking.isprintable()
-    ):
-        raise ConfigError(f"{key}.marking", "must be a marking like DIFFUSION RESTREINTE")
+    if marking is not None:
+        canonical = mail.markings.levels.canonical(marking) if isinstance(marking, str) else None
+        if canonical is None:
+            known = ", ".join(mail.markings.levels.names)
+            raise ConfigError(f"{key}.marking", f"must be one of mail.markings.levels ({known})")
+        marking = canonical
     return LinkSpec(
         room,
         address,
@@ -386,5 +462,5 @@ def _mail_link(key: str, entry: Mapping[str, Any], mail: MailConfig, seen: set[s
         edits,
         egress,
         require_authenticated=required,
-        marking=marking.strip() if marking is not None else None,
+        marking=marking,
     )

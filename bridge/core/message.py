@@ -55,6 +55,10 @@ class IncomingMessage:
     notes: tuple[str, ...] = field(default=())  # what was dropped or trimmed, for the reader
     # Who vouched for the sender (None: not checked, e.g. inspect without a config).
     auth: Verdict | None = None
+    # For classification markings (core.marking): every value of the marking header, RFC 2047
+    # decoded, and every Subject decoded but not cut like `subject` (a tag may sit further on).
+    marking_headers: tuple[str, ...] = ()
+    marking_subjects: tuple[str, ...] = ()
 
 
 INLINE_PREFIX = "mxc://passerelle.invalid/cid-"

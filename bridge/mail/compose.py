@@ -17,6 +17,7 @@ from datetime import datetime
 from email.headerregistry import Address
 from email.message import EmailMessage, MIMEPart
 from email.policy import EmailPolicy
+from html import escape as html_escape
 from typing import TYPE_CHECKING
 
 from bridge.core.ghosts import clean_display_name
@@ -110,6 +111,7 @@ _MAX_NAME = 100
 _MAX_MXID = 120  # of the 255 the Matrix spec allows: keeps the From line under 998
 _MAX_THREAD_SUBJECT = 300
 _MAX_FIRST_LINE = 78
+_MAX_MARKING = 200  # core.marking.MAX_LABEL
 _MAX_REFERENCES = 20
 _MAX_ID_LENGTH = 250
 _MIN_SECRET = 16
@@ -352,14 +354,17 @@ def compose(
     now: datetime,
     bridge_header: str = "X-Passerelle-Loop",
     marker: str | None = None,
+    marking: tuple[str, str] | None = None,
 ) -> bytes:
     """`mail` as an RFC 5322 message (CRLF, pure ASCII) addressed to `list_address` only.
 
     From is `"<name> via Passerelle" <from_address>`, Reply-To and To are the list, the
     Message-ID is own_message_id(event_id), `<bridge_header>: <domain>` marks the mail for
     loop detection (or `<bridge_header>: <marker>` when given, e.g. to tell two bridges of one
-    domain apart) and `X-Auto-Response-Suppress: All` silences Exchange auto-replies. The
-    output is parsed back and checked before it is returned; ComposeError if that fails.
+    domain apart) and `X-Auto-Response-Suppress: All` silences Exchange auto-replies. With
+    `marking` (header name, level), the level is the first line of the text and HTML bodies
+    (before "Correction: ") and the value of that header. The output is parsed back and
+    checked before it is returned; ComposeError if that fails.
     ValueError for bad configuration (addresses, domain, header name, secret, naive `now`).
     """
     host = _check_domain(domain)
@@ -374,12 +379,26 @@ def compose(
         raise ValueError("bridge_header must be a header field name of its own")
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("now must be timezone-aware")
+    label = None
+    if marking is not None:
+        marking_header, label = marking[0], _clean_line(marking[1], _MAX_MARKING)
+        if (
+            not _FIELD_NAME.fullmatch(marking_header)
+            or marking_header.lower() in _TOP_HEADERS
+            or marking_header.lower() == bridge_header.lower()
+        ):
+            raise ValueError("the marking header must be a header field name of its own")
+        if not label:
+            raise ValueError("the marking must be a label")
 
     text, html = _bodies(mail)
     subject = _subject(mail, text)
     if mail.correction:
         text = "Correction: " + text
         html = "Correction: " + html if html else ""
+    if label is not None:
+        text = f"{label}\n\n{text}"
+        html = f"<p><strong>{html_escape(label)}</strong></p>\n{html}" if html else ""
 
     parent, references = _thread_ids(mail)
     message_id = own_message_id(mail.event_id, host, secret)
@@ -401,6 +420,8 @@ def compose(
         raise ValueError("marker must be printable ASCII without line breaks")
     msg[bridge_header] = host if marker is None else marker
     msg["X-Auto-Response-Suppress"] = "All"
+    if marking is not None and label is not None:
+        _set_text(msg, marking[0], label)
     msg["MIME-Version"] = "1.0"
     for name in msg:
         if getattr(msg[name], "defects", ()):
@@ -417,12 +438,17 @@ def compose(
         _fill_body(msg, text, html)
 
     raw = msg.as_bytes()
-    _check(raw, bridge_header, (from_name, from_address), list_address)
+    extra = () if marking is None else (marking[0],)
+    _check(raw, bridge_header, (from_name, from_address), list_address, extra)
     return raw
 
 
 def _set_subject(msg: MIMEPart, subject: str) -> None:
-    """The Subject, its spaces kept.
+    _set_text(msg, "Subject", subject)
+
+
+def _set_text(msg: MIMEPart, name: str, subject: str) -> None:
+    """The Subject (or another text header), its spaces kept.
 
     Python 3.11's folder puts the space between two encoded-words of a long non-ASCII subject
     outside them, as folding whitespace, which RFC 2047 decoders drop: "équipes « numérique »"
@@ -430,10 +456,10 @@ def _set_subject(msg: MIMEPart, subject: str) -> None:
     encoded-word. `subject` is one clean line (_clean_line): no controls, no "=?".
     """
     if subject.isascii():
-        msg["Subject"] = subject
+        msg[name] = subject
         return
-    encoded = email.header.Header(subject, "utf-8", header_name="Subject").encode(linesep="\n")
-    msg.set_raw("Subject", encoded)
+    encoded = email.header.Header(subject, "utf-8", header_name=name).encode(linesep="\n")
+    msg.set_raw(name, encoded)
 
 
 def _set_ids(msg: MIMEPart, name: str, ids: list[str]) -> None:
@@ -496,16 +522,23 @@ def _attachment_part(attachment: Attachment) -> MIMEPart:
 # --- self-check -------------------------------------------------------------------------------
 
 
-def _check(raw: bytes, bridge_header: str, sender: tuple[str, str], list_address: str) -> None:
+def _check(
+    raw: bytes,
+    bridge_header: str,
+    sender: tuple[str, str],
+    list_address: str,
+    extra_headers: tuple[str, ...] = (),
+) -> None:
     """The serialised mail checked independently of how it was built: a top-level header
-    block of known fields only, each once, CRLF lines within limits; parsed back, no defects,
-    one From that is `sender` (display name, address), the list as the only recipient, known
-    part headers only.
+    block of known fields only (and `extra_headers`, required too), each once, CRLF lines
+    within limits; parsed back, no defects, one From that is `sender` (display name,
+    address), the list as the only recipient, known part headers only.
 
     Display names are compared without spaces: Python 3.11's parser keeps the folding space
     between two adjacent encoded-words of a phrase, which RFC 2047 says to drop.
     """
-    allowed = frozenset(_TOP_HEADERS) | {bridge_header.lower()}
+    own = {name.lower() for name in (bridge_header, *extra_headers)}
+    allowed = frozenset(_TOP_HEADERS) | own
     head, separator, _ = raw.partition(b"\r\n\r\n")
     if not separator or not raw.isascii():
         raise ComposeError("no header block, or not ASCII")
@@ -519,7 +552,7 @@ def _check(raw: bytes, bridge_header: str, sender: tuple[str, str], list_address
         if not colon or name.decode("ascii").lower() not in allowed:
             raise ComposeError("unexpected header line")
         seen.append(name.decode("ascii").lower())
-    if len(seen) != len(set(seen)) or not _REQUIRED | {bridge_header.lower()} <= set(seen):
+    if len(seen) != len(set(seen)) or not _REQUIRED | own <= set(seen):
         raise ComposeError("a header is missing or repeated")
 
     try:

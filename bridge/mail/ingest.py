@@ -23,7 +23,7 @@ def make_parser(config: MailConfig) -> Callable[[bytes], IncomingMessage]:
     limits = limits_from(config)
 
     def parse(raw: bytes) -> IncomingMessage:
-        message = parse_mail(raw, limits)
+        message = parse_mail(raw, limits, marking_header=config.markings.header)
         if not message.html:
             return message
         inline = {

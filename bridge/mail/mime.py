@@ -48,6 +48,7 @@ _MAX_HEADER_BLOCK = 256 * KiB
 _MAX_MIME_FIELD = 8 * KiB
 _MIME_FIELDS = ("content-type", "content-disposition", "content-transfer-encoding", "content-id")
 _MAX_SUBJECT = 300
+_MAX_MARKING_FIELDS = 50  # core.marking.MAX_LABELS: more is refused there
 _MAX_IDS = 100
 _MAX_ID_LENGTH = 250
 _MAX_BOUNDARY = 200
@@ -127,7 +128,9 @@ class _Entity:
         return next((value for key, value in self.fields if key == name), None)
 
 
-def parse_mail(raw: bytes, limits: MailLimits = MailLimits()) -> IncomingMessage:
+def parse_mail(
+    raw: bytes, limits: MailLimits = MailLimits(), *, marking_header: str | None = None
+) -> IncomingMessage:
     """Parse one raw mail, or raise MailRejected with a one-line reason.
 
     Refused: more than `max_size` bytes (checked before any parsing), MIME nesting deeper than
@@ -136,7 +139,8 @@ def parse_mail(raw: bytes, limits: MailLimits = MailLimits()) -> IncomingMessage
     headers, and a sender that `parse_from` refuses. HTML, text and attachments beyond their
     limits are cut or dropped, each with a note. `html` is the first text/html body part, NOT
     sanitised; `text` comes from the first text/plain part (or from the HTML when there is
-    none), with quoted history trimmed.
+    none), with quoted history trimmed. The values of `marking_header` and the Subjects are
+    kept decoded for the marking check (see core.marking).
     """
     if len(raw) > limits.max_size:
         raise MailRejected(f"mail too large: {len(raw)} bytes (limit {limits.max_size})")
@@ -229,6 +233,8 @@ def parse_mail(raw: bytes, limits: MailLimits = MailLimits()) -> IncomingMessage
         date=_date(top.field("date")),
         auto_generated=_auto_generated(top),
         notes=tuple(notes),
+        marking_headers=_field_values(top, marking_header.lower()) if marking_header else (),
+        marking_subjects=_field_values(top, "subject"),
     )
 
 
@@ -550,6 +556,13 @@ def _inner_subject(data: bytes) -> str:
 
 
 # --- top-level fields -------------------------------------------------------------------------
+
+
+def _field_values(top: _Entity, name: str) -> tuple[str, ...]:
+    """Every value of a field, RFC 2047 decoded, whole (the header block is bounded). Past
+    `_MAX_MARKING_FIELDS` one more value is kept: enough for core.marking to see too many."""
+    values = [value for key, value in top.fields if key == name][: _MAX_MARKING_FIELDS + 1]
+    return tuple(_no_surrogates(_decode_words(value)) for value in values)
 
 
 def _subject(value: str) -> str:

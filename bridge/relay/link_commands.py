@@ -56,7 +56,7 @@ class LinkCommands:
                 "link",
                 "post the mail of a list configured by the administrator in this room",
                 PermissionLevel.USER,
-                usage="ADDRESS [allow DOMAIN,*.DOMAIN] [flat]",
+                usage="ADDRESS [allow DOMAIN,*.DOMAIN] [flat] [marking LEVEL]",
             ),
             self.link,
         )
@@ -98,7 +98,9 @@ class LinkCommands:
 
     async def link(self, ctx: CommandContext, args: tuple[str, ...]) -> Reply:
         if not args:
-            return Reply.plain("Usage: link ADDRESS [allow DOMAIN,*.DOMAIN] [flat]")
+            return Reply.plain(
+                "Usage: link ADDRESS [allow DOMAIN,*.DOMAIN] [flat] [marking LEVEL]"
+            )
         if not await self._may_manage(ctx):
             return Reply.plain(
                 f"Linking needs the admin permission, or power level {MIN_POWER_LEVEL} here."
@@ -120,6 +122,7 @@ class LinkCommands:
             )
         senders: tuple[str, ...] = (address.rpartition("@")[2],)
         mode = "threads"
+        marking: str | None = None
         rest = list(args[1:])
         while rest:
             word = rest.pop(0).casefold()
@@ -127,6 +130,11 @@ class LinkCommands:
                 mode = "flat"
             elif word == "threads":
                 mode = "threads"
+            elif word == "marking" and rest:
+                marking, rest = self._level(rest)
+                if marking is None:
+                    known = ", ".join(self.config.mail.markings.levels.names)
+                    return Reply.plain(f"Not linked: the marking must be one of {known}.")
             elif word == "allow" and rest:
                 patterns = [p for p in rest.pop(0).split(",") if p]
                 try:
@@ -145,7 +153,7 @@ class LinkCommands:
             room_id=ctx.room_id,
             kind="mail",
             remote=address,
-            settings=LinkSettings(allowed_senders=senders, thread_mode=mode),
+            settings=LinkSettings(allowed_senders=senders, thread_mode=mode, marking=marking),
             source="bot",
             created_by=ctx.sender,
         )
@@ -156,6 +164,16 @@ class LinkCommands:
             f"Linked {address}: from now on its mail appears here "
             f"({_describe(link, self.config)})."
         )
+
+    def _level(self, words: list[str]) -> tuple[str | None, list[str]]:
+        """The level the longest run of leading `words` names (levels have spaces:
+        "DIFFUSION RESTREINTE"), and the words after it."""
+        levels = self.config.mail.markings.levels
+        for end in range(min(len(words), 8), 0, -1):
+            level = levels.canonical(" ".join(words[:end]))
+            if level is not None:
+                return level, words[end:]
+        return None, words
 
     async def unlink(self, ctx: CommandContext, args: tuple[str, ...]) -> Reply:
         here = await link_db.links_in_room(self.db, ctx.room_id)
@@ -302,4 +320,5 @@ def _describe(link: Link, config: Config) -> str:
         out = f"messages written here are mailed to it from {sender}{edits}"
     paused = "; paused" if link.paused else ""
     source = " (from the config file)" if link.source == "config" else ""
-    return f"senders allowed: {senders}; {mode}; {out}{paused}{source}"
+    marking = f"marked {link.settings.marking}; " if link.settings.marking else ""
+    return f"{marking}senders allowed: {senders}; {mode}; {out}{paused}{source}"

@@ -18,6 +18,7 @@ from bridge.core.backoff import Backoff
 from bridge.core.errors import Ignored, Refused, TransientError
 from bridge.core.ids import EventID, RoomID
 from bridge.core.links import Link
+from bridge.core.marking import Levels, mail_marking, may_post
 from bridge.core.message import Attachment, IncomingMessage
 from bridge.core.retry import describe, settle_stored
 from bridge.core.router import RoomQueues
@@ -111,6 +112,7 @@ class MailRelay:
         max_attempts: int,
         is_own_message: Callable[[str], bool] = lambda _mid: False,
         has_own_marker: Callable[[bytes], bool] = lambda _raw: False,
+        levels: Levels | None = None,  # mail.markings.levels; None: no link checks markings
     ) -> None:
         self.db = db
         self.parse = parse
@@ -119,6 +121,7 @@ class MailRelay:
         self.max_attempts = max_attempts
         self.is_own_message = is_own_message
         self.has_own_marker = has_own_marker
+        self.levels = levels
         self._wake = asyncio.Event()
         self._in_flight: set[int] = set()
         self._parsing: dict[int, asyncio.Future[IncomingMessage]] = {}
@@ -256,6 +259,7 @@ class MailRelay:
                 "among this link's allowed senders.",
             )
             raise Refused(f"sender {address} not allowed")
+        await self._check_marking(link, message, raw)
         existing = await mail_db.lookup(self.db, link.id, message_id)
         if existing is not None:
             # Posted before a crash could record the outcome, or a copy under a new UID.
@@ -341,6 +345,24 @@ class MailRelay:
             verdict=facts.verdict if facts is not None else None,
             body_sha256=digest(raw.raw) if raw.raw is not None else None,
         )
+
+    async def _check_marking(self, link: Link, message: IncomingMessage, raw: RawMail) -> None:
+        """A mail marked above the link (or with an unknown marking) is not posted. The room
+        hears of every such mail (a rare and serious event), never its subject or text."""
+        if self.levels is None:
+            return
+        found = mail_marking(message.marking_headers, message.marking_subjects, self.levels)
+        verdict = may_post(link.settings.marking, found, self.levels)
+        if verdict.allowed:
+            return
+        await self._tell(
+            link,
+            f"A mail from {message.sender.address} to {link.remote} was not posted here: "
+            f"{verdict.reason}. Its subject and text are not shown here; it was set aside "
+            f"(#{raw.id}).",
+            key=f"marking:{raw.id}",
+        )
+        raise Refused(f"marking: {verdict.reason}")
 
     async def _refused(self, link: Link, who: str, text: str) -> None:
         """Count a refusal; the room hears of each sender once a day, the log every time."""

@@ -19,7 +19,7 @@ from bridge.config import Config
 from bridge.core.audit import AuditEntry, content_digest
 from bridge.core.errors import Ignored, PermanentError, TransientError
 from bridge.core.ids import EventID, RoomID
-from bridge.core.links import Link
+from bridge.core.links import Link, LinkSettings
 from bridge.core.message import Attachment
 from bridge.core.permissions import PermissionLevel
 from bridge.db import audit as audit_db
@@ -56,6 +56,13 @@ SENT_REACTION = "✉️"
 def sender_address(config: Config, link: Link) -> str | None:
     """The From address of the link's mail: its own, or the bridge's."""
     return link.settings.from_address or config.mail.from_address
+
+
+def marking_of(config: Config, settings: LinkSettings) -> tuple[str, str] | None:
+    """(header, level) that every mail of a marked link carries; None for an unmarked link."""
+    if settings.marking is None:
+        return None
+    return config.mail.markings.header, settings.marking
 
 
 def _domain(address: str) -> str:
@@ -206,6 +213,7 @@ class MailOut:
                 secret=self.secret,
                 now=self.clock(),
                 marker=loop_marker(_domain(from_address), self.secret),
+                marking=marking_of(self.config, link.settings),
             )
         except ComposeError as e:
             log.error(
