@@ -92,7 +92,7 @@ def parse_report(raw: bytes) -> DeliveryReport | None:
         return DeliveryReport("", (), (), (), None)
     parts = message.get_payload()
     children = [p for p in parts if isinstance(p, Message)] if isinstance(parts, list) else []
-    mta, recipients = "", ()
+    mta, recipients = "", tuple[RecipientStatus, ...]()
     status_part = next((p for p in children if p.get_content_type() in STATUS_TYPES), None)
     if status_part is not None:
         mta, recipients = _status(status_part)
