@@ -114,21 +114,25 @@ def _field(block: Message, name: str) -> str:
 
 
 def _blocks(part: Message) -> list[Message]:
-    """The header blocks of a status part: the stdlib splits message/delivery-status itself;
-    message/global-delivery-status (UTF-8) is split here."""
+    """The header blocks of a status part. The stdlib splits message/delivery-status itself;
+    message/global-delivery-status (UTF-8, RFC 6533) it parses like a message: the first block
+    as headers, the others as a body, split here."""
     payload = part.get_payload()
-    if isinstance(payload, list):
-        return [b for b in payload if isinstance(b, Message)][: MAX_RECIPIENTS + 1]
-    try:
-        body = part.get_payload(decode=True)
-    except Exception:
+    if not isinstance(payload, list):
         return []
-    if not isinstance(body, bytes):
-        return []
-    text = body[: MAX_HEAD * 4].replace(b"\r\n", b"\n")
-    parser = email.parser.BytesHeaderParser(policy=email.policy.default)
-    chunks = [c for c in re.split(rb"\n[ \t]*\n", text) if c.strip()]
-    return [parser.parsebytes(c + b"\n") for c in chunks[: MAX_RECIPIENTS + 1]]
+    blocks = [b for b in payload if isinstance(b, Message)]
+    if len(blocks) == 1 and part.get_content_type() == "message/global-delivery-status":
+        first = blocks[0]
+        try:
+            rest = first.get_payload(decode=True)  # bytes as they came (8-bit UTF-8)
+        except Exception:
+            rest = None
+        if isinstance(rest, bytes):
+            text = rest[: MAX_HEAD * 4].decode("utf-8", "replace").replace("\r\n", "\n")
+            parser = email.parser.HeaderParser(policy=email.policy.default)
+            chunks = [c for c in re.split(r"\n[ \t]*\n", text) if c.strip()]
+            blocks = [first, *(parser.parsestr(c + "\n") for c in chunks[:MAX_RECIPIENTS])]
+    return blocks[: MAX_RECIPIENTS + 1]
 
 
 def _typed_value(value: str) -> str:
@@ -264,7 +268,9 @@ def _listed(statuses: list[RecipientStatus]) -> str:
 
 
 def told_recipients(report: DeliveryReport, action: str) -> list[RecipientStatus]:
-    """The report's recipients with this action, each once."""
+    """The report's recipients with this action (failed or delayed), each once."""
+    if action not in TOLD_ACTIONS:
+        return []
     seen: set[tuple[str, str]] = set()
     chosen = []
     for status in report.recipients:
