@@ -40,6 +40,7 @@ from bridge.matrix.ghosts import GhostManager
 from bridge.matrix.members import RoomMembers
 from bridge.matrix.poster import MatrixPoster
 from bridge.matrix.render import notice_content
+from bridge.relay.bounces import Bounces
 from bridge.relay.link_commands import LinkCommands
 from bridge.relay.mail_in import MailRelay
 from bridge.relay.mail_out import MailOut, OutcomeReporter
@@ -153,6 +154,7 @@ class Bridge:
         self.mail_out = MailOut(
             config, self.db, self.client, self.members, notify_outbox=self._notify_outbox
         )
+        self.bounces = Bounces(config, self.db, self.client)
         self.relay = MailRelay(
             self.db,
             make_parser(config.mail),
@@ -163,8 +165,9 @@ class Bridge:
             is_own_message=self.mail_out.is_own_message_id,
             has_own_marker=self.mail_out.has_own_marker,
             levels=config.mail.markings.levels,
+            bounces=self.bounces,
         )
-        self.mail = MailService(config, self.db, self.tasks, self.relay)
+        self.mail = MailService(config, self.db, self.tasks, self.relay, self.bounces)
         self.remote = RemoteService(
             config, self.db, self.client, self.tasks, on_stored=self._notify_remote_relay
         )

@@ -41,6 +41,7 @@ from bridge.config.base import (
 from bridge.config.mail import (
     LINK_KEYS,
     ON_SENT,
+    BounceSettings,
     LinkSpec,
     MailboxSettings,
     MailConfig,
@@ -75,6 +76,7 @@ __all__ = [
     "REMOTE_LINK_KEYS",
     "TOKEN_PLACEHOLDER",
     "AppserviceConfig",
+    "BounceSettings",
     "Config",
     "ConfigError",
     "DatabaseConfig",
@@ -190,6 +192,14 @@ class Config:
         recognised by their ID, only by the Message-ID map)."""
         token = self.appservice.as_token.encode("utf-8")
         return hmac.new(token, b"passerelle message-id tag", hashlib.sha256).digest()
+
+    @property
+    def bounce_secret(self) -> bytes:
+        """The key of the VERP tokens naming outbox items in envelope senders, derived from
+        the as_token like message_id_secret (a new token: earlier mails' bounces are matched
+        by their Message-ID only)."""
+        token = self.appservice.as_token.encode("utf-8")
+        return hmac.new(token, b"passerelle bounce token", hashlib.sha256).digest()
 
     def secrets(self) -> list[str]:
         """Values that must never reach a log line."""

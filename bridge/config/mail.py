@@ -80,6 +80,16 @@ class MarkingSettings:
 
 
 @dataclass(frozen=True)
+class BounceSettings:
+    """Where delivery reports (bounces) of the bridge's mail come back, and how they name the
+    mail: a VERP envelope sender ``local+TOKEN@domain``, the token naming the outbox item."""
+
+    verp: bool = True
+    address: str | None = None  # the envelope sender's base; None: the link's from_address
+    mailbox: str | None = None  # one of mail.mailboxes that receives only delivery reports
+
+
+@dataclass(frozen=True)
 class MailConfig:
     mailboxes: dict[str, MailboxSettings]
     poll_interval: float
@@ -95,6 +105,7 @@ class MailConfig:
     on_sent: str = "none"
     trust: TrustSettings = TrustSettings()
     markings: MarkingSettings = MarkingSettings()
+    bounces: BounceSettings = BounceSettings()
 
 
 @dataclass(frozen=True)
@@ -272,6 +283,7 @@ def _mail(raw: dict[str, Any], config_dir: Path | None) -> MailConfig:
         on_sent=on_sent,
         trust=_trust(raw["mail"]["trust"]),
         markings=_markings(raw["mail"]["markings"]),
+        bounces=_bounces(raw["mail"]["bounces"], mailboxes),
     )
 
 
@@ -332,6 +344,29 @@ def _level_label(value: Any) -> bool:
         and len(value) <= MAX_LABEL
         and not any(c in value for c in "[]")
     )
+
+
+def _bounces(value: Any, mailboxes: Mapping[str, MailboxSettings]) -> BounceSettings:
+    key = "mail.bounces"
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"must be a mapping, not {_type_name(value)}")
+    for name in value:
+        if name not in ("verp", "address", "mailbox"):
+            raise ConfigError(f"{key}.{name}", "unknown key")
+    verp = value.get("verp", True)
+    if not isinstance(verp, bool):
+        raise ConfigError(f"{key}.verp", "must be true or false")
+    address = value.get("address")
+    if address is not None:
+        address = mail_address(f"{key}.address", address)
+        if "+" in address.partition("@")[0]:
+            raise ConfigError(f"{key}.address", "must not contain '+' (it starts the token)")
+    mailbox = value.get("mailbox")
+    if mailbox is not None:
+        mailbox = mail_address(f"{key}.mailbox", mailbox)
+        if mailbox not in mailboxes:
+            raise ConfigError(f"{key}.mailbox", "is not one of mail.mailboxes")
+    return BounceSettings(verp=verp, address=address, mailbox=mailbox)
 
 
 _AUTHSERV_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,253}[A-Za-z0-9])?$")
@@ -431,6 +466,8 @@ def _mail_link(key: str, entry: Mapping[str, Any], mail: MailConfig, seen: set[s
         raise ConfigError(f"{key}.address", "is not one of mail.mailboxes")
     if address in seen:
         raise ConfigError(f"{key}.address", "is linked twice")
+    if address == mail.bounces.mailbox:
+        raise ConfigError(f"{key}.address", "is mail.bounces.mailbox, which is never linked")
     seen.add(address)
     mode = entry.get("thread_mode", "threads")
     if mode not in ("threads", "flat"):

@@ -68,11 +68,27 @@ class Outcome:
     code: int | None
 
 
-async def enqueue(db: Database, item: NewOutgoing) -> int | None:
+@dataclass(frozen=True)
+class SentMail:
+    """An outbox mail as a delivery report about it needs it."""
+
+    id: int
+    link_id: int
+    room_id: RoomID
+    event_id: EventID
+    kind: str
+    message_id: str
+    state: str
+
+
+async def enqueue(
+    db: Database, item: NewOutgoing, *, envelope: Callable[[int], str] | None = None
+) -> int | None:
     """Queue the mail, due now, and map its Message-ID to the event, in one commit.
 
-    Returns the outbox id, or None if this link already queued a mail for this event (a
-    handler run again after a crash): nothing is changed then.
+    `envelope`, given the new outbox id, names the envelope sender instead of item.mail_from
+    (a VERP address naming the item). Returns the outbox id, or None if this link already
+    queued a mail for this event (a handler run again after a crash): nothing is changed then.
     """
     now = now_ms()
     async with db.begin() as conn:
@@ -100,6 +116,12 @@ async def enqueue(db: Database, item: NewOutgoing) -> int | None:
         ).scalar_one_or_none()
         if outbox_id is None:
             return None
+        if envelope is not None:
+            await conn.execute(
+                update(mail_outbox)
+                .where(mail_outbox.c.id == outbox_id)
+                .values(mail_from=envelope(int(outbox_id)))
+            )
         # A reply to this mail threads back under the event's thread.
         await conn.execute(
             insert_ignore(conn, message_map, ["link_id", "message_id"]).values(
@@ -302,3 +324,54 @@ async def counts(db: Database) -> dict[str, int]:
     result = dict.fromkeys(STATES, 0)
     result.update({str(state): int(n) for state, n in rows})
     return result
+
+
+def _sent(row: Any) -> SentMail:  # a Row of _SENT_COLUMNS
+    return SentMail(
+        id=int(row.id),
+        link_id=int(row.link_id),
+        room_id=RoomID(row.room_id),
+        event_id=EventID(row.event_id),
+        kind=row.kind,
+        message_id=row.message_id,
+        state=row.state,
+    )
+
+
+_SENT_COLUMNS = (
+    mail_outbox.c.id,
+    mail_outbox.c.link_id,
+    mail_outbox.c.room_id,
+    mail_outbox.c.event_id,
+    mail_outbox.c.kind,
+    mail_outbox.c.message_id,
+    mail_outbox.c.state,
+)
+
+
+async def sent_mail(db: Database, item_id: int) -> SentMail | None:
+    """The outbox mail with this id, if it is still there."""
+    async with db.begin() as conn:
+        row = (
+            await conn.execute(select(*_SENT_COLUMNS).where(mail_outbox.c.id == item_id))
+        ).first()
+    return None if row is None else _sent(row)
+
+
+async def sent_mail_of_event(
+    db: Database, link_id: int, event_id: str, message_id: str
+) -> SentMail | None:
+    """The link's outbox mail for this event with this Message-ID (the event is found in the
+    message map first: the outbox has no index on Message-IDs)."""
+    query = (
+        select(*_SENT_COLUMNS)
+        .where(
+            mail_outbox.c.event_id == event_id,
+            mail_outbox.c.link_id == link_id,
+            mail_outbox.c.message_id == message_id,
+        )
+        .limit(1)
+    )
+    async with db.begin() as conn:
+        row = (await conn.execute(query)).first()
+    return None if row is None else _sent(row)

@@ -54,8 +54,9 @@ class PostfixServer:
     deleted.
 
     Mail for ``domain`` is relayed to ``lmtp_host:lmtp_port`` (Dovecot's LMTP listener); other
-    domains are refused at RCPT time (550, there is no outbound mail). Several instances can run
-    at once.
+    domains are refused at RCPT time (550, there is no outbound mail). Mail to an unknown user of
+    ``domain`` is accepted, refused by Dovecot's LMTP (550 5.1.1) and bounced by Postfix with a
+    real delivery report to the envelope sender. Several instances can run at once.
 
     ``milters`` (e.g. ``["unix:/path/opendkim.sock"]``, run in that order) become
     ``smtpd_milters`` and ``non_smtpd_milters``; a milter that does not answer makes Postfix
@@ -71,6 +72,9 @@ class PostfixServer:
     lmtp_host: str = "127.0.0.1"
     milters: list[str] = field(default_factory=list)
     xclient: bool = False
+    # Virtual aliases, as a mailing list expands: address → the addresses it is delivered to
+    # (an address may list itself). Read at start.
+    aliases: dict[str, list[str]] = field(default_factory=dict)
     host: str = field(default="127.0.0.1", init=False)
     runtime_dir: Path = field(init=False)
 
@@ -173,11 +177,17 @@ milter_protocol = 6
 """
         if self.xclient:
             main_cf += "smtpd_authorized_xclient_hosts = 127.0.0.0/8\n"
+        if self.aliases:
+            lines = [f"{a} {', '.join(targets)}" for a, targets in self.aliases.items()]
+            (self.config_dir / "virtual").write_text("\n".join(lines) + "\n")
+            main_cf += f"virtual_alias_maps = texthash:{self.config_dir}/virtual\n"
         (self.config_dir / "main.cf").write_text(main_cf)
         # Postfix will not read a dictionary file changed within the last second or two: it polls
         # every 0.3 s until the file looks settled (≈ 2 s per start). Backdate what we wrote.
         past = time.time() - 60
-        for name in ("main.cf", "master.cf", "dynamicmaps.cf"):
+        for name in ("main.cf", "master.cf", "dynamicmaps.cf", "virtual"):
+            if not (self.config_dir / name).exists():
+                continue
             os.utime(self.config_dir / name, (past, past))
 
     @property

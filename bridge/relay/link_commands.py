@@ -114,6 +114,11 @@ class LinkCommands:
                 f"{address} is not a mailbox this bridge may read. The administrator adds it "
                 "under mail.mailboxes in the config (credentials never go through a room)."
             )
+        if address == self.config.mail.bounces.mailbox:
+            return Reply.plain(
+                f"{address} is the bridge's bounce mailbox (mail.bounces.mailbox): it receives "
+                "delivery reports only, and is never linked to a room."
+            )
         room = await rooms.get_room(self.db, ctx.room_id)
         if room is not None and room.encrypted:
             return Reply.plain(

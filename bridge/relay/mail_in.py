@@ -55,6 +55,12 @@ class RoomPoster(Protocol):
     ) -> None: ...
 
 
+class BounceTaker(Protocol):
+    """What the relay needs to keep delivery reports out of rooms (bridge/relay/bounces.py)."""
+
+    async def take(self, link: Link, raw: bytes) -> bool: ...
+
+
 Parser = Callable[[bytes], IncomingMessage]
 # The verdict on a raw mail whose From: is the given (validated) address; may block on DNS, so
 # it runs in a worker thread.
@@ -113,6 +119,7 @@ class MailRelay:
         is_own_message: Callable[[str], bool] = lambda _mid: False,
         has_own_marker: Callable[[bytes], bool] = lambda _raw: False,
         levels: Levels | None = None,  # mail.markings.levels; None: no link checks markings
+        bounces: BounceTaker | None = None,
     ) -> None:
         self.db = db
         self.parse = parse
@@ -122,6 +129,7 @@ class MailRelay:
         self.is_own_message = is_own_message
         self.has_own_marker = has_own_marker
         self.levels = levels
+        self.bounces = bounces
         self._wake = asyncio.Event()
         self._in_flight: set[int] = set()
         self._parsing: dict[int, asyncio.Future[IncomingMessage]] = {}
@@ -237,6 +245,10 @@ class MailRelay:
         own_id = raw.message_id is not None and self.is_own_message(raw.message_id)
         if own_id or self.has_own_marker(raw.raw):
             raise Ignored("the bridge's own mail coming back")
+        # A delivery report (its From is a mailer daemon, it says Auto-Submitted) is told next
+        # to the message it is about, before any sender or auto-reply check; never posted.
+        if self.bounces is not None and await self.bounces.take(link, raw.raw):
+            raise Ignored("a delivery report")
         try:
             message = await self._parsed(raw)
         except Refused as e:

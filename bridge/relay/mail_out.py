@@ -43,7 +43,8 @@ from bridge.mail.outgoing import NotSent, PlannedMail, outgoing_mail, plan_event
 from bridge.matrix.client import MatrixClient, derived_txn_id
 from bridge.matrix.members import RoomMembers
 from bridge.matrix.render import notice_content
-from bridge.relay.notices import tell_once
+from bridge.relay.bounces import envelope_sender
+from bridge.relay.notices import tell_once, thread_of
 from bridge.relay.room_links import RoomLinks
 
 log = logging.getLogger("passerelle.mail.out")
@@ -67,13 +68,6 @@ def marking_of(config: Config, settings: LinkSettings) -> tuple[str, str] | None
 
 def _domain(address: str) -> str:
     return address.rpartition("@")[2]
-
-
-def _thread_of(mapped: MappedEvent | None, event_id: EventID | None) -> EventID | None:
-    """The thread an event is in, for a reply to it: None for a top-level event."""
-    if mapped is None or event_id is None or mapped.thread_root == event_id:
-        return None
-    return mapped.thread_root
 
 
 class MailOut:
@@ -226,6 +220,10 @@ class MailOut:
             return False
         message_id = own_message_id(plan.event_id, _domain(from_address), self.secret)
         threads = link.settings.thread_mode == "threads"
+
+        def envelope(item_id: int) -> str:
+            return envelope_sender(self.config, from_address, item_id)
+
         stored = await outbox_db.enqueue(
             self.db,
             NewOutgoing(
@@ -242,6 +240,7 @@ class MailOut:
                 sender=plan.sender,
                 body_sha256=body_sha256,
             ),
+            envelope=envelope,
         )
         if stored is None:
             log.debug("message %s already queued for %s", plan.event_id, link.remote)
@@ -360,7 +359,7 @@ class MailOut:
                 "here cannot unsend the mail.",
                 key=f"redaction:{link.id}:{item.event_id}",
                 reply_to=EventID(redacts),
-                thread_root=_thread_of(mapped, EventID(redacts)),
+                thread_root=thread_of(mapped, EventID(redacts)),
             )
             told = True
         if not told:
@@ -456,6 +455,6 @@ class OutcomeReporter:
         mapped = await mail_db.lookup_event(self.db, link.id, event_id)
         what = "Your correction" if outcome.kind == "correction" else "Your message"
         text = f"{what} could not be mailed to {link.remote}: {outcome.message or 'failed'}"
-        content = notice_content(text, reply_to=event_id, thread_root=_thread_of(mapped, event_id))
+        content = notice_content(text, reply_to=event_id, thread_root=thread_of(mapped, event_id))
         txn = derived_txn_id("mail-failed", str(outcome.id), event_id)
         await self.client.send_event(room_id, "m.room.message", content, txn)

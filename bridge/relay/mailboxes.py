@@ -1,4 +1,5 @@
-"""The mail side of a running bridge: config links, one IMAP watcher per linked mailbox."""
+"""The mail side of a running bridge: config links, one IMAP watcher per linked mailbox (and
+one for the bounce mailbox)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from bridge.db import links as link_db
 from bridge.db import rooms
 from bridge.db.engine import Database
 from bridge.mail.imap_session import MailboxConfig
-from bridge.mail.imap_watcher import ImapWatcher
+from bridge.mail.imap_watcher import ImapWatcher, MailboxStore
 from bridge.mail.store import DbMailboxStore
+from bridge.relay.bounces import BounceMailboxStore, Bounces
 from bridge.relay.mail_in import MailRelay
 
 log = logging.getLogger("passerelle.mail")
@@ -25,13 +27,22 @@ log = logging.getLogger("passerelle.mail")
 class MailService:
     """Keeps exactly one watcher per linked mailbox; links can change at run time."""
 
-    def __init__(self, config: Config, db: Database, tasks: TaskGroup, relay: MailRelay) -> None:
+    def __init__(
+        self,
+        config: Config,
+        db: Database,
+        tasks: TaskGroup,
+        relay: MailRelay,
+        bounces: Bounces | None = None,
+    ) -> None:
         self.config = config
         self.db = db
         self.tasks = tasks
         self.relay = relay
+        self.bounces = bounces
         self.health: dict[str, ComponentHealth] = {}
         self._watchers: dict[int, tuple[str, asyncio.Task[Any]]] = {}
+        self._bounce_watcher: asyncio.Task[Any] | None = None
 
     async def sync_config_links(self, join: Callable[[RoomID], Awaitable[bool]]) -> None:
         """Links written in the config file are (re)created at start-up. The bot must be in
@@ -92,32 +103,44 @@ class MailService:
         for link in wanted.values():
             if link.id in self._watchers:
                 continue
-            mailbox = self.config.mail.mailboxes.get(link.remote)
-            if mailbox is None:
-                log.warning(
-                    "link to %s has no mailbox in mail.mailboxes; nothing is fetched", link.remote
-                )
+            if link.remote == self.config.mail.bounces.mailbox:
+                log.warning("link to %s: it is the bounce mailbox, never linked", link.remote)
                 continue
-            health = self.health[link.remote] = ComponentHealth(f"imap:{link.remote}")
-            watcher = ImapWatcher(
-                link.remote,
-                MailboxConfig(
-                    host=mailbox.host,
-                    port=mailbox.port,
-                    tls=mailbox.tls,  # type: ignore[arg-type]
-                    user=mailbox.user,
-                    password=mailbox.password,
-                    folder=mailbox.folder,
-                    ca_file=mailbox.ca_file,
-                ),
-                DbMailboxStore(self.db, link.id, self.relay.notify),
-                health,
-                max_size=self.config.mail.max_message_size,
-                poll_interval=self.config.mail.poll_interval,
+            store = DbMailboxStore(self.db, link.id, self.relay.notify)
+            started = self._watch(link.remote, store)
+            if started is not None:
+                self._watchers[link.id] = (link.remote, started)
+                log.info("watching %s for %s", link.remote, link.room_id)
+        bounce_box = self.config.mail.bounces.mailbox
+        if bounce_box is not None and self.bounces is not None and self._bounce_watcher is None:
+            self._bounce_watcher = self._watch(
+                bounce_box, BounceMailboxStore(self.db, self.bounces)
             )
-            task = self.tasks.spawn(watcher.run(), name=f"imap:{link.remote}")
-            self._watchers[link.id] = (link.remote, task)
-            log.info("watching %s for %s", link.remote, link.room_id)
+            log.info("watching %s for delivery reports", bounce_box)
+
+    def _watch(self, address: str, store: MailboxStore) -> asyncio.Task[Any] | None:
+        mailbox = self.config.mail.mailboxes.get(address)
+        if mailbox is None:
+            log.warning("%s has no mailbox in mail.mailboxes; nothing is fetched", address)
+            return None
+        health = self.health[address] = ComponentHealth(f"imap:{address}")
+        watcher = ImapWatcher(
+            address,
+            MailboxConfig(
+                host=mailbox.host,
+                port=mailbox.port,
+                tls=mailbox.tls,  # type: ignore[arg-type]
+                user=mailbox.user,
+                password=mailbox.password,
+                folder=mailbox.folder,
+                ca_file=mailbox.ca_file,
+            ),
+            store,
+            health,
+            max_size=self.config.mail.max_message_size,
+            poll_interval=self.config.mail.poll_interval,
+        )
+        return self.tasks.spawn(watcher.run(), name=f"imap:{address}")
 
     def report(self) -> dict[str, Any]:
         return {address: h.as_dict() for address, h in self.health.items()}
