@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config import ConfigError, load_config, read_yaml_file
+from bridge.demo_mta import DEMO_AUTHSERV_ID
 from bridge.harness.ports import free_port
 from bridge.registration import atomic_write, dump_yaml, generate_registration
 
@@ -70,6 +71,8 @@ def _write_demo_config(
         "smtp": {"host": "127.0.0.1", "port": smtp_port, "tls": "none"},
         "from_address": DEMO_FROM,
         "on_sent": "reaction",
+        # The demo MTA's opendkim and opendmarc (demo_mta) vouch for senders.
+        "trust": {"authserv_id": [DEMO_AUTHSERV_ID]},
     }
     user["remotes"] = remotes
     atomic_write(path, dump_yaml(user))
@@ -229,7 +232,10 @@ async def _serve(
         print(f"  Log in as:   {user_id}  password: {password}")
         print(f"  Bridge bot:  {config.bot_mxid}  (health: {config.appservice.address}/health)")
         print(f"  Config:      {config_path}")
-        print(f"  Mail:        {list_address}, SMTP 127.0.0.1:{smtp_port} (Postfix → Dovecot)")
+        print(
+            f"  Mail:        {list_address}, SMTP 127.0.0.1:{smtp_port} (Postfix with "
+            f"opendkim and opendmarc, authserv-id {DEMO_AUTHSERV_ID} → Dovecot)"
+        )
         print(
             "\nAnother ministry's homeserver, not federated with the agency's (the bridge uses an "
             f"ordinary account there, {account}):"
@@ -245,6 +251,15 @@ async def _serve(
             f"'agent.dupont@achats.gouv.fr', ['{list_address}'], "
             f"'From: Agent Dupont <agent.dupont@achats.gouv.fr>\\nTo: {list_address}\\n"
             "Subject: Test\\n\\nBonjour')\""
+        )
+        print(
+            f"Postfix's milters write the Authentication-Results the bridge trusts (authserv-id "
+            f"{DEMO_AUTHSERV_ID}): in the demo's DNS, achats.gouv.fr's SPF record allows this "
+            "machine and asks for DMARC, so that mail is authenticated and posted under its "
+            'sender\'s ghost, with "fr.passerelle.auth" in its content. Change its From: to '
+            "a@presidence.gouv.fr and it is not posted (not an allowed sender); a mail for "
+            "achats.gouv.fr the milters cannot authenticate is refused the same way, and the "
+            'room is told (see "Trust" in the README).'
         )
         print(
             "What you write in that room is mailed to the list from "
@@ -277,9 +292,9 @@ async def _serve(
 
 def run_demo(folder: Path, *, check_only: bool = False) -> int:
     try:
+        from bridge.demo_mta import demo_mta
         from bridge.demo_remote import bridge_account, ministry_server, remote_section
         from bridge.harness.dovecot import DovecotServer
-        from bridge.harness.postfix import PostfixServer
         from bridge.harness.synapse import SynapseServer
     except ImportError:
         print(
@@ -292,7 +307,8 @@ def run_demo(folder: Path, *, check_only: bool = False) -> int:
     dovecot = DovecotServer(folder / "dovecot")
     list_address = dovecot.add_user(LIST_USER, LIST_PASSWORD)
     synapse_port, bridge_port = free_port(), free_port()
-    postfix = PostfixServer(folder / "postfix", lmtp_port=dovecot.lmtp_port)
+    mta = demo_mta(folder / "mta", dovecot.lmtp_port)
+    postfix = mta.postfix
     registration = folder / "registration.yaml"
     synapse = SynapseServer(
         data_dir=folder / "synapse",
@@ -308,7 +324,7 @@ def run_demo(folder: Path, *, check_only: bool = False) -> int:
     )
     try:
         dovecot.start()
-        postfix.start()
+        mta.start()
         # First: the bridge's config names a token for its account on the ministry's server.
         ministry.start()
         password = stored_password(folder, "ministere-bridge-password")
@@ -333,6 +349,6 @@ def run_demo(folder: Path, *, check_only: bool = False) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        for server in (synapse, ministry, postfix, dovecot):
+        for server in (synapse, ministry, mta, dovecot):
             with contextlib.suppress(Exception):
                 server.stop()

@@ -342,12 +342,13 @@ def postfix(
 
 AUTHSERV_ID = "mx.agency.test"
 # Signing domains with a key published as rig._domainkey.<domain>.
-DKIM_DOMAINS = ("presidence.gouv.fr", "other.example", "gouv.fr")
+DKIM_DOMAINS = ("presidence.gouv.fr", "other.example", "gouv.fr", "achats.gouv.fr")
 # SPF and DMARC. Test mail claims to come from CLIENT_IP (see AuthRig.send); relay.test, the
 # usual envelope sender, lists no host, so SPF only passes for a presidence.gouv.fr sender.
 AUTH_RECORDS = {
     "presidence.gouv.fr": [f"v=spf1 ip4:{CLIENT_IP} -all"],
     "_dmarc.presidence.gouv.fr": ["v=DMARC1; p=reject"],
+    "_dmarc.achats.gouv.fr": ["v=DMARC1; p=reject"],
     "other.example": ["v=spf1 -all"],
     "_dmarc.other.example": ["v=DMARC1; p=reject"],
     "relay.test": ["v=spf1 -all"],

@@ -12,7 +12,6 @@ from email.utils import format_datetime, make_msgid, parseaddr
 from pathlib import Path
 from typing import Any
 
-import aiosmtplib
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -20,16 +19,16 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from bridge.config import read_yaml_file
 from bridge.db.schema import mail_raw
 from bridge.harness.dovecot import DovecotServer
-from bridge.harness.postfix import PostfixServer
+from bridge.harness.mailauth import AuthRig
 from bridge.harness.synapse import MatrixTestClient
 from bridge.registration import atomic_write, dump_yaml
-from tests.conftest import BridgeProcess, SynapseSetup, UserFactory
+from tests.conftest import AUTHSERV_ID, BridgeProcess, SynapseSetup, UserFactory
 from tests.e2e.test_bot import message_from, replies_to
 
 PASSWORD = "list-password"
-# The agency MTA these tests stand in for: mail appended to Dovecot here is what it delivered,
-# with its Authentication-Results (the real milters write them in test_mail_auth_e2e.py).
-MTA = "mx.example.test"
+# The agency MTA: mail appended to Dovecot here stands for what it delivered, with its
+# Authentication-Results; mail sent through `auth_rig` gets them from the real milters.
+MTA = AUTHSERV_ID
 
 
 def authenticated(raw: bytes) -> bytes:
@@ -356,20 +355,18 @@ async def test_link_commands_need_power_and_a_configured_mailbox(
 
 
 async def test_mail_sent_over_smtp_reaches_the_room(
-    mail_setup: MailSetup, postfix: PostfixServer
+    mail_setup: MailSetup, auth_rig: AuthRig
 ) -> None:
-    """The real path: SMTP to Postfix, LMTP to Dovecot, IDLE wakes the bridge, the room."""
+    """The real path: SMTP to Postfix (whose opendkim and opendmarc check the signature), LMTP
+    to Dovecot, IDLE wakes the bridge, the room."""
     _, raw = mail_setup.mail("Par SMTP", "livré par Postfix")
-    errors, _ = await aiosmtplib.send(
-        raw,
-        sender="agent.dupont@achats.gouv.fr",
-        recipients=[mail_setup.address],
-        hostname="127.0.0.1",
-        port=postfix.smtp_port,
+    signed = auth_rig.sign(raw.replace(b"\n", b"\r\n"), "achats.gouv.fr")
+    await asyncio.to_thread(
+        auth_rig.send, signed, "agent.dupont@achats.gouv.fr", mail_setup.address
     )
-    assert errors == {}
     event = await mail_setup.posted(body_contains("livré par Postfix"))
     assert event["content"]["body"].startswith("Par SMTP")
+    assert event["content"]["fr.passerelle.auth"]["verdict"] == "authenticated"
 
 
 async def test_config_link_waits_for_the_bot_to_be_invited(
