@@ -59,7 +59,9 @@ async def test_mail_in_posted_and_refused(mail_setup: MailSetup) -> None:
     posted = await mail_setup.posted(body_contains("trois ramettes"))
     spam_id, spam = mail_setup.mail("Promo", "buy now", sender="x@protonmail.com")
     await mail_setup.deliver(spam)
-    rows = await rows_until(mail_setup.bridge, 2)
+    forged_id, forged = mail_setup.mail("Urgent", "virement")  # no trusted result: unverified
+    await mail_setup.deliver(forged, auth=False)
+    rows = await rows_until(mail_setup.bridge, 3)
     by_id = {r.entry.ids.get("message_id"): r for r in rows if r.entry.direction == "mail_in"}
 
     ok = by_id[message_id.strip("<>")]
@@ -68,7 +70,7 @@ async def test_mail_in_posted_and_refused(mail_setup: MailSetup) -> None:
     assert ok.entry.sender == "agent.dupont@achats.gouv.fr"
     assert ok.entry.link == mail_setup.address
     assert ok.entry.room_id == mail_setup.room_id
-    assert ok.entry.verdict is None  # not wired yet
+    assert ok.entry.verdict == "authenticated"
     assert ok.entry.body_sha256 is not None
     assert len(ok.entry.body_sha256) == 64
 
@@ -80,6 +82,11 @@ async def test_mail_in_posted_and_refused(mail_setup: MailSetup) -> None:
     assert refused.entry.body_sha256 is not None
     assert len(refused.entry.body_sha256) == 64
     assert refused.entry.body_sha256 != hashlib.sha256(b"").hexdigest()
+
+    unverified = by_id[forged_id.strip("<>")]
+    assert unverified.entry.outcome == "refused"
+    assert unverified.entry.verdict == "unverified"
+    assert "unverified" in (unverified.entry.reason or "")
 
     done = verify_cli(mail_setup.bridge)
     assert done.returncode == 0, (done.stdout, done.stderr)

@@ -11,15 +11,16 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.message import EmailMessage
-from email.utils import make_msgid
+from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import Any
 
-import aiosmtplib
 import pytest
 
 from bridge.harness.dovecot import DovecotServer
+from bridge.harness.mailauth import AuthRig
 from bridge.harness.postfix import PostfixServer
 from bridge.harness.synapse import MatrixTestClient
 from bridge.registration import atomic_write, dump_yaml
@@ -42,25 +43,22 @@ class Marked:
     address: str
     room_id: str
     bot: str
+    rig: AuthRig
 
     async def send_mail(self, subject: str, text: str, **headers: str) -> None:
-        """A mail from an allowed sender to the list, through the real Postfix."""
+        """A mail from an allowed sender to the list, signed by its domain, through the agency
+        MTA (the real Postfix with opendkim and opendmarc)."""
         msg = EmailMessage()
         msg["From"] = "Agent Dupont <agent.dupont@achats.gouv.fr>"
         msg["To"] = self.address
         msg["Subject"] = subject
         msg["Message-ID"] = make_msgid(domain="achats.gouv.fr")
+        msg["Date"] = format_datetime(datetime.now(UTC))  # signed: Postfix must not add one
         for name, value in headers.items():
             msg[name.replace("_", "-")] = value
         msg.set_content(text)
-        errors, _ = await aiosmtplib.send(
-            msg.as_bytes(),
-            sender="agent.dupont@achats.gouv.fr",
-            recipients=[self.address],
-            hostname="127.0.0.1",
-            port=self.postfix.smtp_port,
-        )
-        assert errors == {}
+        signed = self.rig.sign(msg.as_bytes().replace(b"\n", b"\r\n"), "achats.gouv.fr")
+        await asyncio.to_thread(self.rig.send, signed, "agent.dupont@achats.gouv.fr", self.address)
 
     async def state(self, event_type: str, state_key: str = "") -> dict[str, Any]:
         return await self.alice.request(
@@ -73,6 +71,7 @@ async def marked(
     synapse_setup: SynapseSetup,
     dovecot: DovecotServer,
     postfix: PostfixServer,
+    auth_rig: AuthRig,
     make_user: UserFactory,
     db_url: str,
     tmp_path: Path,
@@ -113,7 +112,7 @@ async def marked(
         answer = await alice.wait_for_event(room_id, replies_to(question, bot))
         assert "Linked" in answer["content"]["body"], answer["content"]["body"]
         assert f"marked {DR}" in answer["content"]["body"]
-        yield Marked(bridge, dovecot, postfix, alice, address, room_id, bot)
+        yield Marked(bridge, dovecot, postfix, alice, address, room_id, bot, auth_rig)
     finally:
         bridge.stop()
 
