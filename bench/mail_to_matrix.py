@@ -75,6 +75,10 @@ T = TypeVar("T")
 PASSWORD = "bench-password"
 SENDER = "Agent Dupont <agent.dupont@achats.gouv.fr>"
 ALLOW = "achats.gouv.fr"
+# The agency MTA that delivered the bench's mails, pinned in the bridge's mail.trust: its
+# results authenticate the sender as a real delivery's would (see make_mail).
+AUTHSERV_ID = "mx.bench.test"
+MTA_RESULTS = f"{AUTHSERV_ID}; dkim=pass header.d={ALLOW}; dmarc=pass header.from={ALLOW}"
 GHOST_PREFIX = "@passerelle_"
 TARGET = 0.9
 # Other processes using more than this many cores on average during a phase: its numbers are
@@ -100,9 +104,11 @@ def mail_text(tag: str, seq: int) -> tuple[str, str]:
 
 
 def make_mail(address: str, tag: str, seq: int) -> bytes:
-    """A plain-text mail without a Date header, with a unique Message-ID."""
+    """A plain-text mail without a Date header, with a unique Message-ID, authenticated by the
+    trusted MTA's Authentication-Results (links require their senders authenticated)."""
     subject, text = mail_text(tag, seq)
     msg = EmailMessage()
+    msg["Authentication-Results"] = MTA_RESULTS
     msg["From"] = SENDER
     msg["To"] = address
     msg["Subject"] = subject
@@ -423,7 +429,11 @@ def start_servers(
         synapse_port,
         bridge_port,
         database_url,
-        mail={"mailboxes": mailboxes, "poll_interval": 2},
+        mail={
+            "mailboxes": mailboxes,
+            "poll_interval": 2,
+            "trust": {"authserv_id": [AUTHSERV_ID]},
+        },
         logging={"level": "INFO", "loggers": loggers},
     )
     raw["appservice"]["as_token"] = raw["appservice"]["hs_token"] = "generate"
@@ -621,6 +631,12 @@ def check_room(
     )
 
 
+def is_link_notice(body: str) -> bool:
+    """The bot's once-per-room words at link time (greeting, confirmation, the m.bridge
+    state it may not set in a room where it lacks power level 50): not a relay problem."""
+    return "Linked" in body or "help" in body or "m.bridge state" in body
+
+
 def is_ghost(sender: str) -> bool:
     return sender.startswith(GHOST_PREFIX)
 
@@ -730,7 +746,7 @@ async def bridge_phase(
         duplicates += check.duplicates
         out_of_order += check.out_of_order
         unexpected += check.unexpected
-        notices += [n for n in check.notices if "Linked" not in n and "help" not in n]
+        notices += [n for n in check.notices if not is_link_notice(n)]
         if check.missing:
             missing[tag] = check.missing
         for seq, ts in check.ts.items():
