@@ -12,7 +12,10 @@ Phases, all in one run against the same servers:
    a linked mailbox and relayed by the bridge (relay rate, latency per mail, order, once-only);
 2. L rooms: L concurrent senders, M bodies each, to their own rooms (plain aggregate rate), then
    L linked mailboxes get M mails each, APPENDed concurrently (relay aggregate rate);
-3. a few mails APPENDed one at a time on an otherwise idle bridge (latency without a queue).
+3. a few mails APPENDed one at a time on an otherwise idle bridge (latency without a queue);
+4. sender authentication (bench/auth_phase.py): one room per verdict path (nothing to check,
+   the trusted MTA's results, the bridge's own DKIM check against the bench's DNS), their
+   halves interleaved; relay rate with the check against without, and the check's CPU alone.
 
 Rates: plain = sends / wall-clock time of the sends; relay = mails / (origin_server_ts of the
 last relayed event - start of the first APPEND). Mails carry no Date header, so the bridge sends
