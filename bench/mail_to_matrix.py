@@ -12,7 +12,10 @@ Phases, all in one run against the same servers:
    a linked mailbox and relayed by the bridge (relay rate, latency per mail, order, once-only);
 2. L rooms: L concurrent senders, M bodies each, to their own rooms (plain aggregate rate), then
    L linked mailboxes get M mails each, APPENDed concurrently (relay aggregate rate);
-3. a few mails APPENDed one at a time on an otherwise idle bridge (latency without a queue).
+3. a few mails APPENDed one at a time on an otherwise idle bridge (latency without a queue);
+4. sender authentication (bench/auth_phase.py): one room per verdict path (nothing to check,
+   the trusted MTA's results, the bridge's own DKIM check against the bench's DNS), their
+   halves interleaved; relay rate with the check against without, and the check's CPU alone.
 
 Rates: plain = sends / wall-clock time of the sends; relay = mails / (origin_server_ts of the
 last relayed event - start of the first APPEND). Mails carry no Date header, so the bridge sends
@@ -56,7 +59,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import auth_phase  # noqa: E402
+from bench.auth_phase import AuthSetup  # noqa: E402
 from bridge.config import DatabaseConfig, MailConfig  # noqa: E402
+from bridge.core.authentication import CONTENT_KEY as AUTH_KEY  # noqa: E402
 from bridge.core.ids import EventID, RoomID  # noqa: E402
 from bridge.core.links import LinkSettings  # noqa: E402
 from bridge.db import links as link_db  # noqa: E402
@@ -71,10 +77,15 @@ from tests.conftest import BridgeProcess, bridge_config_dict, http_json  # noqa:
 from tests.e2e.test_bot import message_from, replies_to  # noqa: E402
 
 T = TypeVar("T")
+Mailer = Callable[[str, str, int], bytes]  # (mailbox address, marker tag, seq) -> raw mail
 
 PASSWORD = "bench-password"
 SENDER = "Agent Dupont <agent.dupont@achats.gouv.fr>"
 ALLOW = "achats.gouv.fr"
+# The agency MTA that delivered the bench's mails, pinned in the bridge's mail.trust: its
+# results authenticate the sender as a real delivery's would (see make_mail).
+AUTHSERV_ID = "mx.bench.test"
+MTA_RESULTS = f"{AUTHSERV_ID}; dkim=pass header.d={ALLOW}; dmarc=pass header.from={ALLOW}"
 GHOST_PREFIX = "@passerelle_"
 TARGET = 0.9
 # Other processes using more than this many cores on average during a phase: its numbers are
@@ -99,11 +110,17 @@ def mail_text(tag: str, seq: int) -> tuple[str, str]:
     )
 
 
-def make_mail(address: str, tag: str, seq: int) -> bytes:
-    """A plain-text mail without a Date header, with a unique Message-ID."""
+def make_mail(
+    address: str, tag: str, seq: int, *, sender: str = SENDER, results: str | None = MTA_RESULTS
+) -> bytes:
+    """A plain-text mail without a Date header, with a unique Message-ID, authenticated by the
+    trusted MTA's Authentication-Results (links require their senders authenticated) unless
+    `results` is None."""
     subject, text = mail_text(tag, seq)
     msg = EmailMessage()
-    msg["From"] = SENDER
+    if results is not None:
+        msg["Authentication-Results"] = results
+    msg["From"] = sender
     msg["To"] = address
     msg["Subject"] = subject
     msg["Message-ID"] = f"<bench-{tag}-{seq}-{uuid.uuid4().hex}@example.test>"
@@ -388,6 +405,7 @@ class Servers:
     multi: list[str]
     alice_token: str
     alice_id: str
+    auth: AuthSetup | None = None  # phase 4's DNS, mailboxes and room (None: skipped)
 
     @property
     def bot(self) -> str:
@@ -395,13 +413,26 @@ class Servers:
 
 
 def start_servers(
-    folder: Path, links: int, stack: contextlib.ExitStack, *, diagnose: bool = False
+    folder: Path,
+    links: int,
+    stack: contextlib.ExitStack,
+    *,
+    diagnose: bool = False,
+    auth: bool = False,
 ) -> Servers:
     dovecot = DovecotServer(folder / "dovecot")
     single = dovecot.add_user("single", PASSWORD)
     multi = [dovecot.add_user(f"multi{i:02d}", PASSWORD) for i in range(links)]
+    kinds = auth_phase.KINDS if auth else ()
+    auth_mailboxes = {kind: dovecot.add_user(f"auth{kind}", PASSWORD) for kind in kinds}
     dovecot.start()
     stack.callback(dovecot.stop)
+    trust: dict[str, Any] = {"authserv_id": [AUTHSERV_ID]}
+    setup = None
+    if auth:
+        setup = AuthSetup.start(ALLOW, auth_mailboxes)
+        stack.callback(setup.stop)
+        trust = setup.trust_config(AUTHSERV_ID)
 
     synapse_port, bridge_port = free_port(), free_port()
     database_url = f"sqlite+aiosqlite:///{folder / 'passerelle.db'}"
@@ -417,13 +448,17 @@ def start_servers(
             "user": address,
             "password": PASSWORD,
         }
-        for address in [single, *multi]
+        for address in [single, *multi, *auth_mailboxes.values()]
     }
     raw = bridge_config_dict(
         synapse_port,
         bridge_port,
         database_url,
-        mail={"mailboxes": mailboxes, "poll_interval": 2},
+        mail={
+            "mailboxes": mailboxes,
+            "poll_interval": 2,
+            "trust": trust,
+        },
         logging={"level": "INFO", "loggers": loggers},
     )
     raw["appservice"]["as_token"] = raw["appservice"]["hs_token"] = "generate"
@@ -438,14 +473,23 @@ def start_servers(
     synapse.data_dir.mkdir()
     stack.callback(synapse.stop)
     synapse.start()
+    alice_id = synapse.register_user("benchalice", "pw-benchalice")
+    token = synapse.login("benchalice", "pw-benchalice")
+
+    if setup is not None:
+        asyncio.run(link_off_room(synapse, token, alice_id, setup, config_path))
 
     bridge = BridgeProcess(config_path, database_url, folder / "bridge.log")
     stack.callback(bridge.stop)
     bridge.start()
+    return Servers(folder, dovecot, synapse, bridge, single, multi, token, alice_id, setup)
 
-    alice_id = synapse.register_user("benchalice", "pw-benchalice")
-    token = synapse.login("benchalice", "pw-benchalice")
-    return Servers(folder, dovecot, synapse, bridge, single, multi, token, alice_id)
+
+async def link_off_room(
+    synapse: SynapseServer, token: str, user_id: str, setup: AuthSetup, config_path: Path
+) -> None:
+    async with MatrixTestClient(synapse.base_url, token, user_id) as client:
+        await setup.link_off_room(client, config_path)
 
 
 # --- Matrix side ------------------------------------------------------------------------------
@@ -462,6 +506,12 @@ async def link_room(servers: Servers, alice: MatrixTestClient, address: str, nam
     answer = await alice.wait_for_event(room_id, replies_to(question, bot), timeout=60)
     if "Linked" not in answer["content"].get("body", ""):
         raise RuntimeError(f"link {address} failed: {answer['content'].get('body')}")
+    await watched(servers, address)
+    return room_id
+
+
+async def watched(servers: Servers, address: str) -> None:
+    """Once the bridge's watcher of `address` has made its first pass over the mailbox."""
 
     async def watching() -> bool | None:
         _, health = await asyncio.to_thread(http_json, servers.bridge.base_url + "/health")
@@ -469,7 +519,6 @@ async def link_room(servers: Servers, alice: MatrixTestClient, address: str, nam
         return True if state.get("reachable") else None
 
     await retry_until(watching, 60, f"the bridge to watch {address}")
-    return room_id
 
 
 async def room_history(client: MatrixTestClient, room_id: str) -> list[dict[str, Any]]:
@@ -576,6 +625,7 @@ class RoomCheck:
     out_of_order: int
     unexpected: int
     notices: list[str]
+    verdicts: Counter[str]  # "verdict/method" of the sender verdict each message carries
 
 
 def check_room(
@@ -586,6 +636,7 @@ def check_room(
     order: list[int] = []
     unexpected = 0
     notices: list[str] = []
+    verdicts: Counter[str] = Counter()
     for event in events:
         sender = str(event.get("sender", ""))
         body = str((event.get("content") or {}).get("body", ""))
@@ -605,6 +656,8 @@ def check_room(
         if seq not in ts:
             ts[seq] = int(event["origin_server_ts"])
             order.append(seq)
+            auth = event["content"].get(AUTH_KEY) or {}
+            verdicts[f"{auth.get('verdict')}/{auth.get('method')}"] += 1
     highest = -1
     out_of_order = 0
     for seq in order:
@@ -618,7 +671,14 @@ def check_room(
         out_of_order=out_of_order,
         unexpected=unexpected,
         notices=notices,
+        verdicts=verdicts,
     )
+
+
+def is_link_notice(body: str) -> bool:
+    """The bot's once-per-room words at link time (greeting, confirmation, the m.bridge
+    state it may not set in a room where it lacks power level 50): not a relay problem."""
+    return "Linked" in body or "help" in body or "m.bridge state" in body
 
 
 def is_ghost(sender: str) -> bool:
@@ -676,10 +736,9 @@ async def plain_phase(
 
 
 async def append_mails(
-    dovecot: DovecotServer, address: str, tag: str, count: int, pace: float = 0.0
+    dovecot: DovecotServer, address: str, mails: list[bytes], pace: float = 0.0
 ) -> dict[int, tuple[float, float]]:
-    """APPEND `count` mails over one IMAP session; seq -> (start, end) in Unix seconds."""
-    mails = [make_mail(address, tag, seq) for seq in range(count)]
+    """APPEND `mails` over one IMAP session; seq -> (start, end) in Unix seconds."""
     times: dict[int, tuple[float, float]] = {}
     async with dovecot.session(address, PASSWORD, folder=None) as client:
         for seq, raw in enumerate(mails):
@@ -701,16 +760,22 @@ async def bridge_phase(
     probes: Probes,
     name: str,
     pace: float = 0.0,
+    make: Mailer = make_mail,
 ) -> dict[str, Any]:
-    """Each linked room (tag -> (address, room ID)) gets `count` mails APPENDed to its mailbox,
-    all mailboxes concurrently; wait until every mail is in its room, then check them."""
+    """Each linked room (tag -> (address, room ID)) gets `count` mails (from `make`) APPENDed
+    to its mailbox, all mailboxes concurrently; wait until every mail is in its room, then
+    check them. The mails are made before the phase starts (signing one costs milliseconds)."""
     watcher = SyncWatcher(alice, {room_id: tag for tag, (_, room_id) in rooms.items()})
     await watcher.begin()
     total = count * len(rooms)
+    mails = {
+        tag: [make(address, tag, seq) for seq in range(count)]
+        for tag, (address, _) in rooms.items()
+    }
     probes.start(name, bridge=True)
     appended = await asyncio.gather(
         *(
-            append_mails(servers.dovecot, address, tag, count, pace)
+            append_mails(servers.dovecot, address, mails[tag], pace)
             for tag, (address, _) in rooms.items()
         )
     )
@@ -722,22 +787,28 @@ async def bridge_phase(
     append_elapsed = append_end - first_start
     latencies: list[float] = []
     last_ts = 0
+    first_ts = math.inf
     duplicates = out_of_order = unexpected = 0
     missing: dict[str, list[int]] = {}
     notices: list[str] = []
+    verdicts: Counter[str] = Counter()
     for (tag, (_, room_id)), times in zip(rooms.items(), appended, strict=True):
         check = check_room(await room_history(alice, room_id), tag, count, is_ghost, servers.bot)
+        verdicts += check.verdicts
         duplicates += check.duplicates
         out_of_order += check.out_of_order
         unexpected += check.unexpected
-        notices += [n for n in check.notices if "Linked" not in n and "help" not in n]
+        notices += [n for n in check.notices if not is_link_notice(n)]
         if check.missing:
             missing[tag] = check.missing
         for seq, ts in check.ts.items():
             latencies.append(ts - times[seq][1] * 1000)
             last_ts = max(last_ts, ts)
+            first_ts = min(first_ts, ts)
     relayed = total - sum(len(m) for m in missing.values())
     elapsed = (last_ts / 1000 - first_start) if relayed else float("nan")
+    # From the first event on: without the fixed delay before the bridge hears of new mail.
+    steady = (last_ts - first_ts) / 1000 if relayed > 1 else 0.0
     return {
         "rooms": len(rooms),
         "mails": total,
@@ -747,6 +818,8 @@ async def bridge_phase(
         "append_rate_per_s": round(total / append_elapsed, 1) if append_elapsed > 0 else None,
         "elapsed_s": round(elapsed, 2),
         "rate_per_s": round(relayed / elapsed, 2) if relayed else 0.0,
+        "steady_s": round(steady, 3),
+        "steady_rate_per_s": round((relayed - 1) / steady, 2) if steady > 0 else 0.0,
         "latency_p50_ms": round(percentile(latencies, 50) or 0),
         "latency_p99_ms": round(percentile(latencies, 99) or 0),
         "latency_min_ms": round(min(latencies)) if latencies else None,
@@ -757,6 +830,7 @@ async def bridge_phase(
         "out_of_order": out_of_order,
         "unexpected_ghost_events": unexpected,
         "bot_notices": notices[:5],
+        "verdicts": dict(verdicts),
         "cpu_s": cpu,
         "cpu_ms_per_message": {
             k: round(1000 * v / total, 1) for k, v in cpu.items() if k not in ("wall",)
@@ -970,6 +1044,14 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
             tag: (address, room_id)
             for (tag, room_id), address in zip(linked_many.items(), servers.multi, strict=True)
         }
+        auth_rooms: dict[str, tuple[str, str]] = {}
+        if servers.auth is not None:
+            off = auth_rooms["off"] = (servers.auth.mailboxes["off"], servers.auth.off_room)
+            await alice.wait_for_membership(off[1], servers.bot, "join", timeout=60)
+            await watched(servers, off[0])
+            for kind in ("mta", "on"):
+                address = servers.auth.mailboxes[kind]
+                auth_rooms[kind] = (address, await link_room(servers, alice, address, kind))
         if args.warmup:
             # A fresh Synapse answers its first few hundred sends more slowly (cold caches):
             # not something either side of the ratio should pay for.
@@ -1036,11 +1118,38 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
             )
             describe("  bridge        ", idle)
 
+        if servers.auth is not None:
+            print(
+                f"phase 4: sender authentication, {args.auth_mails} mails per path "
+                f"({', '.join(auth_phase.ORDER)}, halves)",
+                flush=True,
+            )
+
+            async def phase(
+                name: str, rooms: dict[str, tuple[str, str]], count: int, make: Mailer
+            ) -> dict[str, Any]:
+                return await bridge_phase(servers, alice, rooms, count, probes, name, make=make)
+
+            results["auth"] = await auth_phase.run(
+                phase,
+                auth_rooms,
+                servers.auth,
+                make_mail,
+                authserv_id=AUTHSERV_ID,
+                mta_results=MTA_RESULTS,
+                sender=SENDER.rpartition("<")[2].rstrip(">"),
+                count=args.auth_mails,
+                calls=args.check_calls,
+            )
+
     results["plain_1_rate_per_s"] = plain_1 = mean_rate(plain_a, plain_b)
     results["plain_n_rate_per_s"] = plain_n = mean_rate(plain_na, plain_nb)
     results["ratio_1"] = round(relay["rate_per_s"] / plain_1, 3)
     results["ratio_n"] = round(relay_n["rate_per_s"] / plain_n, 3)
     results["disturbed"] = disturbed_phases(results)
+    if "auth" in results:
+        results["disturbed"] |= disturbed_phases(results["auth"]["phases"])
+        results.update(auth_phase.headline(results["auth"]))
     if args.diagnose:
         results["relay_steps_alone_ms"] = steps = await relay_steps(
             servers.folder / "steps", servers.bridge.config.mail
@@ -1092,6 +1201,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--warmup", type=int, default=300, help="unmeasured sends first, to warm Synapse up"
     )
     parser.add_argument("--pace", type=float, default=1.0, help="seconds between paced mails")
+    parser.add_argument(
+        "--auth-mails",
+        type=int,
+        default=300,
+        help="mails per path in the sender authentication phase (phase 4; 0: skip)",
+    )
+    parser.add_argument(
+        "--check-calls",
+        type=int,
+        default=1000,
+        help="SenderAuthenticator.check calls timed in-process per path (phase 4)",
+    )
     add_run_options(parser)
     parser.add_argument(
         "--diagnose",
@@ -1100,7 +1221,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "send round trip and the rest (slows the bridge a little: not for the ratios)",
     )
     args = parser.parse_args(argv)
-    if args.mails < 1 or args.links < 1 or args.per_link < 1 or min(args.paced, args.warmup) < 0:
+    counts = (args.mails, args.links, args.per_link, args.check_calls)
+    if min(counts) < 1 or min(args.paced, args.warmup, args.auth_mails) < 0:
         parser.error("counts must be positive")
     if args.profile is not None:
         args.profile = args.profile.resolve()
@@ -1147,7 +1269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = code_version()  # before the bridge starts: the tree may change during the run
     with temp_folder(args.keep) as folder, contextlib.ExitStack() as stack:
         print(f"starting Dovecot, Synapse and the bridge in {folder}", flush=True)
-        servers = start_servers(folder, args.links, stack, diagnose=args.diagnose)
+        servers = start_servers(
+            folder, args.links, stack, diagnose=args.diagnose, auth=args.auth_mails > 0
+        )
         try:
             results = asyncio.run(run(servers, args))
         except BaseException:
@@ -1194,6 +1318,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k in ("duplicates", "missing", "out_of_order")
         if results[key][k]
     ]
+    if "auth" in results:
+        auth_phase.describe(results["auth"])
+        problems += [
+            f"auth {kind}: {path['problems']} duplicated, missing or out of order"
+            for kind, path in results["auth"]["paths"].items()
+            if path["problems"]
+        ]
     print("order and once-only: " + ("; ".join(problems) if problems else "ok"))
     if results["disturbed"]:
         print(
