@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy import Row, select, text, update
+from sqlalchemy import Engine, Row, bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.core.audit import AuditEntry, AuditRow, seal
@@ -22,51 +23,101 @@ _PG_LOCK = 0x7061737361756474
 BATCH = 5000
 
 
+# The statements of an append, built once (their compiled form is cached by SQLAlchemy).
+_PG_ADVISORY = text("SELECT pg_advisory_xact_lock(:key)")
+_TAKE_LOCK = update(audit_head).where(audit_head.c.id == 1).values(id=1)
+_READ_HEAD = select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
+_INSERT_ROW = audit_log.insert()
+_SET_HEAD = (
+    update(audit_head)
+    .where(audit_head.c.id == 1)
+    .values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
+)
+# Moves the head only from where it was: matching no row means another append came between.
+_MOVE_HEAD = _SET_HEAD.where(
+    audit_head.c.seq == bindparam("old_seq"), audit_head.c.hash == bindparam("old_hash")
+)
+
+# The head as this process last wrote it, per engine. A guess, never trusted: an append tries
+# _MOVE_HEAD from it, and falls back to reading the head when that matches nothing (another
+# instance appended, or the transaction that wrote it was rolled back).
+_last_head: weakref.WeakKeyDictionary[Engine, tuple[int, str]] = weakref.WeakKeyDictionary()
+
+
 async def append_in(conn: AsyncConnection, entry: AuditEntry) -> AuditRow | None:
     """Append in the caller's transaction (the one that stores the item's final state), so
     the row exists exactly when that state does. None if `entry.item_key` is already logged.
 
     Appends are serialised across instances for the rest of the transaction: an advisory
-    lock on PostgreSQL, the write lock on SQLite (taken by the first write, here the head's)."""
-    if conn.dialect.name == "postgresql":
-        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK})
-    else:
-        await conn.execute(update(audit_head).where(audit_head.c.id == 1).values(id=1))
-    key = entry.cleaned().item_key
-    if key is not None:
-        known = await conn.execute(select(audit_log.c.seq).where(audit_log.c.item_key == key))
-        if known.first() is not None:
-            log.debug("audit: %s already logged", key)
-            return None
-    head = (
-        await conn.execute(select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1))
-    ).one()
-    row = seal(entry, seq=int(head.seq) + 1, time_ms=now_ms(), prev_hash=str(head.hash))
-    stored = row.entry
-    await conn.execute(
-        audit_log.insert().values(
-            seq=row.seq,
-            time=row.time_ms,
-            direction=stored.direction,
-            item_key=stored.item_key,
-            link=stored.link,
-            room_id=stored.room_id,
-            sender=stored.sender,
-            recipients=json.dumps(list(stored.recipients), ensure_ascii=False),
-            ids=json.dumps(dict(stored.ids), ensure_ascii=False, sort_keys=True),
-            verdict=stored.verdict,
-            outcome=stored.outcome,
-            reason=stored.reason,
-            body_sha256=stored.body_sha256,
-            prev_hash=row.prev_hash,
-            hash=row.hash,
+    lock on PostgreSQL, the write lock on SQLite (taken by the first write, here the head's).
+
+    An entry without a key takes two statements on SQLite (three on PostgreSQL) when this
+    process wrote the head last: the head moved from the remembered one, which also takes the
+    lock and proves that it is still the head, then the row; else the head is read first."""
+    postgres = conn.dialect.name == "postgresql"
+    if postgres:
+        await conn.execute(_PG_ADVISORY, {"key": _PG_LOCK})
+    stored = entry.cleaned()
+    engine = conn.sync_engine
+    remembered = _last_head.get(engine) if stored.item_key is None else None
+    if remembered is not None:
+        row = seal(entry, seq=remembered[0] + 1, time_ms=now_ms(), prev_hash=remembered[1])
+        moved = await conn.execute(
+            _MOVE_HEAD,
+            {
+                "new_seq": row.seq,
+                "new_hash": row.hash,
+                "old_seq": remembered[0],
+                "old_hash": remembered[1],
+            },
         )
-    )
-    await conn.execute(
-        update(audit_head).where(audit_head.c.id == 1).values(seq=row.seq, hash=row.hash)
-    )
-    log.debug("audit row %d: %s %s %s", row.seq, stored.direction, stored.outcome, stored.link)
+        if moved.rowcount == 1:
+            await conn.execute(_INSERT_ROW, _columns(row))
+            _last_head[engine] = (row.seq, row.hash)
+            _logged(row)
+            return row
+    if not postgres:
+        await conn.execute(_TAKE_LOCK)
+    if stored.item_key is not None:
+        known = await conn.execute(
+            select(audit_log.c.seq).where(audit_log.c.item_key == stored.item_key)
+        )
+        if known.first() is not None:
+            log.debug("audit: %s already logged", stored.item_key)
+            return None
+    head = (await conn.execute(_READ_HEAD)).one()
+    row = seal(entry, seq=int(head.seq) + 1, time_ms=now_ms(), prev_hash=str(head.hash))
+    await conn.execute(_INSERT_ROW, _columns(row))
+    await conn.execute(_SET_HEAD, {"new_seq": row.seq, "new_hash": row.hash})
+    _last_head[engine] = (row.seq, row.hash)
+    _logged(row)
     return row
+
+
+def _columns(row: AuditRow) -> dict[str, Any]:
+    stored = row.entry
+    return {
+        "seq": row.seq,
+        "time": row.time_ms,
+        "direction": stored.direction,
+        "item_key": stored.item_key,
+        "link": stored.link,
+        "room_id": stored.room_id,
+        "sender": stored.sender,
+        "recipients": json.dumps(list(stored.recipients), ensure_ascii=False),
+        "ids": json.dumps(dict(stored.ids), ensure_ascii=False, sort_keys=True),
+        "verdict": stored.verdict,
+        "outcome": stored.outcome,
+        "reason": stored.reason,
+        "body_sha256": stored.body_sha256,
+        "prev_hash": row.prev_hash,
+        "hash": row.hash,
+    }
+
+
+def _logged(row: AuditRow) -> None:
+    entry = row.entry
+    log.debug("audit row %d: %s %s %s", row.seq, entry.direction, entry.outcome, entry.link)
 
 
 async def append(db: Database, entry: AuditEntry) -> AuditRow | None:

@@ -9,7 +9,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
@@ -51,6 +51,7 @@ class _Txt:
     resolver: dns.resolver.Resolver
     cache: dict[str, tuple[float, bytes | None]]
     lock: threading.Lock
+    records_cache: dict[str, tuple[float, tuple[bytes, ...]]] = field(default_factory=dict)
 
     def lookup(self, name: str) -> bytes | None:
         """The TXT strings of `name` joined (the first record), None if there is none;
@@ -79,14 +80,26 @@ class _Txt:
         return value
 
     def records(self, name: str) -> list[bytes]:
-        """Every TXT record of `name` (for DMARC, where several records mean none applies)."""
+        """Every TXT record of `name` (for DMARC, where several records mean none applies),
+        [] if there is none; cached like `lookup` (a DNS failure never is)."""
+        key = name.lower().rstrip(".")
+        now = time.monotonic()
+        with self.lock:
+            hit = self.records_cache.get(key)
+            if hit is not None and hit[0] > now:
+                return list(hit[1])
         try:
-            answer = self.resolver.resolve(name.rstrip(".") + ".", "TXT", search=False)
+            answer = self.resolver.resolve(key + ".", "TXT", search=False)
+            found = tuple(b"".join(r.strings) for r in answer)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return []
+            found = ()
         except dns.exception.DNSException as e:
             raise DnsFailure(type(e).__name__) from None
-        return [b"".join(r.strings) for r in answer]
+        with self.lock:
+            if len(self.records_cache) > 10_000:
+                self.records_cache.clear()
+            self.records_cache[key] = (now + _CACHE_SECONDS, found)
+        return list(found)
 
 
 def _resolver(trust: TrustSettings) -> dns.resolver.Resolver:

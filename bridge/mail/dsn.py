@@ -68,6 +68,10 @@ def clean(text: str, limit: int = MAX_FIELD) -> str:
 def looks_like_report(raw: bytes) -> bool:
     """Cheap test on the top-level header block: is this mail a delivery report?"""
     head = raw[:MAX_HEAD].split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    # Every mail in comes through here, on the event loop: a header block that does not even
+    # spell the subtype "report" (a token: never encoded, never folded) is not parsed.
+    if b"report" not in head.lower():
+        return False
     try:
         headers = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(head)
         if headers.get_content_type() != "multipart/report":

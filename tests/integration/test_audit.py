@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete, insert, update
+from sqlalchemy import delete, event, insert, update
 
 from bridge.audit_cli import verify
 from bridge.config import DatabaseConfig
@@ -111,6 +111,44 @@ async def test_an_append_rolled_back_with_its_state_leaves_no_trace(db: Database
     _verifier, broken = await verify(db)
     assert broken is None
     assert (await audit_db.head(db))[0] == 3
+
+
+async def test_appends_alternating_between_instances_keep_one_chain(
+    db: Database, db_url: str
+) -> None:
+    """Each instance remembers the head it wrote last; the other's appends make that stale,
+    and the next append must find the real head, not fork the chain."""
+    other = await open_database(DatabaseConfig(url=db_url, pool_size=5))
+    try:
+        for i in range(1, 9):
+            await audit_db.append(db if i % 3 else other, entry(i))
+    finally:
+        await other.close()
+    assert [r.seq async for r in audit_db.rows(db)] == list(range(1, 9))
+    verifier, broken = await verify(db)
+    assert broken is None
+    assert verifier.count == 8
+
+
+async def test_an_append_after_this_instances_last_costs_two_statements(db: Database) -> None:
+    """The relay appends with every mail it settles: once this process wrote the head, an
+    unkeyed append is the head moved from there plus the row (and the advisory lock on
+    PostgreSQL), not a lock write, a head read, the row and a head write."""
+    await fill(db, 1)
+    statements: list[str] = []
+
+    def count(*args: object) -> None:
+        statements.append(str(args[2]).split()[0].upper())
+
+    event.listen(db.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        await audit_db.append(db, entry(2))
+    finally:
+        event.remove(db.engine.sync_engine, "before_cursor_execute", count)
+    expected = ["UPDATE", "INSERT"]
+    assert statements == (["SELECT", *expected] if db.dialect == "postgresql" else expected)
+    _verifier, broken = await verify(db)
+    assert broken is None
 
 
 async def test_verify_and_export_through_the_cli(db: Database, config_file: Path) -> None:

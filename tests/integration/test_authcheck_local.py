@@ -175,3 +175,46 @@ def test_without_local_checking_nothing_is_looked_up(dns: DnsServer) -> None:
     verdict = check.check(mail(f"president@{AGENCY}"), f"president@{AGENCY}")
     assert verdict.verdict == UNVERIFIED
     assert len(dns.queries) == before
+
+
+def dmarc_queries(dns: DnsServer, domain: str) -> int:
+    return sum(1 for name, _type, _answered in dns.queries if name == f"_dmarc.{domain}")
+
+
+@pytest.mark.parametrize(
+    ("domain", "verdict"),
+    [(AGENCY, FAILED), (NO_POLICY, UNVERIFIED)],
+    ids=["a-record", "no-record"],
+)
+def test_a_second_mail_from_the_same_domain_asks_no_new_dmarc_question(
+    check: SenderAuthenticator, dns: DnsServer, domain: str, verdict: str
+) -> None:
+    """DMARC answers are cached like keys (5 minutes), "no record" too: a mail with no aligned
+    signature must not cost a DNS round trip per mail."""
+    before = dmarc_queries(dns, domain)
+    first = check.check(mail(f"a@{domain}"), f"a@{domain}")
+    asked = dmarc_queries(dns, domain)
+    assert asked == before + 1
+    second = check.check(mail(f"b@{domain}"), f"b@{domain}")
+    assert (first.verdict, second.verdict) == (verdict, verdict)
+    assert second.reason == first.reason
+    assert dmarc_queries(dns, domain) == asked
+
+
+def test_a_dmarc_lookup_failure_is_not_remembered(dns: DnsServer) -> None:
+    """A timeout is no "no record": once the DNS answers again, the next mail is asked about
+    and fails the published policy."""
+    trust = TrustSettings(verify_dkim=True, dns_server=(dns.address, dns.port), dns_timeout=0.5)
+    check = SenderAuthenticator(trust)
+    dns.drop(f"_dmarc.{AGENCY}")
+    try:
+        assert check.check(mail(f"president@{AGENCY}"), f"president@{AGENCY}").verdict == (
+            UNVERIFIED
+        )
+    finally:
+        dns.undrop(f"_dmarc.{AGENCY}")
+    before = dmarc_queries(dns, AGENCY)
+    verdict = check.check(mail(f"president@{AGENCY}"), f"president@{AGENCY}")
+    assert verdict.verdict == FAILED
+    assert "p=reject" in verdict.reason
+    assert dmarc_queries(dns, AGENCY) == before + 1

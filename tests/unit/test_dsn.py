@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email.parser
+
 import pytest
 
 from bridge.mail.dsn import (
@@ -155,6 +157,25 @@ def test_a_real_postfix_report_is_read() -> None:
         "Not delivered to nobody@example.test: 5.1.1 <nobody@example.test> User doesn't "
         "exist: nobody@example.test"
     )
+
+
+def test_a_header_block_without_report_is_not_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check runs on every mail in, on the event loop: an ordinary mail's header block is
+    not handed to the (slow) header parser; a report's, in any case, still is."""
+    parsed: list[bytes] = []
+    real = email.parser.BytesHeaderParser.parsebytes
+
+    def spy(self: email.parser.BytesHeaderParser, text: bytes, headersonly: bool = True) -> object:
+        parsed.append(text)
+        return real(self, text, headersonly)
+
+    monkeypatch.setattr(email.parser.BytesHeaderParser, "parsebytes", spy)
+    plain = b"From: a@b.test\r\nContent-Type: text/plain\r\n\r\nmultipart/report\r\n"
+    assert not looks_like_report(plain)
+    assert parsed == []
+    shouting = postfix_dsn().replace(b"multipart/report", b"Multipart/REPORT", 1)
+    assert looks_like_report(shouting)
+    assert len(parsed) == 1
 
 
 def test_ordinary_mail_and_other_reports_are_not_delivery_reports() -> None:
