@@ -30,12 +30,13 @@ class RoomMarking:
         self.client = client
 
     async def show(self, room_id: RoomID, changed: Link | None = None) -> None:
-        """Set the topic's marking line from the room's links. A room none of whose links is
-        marked is left alone, unless `changed` (a link just made or removed) was marked: then
-        the line goes. Never raises for the homeserver's refusals: the room is told once."""
+        """Set the topic's marking line from the room's links. At start-up (`changed` None) a
+        room none of whose links is marked is left alone; after a link was made, changed or
+        removed (`changed`), a marking line no link calls for goes (a link re-made without its
+        marking). Never raises for the homeserver's refusals: the room is told once."""
         links = [link for link in await link_db.links_in_room(self.db, room_id) if not link.paused]
         markings = [link.settings.marking for link in links if link.settings.marking]
-        if not markings and (changed is None or changed.settings.marking is None):
+        if not markings and changed is None:
             return
         levels = self.config.mail.markings.levels
         marking = highest(markings, levels)

@@ -126,6 +126,16 @@ async def test_the_room_shows_its_marking(marked: Marked) -> None:
     question = await marked.alice.send_text(marked.room_id, "!passerelle links")
     answer = await marked.alice.wait_for_event(marked.room_id, replies_to(question, marked.bot))
     assert f"marked {DR}" in answer["content"]["body"]
+    # Linked again without a marking: the marking line goes, the rest of the topic stays.
+    again = await marked.alice.send_text(
+        marked.room_id, f"!passerelle link {marked.address} allow achats.gouv.fr"
+    )
+    await marked.alice.wait_for_event(marked.room_id, replies_to(again, marked.bot))
+    for _ in range(100):
+        if (await marked.state("m.room.topic"))["topic"] == TOPIC:
+            break
+        await asyncio.sleep(0.1)
+    assert (await marked.state("m.room.topic"))["topic"] == TOPIC
 
 
 async def test_a_matrix_message_is_mailed_with_the_marking(marked: Marked) -> None:
