@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -39,13 +40,21 @@ async def export(db: Database, out: TextIO, *, since_ms: int | None, link: str |
     return count
 
 
+def parse_anchor(value: str) -> tuple[int, str]:
+    """SEQ:HASH, as `audit verify` prints the head."""
+    seq, _, hash_ = value.partition(":")
+    if not seq.isdigit() or int(seq) < 1 or len(hash_) != 64:
+        raise ValueError(f"--anchor {value[:80]!r}: expected SEQ:HASH as verify prints it")
+    return int(seq), hash_.lower()
+
+
 async def verify(
-    db: Database, *, batch: int = audit_db.BATCH
+    db: Database, *, batch: int = audit_db.BATCH, anchors: Mapping[int, str] | None = None
 ) -> tuple[ChainVerifier, Break | None]:
     """Walk the whole chain, then hold its end against the head table. Rows appended while
     this runs are read too (the head is read after the rows, and the rows after it again
     until both agree)."""
-    verifier = ChainVerifier()
+    verifier = ChainVerifier(anchors)
     async for row in audit_db.rows(db, batch=batch):
         if verifier.feed(row) is not None:
             return verifier, verifier.broken
@@ -80,14 +89,18 @@ async def run_export(
     return EXIT_INTACT
 
 
-async def run_verify(config: Config) -> int:
+async def run_verify(config: Config, anchors: Sequence[str] = ()) -> int:
+    parsed = dict(parse_anchor(a) for a in anchors)
     db = await open_database(config.database)
     try:
-        verifier, broken = await verify(db)
+        verifier, broken = await verify(db, anchors=parsed)
     finally:
         await db.close()
     if broken is not None:
         print(f"audit log broken: {broken} ({verifier.count} rows intact before it)")
         return EXIT_BROKEN
-    print(f"audit log intact: {verifier.count} rows, head {verifier.last_hash}")
+    print(
+        f"audit log intact: {verifier.count} rows, head {verifier.last_seq}:{verifier.last_hash}"
+        " (keep it outside the database; verify --anchor checks it later)"
+    )
     return EXIT_INTACT

@@ -146,6 +146,14 @@ def _audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "1 naming the first row (seq) that was changed, removed or inserted.",
     )
     ver.add_argument("-c", "--config", type=Path, default=Path("config.yaml"), help=config_help)
+    ver.add_argument(
+        "--anchor",
+        action="append",
+        default=[],
+        metavar="SEQ:HASH",
+        help="a head printed by an earlier verify and kept elsewhere: that row must still "
+        "have that hash (catches a chain rewritten whole); repeatable",
+    )
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -156,7 +164,7 @@ def _audit(args: argparse.Namespace) -> int:
     try:
         if args.audit_command == "export":
             return asyncio.run(run_export(config, args.output, args.since, args.link))
-        return asyncio.run(run_verify(config))
+        return asyncio.run(run_verify(config, args.anchor))
     except ValueError as e:
         return _fail(EXIT_USAGE, "usage", str(e))
     except DatabaseError as e:

@@ -185,11 +185,14 @@ class Break:
 class ChainVerifier:
     """Checks rows fed in seq order, one at a time (memory does not grow with the log)."""
 
-    def __init__(self) -> None:
+    def __init__(self, anchors: Mapping[int, str] | None = None) -> None:
         self.count = 0
         self.last_seq = 0
         self.last_hash = GENESIS
         self.broken: Break | None = None
+        # seq → hash printed by an earlier verification and kept outside the database: a
+        # chain rewritten whole (every hash recomputed) still differs from them.
+        self.anchors = dict(anchors or {})
 
     def feed(self, row: AuditRow) -> Break | None:
         """Check the next row; the first break found is kept and returned."""
@@ -204,6 +207,10 @@ class ChainVerifier:
             self.broken = Break(row.seq, "does not follow the previous row (prev_hash differs)")
         elif row_hash(row.seq, row.time_ms, row.entry, row.prev_hash) != row.hash:
             self.broken = Break(row.seq, "changed or forged (hash does not match its content)")
+        elif row.seq in self.anchors and self.anchors[row.seq] != row.hash:
+            self.broken = Break(
+                row.seq, "differs from the anchor kept outside the database (chain rewritten)"
+            )
         else:
             self.count += 1
             self.last_seq = row.seq
@@ -220,6 +227,10 @@ class ChainVerifier:
         """Compare the end of the chain with the separately kept head (count and last hash):
         rows removed from the end, or appended without the head, show here."""
         if self.broken is not None:
+            return self.broken
+        beyond = [seq for seq in self.anchors if seq > self.last_seq]
+        if beyond:
+            self.broken = Break(min(beyond), "missing: an anchor names a row the log has not")
             return self.broken
         if head_seq > self.last_seq:
             self.broken = Break(

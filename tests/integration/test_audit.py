@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,10 @@ from sqlalchemy import delete, event, insert, update
 
 from bridge.audit_cli import verify
 from bridge.config import DatabaseConfig
-from bridge.core.audit import AuditEntry
+from bridge.core.audit import AuditEntry, row_hash
 from bridge.db import audit as audit_db
 from bridge.db.engine import Database, open_database
-from bridge.db.schema import audit_log
+from bridge.db.schema import audit_head, audit_log
 from bridge.harness.ports import free_port
 from bridge.registration import dump_yaml
 from tests.conftest import bridge_config_dict, subprocess_env
@@ -219,3 +220,37 @@ async def test_an_inserted_row_is_named(db: Database, config_file: Path) -> None
             )
         )
     assert "row 6:" in broken_row(config_file)
+
+
+async def test_a_chain_rewritten_whole_is_caught_by_an_anchor_kept_elsewhere(
+    db: Database, config_file: Path
+) -> None:
+    await fill(db, 5)
+    first = audit_cli(config_file, "verify")
+    anchor = first.stdout.split("head ", 1)[1].split()[0]
+    assert anchor.startswith("5:")
+    # Someone with write access changes row 3 and recomputes every hash from there, and the
+    # head: the chain alone holds again.
+    rows = [row async for row in audit_db.rows(db)]
+    prev = rows[1].hash
+    async with db.begin() as conn:
+        for row in rows[2:]:
+            changed = replace(row.entry, outcome="refused") if row.seq == 3 else row.entry
+            new_hash = row_hash(row.seq, row.time_ms, changed, prev)
+            await conn.execute(
+                update(audit_log)
+                .where(audit_log.c.seq == row.seq)
+                .values(outcome=changed.outcome, prev_hash=prev, hash=new_hash)
+            )
+            prev = new_hash
+        await conn.execute(update(audit_head).values(seq=5, hash=prev))
+    assert audit_cli(config_file, "verify").returncode == 0  # the known limit of a chain
+    caught = audit_cli(config_file, "verify", "--anchor", anchor)
+    assert caught.returncode == 1
+    assert "row 5:" in caught.stdout
+    assert "anchor" in caught.stdout
+    # An anchor beyond the end (rows removed and the head rewritten), and a malformed one.
+    beyond = audit_cli(config_file, "verify", "--anchor", "9:" + "0" * 64)
+    assert beyond.returncode == 1
+    assert "row 9:" in beyond.stdout
+    assert audit_cli(config_file, "verify", "--anchor", "five:abc").returncode == 2
