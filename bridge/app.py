@@ -353,13 +353,13 @@ class Bridge:
 
     async def _after_connect(self) -> None:
         """After the first contact and after an outage: fetch what the homeserver dropped.
-        The first time, marked links are shown in their rooms (state, topic)."""
+        The first time, every active link is shown in its room (m.bridge state, topic)."""
         if not self._markings_shown:
             self._markings_shown = True
             try:
                 await self.bridge_state.announce_all()
             except Exception as e:
-                log.warning("could not show the links' markings in their rooms: %s", e)
+                log.warning("could not show the links in their rooms: %s", e)
         try:
             found = await self.catch_up.run()
         except Exception as e:
