@@ -18,7 +18,7 @@ from bridge.core.commands import CommandProcessor
 from bridge.core.errors import Ignored, PermanentError, TransientError
 from bridge.core.health import ComponentHealth
 from bridge.core.ids import EventID, RoomID
-from bridge.core.links import REMOTE_KIND, Link, split_remote_key
+from bridge.core.links import REMOTE_KIND, split_remote_key
 from bridge.core.tasks import TaskGroup
 from bridge.db import links as link_db
 from bridge.db import outbox as outbox_db
@@ -41,15 +41,15 @@ from bridge.matrix.members import RoomMembers
 from bridge.matrix.poster import MatrixPoster
 from bridge.matrix.render import notice_content
 from bridge.relay.bounces import Bounces
+from bridge.relay.bridge_state import BridgeState
 from bridge.relay.link_commands import LinkCommands
 from bridge.relay.mail_in import MailRelay
 from bridge.relay.mail_out import MailOut, OutcomeReporter
 from bridge.relay.mailboxes import MailService
-from bridge.relay.notices import tell_once
 from bridge.relay.remote_in import RemoteRelay
 from bridge.relay.remote_out import RemoteOut, RemoteSender
 from bridge.relay.remotes import RemoteService
-from bridge.relay.room_marking import MARKING_KEY, RoomMarking
+from bridge.relay.room_marking import RoomMarking
 from bridge.status import StatusReporter
 from bridge.web.health import add_health_route
 
@@ -150,6 +150,7 @@ class Bridge:
             )
         self.members = RoomMembers(self.client)
         self.room_marking = RoomMarking(config, self.db, self.client)
+        self.bridge_state = BridgeState(config, self.db, self.client, self.room_marking)
         self._markings_shown = False
         self.mail_out = MailOut(
             config, self.db, self.client, self.members, notify_outbox=self._notify_outbox
@@ -204,7 +205,7 @@ class Bridge:
             config,
             self.db,
             self._links_changed,
-            self._announce_link,
+            self.bridge_state.announce,
             remote_join=self.remote.join,
         ).register(commands)
         self.status.extra["mailboxes"] = self.mail.report
@@ -281,73 +282,10 @@ class Bridge:
             return True
         return True
 
-    async def _announce_link(self, link: Link, active: bool) -> None:
-        """m.bridge state (MSC2346), so clients can show the room is bridged, and to what."""
-        content: dict[str, Any] = {}
-        if active and link.kind == REMOTE_KIND:
-            name, remote_room = split_remote_key(link.remote)
-            content = {
-                "bridgebot": self.config.bot_mxid,
-                "protocol": {"id": "matrix", "displayname": "Matrix (another ministry)"},
-                "network": {"id": name, "displayname": name},
-                "channel": {"id": remote_room, "displayname": remote_room},
-            }
-        elif active:
-            content = {
-                "bridgebot": self.config.bot_mxid,
-                "protocol": {"id": "email", "displayname": "Email"},
-                "channel": {"id": link.remote, "displayname": link.remote},
-            }
-        if active and link.settings.marking:
-            content[MARKING_KEY] = link.settings.marking
-        try:
-            await self.client.send_state(
-                link.room_id, "m.bridge", f"passerelle:{link.remote}", content
-            )
-        except PermanentError as e:
-            log.warning("could not set m.bridge state in %s: %s", link.room_id, e)
-            if self.client.errcode_of(e) == "M_FORBIDDEN":
-                await self._tell_bridge_state_denied(link.room_id)
-        except TransientError as e:
-            log.warning("could not set m.bridge state in %s: %s", link.room_id, e)
-        await self.room_marking.show(link.room_id, link)
-
-    async def _announce_markings(self, room_id: RoomID | None = None) -> None:
-        """Marked links (of one room, or all) shown in m.bridge state and the room topic."""
-        links = (
-            await link_db.all_links(self.db)
-            if room_id is None
-            else await link_db.links_in_room(self.db, room_id)
-        )
-        for link in links:
-            if link.settings.marking and not link.paused:
-                await self._announce_link(link, True)
-
-    async def _tell_bridge_state_denied(self, room_id: RoomID) -> None:
-        """The room's admins hear once what the bot needs to mark the room as bridged."""
-        try:
-            levels = await self.client.get_state(room_id, "m.room.power_levels") or {}
-        except (TransientError, PermanentError):
-            levels = {}
-        events = levels.get("events")
-        needed = events.get("m.bridge") if isinstance(events, dict) else None
-        if not isinstance(needed, int):
-            default = levels.get("state_default", 50)
-            needed = default if isinstance(default, int) else 50
-        text = (
-            "The link works, but clients cannot show that this room is bridged: the bot needs "
-            f"power level {needed} here to set the room's m.bridge state. A room admin can "
-            "give it that level. (Said once in this room.)"
-        )
-        try:
-            await tell_once(self.db, self.client, f"m.bridge-denied:{room_id}", room_id, text)
-        except (TransientError, PermanentError) as e:
-            log.warning("could not tell %s about m.bridge state: %s", room_id, e)
-
     async def _room_joined(self, room_id: RoomID) -> None:
         await self.mail.room_joined(room_id)
         await self._links_changed()
-        await self._announce_markings(room_id)
+        await self.bridge_state.announce_all(room_id)
 
     async def _room_encrypted(self, room_id: RoomID, event_id: EventID) -> None:
         """A linked room turned encryption on: its links are paused (mail is kept, nothing is
@@ -415,13 +353,13 @@ class Bridge:
 
     async def _after_connect(self) -> None:
         """After the first contact and after an outage: fetch what the homeserver dropped.
-        The first time, marked links are shown in their rooms (state, topic)."""
+        The first time, every active link is shown in its room (m.bridge state, topic)."""
         if not self._markings_shown:
             self._markings_shown = True
             try:
-                await self._announce_markings()
+                await self.bridge_state.announce_all()
             except Exception as e:
-                log.warning("could not show the links' markings in their rooms: %s", e)
+                log.warning("could not show the links in their rooms: %s", e)
         try:
             found = await self.catch_up.run()
         except Exception as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.core.ids import RoomID
+from bridge.core.ids import RoomID, UserID
 from bridge.core.policy import DomainPattern, domain_allowed
 
 THREAD_MODES = ("threads", "flat")
@@ -98,6 +98,7 @@ class Link:
     settings: LinkSettings
     paused: bool
     source: str  # "config" or "bot"
+    created_by: UserID | None = None  # who linked it by command; None for the config file
 
 
 REMOTE_KIND = "remote"

@@ -25,6 +25,7 @@ def _link(row: Row[Any]) -> Link:
         settings=LinkSettings.from_json(settings),
         paused=bool(row.paused),
         source=str(settings.get("source", "bot")),
+        created_by=UserID(row.created_by) if row.created_by else None,
     )
 
 

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from bridge.config import Config
+from bridge.core.bridge_state import MARKING_KEY
 from bridge.core.errors import PermanentError, TransientError
 from bridge.core.ids import RoomID
 from bridge.core.links import Link
@@ -17,8 +18,7 @@ from bridge.relay.notices import tell_once
 
 log = logging.getLogger("passerelle.markings")
 
-# Key of the marking in the content of a link's m.bridge state.
-MARKING_KEY = "fr.passerelle.marking"
+__all__ = ["MARKING_KEY", "RoomMarking"]
 
 
 class RoomMarking:

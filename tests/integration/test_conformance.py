@@ -1,7 +1,7 @@
 """The Application Service API against the Matrix spec's OpenAPI document, fuzzed by schemathesis.
 
 The bridge runs in this process (`offline_bridge`, SQLite, homeserver unreachable) and is reached
-over real HTTP on loopback. Schemathesis generates requests from `shared/spec/as-api.json` (Matrix
+over real HTTP on loopback. Schemathesis generates requests from `tests/spec/as-api.json` (Matrix
 v1.19), schema-valid ("positive") and schema-violating ("negative"), and sends them through a
 `requests` session that refuses any host but 127.0.0.1: the document's `servers` (matrix.org)
 are never contacted.
@@ -73,7 +73,8 @@ from schemathesis.schemas import APIOperation, BaseSchema
 from bridge.db.schema import ghost
 from tests.conftest import InProcessBridge
 
-SPEC = Path(__file__).resolve().parents[2].parent / "shared" / "spec" / "as-api.json"
+# Kept in the repository (tests/spec/README.md: source, licence).
+SPEC = Path(__file__).resolve().parents[1] / "spec" / "as-api.json"
 PREFIX = "/_matrix/app/v1"
 TRANSACTIONS = f"PUT {PREFIX}/transactions/{{txnId}}"
 PING = f"POST {PREFIX}/ping"
@@ -102,9 +103,6 @@ schemathesis_uses_random = pytest.mark.filterwarnings(
 )
 
 pytestmark = [
-    pytest.mark.skipif(
-        not SPEC.is_file(), reason=f"Matrix AS API OpenAPI document not found at {SPEC}"
-    ),
     pytest.mark.parametrize("db_url", ["sqlite"], indirect=True),
 ]
 
@@ -115,8 +113,6 @@ def load_schema() -> BaseSchema:
 
 
 def operation_labels() -> list[str]:
-    if not SPEC.is_file():
-        return []
     labels = []
     for result in load_schema().get_all_operations():
         if not isinstance(result, Ok):
