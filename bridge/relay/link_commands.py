@@ -233,6 +233,10 @@ class LinkCommands:
             created_by=ctx.sender,
         )
         log.info("%s linked %s to %s", ctx.sender, address, ctx.room_id)
+        return await self._activate(link, joined)
+
+    async def _activate(self, link: Link, joined: bool) -> Link:
+        """A saved link starts, or waits (paused) for the bot to be let into its room."""
         if not joined:
             await link_db.set_paused(self.db, link.id, True)
             link = replace(link, paused=True)
@@ -303,36 +307,58 @@ class LinkCommands:
         usage = "Usage: link-remote REMOTE ROOM (ROOM: a room ID or alias on that server)"
         if len(args) != 2:
             return Reply.plain(usage)
-        if not await self._may_manage(ctx):
-            return Reply.plain(
-                f"Linking needs the admin permission, or power level {MIN_POWER_LEVEL} here."
-            )
-        name, room = args[0].casefold(), args[1]
+        try:
+            await self.authorize(ctx)
+            await self.add_remote_link(ctx, args[0], args[1])
+        except LinkRefused as e:
+            return Reply.plain(e.for_room())
+        return Reply.plain(
+            f"Linked {args[1]} on {args[0].casefold()}: from now on messages are relayed both "
+            "ways (what was said before is not)."
+        )
+
+    async def add_remote_link(
+        self, ctx: CommandContext, remote: str, room: str, *, joined: bool = True
+    ) -> Link:
+        """Relay ctx.room_id with a room of a configured remote (after authorize()): shared by
+        `link-remote` and the provisioning API. Raises LinkRefused ("remote": the remote
+        refused or could not be reached). `joined` as for add_mail_link."""
+        name = remote.casefold()
         if name not in self.config.remotes or self.remote_join is None:
             known = ", ".join(sorted(self.config.remotes)) or "none"
-            return Reply.plain(
+            raise LinkRefused(
+                "invalid",
                 f"“{name[:50]}” is not a remote this bridge knows (configured: {known}). The "
                 "administrator adds it under remotes in the config (credentials never go "
-                "through a room)."
+                "through a room).",
+                bare=True,
             )
         if not _ROOM_REF.fullmatch(room):
-            return Reply.plain(f"“{room[:100]}” is not a room ID (!…) or alias (#…:server).")
+            raise LinkRefused(
+                "invalid", f"“{room[:100]}” is not a room ID (!…) or alias (#…:server).", bare=True
+            )
         local = await rooms.get_room(self.db, ctx.room_id)
         if local is not None and local.encrypted:
-            return Reply.plain(
+            raise LinkRefused(
+                "invalid",
                 "This room is end-to-end encrypted: Passerelle cannot relay it yet, and never "
-                "posts in clear to a room that expects encryption."
+                "posts in clear to a room that expects encryption.",
+                bare=True,
             )
         try:
             remote_room = await self.remote_join(name, room)
         except RemoteJoinError as e:
-            return Reply.plain(f"Not linked: {e}")
+            raise LinkRefused("remote", str(e)) from None
         key = remote_link_key(name, remote_room)
         existing = await link_db.link_by_remote(self.db, REMOTE_KIND, key)
         if existing is not None and existing.room_id != ctx.room_id:
-            return Reply.plain(f"{room} on {name} is already linked to another room.")
+            raise LinkRefused(
+                "conflict", f"{room} on {name} is already linked to another room.", bare=True
+            )
         if existing is not None and existing.source == "config":
-            return Reply.plain(f"{room} on {name} is linked here by the config file.")
+            raise LinkRefused(
+                "conflict", f"{room} on {name} is linked here by the config file.", bare=True
+            )
         link = await link_db.save_link(
             self.db,
             room_id=ctx.room_id,
@@ -343,12 +369,7 @@ class LinkCommands:
             created_by=ctx.sender,
         )
         log.info("%s linked %s to %s", ctx.sender, key, ctx.room_id)
-        await self.on_change()
-        await self.announce(link, True)
-        return Reply.plain(
-            f"Linked {room} on {name}: from now on messages are relayed both ways "
-            "(what was said before is not)."
-        )
+        return await self._activate(link, joined)
 
     async def unlink_remote(self, ctx: CommandContext, args: tuple[str, ...]) -> Reply:
         here = [

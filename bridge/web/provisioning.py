@@ -18,7 +18,7 @@ from bridge.config import Config, ConfigError, mail_address
 from bridge.core.commands import CommandContext
 from bridge.core.errors import PermanentError, TransientError
 from bridge.core.ids import RoomID, UserID
-from bridge.core.links import REMOTE_KIND, Link, split_remote_key
+from bridge.core.links import REMOTE_KIND, Link, remote_link_key, split_remote_key
 from bridge.core.permissions import PermissionLevel
 from bridge.db import links as link_db
 from bridge.relay.link_commands import LinkCommands, LinkRefused
@@ -33,8 +33,14 @@ _MXID = re.compile(r"@[^\s:]+:[^\s]+")
 _ROOM_ID = re.compile(r"![^\s]+")
 MAX_ID_LENGTH = 255
 _MAIL_FIELDS = {"room_id", "address", "allowed_senders", "thread_mode", "marking"}
-_STATUS_OF = {"forbidden": 403, "invalid": 400, "conflict": 409}
-_ERRCODE_OF = {"forbidden": "M_FORBIDDEN", "invalid": "M_INVALID_PARAM", "conflict": "M_UNKNOWN"}
+_REMOTE_FIELDS = {"room_id", "remote", "remote_room"}
+_STATUS_OF = {"forbidden": 403, "invalid": 400, "conflict": 409, "remote": 502}
+_ERRCODE_OF = {
+    "forbidden": "M_FORBIDDEN",
+    "invalid": "M_INVALID_PARAM",
+    "conflict": "M_UNKNOWN",
+    "remote": "M_UNKNOWN",
+}
 
 PowerLevel = Callable[[RoomID, UserID], Awaitable[int]]
 Join = Callable[[RoomID], Awaitable[bool]]
@@ -104,6 +110,10 @@ class ProvisioningApi:
         app.router.add_get(PREFIX + "/links", self._wrap(self.get_links))
         app.router.add_post(PREFIX + "/links/mail", self._wrap(self.post_mail_link))
         app.router.add_delete(PREFIX + "/links/mail/{address}", self._wrap(self.delete_mail_link))
+        app.router.add_post(PREFIX + "/links/remote", self._wrap(self.post_remote_link))
+        app.router.add_delete(
+            PREFIX + "/links/remote/{remote}/{remote_room}", self._wrap(self.delete_remote_link)
+        )
 
     def _wrap(
         self, handler: Callable[[web.Request, CommandContext], Awaitable[web.Response]]
@@ -221,7 +231,29 @@ class ProvisioningApi:
         link = await link_db.link_by_remote(self.links.db, "mail", address)
         if link is None:
             raise ApiError(404, "M_NOT_FOUND", f"{address} is not linked")
-        ctx = self._in_room(ctx, link.room_id)
+        return await self._remove(self._in_room(ctx, link.room_id), link)
+
+    async def post_remote_link(self, request: web.Request, ctx: CommandContext) -> web.Response:
+        body = await _json_object(request, _REMOTE_FIELDS)
+        room_id = _room_id(body.get("room_id"))
+        remote, remote_room = body.get("remote"), body.get("remote_room")
+        if not isinstance(remote, str) or not isinstance(remote_room, str):
+            raise ApiError(400, "M_BAD_JSON", "remote and remote_room must be strings")
+        ctx = self._in_room(ctx, room_id)
+        await self.links.authorize(ctx)
+        joined = await self.join(room_id)
+        link = await self.links.add_remote_link(ctx, remote, remote_room, joined=joined)
+        return web.json_response(link_json(link), status=201)
+
+    async def delete_remote_link(self, request: web.Request, ctx: CommandContext) -> web.Response:
+        remote = request.match_info["remote"].casefold()
+        key = remote_link_key(remote, request.match_info["remote_room"])
+        link = await link_db.link_by_remote(self.links.db, REMOTE_KIND, key)
+        if link is None:
+            raise ApiError(404, "M_NOT_FOUND", "No such remote link")
+        return await self._remove(self._in_room(ctx, link.room_id), link)
+
+    async def _remove(self, ctx: CommandContext, link: Link) -> web.Response:
         await self.links.authorize(ctx, "Unlinking")
         dropped = await self.links.remove_link(ctx, link)
         return web.json_response({"removed": link_json(link), "dropped_messages": dropped})

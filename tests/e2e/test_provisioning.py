@@ -17,7 +17,7 @@ from openapi_core.datatypes import RequestParameters
 from werkzeug.datastructures import Headers, ImmutableMultiDict
 
 from bridge.harness.dovecot import DovecotServer
-from bridge.harness.synapse import MatrixTestClient
+from bridge.harness.synapse import MatrixTestClient, SynapseServer
 from bridge.registration import atomic_write, dump_yaml
 from bridge.web.provisioning import PREFIX, openapi_document
 from tests.conftest import BridgeProcess, InProcessBridge, SynapseSetup, UserFactory
@@ -27,6 +27,7 @@ from tests.e2e.test_mail_to_matrix import (
     body_contains,
     bridge_config_with_mailbox,
 )
+from tests.e2e.test_remote_relay import REMOTE, remote_config
 
 SECRET = "provisioning-" + "s3cr3t" * 6
 ADMIN = "@admin:localhost"
@@ -297,3 +298,63 @@ async def test_admin_links_a_room_the_bot_is_not_in(provisioned: Provisioned) ->
     status, listed = await api.call("GET", "/links", query={"room_id": room_id})
     assert status == 200
     assert listed["links"][0]["paused"] is False
+
+
+async def test_remote_link_relay_unlink(
+    synapse_setup: SynapseSetup,
+    ministry_synapse: SynapseServer,
+    ministry_bridge_account: tuple[str, str],
+    make_user: UserFactory,
+    make_ministry_user: UserFactory,
+    db_url: str,
+    tmp_path: Path,
+) -> None:
+    raw = remote_config(synapse_setup, ministry_synapse, ministry_bridge_account)
+    raw["provisioning"] = {"shared_secret": SECRET}
+    config_path = tmp_path / "config.yaml"
+    atomic_write(config_path, dump_yaml(raw))
+    bridge = BridgeProcess(config_path, db_url, tmp_path / "bridge.log")
+    bridge.start()
+    try:
+        bot = synapse_setup.config.bot_mxid
+        alice, bob = await make_user("alice"), await make_ministry_user("bob")
+        remote_room = await bob.create_room(invite=[ministry_bridge_account[0]], name="Coord")
+        closed = await bob.create_room(name="Fermée")
+        agency_room = await alice.create_room(invite=[bot], name="Coordination agence")
+        await alice.wait_for_membership(agency_room, bot, "join")
+        async with aiohttp.ClientSession() as session:
+            api = Api(bridge.base_url, session)
+            request = {"room_id": agency_room, "remote": REMOTE, "remote_room": closed}
+            status, body = await api.call("POST", "/links/remote", body=request)
+            assert status == 502, body
+            assert "invite" in body["error"]
+            status, body = await api.call(
+                "POST", "/links/remote", body={**request, "remote": "ailleurs"}
+            )
+            assert status == 400
+            status, body = await api.call(
+                "POST",
+                "/links/remote",
+                body={**request, "remote_room": remote_room},
+                user_id=alice.user_id,
+            )
+            assert status == 201, body
+            assert body["remote"] == REMOTE
+            assert body["remote_room"] == remote_room
+            link = body
+
+            await bob.send_text(remote_room, "Bonjour via l'API")
+            await alice.wait_for_event(
+                agency_room, lambda e: "Bonjour via l'API" in str(e["content"].get("body"))
+            )
+
+            status, listed = await api.call("GET", "/links")
+            assert listed["links"] == [link]
+            path = f"/links/remote/{REMOTE}/{quote(remote_room)}"
+            status, body = await api.call("DELETE", path, user_id=alice.user_id)
+            assert status == 200, body
+            assert body["removed"] == link
+            status, body = await api.call("DELETE", path)
+            assert (status, body["errcode"]) == (404, "M_NOT_FOUND")
+    finally:
+        bridge.stop()
