@@ -52,6 +52,7 @@ from bridge.relay.remotes import RemoteService
 from bridge.relay.room_marking import RoomMarking
 from bridge.status import StatusReporter
 from bridge.web.health import add_health_route
+from bridge.web.provisioning import ProvisioningApi
 
 log = logging.getLogger("passerelle")
 
@@ -201,13 +202,14 @@ class Bridge:
             self.remote.sides,
             notify_sender=self.remote_sender.notify,
         )
-        LinkCommands(
+        self.link_commands = LinkCommands(
             config,
             self.db,
             self._links_changed,
             self.bridge_state.announce,
             remote_join=self.remote.join,
-        ).register(commands)
+        )
+        self.link_commands.register(commands)
         self.status.extra["mailboxes"] = self.mail.report
         if self.outbox is not None:
             self.status.db_extra["outbox"] = self._outbox_report
@@ -229,6 +231,9 @@ class Bridge:
         )
         self.appservice.add_routes(app)
         add_health_route(app, self.status)
+        ProvisioningApi(
+            config, self.link_commands, self.status, self.client.power_level, self._bot_join
+        ).add_routes(app)
         self._runner = web.AppRunner(
             app,
             access_log_class=PathOnlyAccessLogger,

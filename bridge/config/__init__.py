@@ -51,6 +51,7 @@ from bridge.config.mail import (
     check_sender_patterns,
     mail_address,
 )
+from bridge.config.provisioning import ProvisioningConfig, _provisioning
 from bridge.config.remote import (
     REMOTE_LINK_KEYS,
     RemoteLinkSpec,
@@ -85,6 +86,7 @@ __all__ = [
     "LoggingConfig",
     "MailConfig",
     "MailboxSettings",
+    "ProvisioningConfig",
     "RemoteLinkSpec",
     "RemoteSettings",
     "SmtpSettings",
@@ -151,6 +153,7 @@ class Config:
     env_overrides: tuple[str, ...] = field(default=())
     remotes: dict[str, RemoteSettings] = field(default_factory=dict)
     remote_links: tuple[RemoteLinkSpec, ...] = ()
+    provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
 
     @property
     def bot_mxid(self) -> UserID:
@@ -208,6 +211,8 @@ class Config:
         if self.mail.smtp is not None and self.mail.smtp.password:
             values.append(self.mail.smtp.password)
         values += [r.access_token for r in self.remotes.values()]
+        if self.provisioning.shared_secret:
+            values.append(self.provisioning.shared_secret)
         password = urlsplit(self.database.url).password
         if password:
             values.append(password)
@@ -394,6 +399,7 @@ def parse_config(
         env_overrides=tuple(overrides),
         remotes=remotes,
         remote_links=remote_links,
+        provisioning=_provisioning(raw, config_dir),
     )
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from bridge.config import Config, ConfigError, check_sender_patterns, mail_address
 from bridge.core.commands import CommandContext, CommandProcessor, CommandSpec, Reply
 from bridge.core.links import (
     REMOTE_KIND,
+    THREAD_MODES,
     Link,
     LinkSettings,
     remote_link_key,
@@ -33,6 +35,22 @@ LinksChanged = Callable[[], Awaitable[None]]
 RemoteJoin = Callable[[str, str], Awaitable[str]]
 # Tell the room's clients about a link (True) or its removal (False): m.bridge state.
 Announce = Callable[[Link, bool], Awaitable[None]]
+
+
+class LinkRefused(Exception):
+    """A link request refused, with what to tell the person. kind: "forbidden" (permission),
+    "invalid" (the request), "conflict" (the state of the links)."""
+
+    def __init__(self, kind: str, message: str, *, bare: bool = False) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.bare = bare  # a whole sentence, shown as is (else after "Not linked: ")
+
+    def for_room(self) -> str:
+        if self.kind == "forbidden" or self.bare:
+            return self.message
+        return f"Not linked: {self.message}"
 
 
 class LinkCommands:
@@ -96,79 +114,150 @@ class LinkCommands:
             return True
         return await ctx.power_level() >= MIN_POWER_LEVEL
 
+    async def authorize(self, ctx: CommandContext, action: str = "Linking") -> None:
+        """Refuse (LinkRefused "forbidden") a person who may not manage this room's links."""
+        if not await self._may_manage(ctx):
+            raise LinkRefused(
+                "forbidden",
+                f"{action} needs the admin permission, or power level {MIN_POWER_LEVEL} here.",
+            )
+
     async def link(self, ctx: CommandContext, args: tuple[str, ...]) -> Reply:
         if not args:
             return Reply.plain(
                 "Usage: link ADDRESS [allow DOMAIN,*.DOMAIN] [flat] [marking LEVEL]"
             )
-        if not await self._may_manage(ctx):
-            return Reply.plain(
-                f"Linking needs the admin permission, or power level {MIN_POWER_LEVEL} here."
-            )
+        senders: list[str] | None = None
+        mode = "threads"
+        marking: str | None = None
         try:
-            address = mail_address("address", args[0])
+            await self.authorize(ctx)
+            rest = list(args[1:])
+            while rest:
+                word = rest.pop(0).casefold()
+                if word in ("flat", "threads"):
+                    mode = word
+                elif word == "marking" and rest:
+                    marking, rest = self._level(rest)
+                    if marking is None:
+                        known = ", ".join(self.config.mail.markings.levels.names)
+                        raise LinkRefused("invalid", f"the marking must be one of {known}.")
+                elif word == "allow" and rest:
+                    senders = [p for p in rest.pop(0).split(",") if p]
+                else:
+                    raise LinkRefused("invalid", f"unexpected “{word[:50]}”.")
+            link = await self.add_mail_link(ctx, args[0], senders, mode, marking)
+        except LinkRefused as e:
+            return Reply.plain(e.for_room())
+        return Reply.plain(
+            f"Linked {link.remote}: from now on its mail appears here "
+            f"({_describe(link, self.config)})."
+        )
+
+    async def add_mail_link(
+        self,
+        ctx: CommandContext,
+        address_text: str,
+        allowed_senders: list[str] | None,
+        thread_mode: str,
+        marking: str | None,
+        *,
+        joined: bool = True,
+    ) -> Link:
+        """Link a configured mailbox to ctx.room_id (after authorize()): the checks and effects
+        shared by `link` and the provisioning API. Raises LinkRefused. `joined`: False when
+        the bot is not in the room yet; the link then waits (paused) for its invite."""
+        try:
+            address = mail_address("address", address_text)
         except ConfigError:
-            return Reply.plain(f"“{args[0][:100]}” is not a plain mail address.")
+            raise LinkRefused(
+                "invalid", f"“{address_text[:100]}” is not a plain mail address.", bare=True
+            ) from None
         if address not in self.config.mail.mailboxes:
-            return Reply.plain(
+            raise LinkRefused(
+                "invalid",
                 f"{address} is not a mailbox this bridge may read. The administrator adds it "
-                "under mail.mailboxes in the config (credentials never go through a room)."
+                "under mail.mailboxes in the config (credentials never go through a room).",
+                bare=True,
             )
         if address == self.config.mail.bounces.mailbox:
-            return Reply.plain(
+            raise LinkRefused(
+                "invalid",
                 f"{address} is the bridge's bounce mailbox (mail.bounces.mailbox): it receives "
-                "delivery reports only, and is never linked to a room."
+                "delivery reports only, and is never linked to a room.",
+                bare=True,
             )
         room = await rooms.get_room(self.db, ctx.room_id)
         if room is not None and room.encrypted:
-            return Reply.plain(
+            raise LinkRefused(
+                "invalid",
                 "This room is end-to-end encrypted: Passerelle cannot post into it yet, and "
-                "never posts in clear to a room that expects encryption."
+                "never posts in clear to a room that expects encryption.",
+                bare=True,
             )
         senders: tuple[str, ...] = (address.rpartition("@")[2],)
-        mode = "threads"
-        marking: str | None = None
-        rest = list(args[1:])
-        while rest:
-            word = rest.pop(0).casefold()
-            if word == "flat":
-                mode = "flat"
-            elif word == "threads":
-                mode = "threads"
-            elif word == "marking" and rest:
-                marking, rest = self._level(rest)
-                if marking is None:
-                    known = ", ".join(self.config.mail.markings.levels.names)
-                    return Reply.plain(f"Not linked: the marking must be one of {known}.")
-            elif word == "allow" and rest:
-                patterns = [p for p in rest.pop(0).split(",") if p]
-                try:
-                    senders = check_sender_patterns("allow", patterns)
-                except ConfigError as e:
-                    return Reply.plain(f"Not linked: {e.problem}")
-            else:
-                return Reply.plain(f"Not linked: unexpected “{word[:50]}”.")
+        if allowed_senders is not None:
+            try:
+                senders = check_sender_patterns("allow", allowed_senders)
+            except ConfigError as e:
+                raise LinkRefused("invalid", e.problem) from None
+        if thread_mode not in THREAD_MODES:
+            raise LinkRefused("invalid", f"the thread mode must be one of {THREAD_MODES}.")
+        if marking is not None and self.config.mail.markings.levels.canonical(marking) is None:
+            known = ", ".join(self.config.mail.markings.levels.names)
+            raise LinkRefused("invalid", f"the marking must be one of {known}.")
         existing = await link_db.link_by_remote(self.db, "mail", address)
         if existing is not None and existing.room_id != ctx.room_id:
-            return Reply.plain(f"{address} is already linked to another room; unlink it there.")
+            raise LinkRefused(
+                "conflict",
+                f"{address} is already linked to another room; unlink it there.",
+                bare=True,
+            )
         if existing is not None and existing.source == "config":
-            return Reply.plain(f"{address} is linked here by the config file; change it there.")
+            raise LinkRefused(
+                "conflict",
+                f"{address} is linked here by the config file; change it there.",
+                bare=True,
+            )
+        if marking is not None:
+            marking = self.config.mail.markings.levels.canonical(marking)
         link = await link_db.save_link(
             self.db,
             room_id=ctx.room_id,
             kind="mail",
             remote=address,
-            settings=LinkSettings(allowed_senders=senders, thread_mode=mode, marking=marking),
+            settings=LinkSettings(
+                allowed_senders=senders, thread_mode=thread_mode, marking=marking
+            ),
             source="bot",
             created_by=ctx.sender,
         )
         log.info("%s linked %s to %s", ctx.sender, address, ctx.room_id)
+        return await self._activate(link, joined)
+
+    async def _activate(self, link: Link, joined: bool) -> Link:
+        """A saved link starts, or waits (paused) for the bot to be let into its room."""
+        if not joined:
+            await link_db.set_paused(self.db, link.id, True)
+            link = replace(link, paused=True)
         await self.on_change()
-        await self.announce(link, True)
-        return Reply.plain(
-            f"Linked {address}: from now on its mail appears here "
-            f"({_describe(link, self.config)})."
-        )
+        if joined:
+            await self.announce(link, True)
+        return link
+
+    async def remove_link(self, ctx: CommandContext, target: Link) -> int:
+        """Remove one of ctx.room_id's links (after authorize()), shared by `unlink`,
+        `unlink-remote` and the provisioning API: how many unsent messages were dropped."""
+        if target.source == "config":
+            what = target.remote if target.kind != REMOTE_KIND else "That link"
+            raise LinkRefused(
+                "conflict", f"{what} is linked by the config file; change it there.", bare=True
+            )
+        unsent = await link_db.delete_link(self.db, target.id)
+        log.info("%s unlinked %s from %s", ctx.sender, target.remote, ctx.room_id)
+        await self.on_change()
+        await self.announce(target, False)
+        return unsent
 
     def _level(self, words: list[str]) -> tuple[str | None, list[str]]:
         """The level the longest run of leading `words` names (levels have spaces:
@@ -190,16 +279,11 @@ class LinkCommands:
             if not found:
                 return Reply.plain("Usage: unlink ADDRESS (one of the links of this room).")
             target = found[0]
-        if not await self._may_manage(ctx):
-            return Reply.plain(
-                f"Unlinking needs the admin permission, or power level {MIN_POWER_LEVEL} here."
-            )
-        if target.source == "config":
-            return Reply.plain(f"{target.remote} is linked by the config file; change it there.")
-        unsent = await link_db.delete_link(self.db, target.id)
-        log.info("%s unlinked %s from %s", ctx.sender, target.remote, ctx.room_id)
-        await self.on_change()
-        await self.announce(target, False)
+        try:
+            await self.authorize(ctx, "Unlinking")
+            unsent = await self.remove_link(ctx, target)
+        except LinkRefused as e:
+            return Reply.plain(e.for_room())
         dropped = (
             f" {unsent} message(s) from here that were waiting to be mailed to it were dropped."
             if unsent
@@ -223,36 +307,58 @@ class LinkCommands:
         usage = "Usage: link-remote REMOTE ROOM (ROOM: a room ID or alias on that server)"
         if len(args) != 2:
             return Reply.plain(usage)
-        if not await self._may_manage(ctx):
-            return Reply.plain(
-                f"Linking needs the admin permission, or power level {MIN_POWER_LEVEL} here."
-            )
-        name, room = args[0].casefold(), args[1]
+        try:
+            await self.authorize(ctx)
+            await self.add_remote_link(ctx, args[0], args[1])
+        except LinkRefused as e:
+            return Reply.plain(e.for_room())
+        return Reply.plain(
+            f"Linked {args[1]} on {args[0].casefold()}: from now on messages are relayed both "
+            "ways (what was said before is not)."
+        )
+
+    async def add_remote_link(
+        self, ctx: CommandContext, remote: str, room: str, *, joined: bool = True
+    ) -> Link:
+        """Relay ctx.room_id with a room of a configured remote (after authorize()): shared by
+        `link-remote` and the provisioning API. Raises LinkRefused ("remote": the remote
+        refused or could not be reached). `joined` as for add_mail_link."""
+        name = remote.casefold()
         if name not in self.config.remotes or self.remote_join is None:
             known = ", ".join(sorted(self.config.remotes)) or "none"
-            return Reply.plain(
+            raise LinkRefused(
+                "invalid",
                 f"“{name[:50]}” is not a remote this bridge knows (configured: {known}). The "
                 "administrator adds it under remotes in the config (credentials never go "
-                "through a room)."
+                "through a room).",
+                bare=True,
             )
         if not _ROOM_REF.fullmatch(room):
-            return Reply.plain(f"“{room[:100]}” is not a room ID (!…) or alias (#…:server).")
+            raise LinkRefused(
+                "invalid", f"“{room[:100]}” is not a room ID (!…) or alias (#…:server).", bare=True
+            )
         local = await rooms.get_room(self.db, ctx.room_id)
         if local is not None and local.encrypted:
-            return Reply.plain(
+            raise LinkRefused(
+                "invalid",
                 "This room is end-to-end encrypted: Passerelle cannot relay it yet, and never "
-                "posts in clear to a room that expects encryption."
+                "posts in clear to a room that expects encryption.",
+                bare=True,
             )
         try:
             remote_room = await self.remote_join(name, room)
         except RemoteJoinError as e:
-            return Reply.plain(f"Not linked: {e}")
+            raise LinkRefused("remote", str(e)) from None
         key = remote_link_key(name, remote_room)
         existing = await link_db.link_by_remote(self.db, REMOTE_KIND, key)
         if existing is not None and existing.room_id != ctx.room_id:
-            return Reply.plain(f"{room} on {name} is already linked to another room.")
+            raise LinkRefused(
+                "conflict", f"{room} on {name} is already linked to another room.", bare=True
+            )
         if existing is not None and existing.source == "config":
-            return Reply.plain(f"{room} on {name} is linked here by the config file.")
+            raise LinkRefused(
+                "conflict", f"{room} on {name} is linked here by the config file.", bare=True
+            )
         link = await link_db.save_link(
             self.db,
             room_id=ctx.room_id,
@@ -263,12 +369,7 @@ class LinkCommands:
             created_by=ctx.sender,
         )
         log.info("%s linked %s to %s", ctx.sender, key, ctx.room_id)
-        await self.on_change()
-        await self.announce(link, True)
-        return Reply.plain(
-            f"Linked {room} on {name}: from now on messages are relayed both ways "
-            "(what was said before is not)."
-        )
+        return await self._activate(link, joined)
 
     async def unlink_remote(self, ctx: CommandContext, args: tuple[str, ...]) -> Reply:
         here = [
@@ -297,16 +398,11 @@ class LinkCommands:
             if not found:
                 return Reply.plain("Usage: unlink-remote REMOTE ROOM (one of this room's links).")
             target = found[0]
-        if not await self._may_manage(ctx):
-            return Reply.plain(
-                f"Unlinking needs the admin permission, or power level {MIN_POWER_LEVEL} here."
-            )
-        if target.source == "config":
-            return Reply.plain("That link is in the config file; change it there.")
-        unsent = await link_db.delete_link(self.db, target.id)
-        log.info("%s unlinked %s from %s", ctx.sender, target.remote, ctx.room_id)
-        await self.on_change()
-        await self.announce(target, False)
+        try:
+            await self.authorize(ctx, "Unlinking")
+            unsent = await self.remove_link(ctx, target)
+        except LinkRefused as e:
+            return Reply.plain(e.for_room())
         name, remote_room = split_remote_key(target.remote)
         dropped = f" {unsent} message(s) not sent yet were dropped." if unsent else ""
         return Reply.plain(
