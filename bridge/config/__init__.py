@@ -58,6 +58,7 @@ from bridge.config.remote import (
     _remote_link,
     _remotes,
 )
+from bridge.config.webhooks import HookSettings, WebhooksConfig, _webhooks
 from bridge.core.ghosts import encode_localpart
 from bridge.core.ids import UserID
 from bridge.core.permissions import PermissionLevel, PermissionTable
@@ -81,6 +82,7 @@ __all__ = [
     "ConfigError",
     "DatabaseConfig",
     "HomeserverConfig",
+    "HookSettings",
     "LinkSpec",
     "LoggingConfig",
     "MailConfig",
@@ -88,6 +90,7 @@ __all__ = [
     "RemoteLinkSpec",
     "RemoteSettings",
     "SmtpSettings",
+    "WebhooksConfig",
     "check_sender_patterns",
     "load_config",
     "mail_address",
@@ -151,6 +154,9 @@ class Config:
     env_overrides: tuple[str, ...] = field(default=())
     remotes: dict[str, RemoteSettings] = field(default_factory=dict)
     remote_links: tuple[RemoteLinkSpec, ...] = ()
+    webhooks: WebhooksConfig = field(
+        default_factory=lambda: WebhooksConfig(hooks={}, max_body_size=65536, tolerance=300)
+    )
 
     @property
     def bot_mxid(self) -> UserID:
@@ -169,6 +175,11 @@ class Config:
             return mxid
         digest = hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()
         return self.ghost_mxid(encode_localpart(f"{remote}/#{digest}"))
+
+    def hook_ghost_mxid(self, name: str) -> UserID:
+        """The ghost that posts an inbound webhook's messages. Never a mail or remote ghost:
+        those encode an "@" or a "/"."""
+        return self.ghost_mxid(encode_localpart(f"webhook-{name}"))
 
     @property
     def ghost_regex(self) -> str:
@@ -208,6 +219,9 @@ class Config:
         if self.mail.smtp is not None and self.mail.smtp.password:
             values.append(self.mail.smtp.password)
         values += [r.access_token for r in self.remotes.values()]
+        for hook in self.webhooks.hooks.values():
+            # The whole secret, and its base64 part alone (as a signer may print it).
+            values += [hook.secret, hook.secret.removeprefix("whsec_")]
         password = urlsplit(self.database.url).password
         if password:
             values.append(password)
@@ -370,6 +384,7 @@ def parse_config(
     mail = _mail(raw, config_dir)
     remotes = _remotes(raw, homeserver.domain, config_dir)
     links, remote_links = _links(raw, mail, remotes)
+    webhooks = _webhooks(raw, config_dir)
     address = urlsplit(appservice.address)
     if (
         address.hostname in ("127.0.0.1", "localhost", "::1")
@@ -394,6 +409,7 @@ def parse_config(
         env_overrides=tuple(overrides),
         remotes=remotes,
         remote_links=remote_links,
+        webhooks=webhooks,
     )
 
 
