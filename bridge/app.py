@@ -41,6 +41,7 @@ from bridge.matrix.members import RoomMembers
 from bridge.matrix.poster import MatrixPoster
 from bridge.matrix.render import notice_content
 from bridge.relay.bounces import Bounces
+from bridge.relay.hooks_in import HooksRelay
 from bridge.relay.link_commands import LinkCommands
 from bridge.relay.mail_in import MailRelay
 from bridge.relay.mail_out import MailOut, OutcomeReporter
@@ -52,6 +53,7 @@ from bridge.relay.remotes import RemoteService
 from bridge.relay.room_marking import MARKING_KEY, RoomMarking
 from bridge.status import StatusReporter
 from bridge.web.health import add_health_route
+from bridge.webhooks.server import WebhookServer
 
 log = logging.getLogger("passerelle")
 
@@ -227,6 +229,21 @@ class Bridge:
             client_max_size=config.appservice.max_body_size, middlewares=[json_errors]
         )
         self.appservice.add_routes(app)
+        self.hooks_relay = HooksRelay(
+            config,
+            self.db,
+            self.client,
+            self.ghosts,
+            self.tasks,
+            max_attempts=config.appservice.max_event_attempts,
+        )
+        WebhookServer(
+            config.webhooks.hooks,
+            self.hooks_relay.store,
+            max_body_size=config.webhooks.max_body_size,
+            tolerance=config.webhooks.tolerance,
+            on_stored=self.hooks_relay.notify,
+        ).add_routes(app)
         add_health_route(app, self.status)
         self._runner = web.AppRunner(
             app,
@@ -262,6 +279,8 @@ class Bridge:
         if self.remote.sides:
             self.tasks.spawn(self.remote_relay.run(), name="remote-relay")
             self.tasks.spawn(self.remote_sender.run(), name="remote-sender")
+        if config.webhooks.hooks:
+            self.tasks.spawn(self.hooks_relay.run(), name="webhooks-relay")
         await self.mail.sync_config_links(self._bot_join)
         await self.remote.sync_config_links(self._bot_join)
         self.mail_out.links_changed()
@@ -346,6 +365,7 @@ class Bridge:
 
     async def _room_joined(self, room_id: RoomID) -> None:
         await self.mail.room_joined(room_id)
+        self.hooks_relay.notify()
         await self._links_changed()
         await self._announce_markings(room_id)
 

@@ -13,7 +13,7 @@ from bridge.db.engine import Database
 from bridge.db.schema import webhook_inbox, webhook_thread
 from bridge.db.util import insert_ignore, now_ms
 
-INBOX_DONE = ("done", "ignored", "failed")
+INBOX_DONE = ("done", "refused", "ignored", "failed")
 
 
 @dataclass(frozen=True)
