@@ -194,3 +194,28 @@ async def test_hook_waits_for_the_bot_to_join(
     )
     assert event["sender"] == hooks.bridge.config.hook_ghost_mxid("late")
     assert message_from(event["sender"])(event)
+
+
+async def test_homeserver_down_then_each_posted_once_in_order(
+    hooks: HookSetup, synapse_setup: SynapseSetup
+) -> None:
+    synapse = synapse_setup.synapse
+    synapse.stop()
+    try:
+        for n in range(3):
+            status, answer = await hooks.post("ci", {"text": f"outage {n}"})
+            assert (status, answer) == (202, {"accepted": True})
+        await asyncio.sleep(2)  # the relay tries, and waits for the homeserver
+        # Killed while it waits: the kept requests survive in the database.
+        hooks.bridge.stop(kill=True)
+    finally:
+        await asyncio.to_thread(synapse.start)
+    hooks.bridge.start()
+    await hooks.alice.wait_for_event(hooks.room_id, text_is("outage 2"), timeout=60)
+    await asyncio.sleep(1)
+    bodies = [
+        e["content"]["body"]
+        for e in await hooks.alice.messages(hooks.room_id)
+        if e.get("sender") == hooks.ghost and e.get("type") == "m.room.message"
+    ]
+    assert bodies == [f"outage {n}" for n in range(3)]
