@@ -280,6 +280,7 @@ class Bridge:
             self.tasks.spawn(self.remote_relay.run(), name="remote-relay")
             self.tasks.spawn(self.remote_sender.run(), name="remote-sender")
         if config.webhooks.hooks:
+            self.status.db_extra["webhooks"] = self.hooks_relay.report
             self.tasks.spawn(self.hooks_relay.run(), name="webhooks-relay")
         await self.mail.sync_config_links(self._bot_join)
         await self.remote.sync_config_links(self._bot_join)

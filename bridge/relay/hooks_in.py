@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from bridge.config import Config, HookSettings
 from bridge.core.audit import AuditEntry, digest
@@ -67,6 +68,10 @@ class HooksRelay:
 
     def notify(self) -> None:
         self._wake.set()
+
+    async def report(self) -> dict[str, Any]:
+        """For /health and `status`: the inbox's counts by state, and rooms waiting for the bot."""
+        return {**await webhook_db.counts(self.db), "waiting_rooms": sorted(self._waiting)}
 
     async def wait_idle(self) -> None:
         await self._queues.wait_idle()

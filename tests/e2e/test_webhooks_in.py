@@ -21,7 +21,7 @@ from bridge.config import read_yaml_file
 from bridge.harness.synapse import MatrixTestClient
 from bridge.registration import atomic_write, dump_yaml
 from bridge.webhooks.signature import sign
-from tests.conftest import BridgeProcess, SynapseSetup, UserFactory
+from tests.conftest import BridgeProcess, SynapseSetup, UserFactory, http_json
 from tests.e2e.test_bot import message_from
 
 KEY = os.urandom(32)
@@ -193,6 +193,9 @@ async def test_hook_waits_for_the_bot_to_join(
         hooks.late_room_id, text_is("kept until the bot is here"), timeout=30
     )
     assert event["sender"] == hooks.bridge.config.hook_ghost_mxid("late")
+    status, health = http_json(hooks.bridge.base_url + "/health")
+    assert health["webhooks"]["done"] == 1, health
+    assert health["webhooks"]["waiting_rooms"] == []
     assert message_from(event["sender"])(event)
 
 
