@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from sqlalchemy import func, select, update
@@ -36,11 +37,14 @@ async def store(db: Database, hook: str, webhook_id: str, body: str) -> bool:
     return bool(result.rowcount)
 
 
-async def pending(db: Database, limit: int, exclude: set[int]) -> list[HookInboxItem]:
-    """Pending requests in arrival order, those in `exclude` left out."""
+async def pending(
+    db: Database, limit: int, exclude: set[int], *, skip_hooks: Collection[str] = ()
+) -> list[HookInboxItem]:
+    """Pending requests in arrival order, those in `exclude` and of `skip_hooks` (waiting
+    for their room) left out."""
     query = (
         select(webhook_inbox)
-        .where(webhook_inbox.c.state == "pending")
+        .where(webhook_inbox.c.state == "pending", webhook_inbox.c.hook.not_in(skip_hooks))
         .order_by(webhook_inbox.c.id)
         .limit(limit + len(exclude))
     )

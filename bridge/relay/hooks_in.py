@@ -56,7 +56,7 @@ class HooksRelay:
         self.max_attempts = max_attempts
         self._wake = asyncio.Event()
         self._in_flight: set[int] = set()
-        self._waiting: set[str] = set()  # rooms already logged as not ready
+        self._waiting: set[str] = set()  # hook rooms the bot is not (usably) in
         self._queues: RoomQueues[tuple[HookSettings, HookInboxItem]] = RoomQueues(
             self._process, tasks, "webhook"
         )
@@ -96,17 +96,31 @@ class HooksRelay:
         while True:
             self._wake.clear()
             try:
-                found = await webhook_db.pending(self.db, BATCH, set(self._in_flight))
-                ready = {}
+                waiting = set()
                 for room_id in {h.room_id for h in self.hooks.values()}:
                     room = await rooms.get_room(self.db, RoomID(room_id))
-                    ready[room_id] = (
-                        room is not None and room.bot_membership == "join" and not room.encrypted
-                    )
+                    if room is None or room.bot_membership != "join" or room.encrypted:
+                        waiting.add(room_id)
+                # A room the bot is not in holds back its own hooks' requests, not the others'.
+                skip = {h.name for h in self.hooks.values() if h.room_id in waiting}
+                found = await webhook_db.pending(
+                    self.db, BATCH, set(self._in_flight), skip_hooks=skip
+                )
             except Exception as e:
                 log.error("cannot read the webhook inbox (%s); retrying", e)
                 await asyncio.sleep(5)
                 continue
+            for room_id in waiting - self._waiting:
+                names = ", ".join(
+                    sorted(h.name for h in self.hooks.values() if h.room_id == room_id)
+                )
+                log.warning(
+                    "webhook %s waits: the bot is not in %s (or it is encrypted); requests are "
+                    "kept until it is",
+                    names,
+                    room_id,
+                )
+            self._waiting = waiting
             for item in found:
                 hook = self.hooks.get(item.hook)
                 if hook is None:
@@ -114,16 +128,6 @@ class HooksRelay:
                     audit = _audit(None, item, "ignored", reason)
                     await webhook_db.finish(self.db, item.id, "ignored", error=reason, audit=audit)
                     continue
-                if not ready[hook.room_id]:
-                    if hook.room_id not in self._waiting:
-                        self._waiting.add(hook.room_id)
-                        log.warning(
-                            "webhook %s waits: the bot is not in %s (or it is encrypted)",
-                            hook.name,
-                            hook.room_id,
-                        )
-                    continue  # kept until the bot is in the room
-                self._waiting.discard(hook.room_id)
                 self._in_flight.add(item.id)
                 self._queues.submit(hook.room_id, (hook, item))
             with contextlib.suppress(TimeoutError):

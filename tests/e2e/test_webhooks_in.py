@@ -187,6 +187,10 @@ async def test_hook_waits_for_the_bot_to_join(
     assert status == 202
     await asyncio.sleep(2)
     assert "webhook late waits" in hooks.bridge.log_text()
+    # Another hook's room is not held back meanwhile.
+    status, _ = await hooks.post("ci", {"text": "not held back"})
+    assert status == 202
+    await hooks.alice.wait_for_event(hooks.room_id, text_is("not held back"))
     bot = synapse_setup.config.bot_mxid
     await hooks.alice.invite(hooks.late_room_id, bot)
     event = await hooks.alice.wait_for_event(
