@@ -198,7 +198,7 @@ async def test_hook_waits_for_the_bot_to_join(
     )
     assert event["sender"] == hooks.bridge.config.hook_ghost_mxid("late")
     status, health = http_json(hooks.bridge.base_url + "/health")
-    assert health["webhooks"]["done"] == 1, health
+    assert health["webhooks"]["done"] == 2, health
     assert health["webhooks"]["waiting_rooms"] == []
     assert message_from(event["sender"])(event)
 
