@@ -42,6 +42,7 @@ from bridge.matrix.poster import MatrixPoster
 from bridge.matrix.render import notice_content
 from bridge.relay.bounces import Bounces
 from bridge.relay.bridge_state import BridgeState
+from bridge.relay.hooks_in import HooksRelay
 from bridge.relay.link_commands import LinkCommands
 from bridge.relay.mail_in import MailRelay
 from bridge.relay.mail_out import MailOut, OutcomeReporter
@@ -53,6 +54,7 @@ from bridge.relay.room_marking import RoomMarking
 from bridge.status import StatusReporter
 from bridge.web.health import add_health_route
 from bridge.web.provisioning import ProvisioningApi
+from bridge.webhooks.server import WebhookServer
 
 log = logging.getLogger("passerelle")
 
@@ -230,6 +232,21 @@ class Bridge:
             client_max_size=config.appservice.max_body_size, middlewares=[json_errors]
         )
         self.appservice.add_routes(app)
+        self.hooks_relay = HooksRelay(
+            config,
+            self.db,
+            self.client,
+            self.ghosts,
+            self.tasks,
+            max_attempts=config.appservice.max_event_attempts,
+        )
+        WebhookServer(
+            config.webhooks.hooks,
+            self.hooks_relay.store,
+            max_body_size=config.webhooks.max_body_size,
+            tolerance=config.webhooks.tolerance,
+            on_stored=self.hooks_relay.notify,
+        ).add_routes(app)
         add_health_route(app, self.status)
         ProvisioningApi(
             config, self.link_commands, self.status, self.client.power_level, self._bot_join
@@ -268,6 +285,9 @@ class Bridge:
         if self.remote.sides:
             self.tasks.spawn(self.remote_relay.run(), name="remote-relay")
             self.tasks.spawn(self.remote_sender.run(), name="remote-sender")
+        if config.webhooks.hooks:
+            self.status.db_extra["webhooks"] = self.hooks_relay.report
+            self.tasks.spawn(self.hooks_relay.run(), name="webhooks-relay")
         await self.mail.sync_config_links(self._bot_join)
         await self.remote.sync_config_links(self._bot_join)
         self.mail_out.links_changed()
@@ -289,6 +309,7 @@ class Bridge:
 
     async def _room_joined(self, room_id: RoomID) -> None:
         await self.mail.room_joined(room_id)
+        self.hooks_relay.notify()
         await self._links_changed()
         await self.bridge_state.announce_all(room_id)
 

@@ -59,6 +59,7 @@ from bridge.config.remote import (
     _remote_link,
     _remotes,
 )
+from bridge.config.webhooks import HookSettings, WebhooksConfig, _webhooks
 from bridge.core.ghosts import encode_localpart
 from bridge.core.ids import UserID
 from bridge.core.permissions import PermissionLevel, PermissionTable
@@ -82,6 +83,7 @@ __all__ = [
     "ConfigError",
     "DatabaseConfig",
     "HomeserverConfig",
+    "HookSettings",
     "LinkSpec",
     "LoggingConfig",
     "MailConfig",
@@ -90,6 +92,7 @@ __all__ = [
     "RemoteLinkSpec",
     "RemoteSettings",
     "SmtpSettings",
+    "WebhooksConfig",
     "check_sender_patterns",
     "load_config",
     "mail_address",
@@ -154,6 +157,9 @@ class Config:
     remotes: dict[str, RemoteSettings] = field(default_factory=dict)
     remote_links: tuple[RemoteLinkSpec, ...] = ()
     provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
+    webhooks: WebhooksConfig = field(
+        default_factory=lambda: WebhooksConfig(hooks={}, max_body_size=65536, tolerance=300)
+    )
 
     @property
     def bot_mxid(self) -> UserID:
@@ -172,6 +178,11 @@ class Config:
             return mxid
         digest = hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()
         return self.ghost_mxid(encode_localpart(f"{remote}/#{digest}"))
+
+    def hook_ghost_mxid(self, name: str) -> UserID:
+        """The ghost that posts an inbound webhook's messages. Never a mail or remote ghost:
+        those encode an "@" or a "/"."""
+        return self.ghost_mxid(encode_localpart(f"webhook-{name}"))
 
     @property
     def ghost_regex(self) -> str:
@@ -213,6 +224,9 @@ class Config:
         values += [r.access_token for r in self.remotes.values()]
         if self.provisioning.shared_secret:
             values.append(self.provisioning.shared_secret)
+        for hook in self.webhooks.hooks.values():
+            # The whole secret, and its base64 part alone (as a signer may print it).
+            values += [hook.secret, hook.secret.removeprefix("whsec_")]
         password = urlsplit(self.database.url).password
         if password:
             values.append(password)
@@ -375,6 +389,7 @@ def parse_config(
     mail = _mail(raw, config_dir)
     remotes = _remotes(raw, homeserver.domain, config_dir)
     links, remote_links = _links(raw, mail, remotes)
+    webhooks = _webhooks(raw, config_dir)
     address = urlsplit(appservice.address)
     if (
         address.hostname in ("127.0.0.1", "localhost", "::1")
@@ -400,6 +415,7 @@ def parse_config(
         remotes=remotes,
         remote_links=remote_links,
         provisioning=_provisioning(raw, config_dir),
+        webhooks=webhooks,
     )
 
 

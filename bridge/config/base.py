@@ -18,7 +18,13 @@ MIN_TOKEN_LENGTH = 32
 # Values that only exist in the example file and must be replaced before the bridge runs.
 PLACEHOLDER_DOMAIN = "example.invalid"
 # Sections whose keys are free-form: the user's mapping replaces the default one whole.
-FREE_FORM = {("permissions",), ("logging", "loggers"), ("mail", "mailboxes"), ("remotes",)}
+FREE_FORM = {
+    ("permissions",),
+    ("logging", "loggers"),
+    ("mail", "mailboxes"),
+    ("remotes",),
+    ("webhooks", "hooks"),
+}
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # The package's default config: bridge/example-config.yaml (a link to config/example-config.yaml).
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "example-config.yaml"

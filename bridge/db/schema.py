@@ -300,3 +300,32 @@ audit_head = Table(
     Column("seq", BigInteger, nullable=False),
     Column("hash", String(64), nullable=False),
 )
+
+# Verified webhook requests, stored before they are answered 202; (hook, webhook_id) is what
+# makes a redelivered request a duplicate. state: pending → done | ignored | failed.
+webhook_inbox = Table(
+    "webhook_inbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("hook", String(32), nullable=False),
+    Column("webhook_id", String(255), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("received_at", BigInteger, nullable=False),
+    Column("state", String(16), nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text, nullable=True),
+    Column("event_id", String(255), nullable=True),
+    UniqueConstraint("hook", "webhook_id", name="ux_webhook_inbox_id"),
+    Index("ix_webhook_inbox_state", "state", "id"),
+)
+
+# A hook's thread key → the event that started that Matrix thread, per room.
+webhook_thread = Table(
+    "webhook_thread",
+    metadata,
+    Column("hook", String(32), primary_key=True),
+    Column("room_id", String(255), primary_key=True),
+    Column("thread_key", String(255), primary_key=True),
+    Column("root_event_id", String(255), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)

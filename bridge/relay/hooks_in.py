@@ -1,0 +1,225 @@
+"""Webhook → room: each kept request posted once by its hook's ghost, in order per room."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from bridge.config import Config, HookSettings
+from bridge.core.audit import AuditEntry, digest
+from bridge.core.errors import PermanentError, Refused, TransientError
+from bridge.core.hooks_in import (
+    BadHookBody,
+    hook_display_name,
+    hook_message_content,
+    parse_hook_body,
+)
+from bridge.core.ids import RoomID
+from bridge.core.retry import settle_stored
+from bridge.core.router import RoomQueues
+from bridge.core.tasks import TaskGroup
+from bridge.db import rooms
+from bridge.db import webhooks as webhook_db
+from bridge.db.engine import Database
+from bridge.db.webhooks import HookInboxItem
+from bridge.matrix.client import MatrixClient, derived_txn_id
+from bridge.matrix.ghosts import GhostManager
+
+log = logging.getLogger("passerelle.webhooks.relay")
+
+BATCH = 200
+SWEEP_INTERVAL = 10.0
+
+
+class HooksRelay:
+    """Drains the webhook inbox into the hooks' rooms. A request for a room the bot is not in
+    (or that is encrypted) stays pending until it is; an outage of the homeserver is waited
+    out; anything else is retried `max_attempts` times, then the request is set aside."""
+
+    def __init__(
+        self,
+        config: Config,
+        db: Database,
+        client: MatrixClient,
+        ghosts: GhostManager,
+        tasks: TaskGroup,
+        *,
+        max_attempts: int,
+    ) -> None:
+        self.config = config
+        self.hooks = config.webhooks.hooks
+        self.db = db
+        self.client = client
+        self.ghosts = ghosts
+        self.max_attempts = max_attempts
+        self._wake = asyncio.Event()
+        self._in_flight: set[int] = set()
+        self._waiting: set[str] = set()  # hook rooms the bot is not (usably) in
+        self._queues: RoomQueues[tuple[HookSettings, HookInboxItem]] = RoomQueues(
+            self._process, tasks, "webhook"
+        )
+        self.retry_initial = 1.0
+
+    async def store(self, hook: str, webhook_id: str, body: str) -> bool:
+        """For the webhook server: keep a verified request (False: a duplicate)."""
+        return await webhook_db.store(self.db, hook, webhook_id, body)
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    async def report(self) -> dict[str, Any]:
+        """For /health and `status`: the inbox's counts by state, and rooms waiting for the bot."""
+        return {**await webhook_db.counts(self.db), "waiting_rooms": sorted(self._waiting)}
+
+    async def wait_idle(self) -> None:
+        await self._queues.wait_idle()
+
+    async def _join_rooms(self) -> None:
+        """The bot tries once to join each hook's room (it may have been invited while the
+        bridge was down); a refusal is fine: the hook waits for an invite."""
+        for room_id in {hook.room_id for hook in self.hooks.values()}:
+            room = await rooms.get_room(self.db, RoomID(room_id))
+            if room is not None and room.bot_membership == "join":
+                continue
+            try:
+                await self.client.join(RoomID(room_id))
+            except (PermanentError, TransientError) as e:
+                log.info("bot is not in %s, a webhook's room: %s", room_id, e)
+
+    async def run(self) -> None:
+        try:
+            await self._join_rooms()
+        except Exception as e:
+            log.warning("could not join the webhooks' rooms: %s", e)
+        while True:
+            self._wake.clear()
+            try:
+                waiting = set()
+                for room_id in {h.room_id for h in self.hooks.values()}:
+                    room = await rooms.get_room(self.db, RoomID(room_id))
+                    if room is None or room.bot_membership != "join" or room.encrypted:
+                        waiting.add(room_id)
+                # A room the bot is not in holds back its own hooks' requests, not the others'.
+                skip = {h.name for h in self.hooks.values() if h.room_id in waiting}
+                found = await webhook_db.pending(
+                    self.db, BATCH, set(self._in_flight), skip_hooks=skip
+                )
+            except Exception as e:
+                log.error("cannot read the webhook inbox (%s); retrying", e)
+                await asyncio.sleep(5)
+                continue
+            for room_id in waiting - self._waiting:
+                names = ", ".join(
+                    sorted(h.name for h in self.hooks.values() if h.room_id == room_id)
+                )
+                log.warning(
+                    "webhook %s waits: the bot is not in %s (or it is encrypted); requests are "
+                    "kept until it is",
+                    names,
+                    room_id,
+                )
+            self._waiting = waiting
+            for item in found:
+                hook = self.hooks.get(item.hook)
+                if hook is None:
+                    reason = "the hook is no longer configured"
+                    audit = _audit(None, item, "ignored", reason)
+                    await webhook_db.finish(self.db, item.id, "ignored", error=reason, audit=audit)
+                    continue
+                self._in_flight.add(item.id)
+                self._queues.submit(hook.room_id, (hook, item))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
+
+    async def _process(self, entry: tuple[HookSettings, HookInboxItem]) -> None:
+        hook, item = entry
+        label = f"webhook {hook.name} request {item.webhook_id}"
+
+        async def handle() -> None:
+            await self.handle(hook, item)
+
+        async def finish(state: str, reason: str) -> None:
+            audit = _audit(hook, item, state, reason)
+            await webhook_db.finish(self.db, item.id, state, error=reason, audit=audit)
+
+        async def count_failure(reason: str) -> int:
+            return await webhook_db.count_failure(self.db, item.id, reason)
+
+        async def give_up(reason: str) -> None:
+            audit = _audit(hook, item, "failed", reason)
+            await webhook_db.finish(self.db, item.id, "failed", error=reason, audit=audit)
+
+        try:
+            await settle_stored(
+                handle,
+                finish,
+                refused_state="refused",
+                label=label,
+                count_failure=count_failure,
+                give_up=give_up,
+                max_attempts=self.max_attempts,
+                log=log,
+                initial=self.retry_initial,
+            )
+        finally:
+            self._in_flight.discard(item.id)
+
+    async def handle(self, hook: HookSettings, item: HookInboxItem) -> None:
+        """Post one kept request; Refused if its stored body is not a hook message."""
+        try:
+            message = parse_hook_body(item.body.encode("utf-8"))
+        except BadHookBody as e:
+            raise Refused(f"the stored body is not a hook message: {e}") from None
+        room_id = RoomID(hook.room_id)
+        ghost = await self.ghosts.ensure_user(
+            self.config.hook_ghost_mxid(hook.name),
+            hook_display_name(hook.name, message.sender),
+            room_id,
+            kind="webhook",
+            remote_id=hook.name,
+        )
+        root = None
+        if message.thread is not None:
+            root = await webhook_db.thread_root(self.db, hook.name, room_id, message.thread)
+        content = hook_message_content(message, root)
+        event_id = await self.client.send_event(
+            room_id,
+            "m.room.message",
+            content,
+            derived_txn_id("webhook-in", hook.name, item.webhook_id),
+            as_user=ghost,
+        )
+        starts = message.thread is not None and root is None
+        await webhook_db.record_posted(
+            self.db,
+            item.id,
+            event_id,
+            thread=(hook.name, room_id, message.thread) if starts and message.thread else None,
+            audit=_audit(hook, item, "posted", None, event_id, sender=message.sender),
+        )
+        log.debug("webhook %s: %s posted as %s", hook.name, item.webhook_id, event_id)
+
+
+def _audit(
+    hook: HookSettings | None,
+    item: HookInboxItem,
+    outcome: str,
+    reason: str | None,
+    event_id: str = "",
+    *,
+    sender: str | None = None,
+) -> AuditEntry:
+    """The audit row of a kept request settling with `outcome`, stored with its state."""
+    return AuditEntry(
+        direction="webhook_in",
+        link=f"webhook:{item.hook}",
+        room_id=hook.room_id if hook is not None else None,
+        sender=sender,
+        outcome=outcome,
+        recipients=(hook.room_id,) if hook is not None else (),
+        ids={"webhook_id": item.webhook_id, "event_id": event_id},
+        reason=reason,
+        body_sha256=digest(item.body.encode("utf-8")),
+    )

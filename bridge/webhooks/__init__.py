@@ -1,0 +1,1 @@
+"""The legacy-system side: signed inbound webhooks (Standard Webhooks)."""
