@@ -42,6 +42,7 @@ from bridge.matrix.poster import MatrixPoster
 from bridge.matrix.render import notice_content
 from bridge.relay.bounces import Bounces
 from bridge.relay.bridge_state import BridgeState
+from bridge.relay.hook_commands import WebhookCommands
 from bridge.relay.hooks_in import HooksRelay
 from bridge.relay.link_commands import LinkCommands
 from bridge.relay.mail_in import MailRelay
@@ -54,6 +55,7 @@ from bridge.relay.room_marking import RoomMarking
 from bridge.status import StatusReporter
 from bridge.web.health import add_health_route
 from bridge.web.provisioning import ProvisioningApi
+from bridge.webhooks.directory import HookDirectory
 from bridge.webhooks.server import WebhookServer
 
 log = logging.getLogger("passerelle")
@@ -212,6 +214,11 @@ class Bridge:
             remote_join=self.remote.join,
         )
         self.link_commands.register(commands)
+        self.hook_directory = HookDirectory(config.webhooks.hooks)
+        await self.hook_directory.load(self.db)
+        WebhookCommands(
+            config, self.db, self.client, self.hook_directory, self.link_commands
+        ).register(commands)
         self.status.extra["mailboxes"] = self.mail.report
         if self.outbox is not None:
             self.status.db_extra["outbox"] = self._outbox_report
@@ -239,9 +246,10 @@ class Bridge:
             self.ghosts,
             self.tasks,
             max_attempts=config.appservice.max_event_attempts,
+            hooks=self.hook_directory.hooks,
         )
         WebhookServer(
-            config.webhooks.hooks,
+            self.hook_directory.keys,
             self.hooks_relay.store,
             max_body_size=config.webhooks.max_body_size,
             tolerance=config.webhooks.tolerance,
@@ -285,9 +293,10 @@ class Bridge:
         if self.remote.sides:
             self.tasks.spawn(self.remote_relay.run(), name="remote-relay")
             self.tasks.spawn(self.remote_sender.run(), name="remote-sender")
-        if config.webhooks.hooks:
+        if self.hook_directory.hooks:
             self.status.db_extra["webhooks"] = self.hooks_relay.report
-            self.tasks.spawn(self.hooks_relay.run(), name="webhooks-relay")
+        # Always: a hook made in a room with `webhook new` needs no restart.
+        self.tasks.spawn(self.hooks_relay.run(), name="webhooks-relay")
         await self.mail.sync_config_links(self._bot_join)
         await self.remote.sync_config_links(self._bot_join)
         self.mail_out.links_changed()

@@ -33,6 +33,7 @@ class WebhooksConfig:
     hooks: dict[str, HookSettings]
     max_body_size: int
     tolerance: int
+    rotation_grace: int = 86400  # seconds the previous secret stays valid after `webhook rotate`
 
 
 def _shown(name: Any) -> str:
@@ -59,6 +60,7 @@ def _webhooks(raw: dict[str, Any], config_dir: Path | None) -> WebhooksConfig:
         hooks=hooks,
         max_body_size=_int(raw, "webhooks.max_body_size", 256, 1 << 24),
         tolerance=_int(raw, "webhooks.tolerance", 30, 86400),
+        rotation_grace=_int(raw, "webhooks.rotation_grace", 1, 30 * 86400),
     )
 
 

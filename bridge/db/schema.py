@@ -329,3 +329,17 @@ webhook_thread = Table(
     Column("root_event_id", String(255), nullable=False),
     Column("created_at", BigInteger, nullable=False),
 )
+
+# Hooks made in their room with `webhook new`; names are unique across these and the config's.
+# previous_secret stays valid until previous_expires_at (ms) after a `webhook rotate`.
+webhook_room_hook = Table(
+    "webhook_room_hook",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("room_id", String(255), nullable=False),
+    Column("secret", String(255), nullable=False),
+    Column("previous_secret", String(255), nullable=True),
+    Column("previous_expires_at", BigInteger, nullable=True),
+    Column("created_by", String(255), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)

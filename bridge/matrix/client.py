@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from typing import Any
@@ -67,9 +68,15 @@ class MatrixClient:
         as_user: UserID | None = None,
         query: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
+        sensitive: bool = False,
     ) -> dict[str, Any]:
+        """`sensitive`: the body is never logged (mautrix logs bodies at DEBUG)."""
         api = self._api if as_user in (None, self.bot_mxid) else self._api.user(as_user)  # type: ignore[arg-type]
         try:
+            if sensitive and isinstance(content, dict):
+                # mautrix logs a dict body at DEBUG, but only the size of bytes.
+                content = json.dumps(content).encode("utf-8")
+                headers = {**(headers or {}), "Content-Type": "application/json"}
             result = await api.request(method, path, content, headers=headers, query_params=query)
         except MatrixRequestError as e:
             raise self._classify(e) from e
@@ -152,6 +159,7 @@ class MatrixClient:
         *,
         as_user: UserID | None = None,
         ts: int | None = None,
+        sensitive: bool = False,
     ) -> EventID:
         result = await self.request(
             Method.PUT,
@@ -159,6 +167,7 @@ class MatrixClient:
             content,
             as_user=as_user,
             query={"ts": str(ts)} if ts is not None else None,
+            sensitive=sensitive,
         )
         event_id = result.get("event_id")
         if not isinstance(event_id, str):
@@ -218,6 +227,18 @@ class MatrixClient:
             and isinstance(ev.get("content"), dict)
             and ev["content"].get("membership") in ("join", "invite")
         )
+
+    async def create_direct_room(self, user_id: UserID) -> RoomID:
+        """A new private room of the bot's, with `user_id` invited as to a direct chat."""
+        result = await self.request(
+            Method.POST,
+            Path.v3.createRoom,
+            {"preset": "trusted_private_chat", "invite": [user_id], "is_direct": True},
+        )
+        room_id = result.get("room_id")
+        if not isinstance(room_id, str):
+            raise PermanentError("homeserver answered createRoom without a room_id")
+        return RoomID(room_id)
 
     async def invite(self, room_id: RoomID, user_id: UserID) -> None:
         await self.request(Method.POST, Path.v3.rooms[room_id].invite, {"user_id": user_id})

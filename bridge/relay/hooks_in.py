@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from bridge.config import Config, HookSettings
@@ -47,9 +48,11 @@ class HooksRelay:
         tasks: TaskGroup,
         *,
         max_attempts: int,
+        hooks: Mapping[str, HookSettings] | None = None,
     ) -> None:
         self.config = config
-        self.hooks = config.webhooks.hooks
+        # Live: hooks made or revoked in rooms appear here without a restart.
+        self.hooks = config.webhooks.hooks if hooks is None else hooks
         self.db = db
         self.client = client
         self.ghosts = ghosts

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Protocol
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from bridge.core.hooks_in import BadHookBody, parse_hook_body
-from bridge.webhooks.signature import SignatureError, decode_secret, verify
+from bridge.webhooks.signature import SignatureError, verify
 
 log = logging.getLogger("passerelle.webhooks")
 
@@ -18,13 +17,8 @@ PATH = "/webhooks/v1/{name}"
 _READ_CHUNK = 16 * 1024
 
 
-class Hook(Protocol):
-    """What the server needs to know of a configured hook."""
-
-    @property
-    def secret(self) -> str: ...
-
-
+# A hook's name → the keys a request may be signed with now (two during a rotation), or None.
+Keys = Callable[[str], list[bytes] | None]
 # (hook name, webhook-id, body as verified) → False if that webhook-id was already kept.
 Store = Callable[[str, str, str], Awaitable[bool]]
 
@@ -34,11 +28,11 @@ def error(status: int, errcode: str, text: str) -> web.Response:
 
 
 class WebhookServer:
-    """Verifies requests of configured hooks; only a verified, well-formed request is kept."""
+    """Verifies requests of known hooks; only a verified, well-formed request is kept."""
 
     def __init__(
         self,
-        hooks: Mapping[str, Hook],
+        keys: Keys,
         store: Store,
         *,
         max_body_size: int,
@@ -46,7 +40,7 @@ class WebhookServer:
         on_stored: Callable[[], None],
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._keys = {name: decode_secret(hook.secret) for name, hook in hooks.items()}
+        self._keys = keys
         self._store = store
         self._max_body_size = max_body_size
         self._tolerance = tolerance
@@ -74,8 +68,8 @@ class WebhookServer:
 
     async def post_hook(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        key = self._keys.get(name)
-        if key is None:
+        keys = self._keys(name)
+        if keys is None:
             return error(404, "M_NOT_FOUND", "no such webhook")
         body = await self._read_body(request)
         if body is None:
@@ -83,19 +77,26 @@ class WebhookServer:
                 413, "M_TOO_LARGE", f"the body is larger than {self._max_body_size} bytes"
             )
         webhook_id = request.headers.get("webhook-id")
-        try:
-            verify(
-                key,
-                webhook_id=webhook_id,
-                timestamp=request.headers.get("webhook-timestamp"),
-                signature=request.headers.get("webhook-signature"),
-                body=body,
-                now=self._clock(),
-                tolerance=self._tolerance,
-            )
-        except SignatureError as e:
-            log.info("webhook %s: refused a request: %s", name, e)
-            return error(401, "M_UNAUTHORIZED", str(e))
+        refusal = None
+        for key in keys:
+            try:
+                verify(
+                    key,
+                    webhook_id=webhook_id,
+                    timestamp=request.headers.get("webhook-timestamp"),
+                    signature=request.headers.get("webhook-signature"),
+                    body=body,
+                    now=self._clock(),
+                    tolerance=self._tolerance,
+                )
+            except SignatureError as e:
+                refusal = e
+            else:
+                refusal = None
+                break
+        if refusal is not None:
+            log.info("webhook %s: refused a request: %s", name, refusal)
+            return error(401, "M_UNAUTHORIZED", str(refusal))
         assert webhook_id is not None  # verify requires it
         if request.content_type != "application/json":
             return error(400, "M_NOT_JSON", "the content type must be application/json")

@@ -3,10 +3,8 @@ limit are not read, answers are JSON."""
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -18,11 +16,6 @@ from bridge.webhooks.signature import sign
 
 KEY = b"s" * 32
 NOW = 1_800_000_000
-
-
-@dataclass(frozen=True)
-class Hook:
-    secret: str = field(default="whsec_" + base64.b64encode(KEY).decode())
 
 
 class Store:
@@ -45,7 +38,7 @@ async def served() -> AsyncIterator[tuple[TestClient[Any, Any], Store]]:
         store.notified += 1
 
     server = WebhookServer(
-        {"ci": Hook()},
+        {"ci": [KEY], "rotated": [b"n" * 32, KEY]}.get,
         store,
         max_body_size=1024,
         tolerance=300,
@@ -123,3 +116,12 @@ async def test_unknown_hook(served: tuple[TestClient[Any, Any], Store]) -> None:
     response = await client.post("/webhooks/v1/other", data=body, headers=headers(body))
     assert response.status == 404
     assert not store.kept
+
+
+async def test_any_current_key_verifies(served: tuple[TestClient[Any, Any], Store]) -> None:
+    """During a rotation the hook has two keys: a request signed with either is kept."""
+    client, store = served
+    body = json.dumps({"text": "old key still valid"}).encode()
+    response = await client.post("/webhooks/v1/rotated", data=body, headers=headers(body))
+    assert response.status == 202
+    assert ("rotated", "msg_1") in store.kept
