@@ -115,3 +115,9 @@ def test_secret_redacted_in_logs() -> None:
     SecretMask(config.secrets()).filter(record)
     assert SECRET[6:] not in record.getMessage()
     assert decode_secret(SECRET) == b"k" * 32
+
+
+def test_rotation_grace() -> None:
+    assert parse_config(minimal(), env={}).webhooks.rotation_grace == 86400
+    assert parse_config(with_hooks({}, rotation_grace=60), env={}).webhooks.rotation_grace == 60
+    config_error(with_hooks({}, rotation_grace=0), "webhooks.rotation_grace")
