@@ -293,9 +293,8 @@ class Bridge:
         if self.remote.sides:
             self.tasks.spawn(self.remote_relay.run(), name="remote-relay")
             self.tasks.spawn(self.remote_sender.run(), name="remote-sender")
-        if self.hook_directory.hooks:
-            self.status.db_extra["webhooks"] = self.hooks_relay.report
         # Always: a hook made in a room with `webhook new` needs no restart.
+        self.status.db_extra["webhooks"] = self.hooks_relay.report
         self.tasks.spawn(self.hooks_relay.run(), name="webhooks-relay")
         await self.mail.sync_config_links(self._bot_join)
         await self.remote.sync_config_links(self._bot_join)

@@ -240,6 +240,20 @@ class MatrixClient:
             raise PermanentError("homeserver answered createRoom without a room_id")
         return RoomID(room_id)
 
+    async def add_direct_chat(self, user_id: UserID, room_id: RoomID) -> None:
+        """Record the room as a direct chat with user_id in the bot's m.direct account data."""
+        path = Path.v3.user[self.bot_mxid].account_data["m.direct"]
+        try:
+            direct = await self.request(Method.GET, path)
+        except PermanentError as e:
+            if self.errcode_of(e) != "M_NOT_FOUND":
+                raise
+            direct = {}
+        known = direct.get(user_id)
+        rooms = [r for r in known if isinstance(r, str)] if isinstance(known, list) else []
+        if room_id not in rooms:
+            await self.request(Method.PUT, path, {**direct, user_id: [*rooms, room_id]})
+
     async def invite(self, room_id: RoomID, user_id: UserID) -> None:
         await self.request(Method.POST, Path.v3.rooms[room_id].invite, {"user_id": user_id})
 

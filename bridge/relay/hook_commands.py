@@ -198,5 +198,10 @@ class WebhookCommands:
             member_count=2,
         )
         await kv.set_value(self.db, _DM_KEY + user, room_id)
+        try:
+            await self.client.add_direct_chat(user, room_id)
+        except (PermanentError, TransientError) as e:
+            # Clients then show it as a plain room: not worth failing the command for.
+            log.info("could not record %s in the bot's m.direct: %s", room_id, e)
         log.info("opened a direct chat %s with %s", room_id, user)
         return room_id

@@ -11,13 +11,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
 from bridge.config import read_yaml_file
 from bridge.harness.synapse import MatrixTestClient
 from bridge.registration import atomic_write, dump_yaml
-from tests.conftest import BridgeProcess, SynapseSetup, UserFactory
+from tests.conftest import BridgeProcess, SynapseSetup, UserFactory, http_json
 from tests.e2e.test_bot import replies_to
 from tests.e2e.test_webhooks_in import KEY, SECRET, HookSetup, text_is
 
@@ -110,7 +111,7 @@ def key_of(secret: str) -> bytes:
     return base64.b64decode(secret[len("whsec_") :])
 
 
-async def test_new_rotate_revoke(made: Made) -> None:
+async def test_new_rotate_revoke(made: Made, synapse_setup: SynapseSetup) -> None:
     hooks, bot = made.hooks, made.bot
     answer = await command(hooks.alice, made, "webhook new deploy")
     assert answer == (
@@ -118,6 +119,12 @@ async def test_new_rotate_revoke(made: Made) -> None:
     )
     dm = await direct_chat(hooks.alice, bot)
     url, secret = await secret_in(hooks.alice, dm, bot, 1)
+    as_token = synapse_setup.config.appservice.as_token
+    async with MatrixTestClient(synapse_setup.synapse.base_url, as_token, bot) as as_bot:
+        direct = await as_bot.request(
+            "GET", f"/_matrix/client/v3/user/{quote(bot)}/account_data/m.direct"
+        )
+    assert direct[hooks.alice.user_id] == [dm]
     assert url == hooks.bridge.config.appservice.address.rstrip("/") + "/webhooks/v1/deploy"
     status, _ = await hooks.post("deploy", {"text": "deployed v1"}, key=key_of(secret))
     assert status == 202
@@ -144,6 +151,8 @@ async def test_new_rotate_revoke(made: Made) -> None:
     status, _ = await hooks.post("deploy", {"text": "after grace"}, key=key_of(new))
     assert status == 202
     await hooks.alice.wait_for_event(hooks.room_id, text_is("after grace"))
+    _, health = http_json(hooks.bridge.base_url + "/health")
+    assert health["webhooks"]["done"] == 4, health
 
     answer = await command(hooks.alice, made, "webhook revoke deploy")
     assert answer.startswith("Webhook deploy revoked")
