@@ -127,7 +127,7 @@ class HooksRelay:
             for item in found:
                 hook = self.hooks.get(item.hook)
                 if hook is None:
-                    reason = "the hook is no longer configured"
+                    reason = "the hook no longer exists (removed from the config, or revoked)"
                     audit = _audit(None, item, "ignored", reason)
                     await webhook_db.finish(self.db, item.id, "ignored", error=reason, audit=audit)
                     continue
