@@ -28,6 +28,7 @@ class RawMail:
     raw: bytes | None  # None for a mail too large to fetch
     size: int
     attempts: int
+    received_at: int = 0  # ms since the epoch: when it was fetched and stored
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ async def pending_mail(db: Database, limit: int, exclude: set[int]) -> list[RawM
             raw=r.raw,
             size=int(r.size),
             attempts=int(r.attempts),
+            received_at=int(r.received_at),
         )
         for r in rows
         if r.id not in exclude

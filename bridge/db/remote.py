@@ -436,3 +436,13 @@ async def outbox_counts(db: Database) -> dict[str, int]:
     result = dict.fromkeys(OUTBOX_STATES, 0)
     result.update({str(state): int(n) for state, n in rows})
     return result
+
+
+async def outbox_pending_summary(db: Database) -> tuple[int, int | None]:
+    """Events waiting to be sent to remotes, and when the oldest was queued (ms since epoch)."""
+    query = select(func.count(), func.min(remote_outbox.c.created_at)).where(
+        remote_outbox.c.state == "pending"
+    )
+    async with db.begin() as conn:
+        count, oldest = (await conn.execute(query)).one()
+    return int(count), None if oldest is None else int(oldest)

@@ -136,6 +136,8 @@ class MailRelay:
         self._facts: dict[int, MailFacts] = {}
         self._queues: RoomQueues[tuple[Link, RawMail]] = RoomQueues(self._process, tasks, "mail")
         self.retry_initial = 1.0
+        # Told the seconds from fetch to post of every mail posted (the metrics' latency).
+        self.on_posted: Callable[[float], None] | None = None
 
     def notify(self) -> None:
         self._wake.set()
@@ -190,6 +192,8 @@ class MailRelay:
         async def finish(state: str, reason: str) -> None:
             audit = self._audit(link, raw, state, reason)
             await mail_db.finish(self.db, raw.id, state, error=reason, audit=audit)
+            if state == "done" and raw.received_at and self.on_posted is not None:
+                self.on_posted(max(0.0, time.time() - raw.received_at / 1000))
 
         async def count_failure(reason: str) -> int:
             return await mail_db.count_failure(self.db, raw.id, reason)
