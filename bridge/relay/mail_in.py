@@ -192,8 +192,6 @@ class MailRelay:
         async def finish(state: str, reason: str) -> None:
             audit = self._audit(link, raw, state, reason)
             await mail_db.finish(self.db, raw.id, state, error=reason, audit=audit)
-            if state == "done" and raw.received_at and self.on_posted is not None:
-                self.on_posted(max(0.0, time.time() - raw.received_at / 1000))
 
         async def count_failure(reason: str) -> int:
             return await mail_db.count_failure(self.db, raw.id, reason)
@@ -311,6 +309,8 @@ class MailRelay:
             audit=self._audit(link, raw, "done", None, event_id),
         )
         log.info("posted mail %s/%s of %s as %s", raw.uidvalidity, raw.uid, link.remote, event_id)
+        if raw.received_at and self.on_posted is not None:
+            self.on_posted(max(0.0, time.time() - raw.received_at / 1000))
 
     async def _authenticated(
         self, link: Link, raw: RawMail, message: IncomingMessage

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
@@ -19,6 +19,8 @@ from bridge.db import audit as audit_db
 from bridge.db.schema import audit_head
 from bridge.harness.ports import free_port
 from tests.conftest import InProcessBridge, bridge_config_dict
+from tests.e2e.test_mail_to_matrix import MailSetup, body_contains
+from tests.e2e.test_mail_to_matrix import mail_setup as mail_setup
 
 TXN = "/_matrix/app/v1/transactions/"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -207,3 +209,43 @@ async def test_scrape_reads_no_database(offline_bridge: InProcessBridge) -> None
         started = time.perf_counter()
         await asyncio.wait_for(scrape(offline_bridge.base_url), 2)
         assert time.perf_counter() - started < 1.0
+
+
+async def scrape_until(
+    base_url: str, done: Callable[[Samples], bool], timeout: float = 15
+) -> Samples:
+    """The first scrape where `done` holds: counts move once the item's state is committed,
+    a moment after its message shows in the room."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = await scrape(base_url)
+        if done(samples) or time.monotonic() > deadline:
+            return samples
+        await asyncio.sleep(0.2)
+
+
+async def test_mail_traffic_is_counted(mail_setup: MailSetup) -> None:
+    """Real traffic through Dovecot and Synapse: one mail refused, one posted."""
+    await mail_setup.deliver(mail_setup.mail("Spam", "buy now", sender="x@protonmail.com")[1])
+    await mail_setup.deliver(mail_setup.mail("Légitime", "courrier normal")[1])
+    await mail_setup.posted(body_contains("courrier normal"))
+    url = mail_setup.bridge.base_url
+
+    def posted(samples: Samples) -> float:
+        return value(samples, "passerelle_items_total", direction="mail_in", outcome="posted")
+
+    samples = await scrape_until(url, lambda s: posted(s) >= 1)
+    assert posted(samples) == 1
+    assert value(samples, "passerelle_items_total", direction="mail_in", outcome="refused") == 1
+    assert (
+        value(
+            samples, "passerelle_refused_total", direction="mail_in", reason="sender_not_allowed"
+        )
+        == 1
+    )
+    assert value(samples, "passerelle_relay_latency_seconds_count", direction="mail_in") == 1
+    assert 0 < value(samples, "passerelle_relay_latency_seconds_sum", direction="mail_in") < 30
+    assert value(samples, "passerelle_connected", component="imap", name=mail_setup.address) == 1
+    assert value(samples, "passerelle_connected", component="homeserver", name="localhost") == 1
+    # Synapse pushed the room's events: the transactions were timed.
+    assert value(samples, "passerelle_appservice_transaction_seconds_count") >= 1
