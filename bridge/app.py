@@ -283,6 +283,8 @@ class Bridge:
             return
         self.db.audit_observers.append(metrics.audited)
         self.relay.on_posted = functools.partial(metrics.relayed, "mail_in")
+        self.remote_relay.on_posted = functools.partial(metrics.relayed, "remote_in")
+        self.remote_sender.on_sent = functools.partial(metrics.relayed, "remote_out")
         metrics.watch_errors(log)
         sources = metrics.connections.sources
         sources["homeserver"] = lambda: {config.homeserver.domain: self.homeserver_health}

@@ -29,6 +29,7 @@ class RemoteInboxItem:
     event_id: str
     event_json: str
     attempts: int
+    received_at: int = 0  # ms since the epoch: when /sync gave it
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ async def pending_events(
             event_id=r.event_id,
             event_json=r.event_json,
             attempts=int(r.attempts),
+            received_at=int(r.received_at),
         )
         for r in rows
         if r.id not in exclude
