@@ -285,6 +285,8 @@ class Bridge:
         self.relay.on_posted = functools.partial(metrics.relayed, "mail_in")
         self.remote_relay.on_posted = functools.partial(metrics.relayed, "remote_in")
         self.remote_sender.on_sent = functools.partial(metrics.relayed, "remote_out")
+        if self.outbox is not None:
+            self.outbox.on_sent = functools.partial(metrics.relayed, "mail_out")
         metrics.watch_errors(log)
         sources = metrics.connections.sources
         sources["homeserver"] = lambda: {config.homeserver.domain: self.homeserver_health}

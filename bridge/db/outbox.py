@@ -152,6 +152,7 @@ def _item(row: Row[Any]) -> OutboxItem:
         attempts=int(row.attempts),
         first_tried_at=None if row.first_tried_at is None else row.first_tried_at / 1000,
         next_attempt_at=row.next_attempt_at / 1000,
+        created_at=row.created_at / 1000,
     )
 
 
