@@ -67,10 +67,11 @@ class Database:
         audited: list[AuditEntry] = []
         async with self.engine.begin() as conn:
             conn.info[AUDITED] = audited
-            try:
-                yield conn
-            finally:
-                conn.info.pop(AUDITED, None)
+            yield conn
+            # Not in a `finally`: after a failure or a cancellation the connection may be
+            # invalidated, and reading its info would raise instead of rolling back. A list
+            # left behind is replaced by the next transaction on that connection.
+            conn.info.pop(AUDITED, None)
         for entry in audited:
             for observer in self.audit_observers:
                 try:

@@ -90,7 +90,9 @@ class Metrics:
                 self.refused.labels(direction=direction, reason=kind)
         self.latency = Histogram(
             "passerelle_relay_latency_seconds",
-            "Time from intake to delivery (mail_in: fetched from IMAP → posted in the room).",
+            "Time from intake to delivery, retries included (mail_in: fetched → posted; "
+            "mail_out: queued → accepted by SMTP; remote_in: from /sync → posted; "
+            "remote_out: queued → sent).",
             ["direction"],
             buckets=LATENCY_BUCKETS,
             registry=r,
