@@ -20,7 +20,9 @@ from bridge.core.health import ComponentHealth
 from bridge.core.ids import EventID, RoomID
 from bridge.core.links import REMOTE_KIND, Link, split_remote_key
 from bridge.core.tasks import TaskGroup
+from bridge.db import inbox as inbox_db
 from bridge.db import links as link_db
+from bridge.db import mail as mail_db
 from bridge.db import outbox as outbox_db
 from bridge.db import remote as remote_db
 from bridge.db.engine import Database, open_database
@@ -288,6 +290,8 @@ class Bridge:
         if self.outbox is not None:
             self.outbox.on_sent = functools.partial(metrics.relayed, "mail_out")
         metrics.watch_errors(log)
+        metrics.queues["appservice_inbox"] = functools.partial(inbox_db.pending_summary, self.db)
+        metrics.queues["mail_in"] = functools.partial(mail_db.pending_summary, self.db)
         sources = metrics.connections.sources
         sources["homeserver"] = lambda: {config.homeserver.domain: self.homeserver_health}
         if config.mail.smtp is not None:

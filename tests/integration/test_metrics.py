@@ -67,6 +67,13 @@ async def test_metrics_on_the_appservice_listener(offline_bridge: InProcessBridg
     assert value(samples, "passerelle_connected", component="homeserver", name="localhost") == 0
     assert value(samples, "passerelle_appservice_transaction_seconds_count") == 0
     assert ("passerelle_build_info", ()) not in samples  # it has a version label
+    # Queues read at start by the background task (no SMTP, no remotes: no outboxes here).
+    await offline_bridge.bridge.metrics.refresh_queues()
+    samples = await scrape(offline_bridge.base_url)
+    for queue in ("appservice_inbox", "mail_in"):
+        assert value(samples, "passerelle_queue_depth", queue=queue) == 0
+        assert value(samples, "passerelle_queue_oldest_age_seconds", queue=queue) == 0
+    assert ("passerelle_queue_depth", (("queue", "mail_outbox"),)) not in samples
 
 
 async def test_committed_audit_rows_are_counted_once(offline_bridge: InProcessBridge) -> None:
