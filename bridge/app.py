@@ -20,7 +20,9 @@ from bridge.core.health import ComponentHealth
 from bridge.core.ids import EventID, RoomID
 from bridge.core.links import REMOTE_KIND, split_remote_key
 from bridge.core.tasks import TaskGroup
+from bridge.db import inbox as inbox_db
 from bridge.db import links as link_db
+from bridge.db import mail as mail_db
 from bridge.db import outbox as outbox_db
 from bridge.db import remote as remote_db
 from bridge.db.engine import Database, open_database
@@ -54,6 +56,7 @@ from bridge.relay.remotes import RemoteService
 from bridge.relay.room_marking import RoomMarking
 from bridge.status import StatusReporter
 from bridge.web.health import add_health_route
+from bridge.web.metrics import Metrics, add_metrics_route, start_metrics_listener
 from bridge.web.provisioning import ProvisioningApi
 from bridge.webhooks.directory import HookDirectory
 from bridge.webhooks.server import WebhookServer
@@ -94,6 +97,8 @@ class Bridge:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._db: Database | None = None
+        self.metrics = Metrics()
+        self._metrics_runner: web.AppRunner | None = None
 
     @property
     def db(self) -> Database:
@@ -236,7 +241,8 @@ class Bridge:
             config, self.db, self.dispatcher.notify, self.monitor.ensure_bot
         )
         app = web.Application(
-            client_max_size=config.appservice.max_body_size, middlewares=[json_errors]
+            client_max_size=config.appservice.max_body_size,
+            middlewares=[json_errors, self.metrics.time_transactions],
         )
         self.appservice.add_routes(app)
         self.hooks_relay = HooksRelay(
@@ -259,6 +265,7 @@ class Bridge:
         ProvisioningApi(
             config, self.link_commands, self.status, self.client.power_level, self._bot_join
         ).add_routes(app)
+        await self._start_metrics(app)
         self._runner = web.AppRunner(
             app,
             access_log_class=PathOnlyAccessLogger,
@@ -303,6 +310,48 @@ class Bridge:
         await self.mail.refresh()
         await self.remote.refresh()
         self.tasks.spawn(self.monitor.run(), name="homeserver-monitor")
+
+    async def _start_metrics(self, app: web.Application) -> None:
+        """Counts from committed audit rows; queue gauges from a background task, so that a
+        scrape reads memory only; /metrics here or on a listener of its own."""
+        config, metrics = self.config, self.metrics
+        if not config.metrics.enabled:
+            return
+        self.db.audit_observers.append(metrics.audited)
+        self.relay.on_posted = functools.partial(metrics.relayed, "mail_in")
+        self.remote_relay.on_posted = functools.partial(metrics.relayed, "remote_in")
+        self.remote_sender.on_sent = functools.partial(metrics.relayed, "remote_out")
+        if self.outbox is not None:
+            self.outbox.on_sent = functools.partial(metrics.relayed, "mail_out")
+        metrics.watch_errors(log)
+        metrics.queues["appservice_inbox"] = functools.partial(inbox_db.pending_summary, self.db)
+        metrics.queues["mail_in"] = functools.partial(mail_db.pending_summary, self.db)
+        sources = metrics.connections.sources
+        sources["homeserver"] = lambda: {config.homeserver.domain: self.homeserver_health}
+        if config.mail.smtp is not None:
+            smtp = {config.mail.smtp.host: self.smtp_health}
+            sources["smtp"] = lambda: smtp
+            metrics.queues["mail_outbox"] = functools.partial(outbox_db.pending_summary, self.db)
+        sources["imap"] = lambda: self.mail.health
+        if config.remotes:
+            sources["remote"] = lambda: self.remote.health
+            metrics.queues["remote_outbox"] = functools.partial(
+                remote_db.outbox_pending_summary, self.db
+            )
+        self.tasks.spawn(metrics.run(), name="metrics-queues")
+        port = config.metrics.port
+        if port is None:
+            add_metrics_route(app, metrics)
+            return
+        try:
+            self._metrics_runner = await start_metrics_listener(
+                metrics, config.metrics.hostname, port
+            )
+        except OSError as e:
+            raise StartupError(
+                f"cannot listen on {config.metrics.hostname}:{port} (metrics.port): "
+                f"{e.strerror or e}"
+            ) from e
 
     async def _bot_join(self, room_id: RoomID) -> bool:
         """False only when the homeserver refuses (not invited); an outage is not a no."""
@@ -428,6 +477,10 @@ class Bridge:
             raise Ignored("; ".join(reasons))
 
     async def stop(self) -> None:
+        self.metrics.unwatch_errors(log)
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -26,6 +26,7 @@ from bridge.config.base import (
     ConfigError,
     _apply_env,
     _bool,
+    _get,
     _http_url,
     _int,
     _merge,
@@ -130,6 +131,13 @@ class AppserviceConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool
+    hostname: str
+    port: int | None  # None: served on the appservice listener
+
+
+@dataclass(frozen=True)
 class DatabaseConfig:
     url: str
     pool_size: int
@@ -160,6 +168,7 @@ class Config:
     webhooks: WebhooksConfig = field(
         default_factory=lambda: WebhooksConfig(hooks={}, max_body_size=65536, tolerance=300)
     )
+    metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig(True, "127.0.0.1", None))
 
     @property
     def bot_mxid(self) -> UserID:
@@ -348,6 +357,18 @@ def _links(
     return tuple(mail_links), tuple(remote_links)
 
 
+def _metrics(raw: dict[str, Any], appservice: AppserviceConfig) -> MetricsConfig:
+    port = None
+    if _get(raw, "metrics.port") is not None:
+        port = _int(raw, "metrics.port", 1, 65535)
+    hostname = _string(raw, "metrics.hostname")
+    if port == appservice.port and hostname == appservice.hostname:
+        raise ConfigError(
+            "metrics.port", "is the appservice port: leave it null to serve /metrics there"
+        )
+    return MetricsConfig(enabled=_bool(raw, "metrics.enabled"), hostname=hostname, port=port)
+
+
 def _homeserver(raw: dict[str, Any]) -> HomeserverConfig:
     address = _http_url(raw, "homeserver.address")
     domain = _string(raw, "homeserver.domain")
@@ -416,6 +437,7 @@ def parse_config(
         remote_links=remote_links,
         provisioning=_provisioning(raw, config_dir),
         webhooks=webhooks,
+        metrics=_metrics(raw, appservice),
     )
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import Engine, Row, bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.core.audit import AuditEntry, AuditRow, seal
-from bridge.db.engine import Database
+from bridge.db.engine import AUDITED, Database
 from bridge.db.schema import audit_head, audit_log
 from bridge.db.util import now_ms
 
@@ -74,7 +74,7 @@ async def append_in(conn: AsyncConnection, entry: AuditEntry) -> AuditRow | None
         if moved.rowcount == 1:
             await conn.execute(_INSERT_ROW, _columns(row))
             _last_head[engine] = (row.seq, row.hash)
-            _logged(row)
+            _logged(conn, row)
             return row
     if not postgres:
         await conn.execute(_TAKE_LOCK)
@@ -90,7 +90,7 @@ async def append_in(conn: AsyncConnection, entry: AuditEntry) -> AuditRow | None
     await conn.execute(_INSERT_ROW, _columns(row))
     await conn.execute(_SET_HEAD, {"new_seq": row.seq, "new_hash": row.hash})
     _last_head[engine] = (row.seq, row.hash)
-    _logged(row)
+    _logged(conn, row)
     return row
 
 
@@ -115,8 +115,11 @@ def _columns(row: AuditRow) -> dict[str, Any]:
     }
 
 
-def _logged(row: AuditRow) -> None:
+def _logged(conn: AsyncConnection, row: AuditRow) -> None:
     entry = row.entry
+    audited = conn.info.get(AUDITED)
+    if audited is not None:  # told to Database.audit_observers after the commit
+        audited.append(entry)
     log.debug("audit row %d: %s %s %s", row.seq, entry.direction, entry.outcome, entry.link)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,10 +16,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from bridge.config import DatabaseConfig
+from bridge.core.audit import AuditEntry
 
 log = logging.getLogger("passerelle.db")
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# Key in a connection's info: the audit entries appended in its current transaction.
+AUDITED = "passerelle.audited"
 # Tables only a Synapse database has: pointing the bridge at one would be a serious mistake.
 SYNAPSE_TABLES = {"event_json", "room_memberships", "e2e_room_keys"}
 
@@ -50,6 +53,9 @@ class Database:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        # Told of every audit entry once the transaction that stored it has committed (the
+        # metrics count there: nothing rolled back, no duplicate, and no metrics in SQL code).
+        self.audit_observers: list[Callable[[AuditEntry], None]] = []
 
     @property
     def dialect(self) -> str:
@@ -58,8 +64,20 @@ class Database:
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
         """A connection inside one transaction, committed on success."""
+        audited: list[AuditEntry] = []
         async with self.engine.begin() as conn:
+            conn.info[AUDITED] = audited
             yield conn
+            # Not in a `finally`: after a failure or a cancellation the connection may be
+            # invalidated, and reading its info would raise instead of rolling back. A list
+            # left behind is replaced by the next transaction on that connection.
+            conn.info.pop(AUDITED, None)
+        for entry in audited:
+            for observer in self.audit_observers:
+                try:
+                    observer(entry)
+                except Exception:
+                    log.exception("audit observer failed")
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:

@@ -243,3 +243,13 @@ async def counts(db: Database) -> dict[str, int]:
     result.update({str(state): int(n) for state, n in rows})
     result["dead_letters"] = int(dead_letters or 0)
     return result
+
+
+async def pending_summary(db: Database) -> tuple[int, int | None]:
+    """Stored events waiting to be handled, and when the oldest came in (ms since epoch)."""
+    query = select(func.count(), func.min(inbox_event.c.received_at)).where(
+        inbox_event.c.state == "pending"
+    )
+    async with db.begin() as conn:
+        count, oldest = (await conn.execute(query)).one()
+    return int(count), None if oldest is None else int(oldest)

@@ -28,6 +28,7 @@ class RawMail:
     raw: bytes | None  # None for a mail too large to fetch
     size: int
     attempts: int
+    received_at: int = 0  # ms since the epoch: when it was fetched and stored
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ async def pending_mail(db: Database, limit: int, exclude: set[int]) -> list[RawM
             raw=r.raw,
             size=int(r.size),
             attempts=int(r.attempts),
+            received_at=int(r.received_at),
         )
         for r in rows
         if r.id not in exclude
@@ -270,3 +272,13 @@ async def count_refusal(db: Database, link_id: int, address: str, day: str) -> i
         )
         value = (await conn.execute(select(sender_notice.c.refused).where(where))).scalar_one()
     return int(value)
+
+
+async def pending_summary(db: Database) -> tuple[int, int | None]:
+    """Fetched mails waiting to be handled, and when the oldest was stored (ms since epoch)."""
+    query = select(func.count(), func.min(mail_raw.c.received_at)).where(
+        mail_raw.c.state == "pending"
+    )
+    async with db.begin() as conn:
+        count, oldest = (await conn.execute(query)).one()
+    return int(count), None if oldest is None else int(oldest)

@@ -152,6 +152,7 @@ def _item(row: Row[Any]) -> OutboxItem:
         attempts=int(row.attempts),
         first_tried_at=None if row.first_tried_at is None else row.first_tried_at / 1000,
         next_attempt_at=row.next_attempt_at / 1000,
+        created_at=row.created_at / 1000,
     )
 
 
@@ -375,3 +376,13 @@ async def sent_mail_of_event(
     async with db.begin() as conn:
         row = (await conn.execute(query)).first()
     return None if row is None else _sent(row)
+
+
+async def pending_summary(db: Database) -> tuple[int, int | None]:
+    """Mails waiting to be sent, and when the oldest was queued (ms since the epoch)."""
+    query = select(func.count(), func.min(mail_outbox.c.created_at)).where(
+        mail_outbox.c.state == "pending"
+    )
+    async with db.begin() as conn:
+        count, oldest = (await conn.execute(query)).one()
+    return int(count), None if oldest is None else int(oldest)

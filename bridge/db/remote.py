@@ -29,6 +29,7 @@ class RemoteInboxItem:
     event_id: str
     event_json: str
     attempts: int
+    received_at: int = 0  # ms since the epoch: when /sync gave it
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ async def pending_events(
             event_id=r.event_id,
             event_json=r.event_json,
             attempts=int(r.attempts),
+            received_at=int(r.received_at),
         )
         for r in rows
         if r.id not in exclude
@@ -436,3 +438,13 @@ async def outbox_counts(db: Database) -> dict[str, int]:
     result = dict.fromkeys(OUTBOX_STATES, 0)
     result.update({str(state): int(n) for state, n in rows})
     return result
+
+
+async def outbox_pending_summary(db: Database) -> tuple[int, int | None]:
+    """Events waiting to be sent to remotes, and when the oldest was queued (ms since epoch)."""
+    query = select(func.count(), func.min(remote_outbox.c.created_at)).where(
+        remote_outbox.c.state == "pending"
+    )
+    async with db.begin() as conn:
+        count, oldest = (await conn.execute(query)).one()
+    return int(count), None if oldest is None else int(oldest)

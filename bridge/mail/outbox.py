@@ -9,7 +9,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from bridge.core.backoff import Backoff
@@ -36,6 +36,8 @@ class OutboxItem:
     attempts: int  # failed attempts so far
     first_tried_at: float | None  # epoch seconds, None if never tried
     next_attempt_at: float  # epoch seconds
+    # Epoch seconds: when it was queued (for the latency metric only, so not compared).
+    created_at: float | None = field(default=None, compare=False)
 
 
 class OutboxStore(Protocol):
@@ -97,6 +99,8 @@ class OutboxWorker:
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()  # run() should look at the store now
         self._freed = asyncio.Event()  # a slot became free
+        # Told the seconds from queued to sent of every mail sent (the metrics' latency).
+        self.on_sent: Callable[[float], None] | None = None
         # Whether the store may hold due items not taken yet: a notify() came, or the last
         # due() call filled every free slot.
         self._maybe_more = True
@@ -276,6 +280,8 @@ class OutboxWorker:
                 )
             else:
                 log.info("outbox item %d sent: %s", item.id, result.message)
+            if item.created_at is not None and self.on_sent is not None:
+                self.on_sent(max(0.0, time.time() - item.created_at))
             return lambda: store.mark_sent(item.id, result)
         if result.permanent:
             log.warning("outbox item %d failed permanently: %s", item.id, result.message)

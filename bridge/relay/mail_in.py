@@ -136,6 +136,8 @@ class MailRelay:
         self._facts: dict[int, MailFacts] = {}
         self._queues: RoomQueues[tuple[Link, RawMail]] = RoomQueues(self._process, tasks, "mail")
         self.retry_initial = 1.0
+        # Told the seconds from fetch to post of every mail posted (the metrics' latency).
+        self.on_posted: Callable[[float], None] | None = None
 
     def notify(self) -> None:
         self._wake.set()
@@ -307,6 +309,8 @@ class MailRelay:
             audit=self._audit(link, raw, "done", None, event_id),
         )
         log.info("posted mail %s/%s of %s as %s", raw.uidvalidity, raw.uid, link.remote, event_id)
+        if raw.received_at and self.on_posted is not None:
+            self.on_posted(max(0.0, time.time() - raw.received_at / 1000))
 
     async def _authenticated(
         self, link: Link, raw: RawMail, message: IncomingMessage

@@ -102,6 +102,8 @@ class RemoteRelay:
         # item id → the commit, and (link, remote event) → the mapping meanwhile.
         self._recording: dict[int, asyncio.Task[None]] = {}
         self._recent: dict[tuple[int, str], Mapped] = {}
+        # Told the seconds from /sync to post of every event posted (the metrics' latency).
+        self.on_posted: Callable[[float], None] | None = None
         self.tasks = tasks
         self._queues: RoomQueues[tuple[Link, RemoteInboxItem]] = RoomQueues(
             self._process, tasks, "remote"
@@ -478,6 +480,8 @@ class RemoteRelay:
 
         self._recording[item.id] = self.tasks.spawn(commit(), name=f"record:{item.id}")
         log.info("relayed %s of %s as %s", item.event_id, item.remote, event_id)
+        if item.received_at and self.on_posted is not None:
+            self.on_posted(max(0.0, time.time() - item.received_at / 1000))
 
     async def _refused(self, link: Link, side: RemoteSide, sender: str, reason: str) -> None:
         """The room hears of each refused sender once a day; the log every time."""

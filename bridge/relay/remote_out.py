@@ -203,6 +203,8 @@ class RemoteSender:
         self._wake = asyncio.Event()
         self._workers: dict[int, asyncio.Task[None]] = {}
         self._link_wake: dict[int, asyncio.Event] = {}
+        # Told the seconds from queued to sent of every event sent (the metrics' latency).
+        self.on_sent: Callable[[float], None] | None = None
 
     def notify(self, link_id: int | None = None) -> None:
         """Something was queued (for `link_id`): its worker looks now, or one is started."""
@@ -344,6 +346,8 @@ class RemoteSender:
         audit = outbox_entry(link, item, "sent", None, remote_event_id)
         run.sent(self.db, item, remote_event_id, side.settings.user_id, audit)
         log.info("sent %s to %s as %s", item.event_id, link.remote, remote_event_id)
+        if self.on_sent is not None:
+            self.on_sent(max(0.0, time.time() - item.created_at / 1000))
 
     async def _remote_copy(self, link: Link, event_id: str, run: _Run) -> str | None:
         """The remote event of an agency event (None: never passed on)."""
