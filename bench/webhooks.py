@@ -58,6 +58,7 @@ from bench.mail_to_matrix import (  # noqa: E402
     find_pid,
     machine_cpu,
     marker,
+    mean_rate,
     percentile,
     process_cpu,
     room_history,
@@ -499,20 +500,31 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
             "hscrape", concurrency=k, scrape_url=base + results["scrape_endpoint"]
         )
         describe(f"hooks, {k} in flight, scraped", r)
+        results["hooks_k_after"] = r = await bench.hooks("hkafter", concurrency=k)
+        describe(f"hooks, {k} in flight (after)", r)
+
+        # The plain reference again: a drift in the machine's speed weighs on both sides.
+        print("plain again", flush=True)
+        results["plain_seq_after"] = r = await bench.plain("pseqafter", 1)
+        describe("plain, 1 in flight (after)", r)
+        results["plain_k_after"] = r = await bench.plain("pkafter", k)
+        describe(f"plain, {k} in flight (after)", r)
         if results["metrics"] is not None:
             results["metrics"].update(
                 {key: r[key] for key in ("scrapes", "scrape_p50_ms", "scrape_p99_ms")}
             )
 
-    results["ratio_seq"] = round(
-        results["hooks_seq"]["rate_per_s"] / results["plain_seq"]["rate_per_s"], 3
+    results["plain_seq_rate_per_s"] = plain_seq = mean_rate(
+        results["plain_seq"], results["plain_seq_after"]
     )
-    results["ratio_k"] = round(
-        results["hooks_k"]["rate_per_s"] / results["plain_k"]["rate_per_s"], 3
+    results["plain_k_rate_per_s"] = plain_k = mean_rate(
+        results["plain_k"], results["plain_k_after"]
     )
-    results["scrape_rate_ratio"] = round(
-        results["hooks_k_scraped"]["rate_per_s"] / results["hooks_k"]["rate_per_s"], 3
-    )
+    results["ratio_seq"] = round(results["hooks_seq"]["rate_per_s"] / plain_seq, 3)
+    results["ratio_k"] = round(results["hooks_k"]["rate_per_s"] / plain_k, 3)
+    # Scraped against the unscraped runs just before and after it.
+    unscraped = (results["hooks_k"]["rate_per_s"] + results["hooks_k_after"]["rate_per_s"]) / 2
+    results["scrape_rate_ratio"] = round(results["hooks_k_scraped"]["rate_per_s"] / unscraped, 3)
     results["disturbed"] = disturbed_phases(results)
     return results
 
@@ -545,8 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     code = code_version()
-    plain = ["pseq", "pk"]
-    hooks = ["hseq", *(rate_name(rate) for rate in args.rates), "hk", "hscrape"]
+    plain = ["pseq", "pk", "pseqafter", "pkafter"]
+    hooks = ["hseq", *(rate_name(rate) for rate in args.rates), "hk", "hscrape", "hkafter"]
     with temp_folder(args.keep) as folder, contextlib.ExitStack() as stack:
         print(f"starting Synapse and the bridge in {folder}", flush=True)
         servers = start_servers(folder, plain, hooks, stack)
@@ -564,6 +576,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["code"] = code
 
     print()
+    print(
+        "plain reference (mean of before and after): 1 in flight "
+        f"{results['plain_seq_rate_per_s']}/s, {args.concurrency} in flight "
+        f"{results['plain_k_rate_per_s']}/s"
+    )
+    for key, value in results.items():
+        if key.startswith("hooks_") and isinstance(value, dict):
+            print(
+                f"{key}: accepted {value['accepted_per_s']}/s, relayed {value['rate_per_s']}/s, "
+                f"hook -> event p50 {value['latency_p50_ms']} ms p99 {value['latency_p99_ms']} ms"
+            )
     for key, label in (("ratio_seq", "1 in flight"), ("ratio_k", f"{args.concurrency} in flight")):
         print(
             f"hook relay/plain ({label}): {results[key]:.2f} (target >= {TARGET}) "
