@@ -16,8 +16,9 @@ Phases, all in one run against the same servers:
    ones are doing), and with K in flight; accepted rate (202s), relay rate (events), latency
    (202 → the event's origin_server_ts), every hook once and in order;
 3. scrape cost: the K-in-flight hooks again while /metrics (or /health when this checkout has
-   no /metrics: then `metrics` is null) is fetched every 100 ms; scrape times and the relay
-   rate with scraping against without.
+   no /metrics: then `metrics` is null) is fetched every 100 ms, then once more unscraped;
+   scrape times and the relay rate with scraping against without;
+4. the plain phases again: the reference is before and after together.
 
 Rates: plain = sends / wall-clock time of the sends; relay = hooks / (origin_server_ts of the
 last event - start of the first POST); accepted = hooks / (last 202 - start of the first POST).
