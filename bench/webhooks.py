@@ -237,13 +237,21 @@ async def in_flight(count: int, concurrency: int, one: Callable[[int], Awaitable
 
 
 async def scrape_loop(
-    session: aiohttp.ClientSession, url: str, times_ms: list[float], stop: asyncio.Event
+    session: aiohttp.ClientSession,
+    url: str,
+    times_ms: list[float],
+    failed: list[float],
+    stop: asyncio.Event,
 ) -> None:
     while not stop.is_set():
         begin = time.monotonic()
-        async with session.get(url) as response:
-            await response.read()
-        times_ms.append((time.monotonic() - begin) * 1000)
+        try:
+            async with session.get(url) as response:
+                await response.read()
+        except aiohttp.ClientError:
+            failed.append(time.time())
+        else:
+            times_ms.append((time.monotonic() - begin) * 1000)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
                 stop.wait(), max(0.0, SCRAPE_EVERY - (time.monotonic() - begin))
@@ -319,10 +327,13 @@ class Bench:
             posted[seq] = await self.poster.post(name, name, seq)
 
         scrapes: list[float] = []
+        failed: list[float] = []
         stop = asyncio.Event()
         self.meter.start()
         scraper = (
-            asyncio.create_task(scrape_loop(self.poster.session, scrape_url, scrapes, stop))
+            asyncio.create_task(
+                scrape_loop(self.poster.session, scrape_url, scrapes, failed, stop)
+            )
             if scrape_url
             else None
         )
@@ -398,6 +409,7 @@ class Bench:
         }
         if scrape_url:
             result["scrapes"] = len(scrapes)
+            result["scrape_errors"] = len(failed)
             result["scrape_p50_ms"] = round(percentile(scrapes, 50) or 0, 2)
             result["scrape_p99_ms"] = round(percentile(scrapes, 99) or 0, 2)
         return result
