@@ -1,0 +1,634 @@
+#!/usr/bin/env python3
+"""Inbound webhooks: accepted hooks/s and hook → event latency, as ratios to plain Matrix sends.
+
+Starts its own Synapse (with the bridge's registration) and `python -m bridge run` with one
+config hook per measured phase, each into its own room, on 127.0.0.1 with free ports and a
+temporary directory; measures, prints, stops everything:
+
+    python bench/webhooks.py [--hooks 300] [--rates 10,20,40,80] [--concurrency 8]
+
+Phases, all in one run against the same servers:
+
+1. plain: a client sends N messages (the hooks' text) into a room one at a time, then N with K
+   in flight into another room;
+2. hooks: the same N messages POSTed as signed Standard Webhooks requests, one at a time, at
+   each offered rate of --rates (open loop: a request is sent at its time whatever the earlier
+   ones are doing), and with K in flight; accepted rate (202s), relay rate (events), latency
+   (202 → the event's origin_server_ts), every hook once and in order;
+3. scrape cost: the K-in-flight hooks again while /metrics (or /health when this checkout has
+   no /metrics: then `metrics` is null) is fetched every 100 ms, then once more unscraped;
+   scrape times and the relay rate with scraping against without;
+4. the plain phases again: the reference is before and after together.
+
+Rates: plain = sends / wall-clock time of the sends; relay = hooks / (origin_server_ts of the
+last event - start of the first POST); accepted = hooks / (last 202 - start of the first POST).
+The bridge posts without `?ts=`, so origin_server_ts is Synapse's receive time. The last line
+printed is one JSON object with every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+# `tests` is not an installed package: import the test harness from this checkout.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.mail_to_matrix import (  # noqa: E402
+    BUSY_CORES,
+    MARKER_RE,
+    TARGET,
+    SyncWatcher,
+    code_version,
+    disturbed_phases,
+    find_pid,
+    machine_cpu,
+    marker,
+    mean_rate,
+    percentile,
+    process_cpu,
+    room_history,
+    temp_folder,
+    verdict,
+)
+from bridge.config import read_yaml_file  # noqa: E402
+from bridge.harness.ports import free_port  # noqa: E402
+from bridge.harness.synapse import MatrixTestClient, SynapseServer  # noqa: E402
+from bridge.registration import atomic_write, dump_yaml, generate_registration  # noqa: E402
+from bridge.webhooks.signature import sign  # noqa: E402
+from tests.conftest import BridgeProcess, bridge_config_dict  # noqa: E402
+
+KEY = os.urandom(32)
+SECRET = "whsec_" + base64.b64encode(KEY).decode()
+SCRAPE_EVERY = 0.1  # seconds between two scrapes in phase 3
+
+
+def hook_text(tag: str, seq: int) -> str:
+    """The text of message `seq`: the plain phases send the same words."""
+    return (
+        f"Build {seq} failed\n\nThe pipeline stopped at step {marker(tag, seq)}; "
+        "see the logs before Friday."
+    )
+
+
+# --- CPU accounting ---------------------------------------------------------------------------
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds spent by Synapse, the bridge, this script and everything else in a phase."""
+
+    synapse_pid: int | None
+    bridge_pid: int | None
+    _start: dict[str, float] = field(default_factory=dict)
+
+    def _sample(self) -> dict[str, float]:
+        times = os.times()
+        return {
+            "synapse": process_cpu(self.synapse_pid),
+            "bridge": process_cpu(self.bridge_pid),
+            "bench": times.user + times.system,
+            "machine": machine_cpu(),
+            "wall": time.monotonic(),
+        }
+
+    def start(self) -> None:
+        self._start = self._sample()
+
+    def stop(self) -> dict[str, float]:
+        end = self._sample()
+        used = {k: round(end[k] - self._start[k], 2) for k in end}
+        used["others"] = round(
+            used["machine"] - used["synapse"] - used["bridge"] - used["bench"], 2
+        )
+        return used
+
+
+def per_message(cpu: dict[str, float], count: int) -> dict[str, float]:
+    return {k: round(1000 * v / count, 2) for k, v in cpu.items() if k != "wall"}
+
+
+# --- the servers ------------------------------------------------------------------------------
+
+
+@dataclass
+class Servers:
+    synapse: SynapseServer
+    bridge: BridgeProcess
+    alice_token: str
+    alice_id: str
+    rooms: dict[str, str]  # phase name -> room ID (hook phases: the hook of the same name; names
+    # are also the marker tags, so a-z and 0-9 only)
+
+
+def start_servers(
+    folder: Path, plain: Sequence[str], hooks: Sequence[str], stack: contextlib.ExitStack
+) -> Servers:
+    synapse_port, bridge_port = free_port(), free_port()
+    database_url = f"sqlite+aiosqlite:///{folder / 'passerelle.db'}"
+    raw = bridge_config_dict(
+        synapse_port,
+        bridge_port,
+        database_url,
+        logging={"level": "INFO", "loggers": {"aiosqlite": "WARNING", "asyncio": "WARNING"}},
+    )
+    raw["appservice"]["as_token"] = raw["appservice"]["hs_token"] = "generate"
+    config_path = folder / "config.yaml"
+    atomic_write(config_path, dump_yaml(raw))
+    registration = folder / "registration.yaml"
+    generate_registration(config_path, registration, env={})
+
+    synapse = SynapseServer(
+        data_dir=folder / "synapse", port=synapse_port, app_service_config_files=[registration]
+    )
+    synapse.data_dir.mkdir()
+    stack.callback(synapse.stop)
+    synapse.start()
+    alice_id = synapse.register_user("benchalice", "pw-benchalice")
+    token = synapse.login("benchalice", "pw-benchalice")
+
+    # Hooks name their room in the config: the rooms exist, the bot invited, before it starts
+    # (as tests/e2e/test_webhooks_in.py does). The bot's ID does not depend on the hooks.
+    bot = BridgeProcess(config_path, database_url, folder / "unused.log").config.bot_mxid
+
+    async def make_rooms() -> dict[str, str]:
+        async with MatrixTestClient(synapse.base_url, token, alice_id) as alice:
+            rooms = {name: await alice.create_room(name=name) for name in plain}
+            for name in hooks:
+                rooms[name] = await alice.create_room(invite=[bot], name=name)
+            return rooms
+
+    rooms = asyncio.run(make_rooms())
+    # The registration was made from the file (with its generated tokens): add to the file.
+    raw = read_yaml_file(config_path)
+    raw["webhooks"] = {
+        "hooks": {name: {"room": rooms[name], "secret": SECRET} for name in hooks},
+    }
+    atomic_write(config_path, dump_yaml(raw))
+    bridge = BridgeProcess(config_path, database_url, folder / "bridge.log")
+    stack.callback(bridge.stop)
+    bridge.start()
+    return Servers(synapse, bridge, token, alice_id, rooms)
+
+
+# --- posting ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Posted:
+    start: float  # Unix seconds
+    end: float
+    status: int
+
+
+class Poster:
+    """Signed POSTs to the bridge's hooks over one connection pool."""
+
+    def __init__(self, base_url: str, session: aiohttp.ClientSession) -> None:
+        self.base_url = base_url
+        self.session = session
+
+    async def post(self, hook: str, tag: str, seq: int) -> Posted:
+        body = json.dumps({"text": hook_text(tag, seq)}).encode()
+        webhook_id = f"msg_{tag}_{seq}_{uuid.uuid4().hex}"
+        ts = int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": webhook_id,
+            "webhook-timestamp": str(ts),
+            "webhook-signature": sign(KEY, webhook_id, ts, body),
+        }
+        begin = time.time()
+        try:
+            async with self.session.post(
+                f"{self.base_url}/webhooks/v1/{hook}", data=body, headers=headers
+            ) as response:
+                await response.read()
+                status = response.status
+        except aiohttp.ClientError:
+            status = 0
+        return Posted(begin, time.time(), status)
+
+
+async def in_flight(count: int, concurrency: int, one: Callable[[int], Awaitable[Any]]) -> None:
+    """`one(seq)` for seq 0..count-1, in order, `concurrency` at a time."""
+    counter = iter(range(count))
+
+    async def worker() -> None:
+        for seq in counter:
+            await one(seq)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def scrape_loop(
+    session: aiohttp.ClientSession,
+    url: str,
+    times_ms: list[float],
+    failed: list[float],
+    stop: asyncio.Event,
+) -> None:
+    while not stop.is_set():
+        begin = time.monotonic()
+        try:
+            async with session.get(url) as response:
+                await response.read()
+        except aiohttp.ClientError:
+            failed.append(time.time())
+        else:
+            times_ms.append((time.monotonic() - begin) * 1000)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                stop.wait(), max(0.0, SCRAPE_EVERY - (time.monotonic() - begin))
+            )
+
+
+# --- phases -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    servers: Servers
+    alice: MatrixTestClient
+    poster: Poster
+    meter: CpuMeter
+    count: int
+
+    @property
+    def bot(self) -> str:
+        return self.servers.bridge.config.bot_mxid
+
+    async def plain(self, name: str, concurrency: int) -> dict[str, Any]:
+        room_id = self.servers.rooms[name]
+        watcher = SyncWatcher(self.alice, {room_id: name})
+        await watcher.begin()
+        send_ms: list[float] = []
+
+        async def one(seq: int) -> None:
+            begin = time.monotonic()
+            await self.alice.send_text(room_id, hook_text(name, seq), extra={"m.mentions": {}})
+            send_ms.append((time.monotonic() - begin) * 1000)
+
+        self.meter.start()
+        watching = asyncio.create_task(watcher.wait(self.count, 120 + self.count * 0.3))
+        start = time.monotonic()
+        await in_flight(self.count, concurrency, one)
+        elapsed = time.monotonic() - start
+        complete = await watching
+        cpu = self.meter.stop()
+        seqs = [
+            int(m.group(2))
+            for e in await room_history(self.alice, room_id)
+            if (m := MARKER_RE.search(str(e["content"].get("body", "")))) and m.group(1) == name
+        ]
+        return {
+            "in_flight": concurrency,
+            "sends": self.count,
+            "elapsed_s": round(elapsed, 2),
+            "rate_per_s": round(self.count / elapsed, 2),
+            "send_p50_ms": round(percentile(send_ms, 50) or 0, 1),
+            "send_p99_ms": round(percentile(send_ms, 99) or 0, 1),
+            "all_seen": complete and sorted(seqs) == list(range(self.count)),
+            "cpu_s": cpu,
+            "cpu_ms_per_message": per_message(cpu, self.count),
+        }
+
+    async def hooks(
+        self,
+        name: str,
+        *,
+        rate: float | None = None,
+        concurrency: int = 1,
+        scrape_url: str | None = None,
+    ) -> dict[str, Any]:
+        """N hooks to hook `name`: at `rate` per second (open loop) or `concurrency` in flight
+        back to back; wait until every one is in its room, then check them."""
+        room_id = self.servers.rooms[name]
+        watcher = SyncWatcher(self.alice, {room_id: name})
+        await watcher.begin()
+        posted: dict[int, Posted] = {}
+
+        async def one(seq: int) -> None:
+            posted[seq] = await self.poster.post(name, name, seq)
+
+        scrapes: list[float] = []
+        failed: list[float] = []
+        stop = asyncio.Event()
+        self.meter.start()
+        scraper = (
+            asyncio.create_task(
+                scrape_loop(self.poster.session, scrape_url, scrapes, failed, stop)
+            )
+            if scrape_url
+            else None
+        )
+        watching = asyncio.create_task(watcher.wait(self.count, 120 + self.count * 0.3))
+        if rate is None:
+            await in_flight(self.count, concurrency, one)
+        else:
+            t0 = time.monotonic()
+            tasks = []
+            for seq in range(self.count):
+                delay = t0 + seq / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(seq)))
+            await asyncio.gather(*tasks)
+        complete = await watching
+        stop.set()
+        if scraper is not None:
+            await scraper
+        cpu = self.meter.stop()
+
+        accepted = {seq: p for seq, p in posted.items() if p.status == 202}
+        statuses: dict[str, int] = {}
+        for p in posted.values():
+            statuses[str(p.status)] = statuses.get(str(p.status), 0) + 1
+        ghost = self.servers.bridge.config.hook_ghost_mxid(name)
+        events = [
+            (int(m.group(2)), int(e["origin_server_ts"]))
+            for e in await room_history(self.alice, room_id)
+            if e.get("sender") == ghost
+            and (m := MARKER_RE.search(str(e["content"].get("body", ""))))
+            and m.group(1) == name
+        ]
+        counts: dict[int, int] = {}
+        ts: dict[int, int] = {}
+        order: list[int] = []
+        for seq, origin in events:
+            counts[seq] = counts.get(seq, 0) + 1
+            if seq not in ts:
+                ts[seq] = origin
+                order.append(seq)
+        # In order: a hook accepted (202) before another was sent must come first. Requests in
+        # flight together have no order of their own.
+        out_of_order = sum(
+            1
+            for i, later in enumerate(order)
+            for earlier in order[i + 1 :]
+            if earlier in posted and later in posted and posted[earlier].end < posted[later].start
+        )
+        first_start = min(p.start for p in posted.values())
+        last_accept = max((p.end for p in accepted.values()), default=first_start)
+        latencies = [ts[seq] - 1000 * p.end for seq, p in accepted.items() if seq in ts]
+        relay_s = (max(ts.values()) / 1000 - first_start) if ts else 0.0
+        post_ms = [1000 * (p.end - p.start) for p in posted.values()]
+        result: dict[str, Any] = {
+            "offered_per_s": rate,
+            "in_flight": None if rate is not None else concurrency,
+            "hooks": self.count,
+            "statuses": statuses,
+            "errors": self.count - len(accepted),
+            "accepted_per_s": round(len(accepted) / max(last_accept - first_start, 1e-6), 2),
+            "rate_per_s": round(len(ts) / relay_s, 2) if relay_s > 0 else 0.0,
+            "post_p50_ms": round(percentile(post_ms, 50) or 0, 1),
+            "post_p99_ms": round(percentile(post_ms, 99) or 0, 1),
+            "latency_p50_ms": round(percentile(latencies, 50) or 0, 1),
+            "latency_p99_ms": round(percentile(latencies, 99) or 0, 1),
+            "duplicates": sum(n - 1 for n in counts.values()),
+            "missing": len([seq for seq in accepted if seq not in ts]),
+            "out_of_order": out_of_order,
+            "all_seen": complete,
+            "cpu_s": cpu,
+            "cpu_ms_per_message": per_message(cpu, self.count),
+        }
+        if scrape_url:
+            result["scrapes"] = len(scrapes)
+            result["scrape_errors"] = len(failed)
+            result["scrape_p50_ms"] = round(percentile(scrapes, 50) or 0, 2)
+            result["scrape_p99_ms"] = round(percentile(scrapes, 99) or 0, 2)
+        return result
+
+
+def describe(label: str, r: dict[str, Any]) -> None:
+    cpu = r["cpu_ms_per_message"]
+    line = f"  {label:<24} {r['rate_per_s']:>7}/s"
+    if "accepted_per_s" in r:
+        line += (
+            f" (accepted {r['accepted_per_s']}/s, errors {r['errors']}), latency p50 "
+            f"{r['latency_p50_ms']} ms p99 {r['latency_p99_ms']} ms, dup {r['duplicates']} "
+            f"missing {r['missing']} out of order {r['out_of_order']}"
+        )
+    else:
+        line += f" (send p50 {r['send_p50_ms']} ms, p99 {r['send_p99_ms']} ms)"
+    line += (
+        f"; CPU ms/msg synapse {cpu['synapse']} bridge {cpu['bridge']} bench {cpu['bench']} "
+        f"others {cpu['others']}"
+    )
+    if "scrape_p50_ms" in r:
+        line += f"; {r['scrapes']} scrapes p50 {r['scrape_p50_ms']} ms p99 {r['scrape_p99_ms']} ms"
+    print(line, flush=True)
+
+
+def rate_name(rate: float) -> str:
+    return f"hr{rate:g}".replace(".", "d")
+
+
+async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
+    synapse_pid = find_pid(str(servers.synapse.config_path))
+    bridge_pid = servers.bridge.proc.pid if servers.bridge.proc else None
+    results: dict[str, Any] = {
+        "hooks": args.hooks,
+        "rates": args.rates,
+        "concurrency": args.concurrency,
+    }
+    base = servers.bridge.base_url
+    async with (
+        MatrixTestClient(servers.synapse.base_url, servers.alice_token, servers.alice_id) as alice,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+    ):
+        bench = Bench(
+            servers, alice, Poster(base, session), CpuMeter(synapse_pid, bridge_pid), args.hooks
+        )
+        bot = bench.bot
+        for name, room_id in servers.rooms.items():
+            if name.startswith("h"):
+                await alice.wait_for_membership(room_id, bot, "join", timeout=60)
+        # Warm-up, unmeasured: Synapse's first sends are slower; each hook's ghost is registered
+        # and joined by its first request.
+        warm = await alice.create_room(name="warm-up")
+        for seq in range(args.warmup):
+            await alice.send_text(warm, f"warm-up {seq}")
+        for name in servers.rooms:
+            if name.startswith("h"):
+                posted = await bench.poster.post(name, "warm", 0)
+                if posted.status != 202:
+                    raise RuntimeError(f"hook {name} refused the warm-up: {posted.status}")
+        for name, room_id in servers.rooms.items():
+            if name.startswith("h"):
+                ghost = servers.bridge.config.hook_ghost_mxid(name)
+                await alice.wait_for_event(
+                    room_id, lambda e, g=ghost: e.get("sender") == g, timeout=60
+                )
+        await asyncio.sleep(2)
+
+        k = args.concurrency
+        print(f"phase 1: plain, {args.hooks} messages", flush=True)
+        results["plain_seq"] = r = await bench.plain("pseq", 1)
+        describe("plain, 1 in flight", r)
+        results["plain_k"] = r = await bench.plain("pk", k)
+        describe(f"plain, {k} in flight", r)
+
+        print(f"phase 2: hooks, {args.hooks} requests", flush=True)
+        results["hooks_seq"] = r = await bench.hooks("hseq", concurrency=1)
+        describe("hooks, 1 in flight", r)
+        for rate in args.rates:
+            results[f"hooks_{rate_name(rate)[1:]}"] = r = await bench.hooks(
+                rate_name(rate), rate=rate
+            )
+            describe(f"hooks, offered {rate:g}/s", r)
+        results["hooks_k"] = r = await bench.hooks("hk", concurrency=k)
+        describe(f"hooks, {k} in flight", r)
+
+        print("phase 3: scrape cost", flush=True)
+        async with session.get(base + "/metrics") as response:
+            await response.read()
+            metrics_status = response.status
+        if metrics_status == 404:
+            results["metrics"] = None
+            results["scrape_endpoint"] = "/health"
+            results["scrape_note"] = (
+                "no /metrics in this checkout (404): /health scraped instead, as a placeholder"
+            )
+        else:
+            results["metrics"] = {"status": metrics_status}
+            results["scrape_endpoint"] = "/metrics"
+        print(f"  scraping {results['scrape_endpoint']} every {SCRAPE_EVERY * 1000:g} ms")
+        results["hooks_k_scraped"] = r = await bench.hooks(
+            "hscrape", concurrency=k, scrape_url=base + results["scrape_endpoint"]
+        )
+        describe(f"hooks, {k} in flight, scraped", r)
+        results["hooks_k_after"] = r = await bench.hooks("hkafter", concurrency=k)
+        describe(f"hooks, {k} in flight (after)", r)
+
+        # The plain reference again: a drift in the machine's speed weighs on both sides.
+        print("plain again", flush=True)
+        results["plain_seq_after"] = r = await bench.plain("pseqafter", 1)
+        describe("plain, 1 in flight (after)", r)
+        results["plain_k_after"] = r = await bench.plain("pkafter", k)
+        describe(f"plain, {k} in flight (after)", r)
+        if results["metrics"] is not None:
+            results["metrics"].update(
+                {key: r[key] for key in ("scrapes", "scrape_p50_ms", "scrape_p99_ms")}
+            )
+
+    results["plain_seq_rate_per_s"] = plain_seq = mean_rate(
+        results["plain_seq"], results["plain_seq_after"]
+    )
+    results["plain_k_rate_per_s"] = plain_k = mean_rate(
+        results["plain_k"], results["plain_k_after"]
+    )
+    results["ratio_seq"] = round(results["hooks_seq"]["rate_per_s"] / plain_seq, 3)
+    results["ratio_k"] = round(results["hooks_k"]["rate_per_s"] / plain_k, 3)
+    # Scraped against the unscraped runs just before and after it.
+    unscraped = (results["hooks_k"]["rate_per_s"] + results["hooks_k_after"]["rate_per_s"]) / 2
+    results["scrape_rate_ratio"] = round(results["hooks_k_scraped"]["rate_per_s"] / unscraped, 3)
+    results["disturbed"] = disturbed_phases(results)
+    return results
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--hooks", type=int, default=300, help="messages per phase")
+    parser.add_argument(
+        "--rates",
+        type=lambda text: [float(v) for v in text.split(",") if v.strip()],
+        default=[10.0, 20.0, 40.0, 80.0],
+        help="offered hook rates per second, comma-separated (open loop)",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=8, help="requests in flight in the unbounded phases"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=200, help="unmeasured sends first, to warm Synapse up"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    args = parser.parse_args(argv)
+    if args.hooks < 1 or args.concurrency < 1 or args.warmup < 0:
+        parser.error("counts must be positive")
+    if any(rate <= 0 for rate in args.rates):
+        parser.error("rates must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    code = code_version()
+    plain = ["pseq", "pk", "pseqafter", "pkafter"]
+    hooks = ["hseq", *(rate_name(rate) for rate in args.rates), "hk", "hscrape", "hkafter"]
+    with temp_folder(args.keep) as folder, contextlib.ExitStack() as stack:
+        print(f"starting Synapse and the bridge in {folder}", flush=True)
+        servers = start_servers(folder, plain, hooks, stack)
+        try:
+            results = asyncio.run(run(servers, args))
+        except BaseException:
+            print(f"--- bridge log tail ---\n{servers.bridge.log_tail(40)}", file=sys.stderr)
+            raise
+        results["bridge_log_errors"] = sum(
+            "ERROR" in line or "Traceback" in line
+            for line in servers.bridge.log_text().splitlines()
+        )
+    results["total_s"] = round(time.monotonic() - started, 1)
+    results["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    results["code"] = code
+
+    print()
+    print(
+        "plain reference (mean of before and after): 1 in flight "
+        f"{results['plain_seq_rate_per_s']}/s, {args.concurrency} in flight "
+        f"{results['plain_k_rate_per_s']}/s"
+    )
+    for key, value in results.items():
+        if key.startswith("hooks_") and isinstance(value, dict):
+            print(
+                f"{key}: accepted {value['accepted_per_s']}/s, relayed {value['rate_per_s']}/s, "
+                f"hook -> event p50 {value['latency_p50_ms']} ms p99 {value['latency_p99_ms']} ms"
+            )
+    for key, label in (("ratio_seq", "1 in flight"), ("ratio_k", f"{args.concurrency} in flight")):
+        print(
+            f"hook relay/plain ({label}): {results[key]:.2f} (target >= {TARGET}) "
+            f"{verdict(results[key])}"
+        )
+    scraped = results["hooks_k_scraped"]
+    print(
+        f"scrape of {results['scrape_endpoint']} under load: p50 {scraped['scrape_p50_ms']} ms, "
+        f"p99 {scraped['scrape_p99_ms']} ms; relay rate scraped / not "
+        f"{results['scrape_rate_ratio']:.2f}"
+        + ("" if results["metrics"] is not None else f" ({results['scrape_note']})")
+    )
+    problems = [
+        f"{key}: {value[k]} {k}"
+        for key, value in results.items()
+        if isinstance(value, dict) and "duplicates" in value
+        for k in ("errors", "duplicates", "missing", "out_of_order")
+        if value[k]
+    ]
+    print("errors, order and once-only: " + ("; ".join(problems) if problems else "ok"))
+    if results["disturbed"]:
+        print(
+            "WARNING: other processes on this machine used more than "
+            f"{BUSY_CORES} cores during {', '.join(results['disturbed'])} "
+            f"(cores used: {results['disturbed']}); those numbers are unreliable"
+        )
+    print(json.dumps(results, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
