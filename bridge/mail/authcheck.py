@@ -46,46 +46,26 @@ class DnsFailure(Exception):
 
 @dataclass
 class _Txt:
-    """TXT lookups through one resolver, cached a few minutes (answers and NXDOMAIN alike)."""
+    """TXT lookups through one resolver, cached a few minutes (answers and NXDOMAIN alike; a
+    DNS failure never is)."""
 
     resolver: dns.resolver.Resolver
-    cache: dict[str, tuple[float, bytes | None]]
     lock: threading.Lock
-    records_cache: dict[str, tuple[float, tuple[bytes, ...]]] = field(default_factory=dict)
+    cache: dict[str, tuple[float, tuple[bytes, ...]]] = field(default_factory=dict)
 
     def lookup(self, name: str) -> bytes | None:
-        """The TXT strings of `name` joined (the first record), None if there is none;
+        """The TXT strings of `name`'s first record joined (a DKIM key), None if there is none;
         DnsFailure when the DNS does not answer."""
+        found = self.records(name)
+        return found[0] if found else None
+
+    def records(self, name: str) -> list[bytes]:
+        """Every TXT record of `name` (for DMARC, where several records mean none applies),
+        [] if there is none; DnsFailure when the DNS does not answer."""
         key = name.lower().rstrip(".")
         now = time.monotonic()
         with self.lock:
             hit = self.cache.get(key)
-            if hit is not None and hit[0] > now:
-                return hit[1]
-        try:
-            answer = self.resolver.resolve(key + ".", "TXT", search=False)
-            value: bytes | None = b"".join(answer[0].strings) if len(answer) else None
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            value = None
-        except (
-            dns.exception.Timeout,
-            dns.resolver.NoNameservers,
-            dns.exception.DNSException,
-        ) as e:
-            raise DnsFailure(type(e).__name__) from None
-        with self.lock:
-            if len(self.cache) > 10_000:
-                self.cache.clear()
-            self.cache[key] = (now + _CACHE_SECONDS, value)
-        return value
-
-    def records(self, name: str) -> list[bytes]:
-        """Every TXT record of `name` (for DMARC, where several records mean none applies),
-        [] if there is none; cached like `lookup` (a DNS failure never is)."""
-        key = name.lower().rstrip(".")
-        now = time.monotonic()
-        with self.lock:
-            hit = self.records_cache.get(key)
             if hit is not None and hit[0] > now:
                 return list(hit[1])
         try:
@@ -96,9 +76,9 @@ class _Txt:
         except dns.exception.DNSException as e:
             raise DnsFailure(type(e).__name__) from None
         with self.lock:
-            if len(self.records_cache) > 10_000:
-                self.records_cache.clear()
-            self.records_cache[key] = (now + _CACHE_SECONDS, found)
+            if len(self.cache) > 10_000:
+                self.cache.clear()
+            self.cache[key] = (now + _CACHE_SECONDS, found)
         return list(found)
 
 
@@ -127,7 +107,7 @@ class SenderAuthenticator:
 
     def __init__(self, trust: TrustSettings) -> None:
         self.trust = trust
-        self._txt = _Txt(_resolver(trust), {}, threading.Lock())
+        self._txt = _Txt(_resolver(trust), threading.Lock())
 
     def check(self, raw: bytes, from_address: str) -> Verdict:
         """The verdict for a mail whose (already validated) From: address is `from_address`."""
