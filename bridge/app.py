@@ -23,6 +23,7 @@ from bridge.core.tasks import TaskGroup
 from bridge.db import inbox as inbox_db
 from bridge.db import links as link_db
 from bridge.db import mail as mail_db
+from bridge.db import hooks_out as hooks_out_db
 from bridge.db import outbox as outbox_db
 from bridge.db import remote as remote_db
 from bridge.db.engine import Database, open_database
@@ -46,6 +47,7 @@ from bridge.relay.bounces import Bounces
 from bridge.relay.bridge_state import BridgeState
 from bridge.relay.hook_commands import WebhookCommands
 from bridge.relay.hooks_in import HooksRelay
+from bridge.relay.hooks_out import HookSender, HooksOut
 from bridge.relay.link_commands import LinkCommands
 from bridge.relay.mail_in import MailRelay
 from bridge.relay.mail_out import MailOut, OutcomeReporter
@@ -58,6 +60,7 @@ from bridge.status import StatusReporter
 from bridge.web.health import add_health_route
 from bridge.web.metrics import Metrics, add_metrics_route, start_metrics_listener
 from bridge.web.provisioning import ProvisioningApi
+from bridge.webhooks.delivery import Deliverer
 from bridge.webhooks.directory import HookDirectory
 from bridge.webhooks.server import WebhookServer
 
@@ -219,8 +222,31 @@ class Bridge:
             remote_join=self.remote.join,
         )
         self.link_commands.register(commands)
-        self.hook_directory = HookDirectory(config.webhooks.hooks)
+        self.hook_directory = HookDirectory(
+            config.webhooks.hooks, outgoing=config.webhooks.outgoing
+        )
         await self.hook_directory.load(self.db)
+        self.deliverer = Deliverer(
+            config.webhooks.egress,
+            timeout=config.webhooks.delivery_timeout,
+            dns_server=config.webhooks.egress_dns_server,
+        )
+        self.hook_sender = HookSender(
+            self.db,
+            self.client,
+            self.hook_directory,
+            self.deliverer,
+            self.tasks,
+            give_up_after=config.webhooks.give_up_after,
+        )
+        self.hooks_out = HooksOut(
+            config,
+            self.db,
+            self.client,
+            self.members,
+            self.hook_directory,
+            notify_sender=self.hook_sender.notify,
+        )
         WebhookCommands(
             config, self.db, self.client, self.hook_directory, self.link_commands
         ).register(commands)
@@ -302,7 +328,9 @@ class Bridge:
             self.tasks.spawn(self.remote_sender.run(), name="remote-sender")
         # Always: a hook made in a room with `webhook new` needs no restart.
         self.status.db_extra["webhooks"] = self.hooks_relay.report
+        self.status.db_extra["webhook_outbox"] = functools.partial(hooks_out_db.counts, self.db)
         self.tasks.spawn(self.hooks_relay.run(), name="webhooks-relay")
+        self.tasks.spawn(self.hook_sender.run(), name="webhooks-sender")
         await self.mail.sync_config_links(self._bot_join)
         await self.remote.sync_config_links(self._bot_join)
         self.mail_out.links_changed()
@@ -321,11 +349,13 @@ class Bridge:
         self.relay.on_posted = functools.partial(metrics.relayed, "mail_in")
         self.remote_relay.on_posted = functools.partial(metrics.relayed, "remote_in")
         self.remote_sender.on_sent = functools.partial(metrics.relayed, "remote_out")
+        self.hook_sender.on_sent = functools.partial(metrics.relayed, "webhook_out")
         if self.outbox is not None:
             self.outbox.on_sent = functools.partial(metrics.relayed, "mail_out")
         metrics.watch_errors(log)
         metrics.queues["appservice_inbox"] = functools.partial(inbox_db.pending_summary, self.db)
         metrics.queues["mail_in"] = functools.partial(mail_db.pending_summary, self.db)
+        metrics.queues["webhook_outbox"] = functools.partial(hooks_out_db.pending_summary, self.db)
         sources = metrics.connections.sources
         sources["homeserver"] = lambda: {config.homeserver.domain: self.homeserver_health}
         if config.mail.smtp is not None:
@@ -413,8 +443,10 @@ class Bridge:
         await self._links_changed()
 
     async def _room_is_linked(self, room_id: RoomID) -> bool:
-        return bool(await self.mail_out.room_links(room_id)) or bool(
-            await self.remote_out.room_links(room_id)
+        return (
+            bool(await self.mail_out.room_links(room_id))
+            or bool(await self.remote_out.room_links(room_id))
+            or bool(self.hook_directory.outgoing_in(room_id))
         )
 
     async def _links_changed(self) -> None:
@@ -467,7 +499,12 @@ class Bridge:
         if item.event_type == "m.room.member":
             self.members.changed(item.room_id)
         reasons = []
-        handlers = (self.bot.handle, self.mail_out.handle, self.remote_out.handle)
+        handlers = (
+            self.bot.handle,
+            self.mail_out.handle,
+            self.remote_out.handle,
+            self.hooks_out.handle,
+        )
         for handler in handlers:
             try:
                 await handler(item)
@@ -487,6 +524,8 @@ class Bridge:
         await self.tasks.close()
         if hasattr(self, "remote"):
             await self.remote.close()
+        if hasattr(self, "deliverer"):
+            await self.deliverer.close()
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -60,7 +60,7 @@ from bridge.config.remote import (
     _remote_link,
     _remotes,
 )
-from bridge.config.webhooks import HookSettings, WebhooksConfig, _webhooks
+from bridge.config.webhooks import HookSettings, OutHookSettings, WebhooksConfig, _webhooks
 from bridge.core.ghosts import encode_localpart
 from bridge.core.ids import UserID
 from bridge.core.permissions import PermissionLevel, PermissionTable
@@ -89,6 +89,7 @@ __all__ = [
     "LoggingConfig",
     "MailConfig",
     "MailboxSettings",
+    "OutHookSettings",
     "ProvisioningConfig",
     "RemoteLinkSpec",
     "RemoteSettings",
@@ -233,9 +234,11 @@ class Config:
         values += [r.access_token for r in self.remotes.values()]
         if self.provisioning.shared_secret:
             values.append(self.provisioning.shared_secret)
-        for hook in self.webhooks.hooks.values():
+        hook_secrets = [hook.secret for hook in self.webhooks.hooks.values()]
+        hook_secrets += [hook.secret for hook in self.webhooks.outgoing.values()]
+        for secret in hook_secrets:
             # The whole secret, and its base64 part alone (as a signer may print it).
-            values += [hook.secret, hook.secret.removeprefix("whsec_")]
+            values += [secret, secret.removeprefix("whsec_")]
         password = urlsplit(self.database.url).password
         if password:
             values.append(password)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GENESIS = "0" * 64
-DIRECTIONS = ("mail_in", "mail_out", "remote_in", "remote_out", "webhook_in")
+DIRECTIONS = ("mail_in", "mail_out", "remote_in", "remote_out", "webhook_in", "webhook_out")
 VERDICTS = ("authenticated", "unverified", "failed")
 OUTCOMES = ("posted", "sent", "refused", "ignored", "quarantined", "failed")
 

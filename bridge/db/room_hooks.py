@@ -1,4 +1,5 @@
-"""Webhooks made in a room with the bot's `webhook` commands: their secrets and makers."""
+"""Webhooks made in a room with the bot's `webhook` commands (inbound, or outbound with a URL):
+their secrets and makers."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ class RoomHook:
     previous_expires_at: int | None  # ms since the epoch
     created_by: str
     created_at: int
+    url: str | None = None  # outbound: where the room's messages are POSTed
+
+    @property
+    def outbound(self) -> bool:
+        return self.url is not None
 
 
 async def all_hooks(db: Database) -> list[RoomHook]:
@@ -39,16 +45,18 @@ async def all_hooks(db: Database) -> list[RoomHook]:
             else int(r.previous_expires_at),
             created_by=r.created_by,
             created_at=int(r.created_at),
+            url=r.url,
         )
         for r in rows
     ]
 
 
 async def create(
-    db: Database, name: str, room_id: str, secret: str, created_by: str
+    db: Database, name: str, room_id: str, secret: str, created_by: str, *, url: str | None = None
 ) -> RoomHook | None:
-    """The new hook, or None when a room hook already has that name."""
-    hook = RoomHook(name, room_id, secret, None, None, created_by, now_ms())
+    """The new hook (outbound when `url` is given), or None when a room hook already has that
+    name."""
+    hook = RoomHook(name, room_id, secret, None, None, created_by, now_ms(), url)
     try:
         async with db.begin() as conn:
             await conn.execute(
@@ -58,6 +66,7 @@ async def create(
                     secret=secret,
                     created_by=created_by,
                     created_at=hook.created_at,
+                    url=url,
                 )
             )
     except IntegrityError:

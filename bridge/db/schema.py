@@ -330,7 +330,8 @@ webhook_thread = Table(
     Column("created_at", BigInteger, nullable=False),
 )
 
-# Hooks made in their room with `webhook new`; names are unique across these and the config's.
+# Hooks made in their room with `webhook new` (inbound) or `webhook out` (outbound, url set);
+# names are unique across these and the config's.
 # previous_secret stays valid until previous_expires_at (ms) after a `webhook rotate`.
 webhook_room_hook = Table(
     "webhook_room_hook",
@@ -342,4 +343,31 @@ webhook_room_hook = Table(
     Column("previous_expires_at", BigInteger, nullable=True),
     Column("created_by", String(255), nullable=False),
     Column("created_at", BigInteger, nullable=False),
+    Column("url", String(2048), nullable=True),  # set: outbound (`webhook out`)
+)
+
+
+# Room events to POST to outbound hooks, one row per (hook, event), sent in id order per hook.
+# state: pending → sent | failed; a failed row is told next to its message once (reported).
+webhook_outbox = Table(
+    "webhook_outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("hook", String(32), nullable=False),
+    Column("room_id", String(255), nullable=False),
+    Column("event_id", String(255), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("sender", String(255), nullable=True),
+    Column("state", String(16), nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", BigInteger, nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("status_code", Integer, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("finished_at", BigInteger, nullable=True),
+    Column("reported", Boolean, nullable=False, server_default=false()),
+    UniqueConstraint("hook", "event_id", name="ux_webhook_outbox_event"),
+    Index("ix_webhook_outbox_due", "state", "hook", "id"),
+    Index("ix_webhook_outbox_report", "reported", "state"),
 )

@@ -92,7 +92,7 @@ class Metrics:
             "passerelle_relay_latency_seconds",
             "Time from intake to delivery, retries included (mail_in: fetched → posted; "
             "mail_out: queued → accepted by SMTP; remote_in: from /sync → posted; "
-            "remote_out: queued → sent).",
+            "remote_out: queued → sent; webhook_out: queued → accepted by the receiver).",
             ["direction"],
             buckets=LATENCY_BUCKETS,
             registry=r,

@@ -1,11 +1,12 @@
-"""Every inbound hook, from the config and made in rooms: kept in memory, changed with the DB."""
+"""Every hook, inbound and outbound, from the config and made in rooms: kept in memory, changed
+with the DB."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
 
-from bridge.config.webhooks import HookSettings
+from bridge.config.webhooks import HookSettings, OutHookSettings
 from bridge.db import room_hooks
 from bridge.db.engine import Database
 from bridge.db.room_hooks import RoomHook
@@ -17,33 +18,63 @@ class HookDirectory:
     loaded at start-up and changed only through this object, after their row is written."""
 
     def __init__(
-        self, configured: Mapping[str, HookSettings], clock: Callable[[], float] = time.time
+        self,
+        configured: Mapping[str, HookSettings],
+        clock: Callable[[], float] = time.time,
+        *,
+        outgoing: Mapping[str, OutHookSettings] | None = None,
     ) -> None:
         self.configured = dict(configured)
         self.hooks: dict[str, HookSettings] = dict(configured)
+        self.configured_out = dict(outgoing or {})
+        self.outgoing: dict[str, OutHookSettings] = dict(self.configured_out)
         self.room_hooks: dict[str, RoomHook] = {}
         self._clock = clock
 
     async def load(self, db: Database) -> None:
         for hook in await room_hooks.all_hooks(db):
-            if hook.name not in self.configured:
+            if hook.name not in self.configured and hook.name not in self.configured_out:
                 self.put(hook)
 
     def put(self, hook: RoomHook) -> None:
         self.room_hooks[hook.name] = hook
-        self.hooks[hook.name] = HookSettings(hook.name, hook.room_id, hook.secret)
+        if hook.url is not None:
+            self.outgoing[hook.name] = OutHookSettings(
+                hook.name, hook.room_id, hook.url, hook.secret
+            )
+        else:
+            self.hooks[hook.name] = HookSettings(hook.name, hook.room_id, hook.secret)
 
     def drop(self, name: str) -> None:
         self.room_hooks.pop(name, None)
         if name not in self.configured:
             self.hooks.pop(name, None)
+        if name not in self.configured_out:
+            self.outgoing.pop(name, None)
+
+    def taken(self, name: str) -> bool:
+        """Whether a hook of either direction has this name."""
+        return name in self.hooks or name in self.outgoing
+
+    def outgoing_in(self, room_id: str) -> list[OutHookSettings]:
+        """The outbound hooks that receive this room's messages."""
+        return [hook for hook in self.outgoing.values() if hook.room_id == room_id]
+
+    def signing_keys(self, name: str) -> list[bytes]:
+        """The keys an outbound delivery is signed with now: the secret, and the previous one
+        while a rotation's grace lasts (the receiver may check either)."""
+        hook = self.outgoing.get(name)
+        return [] if hook is None else self._keys(hook.secret, name)
 
     def keys(self, name: str) -> list[bytes] | None:
         """The keys a request to `name` may be signed with now, or None for no such hook."""
         hook = self.hooks.get(name)
         if hook is None:
             return None
-        keys = [decode_secret(hook.secret)]
+        return self._keys(hook.secret, name)
+
+    def _keys(self, secret: str, name: str) -> list[bytes]:
+        keys = [decode_secret(secret)]
         room_hook = self.room_hooks.get(name)
         if (
             room_hook is not None
