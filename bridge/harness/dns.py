@@ -114,9 +114,8 @@ class DnsServer:
         )
         values = types.get(str(qtype), [])
         for value in values:
-            rdata = (
-                TXT(_chunks(value)) if qtype == "TXT" else AAAA(value) if qtype == "AAAA" else A(value)
-            )
+            kind = {"TXT": lambda v: TXT(_chunks(v)), "AAAA": AAAA}.get(str(qtype), A)
+            rdata = kind(value)
             reply.add_answer(RR(request.q.qname, request.q.qtype, rdata=rdata, ttl=_TTL))
         if not values:
             if not types:
