@@ -396,12 +396,12 @@ def _trust(value: Any) -> TrustSettings:
     return TrustSettings(
         authserv_ids=tuple(dict.fromkeys(i.lower() for i in ids)),
         verify_dkim=verify,
-        dns_server=_dns_server(f"{key}.dns_server", value.get("dns_server")),
+        dns_server=parse_dns_server(f"{key}.dns_server", value.get("dns_server")),
         dns_timeout=float(timeout),
     )
 
 
-def _dns_server(key: str, value: Any) -> tuple[str, int] | None:
+def parse_dns_server(key: str, value: Any) -> tuple[str, int] | None:
     """An IP address, with an optional port: 192.0.2.1, 192.0.2.1:5353, [2001:db8::1]:53."""
     if value is None:
         return None

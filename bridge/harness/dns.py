@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from dnslib import QTYPE, RCODE, RR, SOA, TXT, A, DNSHeader, DNSRecord
+from dnslib import AAAA, QTYPE, RCODE, RR, SOA, TXT, A, DNSHeader, DNSRecord
 
 log = logging.getLogger("passerelle.harness.dns")
 
@@ -32,7 +32,7 @@ def _chunks(value: str) -> list[bytes]:
 
 @dataclass
 class DnsServer:
-    """Answers A and TXT queries from ``records`` (name → type → values), UDP and TCP.
+    """Answers A, AAAA and TXT queries from ``records`` (name → type → values), UDP and TCP.
 
     The system resolver (libresolv, used by opendmarc and libspf2) only talks to port 53, so
     the server binds port 53 on an address of the 127/8 loopback network picked at random
@@ -114,7 +114,8 @@ class DnsServer:
         )
         values = types.get(str(qtype), [])
         for value in values:
-            rdata = TXT(_chunks(value)) if qtype == "TXT" else A(value)
+            kind = {"TXT": lambda v: TXT(_chunks(v)), "AAAA": AAAA}.get(str(qtype), A)
+            rdata = kind(value)
             reply.add_answer(RR(request.q.qname, request.q.qtype, rdata=rdata, ttl=_TTL))
         if not values:
             if not types:
