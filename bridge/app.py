@@ -20,10 +20,10 @@ from bridge.core.health import ComponentHealth
 from bridge.core.ids import EventID, RoomID
 from bridge.core.links import REMOTE_KIND, split_remote_key
 from bridge.core.tasks import TaskGroup
+from bridge.db import hooks_out as hooks_out_db
 from bridge.db import inbox as inbox_db
 from bridge.db import links as link_db
 from bridge.db import mail as mail_db
-from bridge.db import hooks_out as hooks_out_db
 from bridge.db import outbox as outbox_db
 from bridge.db import remote as remote_db
 from bridge.db.engine import Database, open_database

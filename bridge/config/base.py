@@ -24,6 +24,7 @@ FREE_FORM = {
     ("mail", "mailboxes"),
     ("remotes",),
     ("webhooks", "hooks"),
+    ("webhooks", "outgoing"),
 }
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # The package's default config: bridge/example-config.yaml (a link to config/example-config.yaml).

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config.base import ConfigError, _int, _number, _room_id, _secret, _type_name
-from bridge.config.mail import _dns_server
+from bridge.config.mail import parse_dns_server
 from bridge.webhooks.egress import EgressPolicy, EgressRefused, check_url, parse_egress
 from bridge.webhooks.signature import decode_secret
 
@@ -92,7 +92,9 @@ def _webhooks(raw: dict[str, Any], config_dir: Path | None) -> WebhooksConfig:
         rotation_grace=_int(raw, "webhooks.rotation_grace", 1, 30 * 86400),
         outgoing=outgoing,
         egress=egress,
-        egress_dns_server=_dns_server("webhooks.egress_dns_server", section["egress_dns_server"]),
+        egress_dns_server=parse_dns_server(
+            "webhooks.egress_dns_server", section["egress_dns_server"]
+        ),
         delivery_timeout=_number(raw, "webhooks.delivery_timeout", 1, 300),
         give_up_after=_int(raw, "webhooks.give_up_after", 60, 30 * 86400),
     )

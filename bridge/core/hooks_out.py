@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import hashlib
+import json
 from typing import Any
 
 from bridge.core.ghosts import clean_display_name
@@ -34,7 +35,7 @@ MAX_RETRY_AFTER = 3600.0  # seconds: a longer Retry-After is capped, not obeyed
 def delivery_id(hook: str, event_id: str) -> str:
     """The webhook-id of an event's delivery to a hook: the same on every attempt (the
     receiver drops a repeat), different for every hook."""
-    digest = hashlib.sha256(f"{hook}\n{event_id}".encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([hook, event_id]).encode()).hexdigest()
     return f"msg_{digest[:40]}"
 
 

@@ -15,7 +15,13 @@ import aiohttp
 
 from bridge import __version__
 from bridge.core.errors import TransientError
-from bridge.webhooks.egress import EgressPolicy, EgressRefused, check_url, egress_session
+from bridge.webhooks.egress import (
+    EgressPolicy,
+    EgressRefused,
+    check_url,
+    egress_refusal,
+    egress_session,
+)
 from bridge.webhooks.signature import sign
 
 log = logging.getLogger("passerelle.webhooks.out")
@@ -88,7 +94,7 @@ class Deliverer:
         except EgressRefused:
             raise
         except aiohttp.ClientConnectorError as e:
-            refused = _egress_cause(e)
+            refused = egress_refusal(e)
             if refused is not None:
                 raise refused from None
             raise TransientError(f"cannot connect to {target.host}: {e.strerror or e}") from None
@@ -98,18 +104,3 @@ class Deliverer:
             ) from None
         except aiohttp.ClientError as e:
             raise TransientError(f"{target.host}: {type(e).__name__}: {e}") from None
-
-
-def _egress_cause(error: BaseException) -> EgressRefused | None:
-    """The egress refusal behind an aiohttp connection error, if that is what it is."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, EgressRefused):
-            return current
-        seen.add(id(current))
-        nested = getattr(current, "os_error", None)
-        if isinstance(nested, EgressRefused):
-            return nested
-        current = current.__cause__ or current.__context__
-    return None

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
-from bridge.config import HookSettings, load_config, parse_config
+from bridge.config import HookSettings, OutHookSettings, load_config, parse_config
 from bridge.logsetup import SecretMask
 from bridge.webhooks.signature import decode_secret
 from tests.unit.test_config import config_error, minimal
@@ -121,3 +121,97 @@ def test_rotation_grace() -> None:
     assert parse_config(minimal(), env={}).webhooks.rotation_grace == 86400
     assert parse_config(with_hooks({}, rotation_grace=60), env={}).webhooks.rotation_grace == 60
     config_error(with_hooks({}, rotation_grace=0), "webhooks.rotation_grace")
+
+
+# --- outbound hooks and the egress list ---------------------------------------------------------
+
+URL = "https://tickets.example.org/hooks/matrix"
+
+
+def with_outgoing(
+    outgoing: Any, egress: Any = ("https://tickets.example.org/hooks",), **kw: Any
+) -> dict[str, Any]:
+    return minimal(webhooks={"outgoing": outgoing, "egress": list(egress), **kw})
+
+
+def test_outgoing_defaults() -> None:
+    webhooks = parse_config(minimal(), env={}).webhooks
+    assert webhooks.outgoing == {}
+    assert webhooks.egress.allows_nothing
+    assert webhooks.egress_dns_server is None
+    assert (webhooks.delivery_timeout, webhooks.give_up_after) == (10, 86400)
+
+
+def test_outgoing_hook() -> None:
+    config = parse_config(
+        with_outgoing(
+            {"tickets": {"room": ROOM, "url": URL, "secret": SECRET}},
+            egress_dns_server="127.0.0.53:5353",
+            delivery_timeout=2.5,
+            give_up_after=600,
+        ),
+        env={},
+    )
+    hook = config.webhooks.outgoing["tickets"]
+    assert hook == OutHookSettings(name="tickets", room_id=ROOM, url=URL, secret=SECRET)
+    assert SECRET not in repr(hook)
+    assert SECRET in config.secrets()
+    assert config.webhooks.egress_dns_server == ("127.0.0.53", 5353)
+    assert (config.webhooks.delivery_timeout, config.webhooks.give_up_after) == (2.5, 600)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://tickets.example.org/other",  # outside the prefix's path
+        "https://tickets.example.org/hooksx",  # not at a "/" boundary
+        "https://evil.example.org/hooks/x",
+        "http://tickets.example.org/hooks/x",  # another scheme
+        "https://tickets.example.org:8443/hooks/x",  # another port
+        "https://user@tickets.example.org/hooks/x",
+        "http://169.254.169.254/latest/meta-data",
+        "http://127.0.0.1/hooks",
+        "ftp://tickets.example.org/hooks",
+        "not a url",
+    ],
+)
+def test_outgoing_url_must_be_allowed(url: str) -> None:
+    entry = {"room": ROOM, "url": url, "secret": SECRET}
+    config_error(with_outgoing({"t": entry}), "webhooks.outgoing.t.url")
+
+
+def test_nothing_allowed_without_egress() -> None:
+    entry = {"room": ROOM, "url": URL, "secret": SECRET}
+    config_error(with_outgoing({"t": entry}, egress=()), "webhooks.outgoing.t.url")
+
+
+@pytest.mark.parametrize(
+    ("entry", "key", "fragment"),
+    [
+        ({"room": ROOM, "url": URL}, "webhooks.outgoing.t.secret", "exactly one"),
+        ({"room": ROOM, "url": URL, "secret": "nope"}, "webhooks.outgoing.t.secret", "whsec_"),
+        ({"url": URL, "secret": SECRET}, "webhooks.outgoing.t.room", "room ID"),
+        ({"room": ROOM, "secret": SECRET}, "webhooks.outgoing.t.url", "URL"),
+        ({"room": ROOM, "url": URL, "secret": SECRET, "x": 1}, "webhooks.outgoing.t.x", "unknown"),
+        ([URL], "webhooks.outgoing.t", "mapping"),
+    ],
+)
+def test_bad_outgoing_entries(entry: Any, key: str, fragment: str) -> None:
+    config_error(with_outgoing({"t": entry}), key, fragment)
+
+
+def test_names_unique_across_directions() -> None:
+    raw = with_outgoing({"ci": {"room": ROOM, "url": URL, "secret": SECRET}})
+    raw["webhooks"]["hooks"] = {"ci": {"room": ROOM, "secret": SECRET}}
+    config_error(raw, "webhooks.outgoing.ci", "unique")
+
+
+@pytest.mark.parametrize("egress", [["gopher://x/"], ["https://a@b/"], [7], ["10.0.0.0/33"]])
+def test_bad_egress_entries(egress: Any) -> None:
+    config_error(with_outgoing({}, egress=egress), "webhooks.egress")
+
+
+def test_bad_delivery_settings() -> None:
+    config_error(with_outgoing({}, delivery_timeout=0), "webhooks.delivery_timeout")
+    config_error(with_outgoing({}, give_up_after=5), "webhooks.give_up_after")
+    config_error(with_outgoing({}, egress_dns_server="dns.example"), "webhooks.egress_dns_server")
