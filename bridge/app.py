@@ -333,6 +333,9 @@ class Bridge:
         self.tasks.spawn(self.hook_sender.run(), name="webhooks-sender")
         await self.mail.sync_config_links(self._bot_join)
         await self.remote.sync_config_links(self._bot_join)
+        # The bot reads an outbound hook's room: it joins those of the config (if invited).
+        for room_id in sorted({hook.room_id for hook in config.webhooks.outgoing.values()}):
+            await self._bot_join(RoomID(room_id))
         self.mail_out.links_changed()
         self.remote_out.links_changed()
         await self.mail.refresh()
@@ -406,7 +409,8 @@ class Bridge:
         active = [
             link for link in await link_db.links_in_room(self.db, room_id) if not link.paused
         ]
-        if not active:
+        hooks = ", ".join(sorted(hook.name for hook in self.hook_directory.outgoing_in(room_id)))
+        if not active and not hooks:
             return
         lists = ", ".join(sorted(link.remote for link in active if link.kind != REMOTE_KIND))
         remotes = ", ".join(
@@ -426,6 +430,8 @@ class Bridge:
             parts.append(
                 f"the link to {remotes} is paused: nothing is relayed in either direction"
             )
+        if hooks:
+            parts.append(f"webhook {hooks} receives nothing from this room")
         text = (
             "End-to-end encryption was turned on in this room. Passerelle cannot read or write "
             f"encrypted messages, so {'; '.join(parts)}. An administrator can link a room "
