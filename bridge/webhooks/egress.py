@@ -343,8 +343,10 @@ def _refuse_encoded_tricks(path: str) -> None:
 
 def _normal_host(url: yarl.URL) -> str:
     """The URL's host, lowercase IDNA without trailing dot; ValueError if it is not one we use."""
-    if not url.is_absolute() or url.scheme not in DEFAULT_PORTS:
+    if url.scheme not in DEFAULT_PORTS:
         raise ValueError("only absolute http:// and https:// URLs are allowed")
+    if not url.raw_host:
+        raise ValueError("the host is empty")
     if url.raw_user is not None or url.raw_password is not None:
         raise ValueError("no user name or password is allowed")
     host = (url.raw_host or "").lower()
