@@ -11,7 +11,8 @@ reach an internal service. Two checks, both needed:
 * `EgressResolver` checks every address DNS returns for a name, after resolution and on every
   connection (the session does not cache DNS): aiohttp connects only to the addresses the
   resolver returned, so a name that resolves to a private address — at once or after a DNS
-  rebinding — is refused. One refused address refuses the whole answer.
+  rebinding — is refused. One refused address refuses the whole answer. Last, the session's
+  socket factory checks the address of every socket it connects, IP literals included.
 
 Addresses that are not globally routable (loopback, private, link-local incl. the cloud metadata
 address 169.254.169.254, CGNAT, multicast, reserved, documentation and benchmarking ranges, and
@@ -31,8 +32,9 @@ import ipaddress
 import re
 import socket
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import dns.asyncresolver
@@ -72,8 +74,9 @@ class EgressRefused(Exception):
         return self.reason
 
 
-class EgressResolutionRefused(EgressRefused, OSError):
-    """A refusal raised by `EgressResolver`: an OSError, as aiohttp expects of a resolver.
+class EgressNetworkRefused(EgressRefused, OSError):
+    """A refusal raised inside aiohttp's connector (by `EgressResolver` or the session's socket
+    factory): an OSError, as aiohttp expects of a resolver or a connection attempt.
 
     aiohttp wraps it in ``aiohttp.ClientConnectorDNSError`` (its ``os_error``); `egress_refusal`
     digs it out again and `post` re-raises it as is.
@@ -399,11 +402,11 @@ class EgressResolver(AbstractResolver):
             try:
                 ip = _address(result["host"])
             except EgressRefused as e:
-                raise EgressResolutionRefused(f"{host} resolves to {e.reason}") from None
+                raise EgressNetworkRefused(f"{host} resolves to {e.reason}") from None
             problem = _refusal(self.policy, ip)
             if problem is not None:
                 reason = f"{host} resolves to {ip}, which {problem}{_UNLISTED}"
-                raise EgressResolutionRefused(reason)
+                raise EgressNetworkRefused(reason)
         if not results:
             raise socket.gaierror(socket.EAI_NONAME, f"{host} has no address")
         return results
@@ -490,6 +493,7 @@ def egress_session(
     connector = aiohttp.TCPConnector(
         resolver=EgressResolver(policy, inner),
         use_dns_cache=False,  # every connection re-resolves, so every answer is checked
+        socket_factory=_checking_socket_factory(policy),
     )
 
     async def check_every_request(
@@ -505,6 +509,25 @@ def egress_session(
         cookie_jar=aiohttp.DummyCookieJar(),
         middlewares=(check_every_request,),
     )
+
+
+def _checking_socket_factory(policy: EgressPolicy) -> Callable[[tuple[Any, ...]], socket.socket]:
+    """Last line: check the very address each socket connects to, IP literals included (aiohttp
+    does not call the resolver for those, and a caller could skip check_url)."""
+
+    def new_socket(addr_info: tuple[Any, ...]) -> socket.socket:
+        family, kind, proto, _, address = addr_info
+        host = str(address[0])
+        try:
+            ip = _address(host)
+        except EgressRefused as e:
+            raise EgressNetworkRefused(e.reason) from None
+        problem = _refusal(policy, ip)
+        if problem is not None:
+            raise EgressNetworkRefused(f"connecting to {ip}, which {problem}{_UNLISTED}")
+        return socket.socket(family=family, type=kind, proto=proto)
+
+    return new_socket
 
 
 def egress_refusal(error: BaseException) -> EgressRefused | None:

@@ -9,10 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.webhooks.egress import (
+    EgressNetworkRefused,
     EgressPolicy,
     EgressPrefix,
     EgressRefused,
-    EgressResolutionRefused,
     check_address,
     check_url,
     egress_refusal,
@@ -325,7 +325,7 @@ def test_a_path_never_escapes_its_prefix(suffix: str) -> None:
 
 
 def test_a_resolution_refusal_is_an_oserror_and_found_in_a_chain() -> None:
-    refusal = EgressResolutionRefused("x resolves to 10.0.0.1, which is private")
+    refusal = EgressNetworkRefused("x resolves to 10.0.0.1, which is private")
     assert isinstance(refusal, OSError)
     assert str(refusal) == "x resolves to 10.0.0.1, which is private"
     outer = RuntimeError("wrapped")
