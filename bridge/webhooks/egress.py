@@ -44,8 +44,6 @@ import dns.resolver
 import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from bridge.config.mail import parse_dns_server
-
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -285,7 +283,8 @@ def _refusal(policy: EgressPolicy, ip: IPAddress) -> str | None:
         if ip.scope_id:
             return "has a scope (zone) and is link-local"
         if ip.ipv4_mapped is not None:  # it *is* that IPv4 address
-            return _refusal(policy, ip.ipv4_mapped)
+            inner = _refusal(policy, ip.ipv4_mapped)
+            return None if inner is None else f"maps to {ip.ipv4_mapped}, which {inner}"
     if _listed(policy, ip):
         return None
     if isinstance(ip, ipaddress.IPv6Address):
@@ -475,21 +474,27 @@ def egress_session(
     policy: EgressPolicy,
     *,
     timeout: float,
-    dns_server: str | None = None,
+    dns_server: str | tuple[str, int] | None = None,
     dns_timeout: float = 5.0,
 ) -> aiohttp.ClientSession:
     """A client session that can only reach what ``policy`` allows (call inside the event loop).
 
-    ``dns_server`` is "IP[:port]" (e.g. "10.0.0.53", "[::1]:5353"); None uses the system's
-    resolver. Requests must still go through `check_url` (or `post`) with allow_redirects=False.
+    ``dns_server`` is "IP[:port]" (e.g. "10.0.0.53", "[::1]:5353", ConfigError otherwise) or an
+    already parsed (IP, port); None uses the system's resolver. Requests must still go through
+    `check_url` (or `post`) with allow_redirects=False.
     """
+    # Imported here: bridge.config imports this module to validate webhooks.egress.
+    from bridge.config.mail import parse_dns_server
+
     inner: AbstractResolver
     if dns_server is None:
         inner = aiohttp.ThreadedResolver()
     else:
-        server = parse_dns_server("webhooks.dns_server", dns_server)
-        assert server is not None
-        inner = DnsServerResolver(server[0], server[1], dns_timeout)
+        if isinstance(dns_server, str):
+            parsed = parse_dns_server("webhooks.egress_dns_server", dns_server)
+            assert parsed is not None
+            dns_server = parsed
+        inner = DnsServerResolver(dns_server[0], dns_server[1], dns_timeout)
     connector = aiohttp.TCPConnector(
         resolver=EgressResolver(policy, inner),
         use_dns_cache=False,  # every connection re-resolves, so every answer is checked

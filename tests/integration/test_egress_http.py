@@ -143,17 +143,32 @@ async def test_a_listed_metadata_prefix_is_still_refused_without_its_network() -
 
 
 @pytest.mark.parametrize(
-    "host", ["127.1", "2130706433", "0x7f.1", "0177.0.0.1", "0x7f000001", "[::ffff:7f00:1]"]
+    ("host", "refusal"),
+    [
+        ("127.1", None),  # aiohttp: "is not a canonical IPv4 address"
+        ("2130706433", None),
+        ("0177.0.0.1", None),
+        ("0x7f000001", "0x7f000001 resolves to 127.0.0.1, which is loopback"),
+        ("0x7f.1", "0x7f.1 resolves to 127.0.0.1, which is loopback"),
+        ("127.0.0.1", "connecting to 127.0.0.1, which is loopback"),
+        ("[::ffff:7f00:1]", "connecting to ::ffff:7f00:1, which maps to 127.0.0.1"),
+        ("[::1]", "connecting to ::1, which is loopback"),
+    ],
 )
-async def test_numeric_hosts_fail_even_without_check_url(server: Receiver, host: str) -> None:
+async def test_numeric_hosts_fail_even_without_check_url(
+    server: Receiver, host: str, refusal: str | None
+) -> None:
     """Second line: a caller skipping check_url and the session's middleware (middlewares=())
     still reaches nothing — aiohttp refuses non-canonical IPv4 forms, the forms it hands to
     getaddrinfo (0x7f.1) resolve to 127.0.0.1, which the resolver refuses, and the socket
     factory refuses connecting to an IP literal ([::ffff:7f00:1])."""
     policy = parse_egress([f"http://localhost:{server.port}/hook"])
     async with egress_session(policy, timeout=5) as http:
-        with pytest.raises((aiohttp.ClientError, EgressRefused)):
+        with pytest.raises(aiohttp.ClientError) as caught:
             await http.post(f"http://{host}:{server.port}/hook", data=BODY, middlewares=())
+    found = egress_refusal(caught.value)
+    assert (found is None) == (refusal is None)
+    assert refusal is None or refusal in str(found)
     assert server.received == []
 
 
