@@ -54,8 +54,9 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 # WHATWG URL: a host whose last label is a number is an IPv4 address in some legacy form.
 _NUMERIC_LABEL = re.compile(r"0x[0-9a-f]*|[0-9]+")
-# Encoded ".", "/", "\" and NUL: a server may decode them into a path escaping the prefix.
-_ENCODED_TRICK = re.compile(r"%(?:2e|2f|5c|00)", re.IGNORECASE)
+# Encoded ".", "/", "\", NUL and "%" (double encoding): a server may decode them into a path
+# escaping the prefix.
+_ENCODED_TRICK = re.compile(r"%(?:2e|2f|5c|00|25)", re.IGNORECASE)
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 _CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
@@ -340,7 +341,9 @@ def _refuse_odd_characters(text: str) -> None:
 
 def _refuse_encoded_tricks(path: str) -> None:
     if _ENCODED_TRICK.search(path):
-        raise ValueError('the path holds an encoded ".", "/", "\\" or NUL (%2e, %2f, %5c, %00)')
+        raise ValueError(
+            'the path holds an encoded ".", "/", "\\", NUL or "%" (%2e, %2f, %5c, %00, %25)'
+        )
 
 
 def _normal_host(url: yarl.URL) -> str:

@@ -165,6 +165,8 @@ def test_allowed_urls(url: str, normalised: str) -> None:
         ("https://hooks.example.com/api/%2E%2E/admin", "encoded"),
         ("https://hooks.example.com/api%2f..%2fadmin", "encoded"),
         ("https://hooks.example.com/api/..%2Fadmin", "encoded"),
+        ("https://hooks.example.com/api/%252e%252e/admin", "encoded"),
+        ("https://hooks.example.com/api/%5c..%5cadmin", "encoded"),
         ("https://hooks.example.com/api/../admin", "not under"),
         ("https://hooks.example.com/apix", "not under"),
         ("https://hooks.example.com/ap", "not under"),
