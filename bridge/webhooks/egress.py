@@ -152,6 +152,8 @@ def parse_egress(entries: object) -> EgressPolicy:
                 prefix = _parse_prefix(entry.strip())
                 prefixes.append(prefix)
                 address = _ip_literal(prefix.host)
+                if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                    address = address.ipv4_mapped  # checked as the IPv4 address it is
                 if address is not None:
                     networks.append(ipaddress.ip_network(address))
             else:

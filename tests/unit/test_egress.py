@@ -205,6 +205,12 @@ def test_an_ip_literal_prefix_lists_its_address_and_nothing_else() -> None:
     assert "not under" in refused("http://localhost:8080/", policy)
 
 
+def test_an_ipv4_mapped_prefix_lists_its_ipv4_address() -> None:
+    policy = parse_egress(["http://[::ffff:127.0.0.1]:8080/"])
+    assert policy.networks == (ipaddress.ip_network("127.0.0.1/32"),)
+    assert check_url(policy, "http://[::ffff:7f00:1]:8080/").host == "::ffff:7f00:1"
+
+
 def test_an_ip_literal_url_is_checked_as_an_address() -> None:
     """A prefix may name a private IP literal only if its network is listed; with an explicit
     list of networks this cannot be bypassed by the prefix alone."""
