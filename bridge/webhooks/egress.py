@@ -1,7 +1,7 @@
 """Where outbound webhooks may POST: the `webhooks.egress` allow-list, enforced (no SSRF).
 
 A room user can name the URL a room's messages are posted to, so the bridge must never be made to
-reach an internal service. Two checks, both needed:
+reach an internal service. Three checks, each covering what the one before cannot:
 
 * `check_url` runs before any connection. The URL must be absolute http(s), without userinfo or
   fragment, and match one listed prefix (scheme, host, effective port, path at a "/" boundary).
@@ -11,8 +11,10 @@ reach an internal service. Two checks, both needed:
 * `EgressResolver` checks every address DNS returns for a name, after resolution and on every
   connection (the session does not cache DNS): aiohttp connects only to the addresses the
   resolver returned, so a name that resolves to a private address — at once or after a DNS
-  rebinding — is refused. One refused address refuses the whole answer. Last, the session's
-  socket factory checks the address of every socket it connects, IP literals included.
+  rebinding — is refused. One refused address refuses the whole answer. A kept-alive
+  connection is reused only towards the address already checked.
+* The session's socket factory checks the address of every socket it connects, IP literals
+  included, for a caller that skipped `check_url`.
 
 Addresses that are not globally routable (loopback, private, link-local incl. the cloud metadata
 address 169.254.169.254, CGNAT, multicast, reserved, documentation and benchmarking ranges, and
