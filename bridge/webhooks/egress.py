@@ -1,7 +1,7 @@
 """Where outbound webhooks may POST: the `webhooks.egress` allow-list, enforced (no SSRF).
 
 A room user can name the URL a room's messages are posted to, so the bridge must never be made to
-reach an internal service. Two checks, both needed:
+reach an internal service. Three checks, each covering what the one before cannot:
 
 * `check_url` runs before any connection. The URL must be absolute http(s), without userinfo or
   fragment, and match one listed prefix (scheme, host, effective port, path at a "/" boundary).
@@ -11,7 +11,10 @@ reach an internal service. Two checks, both needed:
 * `EgressResolver` checks every address DNS returns for a name, after resolution and on every
   connection (the session does not cache DNS): aiohttp connects only to the addresses the
   resolver returned, so a name that resolves to a private address — at once or after a DNS
-  rebinding — is refused. One refused address refuses the whole answer.
+  rebinding — is refused. One refused address refuses the whole answer. A kept-alive
+  connection is reused only towards the address already checked.
+* The session's socket factory checks the address of every socket it connects, IP literals
+  included, for a caller that skipped `check_url`.
 
 Addresses that are not globally routable (loopback, private, link-local incl. the cloud metadata
 address 169.254.169.254, CGNAT, multicast, reserved, documentation and benchmarking ranges, and
@@ -31,8 +34,9 @@ import ipaddress
 import re
 import socket
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import dns.asyncresolver
@@ -41,8 +45,6 @@ import dns.name
 import dns.resolver
 import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
-
-from bridge.config.mail import parse_dns_server
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -54,8 +56,9 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 # WHATWG URL: a host whose last label is a number is an IPv4 address in some legacy form.
 _NUMERIC_LABEL = re.compile(r"0x[0-9a-f]*|[0-9]+")
-# Encoded ".", "/", "\" and NUL: a server may decode them into a path escaping the prefix.
-_ENCODED_TRICK = re.compile(r"%(?:2e|2f|5c|00)", re.IGNORECASE)
+# Encoded ".", "/", "\", NUL and "%" (double encoding): a server may decode them into a path
+# escaping the prefix.
+_ENCODED_TRICK = re.compile(r"%(?:2e|2f|5c|00|25)", re.IGNORECASE)
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 _CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
@@ -72,8 +75,9 @@ class EgressRefused(Exception):
         return self.reason
 
 
-class EgressResolutionRefused(EgressRefused, OSError):
-    """A refusal raised by `EgressResolver`: an OSError, as aiohttp expects of a resolver.
+class EgressNetworkRefused(EgressRefused, OSError):
+    """A refusal raised inside aiohttp's connector (by `EgressResolver` or the session's socket
+    factory): an OSError, as aiohttp expects of a resolver or a connection attempt.
 
     aiohttp wraps it in ``aiohttp.ClientConnectorDNSError`` (its ``os_error``); `egress_refusal`
     digs it out again and `post` re-raises it as is.
@@ -150,6 +154,8 @@ def parse_egress(entries: object) -> EgressPolicy:
                 prefix = _parse_prefix(entry.strip())
                 prefixes.append(prefix)
                 address = _ip_literal(prefix.host)
+                if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                    address = address.ipv4_mapped  # checked as the IPv4 address it is
                 if address is not None:
                     networks.append(ipaddress.ip_network(address))
             else:
@@ -282,7 +288,8 @@ def _refusal(policy: EgressPolicy, ip: IPAddress) -> str | None:
         if ip.scope_id:
             return "has a scope (zone) and is link-local"
         if ip.ipv4_mapped is not None:  # it *is* that IPv4 address
-            return _refusal(policy, ip.ipv4_mapped)
+            inner = _refusal(policy, ip.ipv4_mapped)
+            return None if inner is None else f"maps to {ip.ipv4_mapped}, which {inner}"
     if _listed(policy, ip):
         return None
     if isinstance(ip, ipaddress.IPv6Address):
@@ -338,13 +345,17 @@ def _refuse_odd_characters(text: str) -> None:
 
 def _refuse_encoded_tricks(path: str) -> None:
     if _ENCODED_TRICK.search(path):
-        raise ValueError('the path holds an encoded ".", "/", "\\" or NUL (%2e, %2f, %5c, %00)')
+        raise ValueError(
+            'the path holds an encoded ".", "/", "\\", NUL or "%" (%2e, %2f, %5c, %00, %25)'
+        )
 
 
 def _normal_host(url: yarl.URL) -> str:
     """The URL's host, lowercase IDNA without trailing dot; ValueError if it is not one we use."""
-    if not url.is_absolute() or url.scheme not in DEFAULT_PORTS:
+    if url.scheme not in DEFAULT_PORTS:
         raise ValueError("only absolute http:// and https:// URLs are allowed")
+    if not url.raw_host:
+        raise ValueError("the host is empty")
     if url.raw_user is not None or url.raw_password is not None:
         raise ValueError("no user name or password is allowed")
     host = (url.raw_host or "").lower()
@@ -397,11 +408,11 @@ class EgressResolver(AbstractResolver):
             try:
                 ip = _address(result["host"])
             except EgressRefused as e:
-                raise EgressResolutionRefused(f"{host} resolves to {e.reason}") from None
+                raise EgressNetworkRefused(f"{host} resolves to {e.reason}") from None
             problem = _refusal(self.policy, ip)
             if problem is not None:
                 reason = f"{host} resolves to {ip}, which {problem}{_UNLISTED}"
-                raise EgressResolutionRefused(reason)
+                raise EgressNetworkRefused(reason)
         if not results:
             raise socket.gaierror(socket.EAI_NONAME, f"{host} has no address")
         return results
@@ -470,24 +481,31 @@ def egress_session(
     policy: EgressPolicy,
     *,
     timeout: float,
-    dns_server: str | None = None,
+    dns_server: str | tuple[str, int] | None = None,
     dns_timeout: float = 5.0,
 ) -> aiohttp.ClientSession:
     """A client session that can only reach what ``policy`` allows (call inside the event loop).
 
-    ``dns_server`` is "IP[:port]" (e.g. "10.0.0.53", "[::1]:5353"); None uses the system's
-    resolver. Requests must still go through `check_url` (or `post`) with allow_redirects=False.
+    ``dns_server`` is "IP[:port]" (e.g. "10.0.0.53", "[::1]:5353", ConfigError otherwise) or an
+    already parsed (IP, port); None uses the system's resolver. Requests must still go through
+    `check_url` (or `post`) with allow_redirects=False.
     """
+    # Imported here: bridge.config imports this module to validate webhooks.egress.
+    from bridge.config.mail import parse_dns_server
+
     inner: AbstractResolver
     if dns_server is None:
         inner = aiohttp.ThreadedResolver()
     else:
-        server = parse_dns_server("webhooks.dns_server", dns_server)
-        assert server is not None
-        inner = DnsServerResolver(server[0], server[1], dns_timeout)
+        if isinstance(dns_server, str):
+            parsed = parse_dns_server("webhooks.egress_dns_server", dns_server)
+            assert parsed is not None
+            dns_server = parsed
+        inner = DnsServerResolver(dns_server[0], dns_server[1], dns_timeout)
     connector = aiohttp.TCPConnector(
         resolver=EgressResolver(policy, inner),
         use_dns_cache=False,  # every connection re-resolves, so every answer is checked
+        socket_factory=_checking_socket_factory(policy),
     )
 
     async def check_every_request(
@@ -503,6 +521,25 @@ def egress_session(
         cookie_jar=aiohttp.DummyCookieJar(),
         middlewares=(check_every_request,),
     )
+
+
+def _checking_socket_factory(policy: EgressPolicy) -> Callable[[tuple[Any, ...]], socket.socket]:
+    """Last line: check the very address each socket connects to, IP literals included (aiohttp
+    does not call the resolver for those, and a caller could skip check_url)."""
+
+    def new_socket(addr_info: tuple[Any, ...]) -> socket.socket:
+        family, kind, proto, _, address = addr_info
+        host = str(address[0])
+        try:
+            ip = _address(host)
+        except EgressRefused as e:
+            raise EgressNetworkRefused(e.reason) from None
+        problem = _refusal(policy, ip)
+        if problem is not None:
+            raise EgressNetworkRefused(f"connecting to {ip}, which {problem}{_UNLISTED}")
+        return socket.socket(family=family, type=kind, proto=proto)
+
+    return new_socket
 
 
 def egress_refusal(error: BaseException) -> EgressRefused | None:
