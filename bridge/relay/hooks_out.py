@@ -10,7 +10,6 @@ behind it, and one that cannot go is failed and told next to its message.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -26,6 +25,7 @@ from bridge.core.hooks_out import delivery_id, hook_payload, is_retryable, retry
 from bridge.core.ids import UserID
 from bridge.core.matrix_event import NotSent, event_id_of
 from bridge.core.permissions import PermissionLevel
+from bridge.core.queue_workers import QueueWorkers
 from bridge.core.remote_out import plan_agency_event
 from bridge.core.tasks import TaskGroup
 from bridge.db import audit as audit_db
@@ -175,24 +175,19 @@ class HookSender:
         self.deliverer = deliverer
         self.tasks = tasks
         self.give_up_after = give_up_after
-        self._wake = asyncio.Event()
-        self._workers: dict[str, asyncio.Task[None]] = {}
-        self._hook_wake: dict[str, asyncio.Event] = {}
+        self._workers: QueueWorkers[str, str, HookDelivery] = QueueWorkers(
+            tasks, "webhook-out", self._next, self._send_in_order
+        )
         # Told the seconds from queued to delivered of every delivery (the metrics' latency).
         self.on_sent: Callable[[float], None] | None = None
 
     def notify(self, hook: str | None = None) -> None:
         """Something was queued (for `hook`): its worker looks now, or one is started."""
-        if hook is not None and hook in self._hook_wake:
-            self._hook_wake[hook].set()
-            return
-        self._wake.set()
-        for event in self._hook_wake.values():
-            event.set()
+        self._workers.notify(hook)
 
     async def run(self) -> None:
         while True:
-            self._wake.clear()
+            self._workers.begin_sweep()
             try:
                 await self._report_failures()
                 waiting = await outbox_db.hooks_with_pending(self.db)
@@ -200,37 +195,19 @@ class HookSender:
                 log.error("cannot read the webhook outbox (%s); retrying", e)
                 await asyncio.sleep(5)
                 continue
-            for name in sorted(waiting - self._workers.keys()):
-                self._hook_wake[name] = asyncio.Event()
-                self._workers[name] = self.tasks.spawn(
-                    self._worker(name), name=f"webhook-out:{name}"
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
+            for name in sorted(waiting):
+                self._workers.ensure(name, name)
+            await self._workers.sleep(SWEEP_INTERVAL)
 
-    async def _worker(self, name: str) -> None:
-        try:
-            while True:
-                self._hook_wake[name].clear()
-                items = await outbox_db.next_pending(self.db, name, BATCH)
-                if not items:
-                    if self._hook_wake[name].is_set():
-                        continue  # queued while we looked
-                    # No await from here on: a notify now finds no worker and wakes run().
-                    return
-                delay = items[0].next_attempt_at / 1000 - time.time()
-                if delay > 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._hook_wake[name].wait(), delay)
-                    continue
-                for item in items:
-                    if item.next_attempt_at / 1000 > time.time():
-                        break
-                    if not await self._attempt(item):
-                        break
-        finally:
-            self._workers.pop(name, None)
-            self._hook_wake.pop(name, None)
+    async def _next(self, name: str) -> list[HookDelivery]:
+        return await outbox_db.next_pending(self.db, name, BATCH)
+
+    async def _send_in_order(self, _name: str, items: list[HookDelivery]) -> bool:
+        """Due items one after the other, stopping at one that must wait."""
+        for item in items:
+            if item.next_attempt_at / 1000 > time.time() or not await self._attempt(item):
+                break
+        return True
 
     async def _attempt(self, item: HookDelivery) -> bool:
         """True when the item is finished (sent, or failed and told), False when it waits."""

@@ -10,7 +10,6 @@ maps the remote event back to the agency event, and tells the room when one cann
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import time
@@ -23,6 +22,7 @@ from bridge.core.ids import EventID, RoomID, UserID
 from bridge.core.links import REMOTE_KIND, Link, split_remote_key
 from bridge.core.matrix_event import MXC, NotSent, image_type
 from bridge.core.permissions import PermissionLevel
+from bridge.core.queue_workers import QueueWorkers
 from bridge.core.remote_out import OutgoingPlan, plan_agency_event, remote_event, sender_label
 from bridge.core.tasks import TaskGroup
 from bridge.db import audit as audit_db
@@ -200,24 +200,19 @@ class RemoteSender:
         self.tasks = tasks
         self.is_stopped = is_stopped
         self.on_token_refused = on_token_refused
-        self._wake = asyncio.Event()
-        self._workers: dict[int, asyncio.Task[None]] = {}
-        self._link_wake: dict[int, asyncio.Event] = {}
+        self._workers: QueueWorkers[int, Link, RemoteOutgoing] = QueueWorkers(
+            tasks, "remote-out", self._next, self._send_in_order
+        )
         # Told the seconds from queued to sent of every event sent (the metrics' latency).
         self.on_sent: Callable[[float], None] | None = None
 
     def notify(self, link_id: int | None = None) -> None:
         """Something was queued (for `link_id`): its worker looks now, or one is started."""
-        if link_id is not None and link_id in self._link_wake:
-            self._link_wake[link_id].set()
-            return
-        self._wake.set()
-        for event in self._link_wake.values():
-            event.set()
+        self._workers.notify(link_id)
 
     async def run(self) -> None:
         while True:
-            self._wake.clear()
+            self._workers.begin_sweep()
             try:
                 await self._report_failures()
                 waiting = await remote_db.links_with_pending(self.db)
@@ -235,41 +230,17 @@ class RemoteSender:
                 await asyncio.sleep(5)
                 continue
             for link in links:
-                if link.id in waiting and link.id not in self._workers:
-                    self._link_wake[link.id] = asyncio.Event()
-                    self._workers[link.id] = self.tasks.spawn(
-                        self._worker(link), name=f"remote-out:{link.id}"
-                    )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
+                self._workers.ensure(link.id, link)
+            await self._workers.sleep(SWEEP_INTERVAL)
 
-    async def _worker(self, link: Link) -> None:
-        try:
-            while True:
-                self._link_wake[link.id].clear()
-                items = await remote_db.next_outgoing(self.db, link.id, OUT_BATCH)
-                if not items:
-                    if self._link_wake[link.id].is_set():
-                        continue  # queued while we looked
-                    # No await from here on: a notify now finds no worker and wakes run().
-                    self._workers.pop(link.id, None)
-                    self._link_wake.pop(link.id, None)
-                    return
-                delay = items[0].next_attempt_at / 1000 - time.time()
-                if delay > 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._link_wake[link.id].wait(), delay)
-                    continue
-                if not await self._send_in_order(link, items):
-                    return  # the remote stopped (token refused): the link waits
-        finally:
-            self._workers.pop(link.id, None)
-            self._link_wake.pop(link.id, None)
+    async def _next(self, link: Link) -> list[RemoteOutgoing]:
+        return await remote_db.next_outgoing(self.db, link.id, OUT_BATCH)
 
     async def _send_in_order(self, link: Link, items: list[RemoteOutgoing]) -> bool:
         """Send due items one after the other; stop at one that must wait. Recording a sent
         item overlaps the next send (a crash in between resends it with the same transaction
-        ID, which the remote drops); False when the remote stopped."""
+        ID, which the remote drops); False when the remote stopped (token refused: the link
+        waits)."""
         run = _Run()
         try:
             for item in items:
