@@ -45,6 +45,7 @@ from bridge.matrix.poster import MatrixPoster
 from bridge.matrix.render import notice_content
 from bridge.relay.bounces import Bounces
 from bridge.relay.bridge_state import BridgeState
+from bridge.relay.hook_admin import HookAdmin
 from bridge.relay.hook_commands import WebhookCommands
 from bridge.relay.hooks_in import HooksRelay
 from bridge.relay.hooks_out import HookSender, HooksOut
@@ -247,8 +248,14 @@ class Bridge:
             self.hook_directory,
             notify_sender=self.hook_sender.notify,
         )
+        self.hook_admin = HookAdmin(config, self.db, self.hook_directory, self.link_commands)
         WebhookCommands(
-            config, self.db, self.client, self.hook_directory, self.link_commands
+            config,
+            self.db,
+            self.client,
+            self.hook_directory,
+            self.link_commands,
+            admin=self.hook_admin,
         ).register(commands)
         self.status.extra["mailboxes"] = self.mail.report
         if self.outbox is not None:
@@ -289,7 +296,12 @@ class Bridge:
         ).add_routes(app)
         add_health_route(app, self.status)
         ProvisioningApi(
-            config, self.link_commands, self.status, self.client.power_level, self._bot_join
+            config,
+            self.link_commands,
+            self.status,
+            self.client.power_level,
+            self._bot_join,
+            hooks=self.hook_admin,
         ).add_routes(app)
         await self._start_metrics(app)
         self._runner = web.AppRunner(

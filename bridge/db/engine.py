@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from bridge.config import DatabaseConfig
 from bridge.core.audit import AuditEntry
+from bridge.logsetup import mask_driver_logs
 
 log = logging.getLogger("passerelle.db")
 
@@ -88,6 +89,8 @@ class Database:
 
 
 def create_engine(config: DatabaseConfig) -> AsyncEngine:
+    # Stored webhook secrets are statement parameters, which aiosqlite logs at DEBUG.
+    mask_driver_logs()
     if config.url.startswith("sqlite"):
         # One connection: SQLite has one writer at a time anyway, and several connections
         # would wait for each other's lock in busy-handler sleeps (measured: half their time

@@ -1,4 +1,5 @@
-"""The provisioning HTTP API (/_passerelle/provision/v1): links and status for tools, as a user."""
+"""The provisioning HTTP API (/_passerelle/provision/v1): links, webhooks and status for tools,
+acting as a user."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from bridge.core.ids import RoomID, UserID
 from bridge.core.links import REMOTE_KIND, Link, remote_link_key, split_remote_key
 from bridge.core.permissions import PermissionLevel
 from bridge.db import links as link_db
+from bridge.relay.hook_admin import HookAdmin, HookInfo
 from bridge.relay.link_commands import LinkCommands, LinkRefused
 from bridge.status import StatusReporter
 
@@ -34,6 +36,9 @@ _ROOM_ID = re.compile(r"![^\s]+")
 MAX_ID_LENGTH = 255
 _MAIL_FIELDS = {"room_id", "address", "allowed_senders", "thread_mode", "marking"}
 _REMOTE_FIELDS = {"room_id", "remote", "remote_room"}
+_HOOK_FIELDS = {"room_id", "name"}
+# A new secret is shown once: no cache may keep the answer that holds it.
+_NO_STORE = {"Cache-Control": "no-store"}
 _STATUS_OF = {"forbidden": 403, "invalid": 400, "conflict": 409, "remote": 502}
 _ERRCODE_OF = {
     "forbidden": "M_FORBIDDEN",
@@ -82,6 +87,23 @@ def link_json(link: Link) -> dict[str, Any]:
     return out
 
 
+def hook_json(hook: HookInfo) -> dict[str, Any]:
+    """A webhook as the API shows it: never its secret."""
+    out: dict[str, Any] = {
+        "name": hook.name,
+        "room_id": hook.room_id,
+        "url": hook.url,
+        "source": hook.source,
+    }
+    if hook.created_by is not None:
+        out["created_by"] = hook.created_by
+    if hook.created_at is not None:
+        out["created_at"] = hook.created_at
+    if hook.rotating_until is not None:
+        out["rotating_until"] = hook.rotating_until
+    return out
+
+
 class ProvisioningApi:
     """aiohttp handlers; every request acts as `?user_id=` with that user's permission."""
 
@@ -92,9 +114,12 @@ class ProvisioningApi:
         status: StatusReporter,
         power_level: PowerLevel,
         join: Join,
+        *,
+        hooks: HookAdmin,
     ) -> None:
         self.config = config
         self.links = links
+        self.hooks = hooks
         self.status = status
         self.power_level = power_level
         self.join = join
@@ -114,6 +139,10 @@ class ProvisioningApi:
         app.router.add_delete(
             PREFIX + "/links/remote/{remote}/{remote_room}", self._wrap(self.delete_remote_link)
         )
+        app.router.add_get(PREFIX + "/webhooks", self._wrap(self.get_webhooks))
+        app.router.add_post(PREFIX + "/webhooks", self._wrap(self.post_webhook))
+        app.router.add_delete(PREFIX + "/webhooks/{name}", self._wrap(self.delete_webhook))
+        app.router.add_post(PREFIX + "/webhooks/{name}/rotate", self._wrap(self.rotate_webhook))
 
     def _wrap(
         self, handler: Callable[[web.Request, CommandContext], Awaitable[web.Response]]
@@ -257,6 +286,77 @@ class ProvisioningApi:
         await self.links.authorize(ctx, "Unlinking")
         dropped = await self.links.remove_link(ctx, link)
         return web.json_response({"removed": link_json(link), "dropped_messages": dropped})
+
+    async def get_webhooks(self, request: web.Request, ctx: CommandContext) -> web.Response:
+        room = request.query.get("room_id")
+        if room is None:
+            if ctx.level < PermissionLevel.ADMIN:
+                raise ApiError(
+                    403, "M_FORBIDDEN", "Listing every webhook needs the admin permission"
+                )
+            found = self.hooks.hooks()
+        else:
+            room_id = _room_id(room)
+            await self.links.authorize(self._in_room(ctx, room_id), "Listing webhooks")
+            found = self.hooks.hooks(room_id)
+        log.info("provisioning: %s listed the webhooks of %s", ctx.sender, room or "every room")
+        return web.json_response({"webhooks": [hook_json(hook) for hook in found]})
+
+    async def post_webhook(self, request: web.Request, ctx: CommandContext) -> web.Response:
+        body = await _json_object(request, _HOOK_FIELDS)
+        room_id = _room_id(body.get("room_id"))
+        name = body.get("name")
+        if not isinstance(name, str):
+            raise ApiError(400, "M_BAD_JSON", "name must be a string")
+        # The bot joins once the request is found right; not let in yet, the hook's messages
+        # wait for it, as for a hook of the config.
+        made = await self.hooks.create(self._in_room(ctx, room_id), name, join=self.join)
+        log.info("provisioning: %s made webhook %s in %s", ctx.sender, name, room_id)
+        hook = made.hook
+        answer = {
+            "name": hook.name,
+            "room_id": hook.room_id,
+            "url": hook.url,
+            "secret": made.secret,
+        }
+        return web.json_response(answer, status=201, headers=_NO_STORE)
+
+    async def delete_webhook(self, request: web.Request, ctx: CommandContext) -> web.Response:
+        hook = self._hook(request)
+        try:
+            removed = await self.hooks.revoke(self._in_room(ctx, hook.room_id), hook.name)
+        except LinkRefused as e:
+            raise _hidden(e) from None
+        log.info("provisioning: %s revoked webhook %s", ctx.sender, hook.name)
+        return web.json_response({"removed": hook_json(removed)})
+
+    async def rotate_webhook(self, request: web.Request, ctx: CommandContext) -> web.Response:
+        hook = self._hook(request)
+        try:
+            rotated = await self.hooks.rotate(self._in_room(ctx, hook.room_id), hook.name)
+        except LinkRefused as e:
+            raise _hidden(e) from None
+        log.info("provisioning: %s rotated the secret of webhook %s", ctx.sender, hook.name)
+        answer: dict[str, Any] = {
+            "name": hook.name,
+            "url": rotated.hook.url,
+            "secret": rotated.secret,
+            "previous_valid_until": rotated.previous_valid_until,
+        }
+        return web.json_response(answer, headers=_NO_STORE)
+
+    def _hook(self, request: web.Request) -> HookInfo:
+        hook = self.hooks.find(request.match_info["name"])
+        if hook is None:
+            raise ApiError(404, "M_NOT_FOUND", "No such webhook")
+        return hook
+
+
+def _hidden(refused: LinkRefused) -> Exception:
+    """A hook of a room the user may not manage is answered as if it did not exist."""
+    if refused.kind in ("forbidden", "invalid"):
+        return ApiError(404, "M_NOT_FOUND", "No such webhook")
+    return refused
 
 
 async def _no_room() -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -16,21 +19,36 @@ from openapi_core import OpenAPI
 from openapi_core.datatypes import RequestParameters
 from werkzeug.datastructures import Headers, ImmutableMultiDict
 
+from bridge.app import Bridge
+from bridge.config import parse_config
 from bridge.harness.dovecot import DovecotServer
+from bridge.harness.ports import free_port
 from bridge.harness.synapse import MatrixTestClient, SynapseServer
 from bridge.registration import atomic_write, dump_yaml
 from bridge.web.provisioning import PREFIX, openapi_document
-from tests.conftest import BridgeProcess, InProcessBridge, SynapseSetup, UserFactory
-from tests.e2e.test_bot import message_from
+from tests.conftest import (
+    BridgeProcess,
+    InProcessBridge,
+    SynapseSetup,
+    UserFactory,
+    bridge_config_dict,
+)
+from tests.e2e.test_bot import message_from, replies_to
 from tests.e2e.test_mail_to_matrix import (
     MailSetup,
     body_contains,
     bridge_config_with_mailbox,
 )
 from tests.e2e.test_remote_relay import REMOTE, remote_config
+from tests.e2e.test_webhook_commands import key_of
+from tests.e2e.test_webhooks_in import HookSetup, text_is
 
 SECRET = "provisioning-" + "s3cr3t" * 6
 ADMIN = "@admin:localhost"
+# A hook of the config file, in a room no test uses: the API lists it and refuses to change it.
+CONFIG_HOOK = "ci"
+CONFIG_HOOK_ROOM = "!config-hook:localhost"
+CONFIG_HOOK_SECRET = "whsec_" + base64.b64encode(b"config-hook-key-" * 2).decode()
 
 
 @dataclass
@@ -143,6 +161,9 @@ async def provisioned(
     raw = bridge_config_with_mailbox(synapse_setup, dovecot, address)
     (tmp_path / "provisioning.secret").write_text(SECRET + "\n", encoding="utf-8")
     raw["provisioning"] = {"shared_secret_file": "provisioning.secret"}
+    raw.setdefault("webhooks", {})["hooks"] = {
+        CONFIG_HOOK: {"room": CONFIG_HOOK_ROOM, "secret": CONFIG_HOOK_SECRET}
+    }
     config_path = tmp_path / "config.yaml"
     atomic_write(config_path, dump_yaml(raw))
     bridge = BridgeProcess(config_path, db_url, tmp_path / "bridge.log")
@@ -358,3 +379,208 @@ async def test_remote_link_relay_unlink(
             assert (status, body["errcode"]) == (404, "M_NOT_FOUND")
     finally:
         bridge.stop()
+
+
+def no_secret_in(text: str, *secrets: str) -> bool:
+    """Neither a secret nor its key (the base64 after whsec_) is in the text."""
+    return not any(s in text or s.removeprefix("whsec_") in text for s in secrets)
+
+
+async def test_webhook_made_used_rotated_revoked(provisioned: Provisioned) -> None:
+    api, alice, room_id, bridge = (
+        provisioned.api,
+        provisioned.alice,
+        provisioned.room_id,
+        provisioned.bridge,
+    )
+    hooks = HookSetup(bridge, alice, room_id, room_id, bridge.config.hook_ghost_mxid("deploy"))
+
+    status, made = await api.call(
+        "POST", "/webhooks", body={"room_id": room_id, "name": "deploy"}, user_id=alice.user_id
+    )
+    assert status == 201, made
+    url = bridge.config.appservice.address.rstrip("/") + "/webhooks/v1/deploy"
+    assert made == {"name": "deploy", "room_id": room_id, "url": url, "secret": made["secret"]}
+    secret = made["secret"]
+    status, _ = await hooks.post("deploy", {"text": "deployed via the API"}, key=key_of(secret))
+    assert status == 202
+    event = await alice.wait_for_event(room_id, text_is("deployed via the API"))
+    assert event["sender"] == hooks.ghost
+
+    # Listed without the secret, by the room's moderator and by an admin; the room's command
+    # sees the same hooks.
+    status, listed = await api.call(
+        "GET", "/webhooks", user_id=alice.user_id, query={"room_id": room_id}
+    )
+    assert status == 200
+    [hook] = listed["webhooks"]
+    assert hook == {
+        "name": "deploy",
+        "room_id": room_id,
+        "url": url,
+        "source": "room",
+        "created_by": alice.user_id,
+        "created_at": hook["created_at"],
+    }
+    assert abs(hook["created_at"] - time.time() * 1000) < 60_000
+    status, everything = await api.call("GET", "/webhooks")
+    assert status == 200
+    assert [(h["name"], h["source"]) for h in everything["webhooks"]] == [
+        (CONFIG_HOOK, "config"),
+        ("deploy", "room"),
+    ]
+    assert everything["webhooks"][0] == {
+        "name": CONFIG_HOOK,
+        "room_id": CONFIG_HOOK_ROOM,
+        "url": bridge.config.appservice.address.rstrip("/") + f"/webhooks/v1/{CONFIG_HOOK}",
+        "source": "config",
+    }
+    assert "whsec_" not in json.dumps([listed, everything])
+    question = await alice.send_text(room_id, "!passerelle webhook list")
+    answer = await alice.wait_for_event(room_id, replies_to(question, provisioned.bot))
+    assert f"• deploy — made by {alice.user_id}" in answer["content"]["body"]
+
+    # Rotated: the old and the new secret both work during the grace.
+    status, rotated = await api.call("POST", "/webhooks/deploy/rotate", user_id=alice.user_id)
+    assert status == 200, rotated
+    new = rotated["secret"]
+    assert new != secret
+    assert (rotated["name"], rotated["url"]) == ("deploy", url)
+    grace_end = rotated["previous_valid_until"]
+    assert grace_end > (time.time() + bridge.config.webhooks.rotation_grace - 60) * 1000
+    for n, key in enumerate((secret, new)):
+        status, _ = await hooks.post("deploy", {"text": f"grace {n}"}, key=key_of(key))
+        assert status == 202
+    status, _ = await hooks.post("deploy", {"text": "refused key"}, key=b"k" * 32)
+    assert status == 401
+    await alice.wait_for_event(room_id, text_is("grace 1"))
+    status, listed = await api.call(
+        "GET", "/webhooks", user_id=alice.user_id, query={"room_id": room_id}
+    )
+    assert listed["webhooks"][0]["rotating_until"] == grace_end
+    assert no_secret_in(json.dumps(listed), secret, new)
+
+    status, body = await api.call("DELETE", "/webhooks/deploy", user_id=alice.user_id)
+    assert status == 200, body
+    assert body == {"removed": listed["webhooks"][0]}
+    status, _ = await hooks.post("deploy", {"text": "refused revoked"}, key=key_of(new))
+    assert status == 404
+    status, body = await api.call("DELETE", "/webhooks/deploy", user_id=alice.user_id)
+    assert (status, body["errcode"]) == (404, "M_NOT_FOUND")
+
+    events = await alice.messages(room_id)
+    assert "whsec_" not in json.dumps(events)
+    assert not [e for e in events if "refused" in str(e.get("content", {}).get("body", ""))]
+    log = bridge.log_text()  # the bridge logs at DEBUG
+    assert f"{alice.user_id} made webhook deploy for {room_id}" in log
+    assert "rotated the secret of webhook deploy" in log
+    assert no_secret_in(log, secret, new, CONFIG_HOOK_SECRET)
+
+
+async def test_webhook_refusals(provisioned: Provisioned) -> None:
+    api, alice, room_id = provisioned.api, provisioned.alice, provisioned.room_id
+    bob = provisioned.bob.user_id
+    request = {"room_id": room_id, "name": "dup"}
+
+    for method, path in [("GET", "/webhooks"), ("POST", "/webhooks/dup/rotate")]:
+        status, body = await api.call(method, path, token="x" * 40)
+        assert (status, body["errcode"]) == (401, "M_UNKNOWN_TOKEN")
+    status, body = await api.call(
+        "POST", "/webhooks", body=request, token=None, valid_request=False
+    )
+    assert (status, body["errcode"]) == (401, "M_MISSING_TOKEN")
+
+    # Bob has power level 0 in Alice's room, and is no admin.
+    status, body = await api.call("POST", "/webhooks", body=request, user_id=bob)
+    assert (status, body["errcode"]) == (403, "M_FORBIDDEN")
+    assert body["error"] == "Managing webhooks needs the admin permission, or power level 50 here."
+    status, body = await api.call("GET", "/webhooks", user_id=bob, query={"room_id": room_id})
+    assert (status, body["errcode"]) == (403, "M_FORBIDDEN")
+    status, body = await api.call("GET", "/webhooks", user_id=bob)
+    assert (status, body["errcode"]) == (403, "M_FORBIDDEN")
+
+    for name in ("Deploy", "no_underscore", "x" * 33, ""):
+        status, body = await api.call("POST", "/webhooks", body={**request, "name": name})
+        assert (status, body["errcode"]) == (400, "M_INVALID_PARAM"), name
+        assert body["error"] == "A webhook's name is 1 to 32 of a-z, 0-9 and '-'."
+    status, body = await api.call(
+        "POST", "/webhooks", body={**request, "name": 7}, valid_request=False
+    )
+    assert (status, body["errcode"]) == (400, "M_BAD_JSON")
+    status, body = await api.call(
+        "POST", "/webhooks", body={**request, "secret": "whsec_x"}, valid_request=False
+    )
+    assert (status, body["errcode"]) == (400, "M_BAD_JSON")
+
+    status, made = await api.call("POST", "/webhooks", body=request, user_id=alice.user_id)
+    assert status == 201, made
+    for name in ("dup", CONFIG_HOOK):
+        status, body = await api.call("POST", "/webhooks", body={**request, "name": name})
+        assert status == 409, body
+        assert body["error"] == f"A webhook named {name} already exists; choose another name."
+
+    # A hook of the config is changed in the config only.
+    for method, path in [("DELETE", f"/webhooks/{CONFIG_HOOK}"), ("POST", "/webhooks/ci/rotate")]:
+        status, body = await api.call(method, path)
+        assert status == 409, body
+        assert body["error"] == "Webhook ci is in the config file; change it there."
+    # Unknown, or in a room Bob may not manage: the same 404.
+    for user in (ADMIN, bob):
+        for method, path in [("DELETE", "/webhooks/nope"), ("POST", "/webhooks/nope/rotate")]:
+            status, body = await api.call(method, path, user_id=user)
+            assert (status, body["errcode"]) == (404, "M_NOT_FOUND")
+    for method, path in [("DELETE", "/webhooks/dup"), ("POST", "/webhooks/dup/rotate")]:
+        status, body = await api.call(method, path, user_id=bob)
+        assert (status, body) == (404, {"errcode": "M_NOT_FOUND", "error": "No such webhook"})
+
+    # Nothing refused changed anything: dup is as made, and works with its first secret.
+    status, listed = await api.call("GET", "/webhooks", query={"room_id": room_id})
+    assert [(h["name"], "rotating_until" in h) for h in listed["webhooks"]] == [("dup", False)]
+    hooks = HookSetup(provisioned.bridge, alice, room_id, room_id, "")
+    status, _ = await hooks.post("dup", {"text": "still here"}, key=key_of(made["secret"]))
+    assert status == 202
+    await alice.wait_for_event(room_id, text_is("still here"))
+
+
+async def test_webhook_secrets_never_logged(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Every log record of the API's webhook actions, down to DEBUG, in this process."""
+    caplog.set_level(logging.DEBUG)
+    port = free_port()
+    raw = bridge_config_dict(free_port(), port, db_url, provisioning={"shared_secret": SECRET})
+    config = parse_config(raw, env={})
+    bridge = Bridge(config)
+    await bridge.start()
+    room_id = "!logged:localhost"
+    try:
+        async with aiohttp.ClientSession() as session:
+            api = Api(f"http://127.0.0.1:{port}", session)
+            # An admin needs no power level: this works with the homeserver down.
+            status, made = await api.call(
+                "POST", "/webhooks", body={"room_id": room_id, "name": "logged"}
+            )
+            assert status == 201, made
+            status, rotated = await api.call("POST", "/webhooks/logged/rotate")
+            assert status == 200, rotated
+            status, listed = await api.call("GET", "/webhooks", query={"room_id": room_id})
+            assert [hook["name"] for hook in listed["webhooks"]] == ["logged"]
+            status, _ = await api.call("DELETE", "/webhooks/logged")
+            assert status == 200
+    finally:
+        await bridge.stop()
+    secrets = (made["secret"], rotated["secret"])
+    logged = "\n".join(
+        f"{r.name} {r.levelname} {r.getMessage()} {r.args!r}" for r in caplog.records
+    )
+    assert no_secret_in(logged + caplog.text, *secrets)
+    actions = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("passerelle.") and r.levelno == logging.INFO
+    ]
+    for action in (
+        f"{ADMIN} made webhook logged for {room_id}",
+        f"{ADMIN} rotated the secret of webhook logged",
+        f"provisioning: {ADMIN} listed the webhooks of {room_id}",
+        f"{ADMIN} revoked webhook logged of {room_id}",
+    ):
+        assert action in actions, actions

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from bridge.config import LoggingConfig
-from bridge.logsetup import SecretMask, setup_logging
+from bridge.logsetup import (
+    DRIVER_LOGGERS,
+    HOOK_SECRET_MASK,
+    SecretMask,
+    mask_driver_logs,
+    setup_logging,
+)
 
 TOKEN = "as-token-" + "S3cr3t" * 6
 PASSWORD = "pg-Passw0rd"
@@ -201,3 +207,22 @@ def test_bad_format_arguments_do_not_raise_into_the_caller(
     log.warning("%s and %s", "only one")  # must not raise, as with plain logging
     log.info("still logging %s", TOKEN)
     assert "still logging ***" in capsys.readouterr().err
+
+
+def test_webhook_secrets_made_at_run_time_masked_by_their_form() -> None:
+    """A secret made by `webhook new` is in no config: masked by its whsec_ form, also in the
+    database driver's records of statement parameters."""
+    made = "whsec_" + "A1b2+/c3" * 5 + "="
+    record = logging.LogRecord(
+        "aiosqlite", logging.DEBUG, __file__, 1, "executing %r", (("x", made, 1),), None
+    )
+    assert HOOK_SECRET_MASK.filter(record)
+    assert made not in record.getMessage()
+    assert "whsec_***" in record.getMessage()
+    mask_driver_logs()
+    mask_driver_logs()
+    for name in DRIVER_LOGGERS:
+        assert logging.getLogger(name).filters.count(HOOK_SECRET_MASK) == 1
+    plain = logging.LogRecord("x", logging.INFO, __file__, 1, "made webhook %s", ("ci",), None)
+    HOOK_SECRET_MASK.filter(plain)
+    assert plain.getMessage() == "made webhook ci"
