@@ -248,7 +248,13 @@ class Bridge:
             self.hook_directory,
             notify_sender=self.hook_sender.notify,
         )
-        self.hook_admin = HookAdmin(config, self.db, self.hook_directory, self.link_commands)
+        self.hook_admin = HookAdmin(
+            config,
+            self.db,
+            self.hook_directory,
+            self.link_commands,
+            check_target=self.deliverer.check,
+        )
         WebhookCommands(
             config,
             self.db,

@@ -138,9 +138,11 @@ async def finish(
     status: int | None,
     error: str | None,
     audit: AuditEntry,
+    told: bool = False,
 ) -> None:
     """Sent or failed, with its audit row in the same commit (only if it was still pending:
-    a repeat records nothing twice). A sent item has nothing to tell the room."""
+    a repeat records nothing twice). A sent item, or one `told` (nothing to say), is not told
+    in the room."""
     assert state in ("sent", "failed")
     async with db.begin() as conn:
         changed = await conn.execute(
@@ -152,7 +154,7 @@ async def finish(
                 finished_at=now_ms(),
                 last_error=None if error is None else error[:2000],
                 status_code=status,
-                reported=state == "sent",
+                reported=state == "sent" or told,
             )
         )
         if changed.rowcount:

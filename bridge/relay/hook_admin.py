@@ -9,25 +9,33 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
+from yarl import URL
+
 from bridge.config import Config
 from bridge.config.webhooks import HOOK_NAME
 from bridge.core.commands import CommandContext
+from bridge.core.errors import TransientError
 from bridge.core.ids import RoomID, UserID
-from bridge.db import room_hooks
+from bridge.db import room_hooks, rooms
 from bridge.db.engine import Database
 from bridge.db.util import now_ms
 from bridge.relay.link_commands import LinkCommands, LinkRefused
 from bridge.webhooks.directory import HookDirectory
+from bridge.webhooks.egress import EgressRefused
 from bridge.webhooks.signature import SECRET_PREFIX
 
 log = logging.getLogger("passerelle.webhooks.admin")
 
 INBOUND = "inbound"  # requests from a legacy system post in a room
+OUTBOUND = "outbound"  # a room's messages are POSTed to a legacy system's URL
 ROOM_SOURCE = "room"  # made with `webhook new` or the provisioning API: kept in the database
 CONFIG_SOURCE = "config"  # declared under webhooks.hooks: changed in the config only
 
 # The bot joins a room (True), or may not yet (False: the hook's messages wait for it).
 Join = Callable[[RoomID], Awaitable[bool]]
+# The URL an outbound hook may POST to, normalised; EgressRefused, or TransientError when its
+# host does not resolve now.
+CheckTarget = Callable[[str], Awaitable[str]]
 
 
 def new_secret() -> str:
@@ -40,7 +48,7 @@ class HookInfo:
 
     name: str
     room_id: RoomID
-    url: str
+    url: str  # inbound: the URL to call; outbound: where it POSTs, without its query
     source: str  # ROOM_SOURCE or CONFIG_SOURCE
     direction: str = INBOUND
     created_by: UserID | None = None
@@ -67,12 +75,19 @@ class HookAdmin:
     or "conflict" (the name is taken, or the hook is in the config file)."""
 
     def __init__(
-        self, config: Config, db: Database, directory: HookDirectory, links: LinkCommands
+        self,
+        config: Config,
+        db: Database,
+        directory: HookDirectory,
+        links: LinkCommands,
+        *,
+        check_target: CheckTarget | None = None,
     ) -> None:
         self.config = config
         self.db = db
         self.directory = directory
         self.links = links
+        self.check_target = check_target
 
     def url(self, name: str) -> str:
         return f"{self.config.appservice.address.rstrip('/')}/webhooks/v1/{name}"
@@ -81,17 +96,18 @@ class HookAdmin:
         await self.links.authorize(ctx, "Managing webhooks")
 
     def find(self, name: str) -> HookInfo | None:
-        if name in self.directory.configured:
+        if name in self.directory.configured or name in self.directory.configured_out:
             return self._configured(name)
         hook = self.directory.room_hooks.get(name)
         return None if hook is None else self._info(hook)
 
     def hooks(self, room_id: RoomID | None = None) -> list[HookInfo]:
-        """Every hook (of room_id only, when given), by name."""
-        found = [self._configured(name) for name in self.directory.configured] + [
+        """Every hook of both directions (of room_id only, when given), by name."""
+        configured = [*self.directory.configured, *self.directory.configured_out]
+        found = [self._configured(name) for name in configured] + [
             self._info(hook)
             for name, hook in self.directory.room_hooks.items()
-            if name not in self.directory.configured
+            if name not in configured
         ]
         return sorted(
             (hook for hook in found if room_id is None or hook.room_id == room_id),
@@ -104,7 +120,7 @@ class HookAdmin:
             raise LinkRefused(
                 "invalid", "A webhook's name is 1 to 32 of a-z, 0-9 and '-'.", bare=True
             )
-        if name in self.directory.hooks:
+        if self.directory.taken(name):
             raise LinkRefused("conflict", _taken(name), bare=True)
 
     async def create(
@@ -114,16 +130,20 @@ class HookAdmin:
         *,
         join: Join | None = None,
         deliver: Deliver | None = None,
+        url: str | None = None,
     ) -> HookSecret:
-        """Make hook `name` post in ctx.room_id. `join`: the bot joins the room first (a
-        refusal does not stop the hook: its messages wait for the bot). `deliver`: gives the
-        secret to its requester; if it raises, the hook is not kept."""
+        """Make hook `name` post in ctx.room_id, or with `url`, send ctx.room_id's messages
+        there. `join`: the bot joins the room first (a refusal does not stop the hook: its
+        messages wait for the bot). `deliver`: gives the secret to its requester; if it
+        raises, the hook is not kept."""
         await self.authorize(ctx)
         self.check_name(name)
+        if url is not None:
+            url = await self._outbound_target(ctx.room_id, url)
         if join is not None and not await join(ctx.room_id):
             log.info("webhook %s: the bot is not in %s yet", name, ctx.room_id)
         secret = new_secret()
-        hook = await room_hooks.create(self.db, name, ctx.room_id, secret, ctx.sender)
+        hook = await room_hooks.create(self.db, name, ctx.room_id, secret, ctx.sender, url=url)
         if hook is None:
             raise LinkRefused("conflict", _taken(name), bare=True)
         made = HookSecret(self._info(hook), secret)
@@ -162,18 +182,45 @@ class HookAdmin:
         log.info("%s rotated the secret of webhook %s", ctx.sender, name)
         return HookSecret(self._info(rotated), secret, expires_at)
 
+    async def _outbound_target(self, room_id: RoomID, url: str) -> str:
+        """The URL, normalised, if an outbound hook of this room may POST there."""
+        if self.check_target is None:
+            raise LinkRefused("invalid", "Outbound webhooks are not available here.", bare=True)
+        try:
+            target = await self.check_target(url)
+        except EgressRefused as e:
+            raise LinkRefused(
+                "invalid", f"That URL is not allowed (webhooks.egress): {e}", bare=True
+            ) from None
+        except TransientError as e:
+            raise LinkRefused("invalid", f"That URL cannot be used now: {e}", bare=True) from None
+        room = await rooms.get_room(self.db, room_id)
+        if room is not None and room.encrypted:
+            raise LinkRefused(
+                "invalid",
+                "This room is encrypted: Passerelle cannot read its messages, so an outbound "
+                "webhook would receive nothing.",
+                bare=True,
+            )
+        return target
+
     def _own(self, ctx: CommandContext, name: str) -> room_hooks.RoomHook:
         """The room hook `name` of ctx.room_id, else LinkRefused."""
-        if name in self.directory.configured:
+        if name in self.directory.configured or name in self.directory.configured_out:
             raise LinkRefused(
                 "conflict", f"Webhook {name} is in the config file; change it there.", bare=True
             )
         hook = self.directory.room_hooks.get(name)
         if hook is None or hook.room_id != ctx.room_id:
-            raise LinkRefused("invalid", f"No webhook {name} posts in this room.", bare=True)
+            raise LinkRefused("invalid", f"No webhook {name} in this room.", bare=True)
         return hook
 
     def _configured(self, name: str) -> HookInfo:
+        outbound = self.directory.configured_out.get(name)
+        if outbound is not None:
+            return HookInfo(
+                name, RoomID(outbound.room_id), shown_url(outbound.url), CONFIG_SOURCE, OUTBOUND
+            )
         settings = self.directory.configured[name]
         return HookInfo(name, RoomID(settings.room_id), self.url(name), CONFIG_SOURCE)
 
@@ -184,12 +231,21 @@ class HookAdmin:
         return HookInfo(
             hook.name,
             RoomID(hook.room_id),
-            self.url(hook.name),
+            self.url(hook.name) if hook.url is None else shown_url(hook.url),
             ROOM_SOURCE,
+            INBOUND if hook.url is None else OUTBOUND,
             created_by=UserID(hook.created_by),
             created_at=hook.created_at,
             rotating_until=rotating,
         )
+
+
+def shown_url(url: str) -> str:
+    """An outbound hook's URL as people and tools may see it: its query (which may hold a
+    token for the receiver) replaced by "?…"."""
+    target = URL(url)
+    shown = str(target.with_query(None).with_fragment(None).with_user(None))
+    return shown + "?…" if target.raw_query_string else shown
 
 
 def _taken(name: str) -> str:

@@ -14,14 +14,17 @@ from bridge.db import kv, rooms
 from bridge.db.engine import Database
 from bridge.matrix.client import MatrixClient
 from bridge.matrix.render import notice_content
-from bridge.relay.hook_admin import CONFIG_SOURCE, HookAdmin, HookSecret
+from bridge.relay.hook_admin import CONFIG_SOURCE, OUTBOUND, HookAdmin, HookSecret
 from bridge.relay.hook_admin import new_secret as new_secret
 from bridge.relay.link_commands import LinkCommands, LinkRefused
 from bridge.webhooks.directory import HookDirectory
 
 log = logging.getLogger("passerelle.webhooks.commands")
 
-USAGE = "Usage: webhook new NAME | webhook list | webhook revoke NAME | webhook rotate NAME"
+USAGE = (
+    "Usage: webhook new NAME | webhook out NAME URL | webhook list | webhook revoke NAME | "
+    "webhook rotate NAME"
+)
 _DM_KEY = "webhook-dm:"
 
 
@@ -50,10 +53,11 @@ class WebhookCommands:
         processor.add(
             CommandSpec(
                 "webhook",
-                "webhooks posting in this room: make one (its URL and secret come to you in "
-                "a direct chat), list them, revoke one, or give one a new secret",
+                "webhooks of this room: make one that posts here (its URL and secret come to "
+                "you in a direct chat) or one that receives this room's messages at a URL, "
+                "list them, revoke one, or give one a new secret",
                 PermissionLevel.USER,
-                usage="new NAME | list | revoke NAME | rotate NAME",
+                usage="new NAME | out NAME URL | list | revoke NAME | rotate NAME",
             ),
             self.webhook,
         )
@@ -62,14 +66,20 @@ class WebhookCommands:
         action = args[0].casefold() if args else ""
         if action == "list" and len(args) == 1:
             return self._list(ctx)
-        if action not in ("new", "revoke", "rotate") or len(args) != 2:
+        wanted = 3 if action == "out" else 2
+        if action not in ("new", "out", "revoke", "rotate") or len(args) != wanted:
             return Reply.plain(USAGE)
         name = args[1].casefold()
         try:
-            if action == "new":
-                return await self._new(ctx, name)
+            if action in ("new", "out"):
+                return await self._new(ctx, name, args[2] if action == "out" else None)
             if action == "revoke":
-                await self.admin.revoke(ctx, name)
+                removed = await self.admin.revoke(ctx, name)
+                if removed.direction == OUTBOUND:
+                    return Reply.plain(
+                        f"Webhook {name} revoked: this room's messages are no longer sent to "
+                        "it (those still waiting are dropped)."
+                    )
                 return Reply.plain(f"Webhook {name} revoked: its URL no longer accepts requests.")
             return await self._rotate(ctx, name)
         except LinkRefused as e:
@@ -78,21 +88,33 @@ class WebhookCommands:
             return Reply.plain(str(e))
 
     def _list(self, ctx: CommandContext) -> Reply:
-        lines = [
-            f"• {hook.name} — from the config file"
-            if hook.source == CONFIG_SOURCE
-            else f"• {hook.name} — made by {hook.created_by}"
-            for hook in self.admin.hooks(ctx.room_id)
-        ]
+        lines = []
+        for hook in self.admin.hooks(ctx.room_id):
+            origin = (
+                "from the config file"
+                if hook.source == CONFIG_SOURCE
+                else f"made by {hook.created_by}"
+            )
+            what = (
+                f"receives this room's messages at {hook.url}"
+                if hook.direction == OUTBOUND
+                else "posts here"
+            )
+            lines.append(f"• {hook.name} — {what} — {origin}")
         if not lines:
-            return Reply.plain("No webhook posts in this room.")
-        return Reply.plain("Webhooks posting in this room:\n" + "\n".join(sorted(lines)))
+            return Reply.plain("No webhook in this room.")
+        return Reply.plain("Webhooks of this room:\n" + "\n".join(sorted(lines)))
 
-    async def _new(self, ctx: CommandContext, name: str) -> Reply:
+    async def _new(self, ctx: CommandContext, name: str, url: str | None) -> Reply:
         async def deliver(made: HookSecret) -> None:
             await self._send_secret(ctx.sender, made, "made")
 
-        await self.admin.create(ctx, name, deliver=deliver)
+        made = await self.admin.create(ctx, name, deliver=deliver, url=url)
+        if url is not None:
+            return Reply.plain(
+                f"Webhook {name} created: this room's messages are sent to "
+                f"{made.hook.url}; the secret that signs them was sent to you in a direct chat."
+            )
         return Reply.plain(
             f"Webhook {name} created; its URL and secret were sent to you in a direct chat."
         )
@@ -110,12 +132,20 @@ class WebhookCommands:
         )
 
     async def _send_secret(self, user: UserID, made: HookSecret, what: str) -> None:
-        text = (
-            f"Webhook {made.hook.name} was {what}.\nURL: {made.hook.url}\n"
-            f"Secret: {made.secret}\n"
-            "Keep the secret in the sending system only; it signs the requests "
-            "(Standard Webhooks)."
-        )
+        if made.hook.direction == OUTBOUND:
+            text = (
+                f"Webhook {made.hook.name} was {what}.\nIt sends the messages of "
+                f"{made.hook.room_id} to: {made.hook.url}\nSecret: {made.secret}\n"
+                "Give the secret to the receiving system only; it checks the signature of "
+                "each request with it (Standard Webhooks)."
+            )
+        else:
+            text = (
+                f"Webhook {made.hook.name} was {what}.\nURL: {made.hook.url}\n"
+                f"Secret: {made.secret}\n"
+                "Keep the secret in the sending system only; it signs the requests "
+                "(Standard Webhooks)."
+            )
         try:
             room_id = await self._direct_room(user)
             await self.client.send_event(

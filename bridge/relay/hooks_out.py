@@ -213,7 +213,14 @@ class HookSender:
         """True when the item is finished (sent, or failed and told), False when it waits."""
         hook = self.directory.outgoing.get(item.hook)
         if hook is None:
-            await self._fail(item, None, "the webhook was removed before it could be sent")
+            # Revoked (or removed from the config): dropped, as the revoke said; not told
+            # message by message.
+            why = "the webhook was removed before it could be sent"
+            audit = _delivery_entry(None, item, "failed", why, None)
+            await outbox_db.finish(
+                self.db, item.id, "failed", status=None, error=why, audit=audit, told=True
+            )
+            log.info("%s not delivered to webhook %s: %s", item.event_id, item.hook, why)
             return True
         body = json.dumps(item.payload, ensure_ascii=False, separators=(",", ":")).encode()
         try:

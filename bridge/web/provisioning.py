@@ -36,7 +36,7 @@ _ROOM_ID = re.compile(r"![^\s]+")
 MAX_ID_LENGTH = 255
 _MAIL_FIELDS = {"room_id", "address", "allowed_senders", "thread_mode", "marking"}
 _REMOTE_FIELDS = {"room_id", "remote", "remote_room"}
-_HOOK_FIELDS = {"room_id", "name"}
+_HOOK_FIELDS = {"room_id", "name", "url"}
 # A new secret is shown once: no cache may keep the answer that holds it.
 _NO_STORE = {"Cache-Control": "no-store"}
 _STATUS_OF = {"forbidden": 403, "invalid": 400, "conflict": 409, "remote": 502}
@@ -93,6 +93,7 @@ def hook_json(hook: HookInfo) -> dict[str, Any]:
         "name": hook.name,
         "room_id": hook.room_id,
         "url": hook.url,
+        "direction": hook.direction,
         "source": hook.source,
     }
     if hook.created_by is not None:
@@ -308,15 +309,19 @@ class ProvisioningApi:
         name = body.get("name")
         if not isinstance(name, str):
             raise ApiError(400, "M_BAD_JSON", "name must be a string")
+        url = body.get("url")
+        if url is not None and not isinstance(url, str):
+            raise ApiError(400, "M_BAD_JSON", "url must be a string")
         # The bot joins once the request is found right; not let in yet, the hook's messages
         # wait for it, as for a hook of the config.
-        made = await self.hooks.create(self._in_room(ctx, room_id), name, join=self.join)
+        made = await self.hooks.create(self._in_room(ctx, room_id), name, join=self.join, url=url)
         log.info("provisioning: %s made webhook %s in %s", ctx.sender, name, room_id)
         hook = made.hook
         answer = {
             "name": hook.name,
             "room_id": hook.room_id,
             "url": hook.url,
+            "direction": hook.direction,
             "secret": made.secret,
         }
         return web.json_response(answer, status=201, headers=_NO_STORE)

@@ -18,8 +18,10 @@ from bridge.core.errors import TransientError
 from bridge.webhooks.egress import (
     EgressPolicy,
     EgressRefused,
+    check_destination,
     check_url,
     egress_refusal,
+    egress_resolver,
     egress_session,
 )
 from bridge.webhooks.signature import sign
@@ -52,14 +54,21 @@ class Deliverer:
         self.timeout = timeout
         self.dns_server = dns_server
         self._session: aiohttp.ClientSession | None = None
+        self._resolver = egress_resolver(policy, dns_server)
+
+    async def check(self, url: str) -> str:
+        """The URL normalised if it is allowed and its host resolves to allowed addresses now;
+        EgressRefused (or TransientError when the name does not resolve) otherwise."""
+        try:
+            return str(await check_destination(self.policy, url, self._resolver))
+        except OSError as e:
+            raise TransientError(f"the host of the URL does not resolve: {e}") from None
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            server = None
-            if self.dns_server is not None:
-                host, port = self.dns_server
-                server = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            self._session = egress_session(self.policy, timeout=self.timeout, dns_server=server)
+            self._session = egress_session(
+                self.policy, timeout=self.timeout, dns_server=self.dns_server
+            )
         return self._session
 
     async def close(self) -> None:

@@ -477,6 +477,42 @@ class DnsServerResolver(AbstractResolver):
         return None
 
 
+def egress_resolver(
+    policy: EgressPolicy,
+    dns_server: str | tuple[str, int] | None = None,
+    dns_timeout: float = 5.0,
+) -> EgressResolver:
+    """The checking resolver over the system's resolver, or over ``dns_server`` ("IP[:port]"
+    or an already parsed (IP, port))."""
+    # Imported here: bridge.config imports this module to validate webhooks.egress.
+    from bridge.config.mail import parse_dns_server
+
+    inner: AbstractResolver
+    if dns_server is None:
+        inner = aiohttp.ThreadedResolver()
+    else:
+        if isinstance(dns_server, str):
+            parsed = parse_dns_server("webhooks.egress_dns_server", dns_server)
+            assert parsed is not None
+            dns_server = parsed
+        inner = DnsServerResolver(dns_server[0], dns_server[1], dns_timeout)
+    return EgressResolver(policy, inner)
+
+
+async def check_destination(policy: EgressPolicy, url: str, resolver: EgressResolver) -> yarl.URL:
+    """check_url, then the addresses the host resolves to now (EgressRefused; OSError when it
+    does not resolve): for telling whoever names a URL at once. Every connection is checked
+    again anyway."""
+    target = check_url(policy, url)
+    host = target.host or ""
+    if _ip_literal(host) is None:
+        try:
+            await resolver.resolve(host, target.port or 0, socket.AF_UNSPEC)
+        except EgressNetworkRefused as e:
+            raise EgressRefused(e.reason) from None
+    return target
+
+
 def egress_session(
     policy: EgressPolicy,
     *,
@@ -490,20 +526,8 @@ def egress_session(
     already parsed (IP, port); None uses the system's resolver. Requests must still go through
     `check_url` (or `post`) with allow_redirects=False.
     """
-    # Imported here: bridge.config imports this module to validate webhooks.egress.
-    from bridge.config.mail import parse_dns_server
-
-    inner: AbstractResolver
-    if dns_server is None:
-        inner = aiohttp.ThreadedResolver()
-    else:
-        if isinstance(dns_server, str):
-            parsed = parse_dns_server("webhooks.egress_dns_server", dns_server)
-            assert parsed is not None
-            dns_server = parsed
-        inner = DnsServerResolver(dns_server[0], dns_server[1], dns_timeout)
     connector = aiohttp.TCPConnector(
-        resolver=EgressResolver(policy, inner),
+        resolver=egress_resolver(policy, dns_server, dns_timeout),
         use_dns_cache=False,  # every connection re-resolves, so every answer is checked
         socket_factory=_checking_socket_factory(policy),
     )

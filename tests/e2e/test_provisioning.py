@@ -164,6 +164,9 @@ async def provisioned(
     raw.setdefault("webhooks", {})["hooks"] = {
         CONFIG_HOOK: {"room": CONFIG_HOOK_ROOM, "secret": CONFIG_HOOK_SECRET}
     }
+    # Outbound hooks may POST to one listed loopback address only; "localhost" matches a
+    # prefix but resolves to an address that is not listed.
+    raw["webhooks"]["egress"] = ["http://127.0.0.2:9/in", "http://localhost:9/"]
     config_path = tmp_path / "config.yaml"
     atomic_write(config_path, dump_yaml(raw))
     bridge = BridgeProcess(config_path, db_url, tmp_path / "bridge.log")
@@ -400,7 +403,13 @@ async def test_webhook_made_used_rotated_revoked(provisioned: Provisioned) -> No
     )
     assert status == 201, made
     url = bridge.config.appservice.address.rstrip("/") + "/webhooks/v1/deploy"
-    assert made == {"name": "deploy", "room_id": room_id, "url": url, "secret": made["secret"]}
+    assert made == {
+        "name": "deploy",
+        "room_id": room_id,
+        "url": url,
+        "direction": "inbound",
+        "secret": made["secret"],
+    }
     secret = made["secret"]
     status, _ = await hooks.post("deploy", {"text": "deployed via the API"}, key=key_of(secret))
     assert status == 202
@@ -418,6 +427,7 @@ async def test_webhook_made_used_rotated_revoked(provisioned: Provisioned) -> No
         "name": "deploy",
         "room_id": room_id,
         "url": url,
+        "direction": "inbound",
         "source": "room",
         "created_by": alice.user_id,
         "created_at": hook["created_at"],
@@ -433,12 +443,13 @@ async def test_webhook_made_used_rotated_revoked(provisioned: Provisioned) -> No
         "name": CONFIG_HOOK,
         "room_id": CONFIG_HOOK_ROOM,
         "url": bridge.config.appservice.address.rstrip("/") + f"/webhooks/v1/{CONFIG_HOOK}",
+        "direction": "inbound",
         "source": "config",
     }
     assert "whsec_" not in json.dumps([listed, everything])
     question = await alice.send_text(room_id, "!passerelle webhook list")
     answer = await alice.wait_for_event(room_id, replies_to(question, provisioned.bot))
-    assert f"• deploy — made by {alice.user_id}" in answer["content"]["body"]
+    assert f"• deploy — posts here — made by {alice.user_id}" in answer["content"]["body"]
 
     # Rotated: the old and the new secret both work during the grace.
     status, rotated = await api.call("POST", "/webhooks/deploy/rotate", user_id=alice.user_id)
@@ -584,3 +595,49 @@ async def test_webhook_secrets_never_logged(db_url: str, caplog: pytest.LogCaptu
         f"{ADMIN} revoked webhook logged of {room_id}",
     ):
         assert action in actions, actions
+
+
+async def test_outbound_webhook_made_listed_and_refused_targets(provisioned: Provisioned) -> None:
+    api, alice, room_id = provisioned.api, provisioned.alice, provisioned.room_id
+    request = {"room_id": room_id, "name": "tickets", "url": "http://127.0.0.2:9/in/x?token=abc"}
+    status, made = await api.call("POST", "/webhooks", body=request, user_id=alice.user_id)
+    assert status == 201, made
+    assert made == {
+        "name": "tickets",
+        "room_id": room_id,
+        "url": "http://127.0.0.2:9/in/x?…",  # the token is not shown again
+        "direction": "outbound",
+        "secret": made["secret"],
+    }
+    refusals = {
+        "meta": ("http://169.254.169.254/latest/meta-data", "not under any URL prefix"),
+        "lo": ("http://localhost:9/x", "which is loopback"),
+        "user": ("http://a@127.0.0.2:9/in", "user name or password"),
+        "up": ("http://127.0.0.2:9/in/%2e%2e/admin", "not allowed"),
+    }
+    for name, (url, reason) in refusals.items():
+        body = {"room_id": room_id, "name": name, "url": url}
+        status, answer = await api.call("POST", "/webhooks", body=body, user_id=alice.user_id)
+        assert (status, answer["errcode"]) == (400, "M_INVALID_PARAM"), (url, answer)
+        assert answer["error"].startswith("That URL is not allowed (webhooks.egress): ")
+        assert reason in answer["error"], answer
+    status, answer = await api.call(
+        "POST", "/webhooks", body={**request, "url": 7}, valid_request=False
+    )
+    assert (status, answer["errcode"]) == (400, "M_BAD_JSON")
+
+    status, listed = await api.call("GET", "/webhooks", query={"room_id": room_id})
+    assert [(h["name"], h["direction"], h["url"]) for h in listed["webhooks"]] == [
+        ("tickets", "outbound", "http://127.0.0.2:9/in/x?…")
+    ]
+    question = await alice.send_text(room_id, "!passerelle webhook list")
+    answer = await alice.wait_for_event(room_id, replies_to(question, provisioned.bot))
+    assert (
+        "• tickets — receives this room's messages at http://127.0.0.2:9/in/x?… — made by"
+        in answer["content"]["body"]
+    )
+    assert "token" not in json.dumps([listed, answer])
+    status, body = await api.call("DELETE", "/webhooks/tickets", user_id=alice.user_id)
+    assert (status, body["removed"]["direction"]) == (200, "outbound")
+    # The receiver's token is not written to the log (it logs at DEBUG).
+    assert "token=abc" not in provisioned.bridge.log_text()

@@ -132,8 +132,8 @@ async def test_new_rotate_revoke(made: Made, synapse_setup: SynapseSetup) -> Non
     assert event["sender"] == hooks.bridge.config.hook_ghost_mxid("deploy")
 
     listed = await command(hooks.alice, made, "webhook list")
-    assert "• deploy — made by " + hooks.alice.user_id in listed
-    assert "• ci — from the config file" in listed
+    assert "• deploy — posts here — made by " + hooks.alice.user_id in listed
+    assert "• ci — posts here — from the config file" in listed
 
     answer = await command(hooks.alice, made, "webhook rotate deploy")
     assert answer == (

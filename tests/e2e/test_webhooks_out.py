@@ -22,6 +22,8 @@ from bridge.harness.synapse import MatrixTestClient
 from bridge.registration import atomic_write, dump_yaml
 from bridge.webhooks.signature import verify
 from tests.conftest import BridgeProcess, SynapseSetup, UserFactory, http_json
+from tests.e2e.test_bot import replies_to
+from tests.e2e.test_webhook_commands import direct_chat, key_of
 from tests.e2e.test_webhooks_in import SECRET as IN_SECRET
 from tests.e2e.test_webhooks_in import HookSetup, text_is
 
@@ -33,6 +35,7 @@ OUT_SECRET = "whsec_" + base64.b64encode(OUT_KEY).decode()
 class Delivered:
     headers: dict[str, str]
     body: bytes
+    path: str = "/hooks/matrix"
 
     @property
     def json(self) -> Any:
@@ -59,7 +62,7 @@ class Receiver:
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        self.received.append(Delivered(dict(request.headers), body))
+        self.received.append(Delivered(dict(request.headers), body, request.path))
         try:
             text = json.loads(body)["data"].get("text", "")
         except (ValueError, KeyError):
@@ -99,7 +102,7 @@ class OutSetup:
 async def receiver() -> AsyncIterator[Receiver]:
     found = Receiver(free_port())
     app = web.Application()
-    app.router.add_post("/hooks/matrix", found.handle)
+    app.router.add_post("/hooks/{name}", found.handle)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", found.port).start()
@@ -145,12 +148,12 @@ async def out(
         assert secret not in log
 
 
-def checked(delivered: Delivered) -> dict[str, Any]:
+def checked(delivered: Delivered, key: bytes = OUT_KEY) -> dict[str, Any]:
     """The delivery's JSON, after checking its Standard Webhooks signature."""
     headers = {k.lower(): v for k, v in delivered.headers.items()}
     assert headers["content-type"] == "application/json"
     verify(
-        OUT_KEY,
+        key,
         webhook_id=headers["webhook-id"],
         timestamp=headers["webhook-timestamp"],
         signature=headers["webhook-signature"],
@@ -274,3 +277,66 @@ async def test_delivery_survives_a_crash(out: OutSetup) -> None:
     await receiver.wait_for(lambda d: len(receiver.of("kept")) > n, timeout=30)
     await asyncio.sleep(1.5)
     assert len(receiver.of("kept")) == n + 1  # delivered once after the restart, not again
+
+
+async def secret_message(alice: MatrixTestClient, dm: str, bot: str, n: int) -> str:
+    """The secret of the n-th (from 1) secret notice of the bot in the direct chat."""
+    for _ in range(100):
+        found = [
+            e["content"]["body"]
+            for e in await alice.messages(dm)
+            if e.get("sender") == bot and "Secret: " in str(e.get("content", {}).get("body"))
+        ]
+        if len(found) >= n:
+            body = str(found[n - 1])
+            assert "It sends the messages of" in body
+            return body.split("Secret: ", 1)[1].split()[0]
+        await asyncio.sleep(0.2)
+    raise AssertionError("no secret in the direct chat")
+
+
+async def test_made_in_the_room_rotated_and_revoked(
+    out: OutSetup, synapse_setup: SynapseSetup
+) -> None:
+    alice, room, receiver = out.alice, out.room_id, out.receiver
+    bot = synapse_setup.config.bot_mxid
+
+    async def command(text: str) -> str:
+        question = await alice.send_text(room, f"!passerelle {text}")
+        answer = await alice.wait_for_event(room, replies_to(question, bot))
+        return str(answer["content"]["body"])
+
+    mine = f"http://127.0.0.1:{receiver.port}/hooks/mine"
+    assert await command(f"webhook out mine {mine}") == (
+        f"Webhook mine created: this room's messages are sent to {mine}; the secret that "
+        "signs them was sent to you in a direct chat."
+    )
+    refused = await command("webhook out meta http://169.254.169.254/latest/meta-data")
+    assert refused.startswith("That URL is not allowed (webhooks.egress): ")
+    dm = await direct_chat(alice, bot)
+    first = key_of(await secret_message(alice, dm, bot, 1))
+
+    await alice.send_text(room, "for both hooks")
+    await receiver.wait_for(lambda d: d.text == "for both hooks" and d.path == "/hooks/mine")
+    to_mine = [d for d in receiver.of("for both hooks") if d.path == "/hooks/mine"]
+    assert checked(to_mine[0], first)["data"]["hook"] == "mine"
+    to_tickets = [d for d in receiver.of("for both hooks") if d.path == "/hooks/matrix"]
+    assert checked(to_tickets[0])["data"]["hook"] == "tickets"
+    assert to_mine[0].headers["webhook-id"] != to_tickets[0].headers["webhook-id"]
+
+    # Rotated: during the grace each delivery carries both signatures, each valid.
+    assert "has a new secret" in await command("webhook rotate mine")
+    second = key_of(await secret_message(alice, dm, bot, 2))
+    await alice.send_text(room, "after rotation")
+    await receiver.wait_for(lambda d: d.text == "after rotation" and d.path == "/hooks/mine")
+    (rotated,) = [d for d in receiver.of("after rotation") if d.path == "/hooks/mine"]
+    assert len(rotated.headers["webhook-signature"].split(" ")) == 2
+    checked(rotated, first)
+    checked(rotated, second)
+
+    assert "no longer sent to it" in await command("webhook revoke mine")
+    await alice.send_text(room, "after revoke")
+    await receiver.wait_for(lambda d: d.text == "after revoke")
+    await asyncio.sleep(1)
+    assert [d.path for d in receiver.of("after revoke")] == ["/hooks/matrix"]
+    assert "whsec_" not in out.bridge.log_text()

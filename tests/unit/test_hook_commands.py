@@ -8,17 +8,21 @@ from typing import Any
 
 from bridge.config import parse_config
 from bridge.core.commands import Command, CommandContext, CommandProcessor, parse_command
+from bridge.core.errors import TransientError
 from bridge.core.ids import RoomID, UserID
 from bridge.core.permissions import PermissionLevel
 from bridge.db.room_hooks import RoomHook
+from bridge.relay.hook_admin import CheckTarget, HookAdmin
 from bridge.relay.hook_commands import WebhookCommands, new_secret
 from bridge.relay.link_commands import LinkCommands
 from bridge.webhooks.directory import HookDirectory
+from bridge.webhooks.egress import EgressRefused
 from bridge.webhooks.signature import decode_secret
 from tests.unit.test_config import minimal
 
 SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
 ROOM = "!ops:example.org"
+URL = "https://t.example.org/in?token=abc"
 
 
 class Unexpected:
@@ -28,13 +32,26 @@ class Unexpected:
         raise AssertionError(f"unexpected use of {name}")
 
 
-def commands(power: int = 100, level: PermissionLevel = PermissionLevel.USER) -> Any:
+def commands(
+    power: int = 100,
+    level: PermissionLevel = PermissionLevel.USER,
+    check_target: CheckTarget | None = None,
+) -> Any:
+    outgoing = {"tickets": {"room": ROOM, "url": URL, "secret": SECRET}}
     config = parse_config(
-        minimal(webhooks={"hooks": {"ci": {"room": ROOM, "secret": SECRET}}}), env={}
+        minimal(
+            webhooks={
+                "hooks": {"ci": {"room": ROOM, "secret": SECRET}},
+                "outgoing": outgoing,
+                "egress": ["https://t.example.org/"],
+            }
+        ),
+        env={},
     )
-    directory = HookDirectory(config.webhooks.hooks)
+    directory = HookDirectory(config.webhooks.hooks, outgoing=config.webhooks.outgoing)
     links = LinkCommands(config, Unexpected(), Unexpected(), Unexpected())  # type: ignore[arg-type]
-    hooks = WebhookCommands(config, Unexpected(), Unexpected(), directory, links)  # type: ignore[arg-type]
+    admin = HookAdmin(config, Unexpected(), directory, links, check_target=check_target)  # type: ignore[arg-type]
+    hooks = WebhookCommands(config, Unexpected(), Unexpected(), directory, links, admin)  # type: ignore[arg-type]
 
     async def power_level() -> int:
         return power
@@ -57,7 +74,10 @@ async def test_help_lists_the_webhook_commands() -> None:
     hooks, _ = commands()
     hooks.register(processor)
     reply = await processor.run(Command("help", ()), PermissionLevel.USER, is_direct=False)
-    assert "!passerelle webhook new NAME | list | revoke NAME | rotate NAME" in reply.text
+    assert (
+        "!passerelle webhook new NAME | out NAME URL | list | revoke NAME | rotate NAME"
+        in reply.text
+    )
 
 
 async def test_usage_name_power_and_clash_refused_before_anything_is_written() -> None:
@@ -73,8 +93,42 @@ async def test_usage_name_power_and_clash_refused_before_anything_is_written() -
     refused = await weak.webhook(weak_ctx, ("new", "deploy"))
     assert refused.text == "Managing webhooks needs the admin permission, or power level 50 here."
     listed = await hooks.webhook(ctx, ("list",))
-    assert listed.text == "Webhooks posting in this room:\n• ci — from the config file"
+    assert listed.text == (
+        "Webhooks of this room:\n• ci — posts here — from the config file\n"
+        "• tickets — receives this room's messages at https://t.example.org/in?… — from the "
+        "config file"
+    )
     assert "whsec_" not in listed.text
+    assert "token" not in listed.text
+
+
+async def test_outbound_refusals_before_anything_is_written() -> None:
+    hooks, ctx = commands()
+    for args in [("out", "x"), ("out", "x", "https://a", "b")]:
+        assert (await hooks.webhook(ctx, args)).text.startswith("Usage: webhook new NAME")
+    assert "not available" in (await hooks.webhook(ctx, ("out", "x", "https://a/"))).text
+    clash = await hooks.webhook(ctx, ("out", "tickets", "https://t.example.org/"))
+    assert clash.text == "A webhook named tickets already exists; choose another name."
+    assert "config file" in (await hooks.webhook(ctx, ("rotate", "tickets"))).text
+
+    async def refuse(url: str) -> str:
+        raise EgressRefused(f"{url} resolves to 169.254.169.254, which is link-local")
+
+    async def unknown(url: str) -> str:
+        raise TransientError("no such host")
+
+    hooks, ctx = commands(check_target=refuse)
+    reply = await hooks.webhook(ctx, ("out", "meta", "http://metadata.internal/"))
+    assert reply.text == (
+        "That URL is not allowed (webhooks.egress): http://metadata.internal/ resolves to "
+        "169.254.169.254, which is link-local"
+    )
+    hooks, ctx = commands(check_target=unknown)
+    reply = await hooks.webhook(ctx, ("out", "meta", "http://nowhere.example/"))
+    assert reply.text == "That URL cannot be used now: no such host"
+    weak, weak_ctx = commands(power=0, check_target=refuse)
+    refused = await weak.webhook(weak_ctx, ("out", "x", "http://a/"))
+    assert refused.text == "Managing webhooks needs the admin permission, or power level 50 here."
 
 
 def test_directory_keys_during_and_after_the_grace() -> None:
