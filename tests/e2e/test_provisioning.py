@@ -547,6 +547,12 @@ async def test_webhook_refusals(provisioned: Provisioned) -> None:
     assert status == 202
     await alice.wait_for_event(room_id, text_is("still here"))
 
+    # A room the bot may not join (yet): the hook is made, its messages wait for the bot.
+    closed = await alice.create_room(name="Sans le bot")
+    status, waiting = await api.call("POST", "/webhooks", body={"room_id": closed, "name": "w"})
+    assert status == 201, waiting
+    assert "webhook w: the bot is not in" in provisioned.bridge.log_text()
+
 
 async def test_webhook_secrets_never_logged(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
     """Every log record of the API's webhook actions, down to DEBUG, in this process."""
