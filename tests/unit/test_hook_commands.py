@@ -143,3 +143,25 @@ def test_directory_keys_during_and_after_the_grace() -> None:
     directory.drop("deploy")
     assert directory.keys("deploy") is None
     assert directory.keys("other") is None
+
+
+def test_admin_lists_config_and_room_hooks_without_secrets() -> None:
+    hooks, _ = commands()
+    admin = hooks.admin
+    directory = admin.directory
+    other = "!other:example.org"
+    directory.put(RoomHook("deploy", ROOM, new_secret(), new_secret(), 1, "@a:example.org", 5))
+    directory.put(RoomHook("elsewhere", other, new_secret(), None, None, "@b:example.org", 6))
+    here = admin.hooks(RoomID(ROOM))
+    assert [(h.name, h.source, h.direction) for h in here] == [
+        ("ci", "config", "inbound"),
+        ("deploy", "room", "inbound"),
+    ]
+    # The grace ended long ago (1 ms after the epoch): no rotation shown.
+    assert here[1].rotating_until is None
+    assert here[1].created_by == "@a:example.org"
+    assert here[1].url.endswith("/webhooks/v1/deploy")
+    assert [h.name for h in admin.hooks()] == ["ci", "deploy", "elsewhere"]
+    assert admin.find("ci") == here[0]
+    assert admin.find("nope") is None
+    assert "whsec_" not in repr(admin.hooks())
