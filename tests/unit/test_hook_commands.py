@@ -156,12 +156,14 @@ def test_admin_lists_config_and_room_hooks_without_secrets() -> None:
     assert [(h.name, h.source, h.direction) for h in here] == [
         ("ci", "config", "inbound"),
         ("deploy", "room", "inbound"),
+        ("tickets", "config", "outbound"),
     ]
     # The grace ended long ago (1 ms after the epoch): no rotation shown.
     assert here[1].rotating_until is None
     assert here[1].created_by == "@a:example.org"
     assert here[1].url.endswith("/webhooks/v1/deploy")
-    assert [h.name for h in admin.hooks()] == ["ci", "deploy", "elsewhere"]
+    assert [h.name for h in admin.hooks()] == ["ci", "deploy", "elsewhere", "tickets"]
+    assert here[2].url == "https://t.example.org/in?…"
     assert admin.find("ci") == here[0]
     assert admin.find("nope") is None
     assert "whsec_" not in repr(admin.hooks())
