@@ -26,6 +26,7 @@ from tests.e2e.test_bot import replies_to
 from tests.e2e.test_webhook_commands import direct_chat, key_of
 from tests.e2e.test_webhooks_in import SECRET as IN_SECRET
 from tests.e2e.test_webhooks_in import HookSetup, text_is
+from tests.integration.test_metrics import scrape, value
 
 OUT_KEY = os.urandom(32)
 OUT_SECRET = "whsec_" + base64.b64encode(OUT_KEY).decode()
@@ -263,6 +264,13 @@ async def test_failures_retried_in_order_and_refusals_told(out: OutSetup) -> Non
     assert health["webhook_outbox"]["sent"] == 3
     assert health["webhook_outbox"]["failed"] == 1
     assert status in (200, 503)
+
+    # /metrics: each delivery counted once by outcome, and timed.
+    samples = await scrape(out.bridge.base_url)
+    assert value(samples, "passerelle_items_total", direction="webhook_out", outcome="sent") == 3
+    assert value(samples, "passerelle_items_total", direction="webhook_out", outcome="failed") == 1
+    assert value(samples, "passerelle_relay_latency_seconds_count", direction="webhook_out") == 3
+    assert ("passerelle_queue_depth", (("queue", "webhook_outbox"),)) in samples
 
 
 async def test_delivery_survives_a_crash(out: OutSetup) -> None:
