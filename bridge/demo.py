@@ -1,5 +1,5 @@
 """`passerelle demo`: Synapse, a mail server and the bridge, a demo user and a linked list;
-the other ministry's side is in demo_remote."""
+the other ministry's side is in demo_remote, the webhooks and provisioning API in demo_hooks."""
 
 from __future__ import annotations
 
