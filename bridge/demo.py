@@ -217,9 +217,9 @@ async def _serve(
     config = load_config(config_path)
     bridge = Bridge(config)
     receiver = LegacyReceiver(receiver_port)
-    await receiver.start()
     await bridge.start()
     try:
+        await receiver.start()
         password = stored_password(folder)
         user_id = await asyncio.to_thread(synapse.register_user, DEMO_USER, password, True)
         token = await asyncio.to_thread(synapse.login, DEMO_USER, password)
