@@ -6,8 +6,9 @@ PYTHON ?= python3
 setup:
 	bash scripts/bootstrap.sh
 
-# Two local Synapses (agency, ministry), mail and Passerelle: demo users, a linked list and a
-# room linked across the two servers, each checked both ways; Ctrl-C stops it.
+# Two local Synapses (agency, ministry), mail and Passerelle: demo users, a linked list, a
+# room linked across the two servers and a room with webhooks to a legacy system, each checked
+# both ways; Ctrl-C stops it.
 demo: setup
 	$(PYTHON) -m bridge demo
 

@@ -1,5 +1,5 @@
 """`passerelle demo`: Synapse, a mail server and the bridge, a demo user and a linked list;
-the other ministry's side is in demo_remote."""
+the other ministry's side is in demo_remote, the webhooks and provisioning API in demo_hooks."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config import ConfigError, load_config, read_yaml_file
+from bridge.demo_hooks import config_sections as hook_sections
 from bridge.demo_mta import DEMO_AUTHSERV_ID
 from bridge.harness.ports import free_port
 from bridge.registration import atomic_write, dump_yaml, generate_registration
@@ -38,6 +39,7 @@ def _write_demo_config(
     imap_port: int,
     smtp_port: int,
     remotes: dict[str, Any],
+    receiver_port: int,
 ) -> Path:
     """Create or refresh the demo config: new ports each run, the same tokens and database."""
     path = folder / "config.yaml"
@@ -75,6 +77,7 @@ def _write_demo_config(
         "trust": {"authserv_id": [DEMO_AUTHSERV_ID]},
     }
     user["remotes"] = remotes
+    user |= hook_sections(folder, receiver_port)
     atomic_write(path, dump_yaml(user))
     return path
 
@@ -194,9 +197,11 @@ async def _serve(
     synapse: Any,
     ministry: Any,
     mail: tuple[str, int],
+    receiver_port: int,
     check_only: bool,
 ) -> int:
     from bridge.app import Bridge
+    from bridge.demo_hooks import LegacyReceiver, print_summary, run_hooks
     from bridge.demo_remote import (
         AGENCY_NAME,
         AGENCY_ROOM_NAME,
@@ -211,8 +216,10 @@ async def _serve(
 
     config = load_config(config_path)
     bridge = Bridge(config)
+    receiver = LegacyReceiver(receiver_port)
     await bridge.start()
     try:
+        await receiver.start()
         password = stored_password(folder)
         user_id = await asyncio.to_thread(synapse.register_user, DEMO_USER, password, True)
         token = await asyncio.to_thread(synapse.login, DEMO_USER, password)
@@ -226,6 +233,7 @@ async def _serve(
                 folder, synapse.base_url, token, user_id, config.bot_mxid, list_address, smtp_port
             )
             remote = await link_remote_room(folder, config, agency, ministry, ministry_password)
+            hooks = await run_hooks(folder, config, agency, receiver)
         account = config.remotes[REMOTE].user_id
         print("\nPasserelle demo is running.")
         print(f"  Homeserver:  {synapse.base_url}  (server name {SERVER_NAME}: the agency)")
@@ -273,13 +281,15 @@ async def _serve(
             f"and the reply went back from {account} as “{remote.relayed_as}”. Log in on both "
             "sides (e.g. two browser profiles) to go on."
         )
+        print_summary(hooks, user_id)
         print(
             "\nUse any Matrix client with the homeserver URLs above (e.g. Element's 'custom "
             "server'), invite the bot to a room and write “!passerelle help”."
         )
         if check_only:
             return 0
-        print("\nCtrl-C stops both Synapses, the mail server and the bridge.")
+        print("\nCtrl-C stops both Synapses, the mail server and the bridge.", flush=True)
+        receiver.echo = True
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -288,6 +298,7 @@ async def _serve(
         return 0
     finally:
         await bridge.stop()
+        await receiver.stop()
 
 
 def run_demo(folder: Path, *, check_only: bool = False) -> int:
@@ -306,7 +317,7 @@ def run_demo(folder: Path, *, check_only: bool = False) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     dovecot = DovecotServer(folder / "dovecot")
     list_address = dovecot.add_user(LIST_USER, LIST_PASSWORD)
-    synapse_port, bridge_port = free_port(), free_port()
+    synapse_port, bridge_port, receiver_port = free_port(), free_port(), free_port()
     mta = demo_mta(folder / "mta", dovecot.lmtp_port)
     postfix = mta.postfix
     registration = folder / "registration.yaml"
@@ -337,6 +348,7 @@ def run_demo(folder: Path, *, check_only: bool = False) -> int:
             dovecot.imap_port,
             postfix.smtp_port,
             remote_section(ministry, account),
+            receiver_port,
         )
         try:
             generate_registration(config_path, registration)
@@ -345,7 +357,9 @@ def run_demo(folder: Path, *, check_only: bool = False) -> int:
             return 10
         synapse.start()
         mail = (list_address, postfix.smtp_port)
-        return asyncio.run(_serve(folder, config_path, synapse, ministry, mail, check_only))
+        return asyncio.run(
+            _serve(folder, config_path, synapse, ministry, mail, receiver_port, check_only)
+        )
     except KeyboardInterrupt:
         return 0
     finally:
