@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,21 +98,22 @@ async def next_pending(db: Database, hook: str, limit: int) -> list[HookDelivery
     )
     async with db.begin() as conn:
         rows = (await conn.execute(query)).all()
-    return [
-        HookDelivery(
-            id=int(r.id),
-            hook=r.hook,
-            room_id=RoomID(r.room_id),
-            event_id=EventID(r.event_id),
-            kind=r.kind,
-            payload=json.loads(r.payload),
-            sender=r.sender,
-            attempts=int(r.attempts),
-            next_attempt_at=int(r.next_attempt_at),
-            created_at=int(r.created_at),
-        )
-        for r in rows
-    ]
+    return [_delivery(r) for r in rows]
+
+
+def _delivery(r: Any) -> HookDelivery:
+    return HookDelivery(
+        id=int(r.id),
+        hook=r.hook,
+        room_id=RoomID(r.room_id),
+        event_id=EventID(r.event_id),
+        kind=r.kind,
+        payload=json.loads(r.payload),
+        sender=r.sender,
+        attempts=int(r.attempts),
+        next_attempt_at=int(r.next_attempt_at),
+        created_at=int(r.created_at),
+    )
 
 
 async def mark_retry(
@@ -159,6 +161,26 @@ async def finish(
         )
         if changed.rowcount:
             await append_in(conn, audit)
+
+
+async def drop_pending(
+    db: Database, hook: str, reason: str, audit: Callable[[HookDelivery], AuditEntry]
+) -> int:
+    """Every pending delivery of `hook` failed with `reason`, not told one by one (the hook was
+    revoked: whoever revoked it was told), each with its audit row, in one commit; how many."""
+    query = select(webhook_outbox).where(
+        webhook_outbox.c.state == "pending", webhook_outbox.c.hook == hook
+    )
+    async with db.begin() as conn:
+        items = [_delivery(r) for r in (await conn.execute(query)).all()]
+        for item in items:
+            await conn.execute(
+                update(webhook_outbox)
+                .where(webhook_outbox.c.id == item.id)
+                .values(state="failed", finished_at=now_ms(), last_error=reason, reported=True)
+            )
+            await append_in(conn, audit(item))
+    return len(items)
 
 
 async def failures_to_report(

@@ -19,6 +19,7 @@ from bridge.core.ids import RoomID, UserID
 from bridge.db import room_hooks, rooms
 from bridge.db.engine import Database
 from bridge.db.util import now_ms
+from bridge.relay.hooks_out import drop_deliveries
 from bridge.relay.link_commands import LinkCommands, LinkRefused
 from bridge.webhooks.directory import HookDirectory
 from bridge.webhooks.egress import EgressRefused
@@ -159,11 +160,15 @@ class HookAdmin:
         return made
 
     async def revoke(self, ctx: CommandContext, name: str) -> HookInfo:
-        """Remove hook `name` of ctx.room_id: its URL answers 404 from now on."""
+        """Remove hook `name` of ctx.room_id: an inbound hook's URL answers 404 from now on,
+        an outbound hook's waiting deliveries are dropped (a hook made again with this name
+        starts empty)."""
         await self.authorize(ctx)
         hook = self._own(ctx, name)
         await room_hooks.remove(self.db, name)
         self.directory.drop(name)
+        if hook.outbound:
+            await drop_deliveries(self.db, name, f"the webhook was revoked by {ctx.sender}")
         log.info("%s revoked webhook %s of %s", ctx.sender, name, ctx.room_id)
         return self._info(hook)
 

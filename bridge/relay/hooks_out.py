@@ -300,6 +300,19 @@ class HookSender:
             await outbox_db.mark_reported(self.db, item_id)
 
 
+async def drop_deliveries(db: Database, name: str, why: str) -> int:
+    """A revoked hook's waiting deliveries: failed with `why` and audited, not told one by
+    one; how many."""
+
+    def entry(item: HookDelivery) -> AuditEntry:
+        return _delivery_entry(None, item, "failed", why, None)
+
+    dropped = await outbox_db.drop_pending(db, name, why, entry)
+    if dropped:
+        log.info("%d deliveries to webhook %s dropped: %s", dropped, name, why)
+    return dropped
+
+
 def _entry(
     hook: OutHookSettings | None,
     name: str,

@@ -20,7 +20,7 @@ from bridge.config import read_yaml_file
 from bridge.harness.ports import free_port
 from bridge.harness.synapse import MatrixTestClient
 from bridge.registration import atomic_write, dump_yaml
-from bridge.webhooks.signature import verify
+from bridge.webhooks.signature import SignatureError, verify
 from tests.conftest import BridgeProcess, SynapseSetup, UserFactory, http_json
 from tests.e2e.test_bot import replies_to
 from tests.e2e.test_webhook_commands import direct_chat, key_of
@@ -342,9 +342,28 @@ async def test_made_in_the_room_rotated_and_revoked(
     checked(rotated, first)
     checked(rotated, second)
 
+    # Revoked while a delivery waits (its receiver answers 503): the waiting one is dropped,
+    # and a hook made again with the same name does not inherit it.
+    receiver.script["stuck"] = [503] * 100
+    await alice.send_text(room, "stuck")
+    await receiver.wait_for(lambda d: d.text == "stuck" and d.path == "/hooks/mine")
     assert "no longer sent to it" in await command("webhook revoke mine")
+    receiver.script["stuck"] = []
+    assert (await command(f"webhook out mine {mine}")).startswith("Webhook mine created")
+    third = key_of(await secret_message(alice, dm, bot, 3))
     await alice.send_text(room, "after revoke")
-    await receiver.wait_for(lambda d: d.text == "after revoke")
+    await receiver.wait_for(lambda d: d.text == "after revoke" and d.path == "/hooks/mine")
+    (again,) = [d for d in receiver.of("after revoke") if d.path == "/hooks/mine"]
+    checked(again, third)
+    await asyncio.sleep(1.5)
+    stuck = [d for d in receiver.of("stuck") if d.path == "/hooks/mine"]
+    assert 1 <= len(stuck) <= 2  # the first attempt, and at most one retry before the revoke
+    for d in stuck:  # none of them went to the new hook (signed with its secret)
+        with pytest.raises(SignatureError):
+            checked(d, third)
+    assert "no longer sent to it" in await command("webhook revoke mine")
+    await alice.send_text(room, "after the last revoke")
+    await receiver.wait_for(lambda d: d.text == "after the last revoke")
     await asyncio.sleep(1)
-    assert [d.path for d in receiver.of("after revoke")] == ["/hooks/matrix"]
+    assert [d.path for d in receiver.of("after the last revoke")] == ["/hooks/matrix"]
     assert "whsec_" not in out.bridge.log_text()

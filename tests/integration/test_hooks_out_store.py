@@ -110,3 +110,20 @@ async def test_outbound_room_hooks_share_the_name_space(db: Database) -> None:
     assert await room_hooks.create(db, "tickets", ROOM, "whsec_y", "@bob:localhost") is None
     (found,) = await room_hooks.all_hooks(db)
     assert (found.url, found.outbound) == ("https://t.example/h", True)
+
+
+async def test_revoked_hook_drops_its_waiting_deliveries(db: Database) -> None:
+    for n in (1, 2):
+        await queue(db, "tickets", n)
+    await queue(db, "alerts", 3)
+    head = await audit_db.head(db)
+    dropped = await outbox_db.drop_pending(
+        db, "tickets", "revoked", lambda item: audit("failed", item.event_id)
+    )
+    assert dropped == 2
+    assert (await audit_db.head(db))[0] == head[0] + 2
+    assert await outbox_db.next_pending(db, "tickets", 10) == []
+    assert [i.hook for i in await outbox_db.next_pending(db, "alerts", 10)] == ["alerts"]
+    # Not told one by one: whoever revoked the hook was answered.
+    assert await outbox_db.failures_to_report(db, 10) == []
+    assert await outbox_db.drop_pending(db, "tickets", "again", lambda i: audit("failed", "")) == 0
