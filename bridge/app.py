@@ -26,6 +26,7 @@ from bridge.db import links as link_db
 from bridge.db import mail as mail_db
 from bridge.db import outbox as outbox_db
 from bridge.db import remote as remote_db
+from bridge.db import webhooks as webhook_db
 from bridge.db.engine import Database, open_database
 from bridge.db.inbox import InboxEvent
 from bridge.db.outbox import DbOutboxStore
@@ -376,6 +377,7 @@ class Bridge:
         metrics.watch_errors(log)
         metrics.queues["appservice_inbox"] = functools.partial(inbox_db.pending_summary, self.db)
         metrics.queues["mail_in"] = functools.partial(mail_db.pending_summary, self.db)
+        metrics.queues["webhook_inbox"] = functools.partial(webhook_db.pending_summary, self.db)
         metrics.queues["webhook_outbox"] = functools.partial(hooks_out_db.pending_summary, self.db)
         sources = metrics.connections.sources
         sources["homeserver"] = lambda: {config.homeserver.domain: self.homeserver_health}

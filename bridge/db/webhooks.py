@@ -146,3 +146,13 @@ async def counts(db: Database) -> dict[str, int]:
             )
         ).all()
     return {str(state): int(n) for state, n in rows}
+
+
+async def pending_summary(db: Database) -> tuple[int, int | None]:
+    """Requests waiting to be posted, and when the oldest arrived (ms since the epoch)."""
+    query = select(func.count(), func.min(webhook_inbox.c.received_at)).where(
+        webhook_inbox.c.state == "pending"
+    )
+    async with db.begin() as conn:
+        count, oldest = (await conn.execute(query)).one()
+    return int(count), None if oldest is None else int(oldest)
