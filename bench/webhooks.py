@@ -49,11 +49,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
 from bench.mail_to_matrix import (  # noqa: E402
     BUSY_CORES,
     MARKER_RE,
     TARGET,
+    Profiler,
     SyncWatcher,
+    add_run_options,
     code_version,
     disturbed_phases,
     find_pid,
@@ -62,6 +66,7 @@ from bench.mail_to_matrix import (  # noqa: E402
     mean_rate,
     percentile,
     process_cpu,
+    profile_summaries,
     room_history,
     temp_folder,
     verdict,
@@ -95,6 +100,7 @@ class CpuMeter:
 
     synapse_pid: int | None
     bridge_pid: int | None
+    profiler: Profiler = field(default_factory=lambda: Profiler(None))
     _start: dict[str, float] = field(default_factory=dict)
 
     def _sample(self) -> dict[str, float]:
@@ -107,11 +113,16 @@ class CpuMeter:
             "wall": time.monotonic(),
         }
 
-    def start(self) -> None:
+    def start(self, phase: str = "") -> None:
+        """Also attaches py-spy to Synapse and the bridge for the phase, with --profile."""
+        if phase:
+            self.profiler.start(f"{phase}-synapse", self.synapse_pid)
+            self.profiler.start(f"{phase}-bridge", self.bridge_pid)
         self._start = self._sample()
 
     def stop(self) -> dict[str, float]:
         end = self._sample()
+        self.profiler.stop()
         used = {k: round(end[k] - self._start[k], 2) for k in end}
         used["others"] = round(
             used["machine"] - used["synapse"] - used["bridge"] - used["bench"], 2
@@ -137,8 +148,15 @@ class Servers:
 
 
 def start_servers(
-    folder: Path, plain: Sequence[str], hooks: Sequence[str], stack: contextlib.ExitStack
+    folder: Path,
+    plain: Sequence[str],
+    bot_rooms: Sequence[str],
+    hooks: Sequence[str],
+    stack: contextlib.ExitStack,
 ) -> Servers:
+    """`plain`: rooms of Alice alone; `bot_rooms`: rooms of Alice, the bot and Bob (three
+    members like a hook's room: Alice, the bot, the ghost; and not a direct chat, where the bot
+    would take every message for a command); `hooks`: a hook each, its room with the bot."""
     synapse_port, bridge_port = free_port(), free_port()
     database_url = f"sqlite+aiosqlite:///{folder / 'passerelle.db'}"
     raw = bridge_config_dict(
@@ -161,6 +179,8 @@ def start_servers(
     synapse.start()
     alice_id = synapse.register_user("benchalice", "pw-benchalice")
     token = synapse.login("benchalice", "pw-benchalice")
+    bob_id = synapse.register_user("benchbob", "pw-benchbob")
+    bob_token = synapse.login("benchbob", "pw-benchbob")
 
     # Hooks name their room in the config: the rooms exist, the bot invited, before it starts
     # (as tests/e2e/test_webhooks_in.py does). The bot's ID does not depend on the hooks.
@@ -171,6 +191,10 @@ def start_servers(
             rooms = {name: await alice.create_room(name=name) for name in plain}
             for name in hooks:
                 rooms[name] = await alice.create_room(invite=[bot], name=name)
+            async with MatrixTestClient(synapse.base_url, bob_token, bob_id) as bob:
+                for name in bot_rooms:
+                    rooms[name] = await alice.create_room(invite=[bot, bob_id], name=name)
+                    await bob.join(rooms[name])
             return rooms
 
     rooms = asyncio.run(make_rooms())
@@ -236,22 +260,39 @@ async def in_flight(count: int, concurrency: int, one: Callable[[int], Awaitable
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
+def metric_families(text: str) -> int:
+    """How many metric families a /metrics answer holds; ValueError if it is not valid
+    Prometheus text format."""
+    return sum(1 for _ in text_string_to_metric_families(text))
+
+
 async def scrape_loop(
     session: aiohttp.ClientSession,
     url: str,
     times_ms: list[float],
     failed: list[float],
     stop: asyncio.Event,
+    *,
+    parse: bool,
 ) -> None:
+    """GET `url` every SCRAPE_EVERY seconds until `stop`; the time of each answer read whole
+    (the parse, done by a real scraper, is checked but not timed: it is the scraper's cost)."""
     while not stop.is_set():
         begin = time.monotonic()
         try:
             async with session.get(url) as response:
-                await response.read()
+                text = await response.text()
+                status = response.status
         except aiohttp.ClientError:
             failed.append(time.time())
         else:
             times_ms.append((time.monotonic() - begin) * 1000)
+            if parse:
+                try:
+                    if status != 200 or not metric_families(text):
+                        raise ValueError(f"status {status}")
+                except ValueError:
+                    failed.append(time.time())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
                 stop.wait(), max(0.0, SCRAPE_EVERY - (time.monotonic() - begin))
@@ -284,7 +325,7 @@ class Bench:
             await self.alice.send_text(room_id, hook_text(name, seq), extra={"m.mentions": {}})
             send_ms.append((time.monotonic() - begin) * 1000)
 
-        self.meter.start()
+        self.meter.start(name)
         watching = asyncio.create_task(watcher.wait(self.count, 120 + self.count * 0.3))
         start = time.monotonic()
         await in_flight(self.count, concurrency, one)
@@ -329,10 +370,17 @@ class Bench:
         scrapes: list[float] = []
         failed: list[float] = []
         stop = asyncio.Event()
-        self.meter.start()
+        self.meter.start(name)
         scraper = (
             asyncio.create_task(
-                scrape_loop(self.poster.session, scrape_url, scrapes, failed, stop)
+                scrape_loop(
+                    self.poster.session,
+                    scrape_url,
+                    scrapes,
+                    failed,
+                    stop,
+                    parse=scrape_url.endswith("/metrics"),
+                )
             )
             if scrape_url
             else None
@@ -453,11 +501,15 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
     ):
         bench = Bench(
-            servers, alice, Poster(base, session), CpuMeter(synapse_pid, bridge_pid), args.hooks
+            servers,
+            alice,
+            Poster(base, session),
+            CpuMeter(synapse_pid, bridge_pid, Profiler(args.profile)),
+            args.hooks,
         )
         bot = bench.bot
         for name, room_id in servers.rooms.items():
-            if name.startswith("h"):
+            if name.startswith(("h", "pb")):
                 await alice.wait_for_membership(room_id, bot, "join", timeout=60)
         # Warm-up, unmeasured: Synapse's first sends are slower; each hook's ghost is registered
         # and joined by its first request.
@@ -483,6 +535,8 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
         describe("plain, 1 in flight", r)
         results["plain_k"] = r = await bench.plain("pk", k)
         describe(f"plain, {k} in flight", r)
+        results["plain_seq_bot_room"] = r = await bench.plain("pbseq", 1)
+        describe("plain, 1 in flight, bot's room", r)
 
         print(f"phase 2: hooks, {args.hooks} requests", flush=True)
         results["hooks_seq"] = r = await bench.hooks("hseq", concurrency=1)
@@ -497,7 +551,7 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
 
         print("phase 3: scrape cost", flush=True)
         async with session.get(base + "/metrics") as response:
-            await response.read()
+            metrics_text = await response.text()
             metrics_status = response.status
         if metrics_status == 404:
             results["metrics"] = None
@@ -506,13 +560,19 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
                 "no /metrics in this checkout (404): /health scraped instead, as a placeholder"
             )
         else:
-            results["metrics"] = {"status": metrics_status}
+            if metrics_status != 200:
+                raise RuntimeError(f"/metrics answered {metrics_status}")
+            results["metrics"] = {
+                "status": metrics_status,
+                "bytes": len(metrics_text.encode()),
+                "families": metric_families(metrics_text),  # ValueError: not valid
+            }
             results["scrape_endpoint"] = "/metrics"
         print(f"  scraping {results['scrape_endpoint']} every {SCRAPE_EVERY * 1000:g} ms")
-        results["hooks_k_scraped"] = r = await bench.hooks(
+        results["hooks_k_scraped"] = scraped = await bench.hooks(
             "hscrape", concurrency=k, scrape_url=base + results["scrape_endpoint"]
         )
-        describe(f"hooks, {k} in flight, scraped", r)
+        describe(f"hooks, {k} in flight, scraped", scraped)
         results["hooks_k_after"] = r = await bench.hooks("hkafter", concurrency=k)
         describe(f"hooks, {k} in flight (after)", r)
 
@@ -522,9 +582,14 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
         describe("plain, 1 in flight (after)", r)
         results["plain_k_after"] = r = await bench.plain("pkafter", k)
         describe(f"plain, {k} in flight (after)", r)
+        results["plain_seq_bot_room_after"] = r = await bench.plain("pbseqafter", 1)
+        describe("plain, 1 in flight, bot's room (after)", r)
         if results["metrics"] is not None:
             results["metrics"].update(
-                {key: r[key] for key in ("scrapes", "scrape_p50_ms", "scrape_p99_ms")}
+                {
+                    key: scraped[key]
+                    for key in ("scrapes", "scrape_errors", "scrape_p50_ms", "scrape_p99_ms")
+                }
             )
 
     results["plain_seq_rate_per_s"] = plain_seq = mean_rate(
@@ -533,8 +598,15 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
     results["plain_k_rate_per_s"] = plain_k = mean_rate(
         results["plain_k"], results["plain_k_after"]
     )
+    results["plain_seq_bot_room_rate_per_s"] = plain_bot = mean_rate(
+        results["plain_seq_bot_room"], results["plain_seq_bot_room_after"]
+    )
+    # The fair reference keeps order as the relay must (one send at a time); ratio_seq_bot_room
+    # also makes Synapse push each event to the appservice, as it does for a ghost's message.
     results["ratio_seq"] = round(results["hooks_seq"]["rate_per_s"] / plain_seq, 3)
+    results["ratio_seq_bot_room"] = round(results["hooks_seq"]["rate_per_s"] / plain_bot, 3)
     results["ratio_k"] = round(results["hooks_k"]["rate_per_s"] / plain_k, 3)
+    results["ratio_k_vs_plain_seq"] = round(results["hooks_k"]["rate_per_s"] / plain_seq, 3)
     # Scraped against the unscraped runs just before and after it.
     unscraped = (results["hooks_k"]["rate_per_s"] + results["hooks_k_after"]["rate_per_s"]) / 2
     results["scrape_rate_ratio"] = round(results["hooks_k_scraped"]["rate_per_s"] / unscraped, 3)
@@ -557,12 +629,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--warmup", type=int, default=200, help="unmeasured sends first, to warm Synapse up"
     )
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    add_run_options(parser)  # --keep, --profile DIR (py-spy per phase), --native
     args = parser.parse_args(argv)
     if args.hooks < 1 or args.concurrency < 1 or args.warmup < 0:
         parser.error("counts must be positive")
     if any(rate <= 0 for rate in args.rates):
         parser.error("rates must be positive")
+    if args.profile is not None:
+        args.profile = args.profile.resolve()
     return args
 
 
@@ -574,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     hooks = ["hseq", *(rate_name(rate) for rate in args.rates), "hk", "hscrape", "hkafter"]
     with temp_folder(args.keep) as folder, contextlib.ExitStack() as stack:
         print(f"starting Synapse and the bridge in {folder}", flush=True)
-        servers = start_servers(folder, plain, hooks, stack)
+        servers = start_servers(folder, plain, ["pbseq", "pbseqafter"], hooks, stack)
         try:
             results = asyncio.run(run(servers, args))
         except BaseException:
@@ -600,7 +674,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{key}: accepted {value['accepted_per_s']}/s, relayed {value['rate_per_s']}/s, "
                 f"hook -> event p50 {value['latency_p50_ms']} ms p99 {value['latency_p99_ms']} ms"
             )
-    for key, label in (("ratio_seq", "1 in flight"), ("ratio_k", f"{args.concurrency} in flight")):
+    print(
+        "plain reference, 1 in flight into a room the bot is in: "
+        f"{results['plain_seq_bot_room_rate_per_s']}/s"
+    )
+    for key, label in (
+        ("ratio_seq", "1 in flight / plain 1 in flight"),
+        ("ratio_seq_bot_room", "1 in flight / plain 1 in flight into a room the bot is in"),
+        ("ratio_k", f"{args.concurrency} in flight / plain {args.concurrency} in flight"),
+        ("ratio_k_vs_plain_seq", f"{args.concurrency} in flight / plain 1 in flight"),
+    ):
         print(
             f"hook relay/plain ({label}): {results[key]:.2f} (target >= {TARGET}) "
             f"{verdict(results[key])}"
@@ -620,6 +703,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value[k]
     ]
     print("errors, order and once-only: " + ("; ".join(problems) if problems else "ok"))
+    if args.profile is not None:
+        results["profiles"] = profile_summaries(args.profile)
     if results["disturbed"]:
         print(
             "WARNING: other processes on this machine used more than "
