@@ -17,7 +17,7 @@ from bridge.core.hooks_in import (
     hook_message_content,
     parse_hook_body,
 )
-from bridge.core.ids import RoomID
+from bridge.core.ids import EventID, RoomID
 from bridge.core.retry import settle_stored
 from bridge.core.router import RoomQueues
 from bridge.core.tasks import TaskGroup
@@ -63,6 +63,15 @@ class HooksRelay:
         self._queues: RoomQueues[tuple[HookSettings, HookInboxItem]] = RoomQueues(
             self._process, tasks, "webhook"
         )
+        self.tasks = tasks
+        # A posted request is recorded while its room's next one is sent: per room, the
+        # recording of its last posted request (at most one: the next waits for it), and the
+        # requests whose recording outlives their turn (in flight until it ends).
+        self._recording: dict[str, asyncio.Task[None]] = {}
+        self._recorded_later: set[int] = set()
+        # Thread roots posted but not yet committed: a reply in the same thread finds its root
+        # here meanwhile.
+        self._roots: dict[tuple[str, str, str], EventID] = {}
         self.retry_initial = 1.0
 
     async def store(self, hook: str, webhook_id: str, body: str) -> bool:
@@ -78,6 +87,8 @@ class HooksRelay:
 
     async def wait_idle(self) -> None:
         await self._queues.wait_idle()
+        while self._recording:
+            await asyncio.wait(list(self._recording.values()))
 
     async def _join_rooms(self) -> None:
         """The bot tries once to join each hook's room (it may have been invited while the
@@ -167,7 +178,8 @@ class HooksRelay:
                 initial=self.retry_initial,
             )
         finally:
-            self._in_flight.discard(item.id)
+            if item.id not in self._recorded_later:
+                self._in_flight.discard(item.id)
 
     async def handle(self, hook: HookSettings, item: HookInboxItem) -> None:
         """Post one kept request; Refused if its stored body is not a hook message."""
@@ -184,8 +196,9 @@ class HooksRelay:
             remote_id=hook.name,
         )
         root = None
-        if message.thread is not None:
-            root = await webhook_db.thread_root(self.db, hook.name, room_id, message.thread)
+        thread = None if message.thread is None else (hook.name, room_id, message.thread)
+        if thread is not None:
+            root = self._roots.get(thread) or await webhook_db.thread_root(self.db, *thread)
         content = hook_message_content(message, root)
         event_id = await self.client.send_event(
             room_id,
@@ -194,15 +207,57 @@ class HooksRelay:
             derived_txn_id("webhook-in", hook.name, item.webhook_id),
             as_user=ghost,
         )
-        starts = message.thread is not None and root is None
-        await webhook_db.record_posted(
-            self.db,
-            item.id,
-            event_id,
-            thread=(hook.name, room_id, message.thread) if starts and message.thread else None,
-            audit=_audit(hook, item, "posted", None, event_id, sender=message.sender),
-        )
         log.debug("webhook %s: %s posted as %s", hook.name, item.webhook_id, event_id)
+        started = thread if thread is not None and root is None else None
+        if started is not None:
+            self._roots[started] = event_id
+        # Recorded while the room's next request is sent. A crash before the commit leaves the
+        # request pending: it is sent again with the same transaction ID, and the homeserver
+        # answers with the event it already made (exactly once, as remote_out's _Run).
+        previous = self._recording.get(room_id)
+        if previous is not None:
+            await asyncio.wait([previous])
+        self._recorded_later.add(item.id)
+        self._recording[room_id] = self.tasks.spawn(
+            self._record(
+                room_id,
+                item,
+                event_id,
+                started,
+                _audit(hook, item, "posted", None, event_id, sender=message.sender),
+            ),
+            name=f"webhook-record:{item.id}",
+        )
+
+    async def _record(
+        self,
+        room_id: str,
+        item: HookInboxItem,
+        event_id: EventID,
+        started: tuple[str, str, str] | None,
+        audit: AuditEntry,
+    ) -> None:
+        """A posted request's state, thread root and audit row committed. On failure it stays
+        pending: the next sweep sends it again, and the homeserver dedupes the transaction."""
+        try:
+            await webhook_db.record_posted(self.db, item.id, event_id, thread=started, audit=audit)
+        except Exception as e:
+            log.error(
+                "webhook %s: %s was posted as %s but could not be recorded (%s); it will be "
+                "sent again with the same transaction ID",
+                item.hook,
+                item.webhook_id,
+                event_id,
+                e,
+            )
+            self.notify()
+        finally:
+            self._recorded_later.discard(item.id)
+            self._in_flight.discard(item.id)
+            if started is not None and self._roots.get(started) == event_id:
+                del self._roots[started]
+            if self._recording.get(room_id) is asyncio.current_task():
+                del self._recording[room_id]
 
 
 def _audit(
