@@ -60,6 +60,11 @@ class HooksRelay:
         self._wake = asyncio.Event()
         self._in_flight: set[int] = set()
         self._waiting: set[str] = set()  # hook rooms the bot is not (usably) in
+        # Hook rooms whose new requests store() queues itself, in the order of their commits
+        # (so of their 202s): the bot was in them at the last sweep, and no request of theirs
+        # has been left to a sweep since that sweep read the inbox.
+        self._ready: set[str] = set()
+        self._unswept: set[str] = set()  # rooms with a request left to the next sweep
         self._queues: RoomQueues[tuple[HookSettings, HookInboxItem]] = RoomQueues(
             self._process, tasks, "webhook"
         )
@@ -75,10 +80,32 @@ class HooksRelay:
         self.retry_initial = 1.0
 
     async def store(self, hook: str, webhook_id: str, body: str) -> bool:
-        """For the webhook server: keep a verified request (False: a duplicate)."""
-        return await webhook_db.store(self.db, hook, webhook_id, body)
+        """For the webhook server: keep a verified request (False: a duplicate), and queue it
+        for its room at once when it can go straight there; otherwise a sweep finds it."""
+        item = await webhook_db.store(self.db, hook, webhook_id, body)
+        if item is None:
+            return False
+        settings = self.hooks.get(hook)
+        if settings is not None and settings.room_id in self._ready:
+            # Committed before its 202 is sent and queued now: a request answered before
+            # another was sent is queued first. No inbox read per request.
+            self._in_flight.add(item.id)
+            self._queues.submit(settings.room_id, (settings, item))
+        else:
+            # Older requests of its room may be pending outside the queue: its room goes
+            # through the inbox (in arrival order) until a sweep has read this one.
+            if settings is not None:
+                self._unswept.add(settings.room_id)
+                self._ready.discard(settings.room_id)
+            self._wake.set()
+        return True
+
+    def stored(self) -> None:
+        """For the webhook server, after a request is kept: store() queued it, or woke a
+        sweep for it."""
 
     def notify(self) -> None:
+        """Something changed (the bot joined or left a room, a record failed): sweep."""
         self._wake.set()
 
     async def report(self) -> dict[str, Any]:
@@ -109,6 +136,9 @@ class HooksRelay:
             log.warning("could not join the webhooks' rooms: %s", e)
         while True:
             self._wake.clear()
+            # Requests left to a sweep before this point are read by this one.
+            swept, self._unswept = self._unswept, set()
+            self._ready -= swept
             try:
                 waiting = set()
                 for room_id in {h.room_id for h in self.hooks.values()}:
@@ -122,6 +152,7 @@ class HooksRelay:
                 )
             except Exception as e:
                 log.error("cannot read the webhook inbox (%s); retrying", e)
+                self._unswept |= swept
                 await asyncio.sleep(5)
                 continue
             for room_id in waiting - self._waiting:
@@ -135,15 +166,26 @@ class HooksRelay:
                     room_id,
                 )
             self._waiting = waiting
+            gone = []
             for item in found:
                 hook = self.hooks.get(item.hook)
                 if hook is None:
-                    reason = "the hook no longer exists (removed from the config, or revoked)"
-                    audit = _audit(None, item, "ignored", reason)
-                    await webhook_db.finish(self.db, item.id, "ignored", error=reason, audit=audit)
-                    continue
-                self._in_flight.add(item.id)
-                self._queues.submit(hook.room_id, (hook, item))
+                    gone.append(item)
+                elif item.id not in self._in_flight:  # store() may have queued it meanwhile
+                    self._in_flight.add(item.id)
+                    self._queues.submit(hook.room_id, (hook, item))
+            # With no await since the inbox was read: every pending request of these rooms is
+            # queued (unless the batch was full: then some may not be), so store() may queue
+            # their next ones itself.
+            self._ready = (
+                {h.room_id for h in self.hooks.values()} - waiting - self._unswept
+                if len(found) < BATCH
+                else set()
+            )
+            for item in gone:
+                reason = "the hook no longer exists (removed from the config, or revoked)"
+                audit = _audit(None, item, "ignored", reason)
+                await webhook_db.finish(self.db, item.id, "ignored", error=reason, audit=audit)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
 

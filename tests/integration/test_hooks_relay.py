@@ -107,7 +107,7 @@ async def store(relay: HooksRelay, webhook_id: str, text: str, thread: str | Non
     if thread is not None:
         body["thread"] = thread
     assert await relay.store("ci", webhook_id, json.dumps(body))
-    relay.notify()
+    relay.stored()
 
 
 async def states(db: Database) -> dict[str, tuple[str, str | None]]:
@@ -186,3 +186,42 @@ async def test_failed_record_is_sent_again_with_the_same_transaction(
     assert txns.count(txns[0]) == 2
     assert list(dict.fromkeys(txns)) == list(client.events)  # first sends in arrival order
     assert await states(db) == {f"w{n}": ("done", f"$event{n}") for n in range(3)}
+
+
+async def test_requests_kept_before_start_go_first(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests kept before the relay started (a restart) are found by its first sweep; new
+    ones, which store() queues itself once the room is swept, come after them, in order; and
+    once swept, a new request does not make the relay read the inbox again."""
+    client = FakeClient()
+    for n in range(3):
+        assert await webhook_db.store(db, "ci", f"old{n}", json.dumps({"text": f"old {n}"}))
+    sweeps = 0
+    real_pending = webhook_db.pending
+
+    async def counted(*args: Any, **kw: Any) -> list[webhook_db.HookInboxItem]:
+        nonlocal sweeps
+        sweeps += 1
+        return await real_pending(*args, **kw)
+
+    monkeypatch.setattr(webhook_db, "pending", counted)
+    async with running(db, client) as relay:
+        for n in range(3):  # at once: maybe before the first sweep, maybe after
+            await store(relay, f"new{n}", f"new {n}")
+        async with asyncio.timeout(10):
+            while len(client.sends) < 6:
+                await asyncio.sleep(0.01)
+            await relay.wait_idle()
+        before = sweeps
+        for n in range(3, 6):
+            assert await relay.store("ci", f"new{n}", json.dumps({"text": f"new {n}"}))
+            relay.stored()
+        async with asyncio.timeout(10):
+            while len(client.sends) < 9:
+                await asyncio.sleep(0.01)
+            await relay.wait_idle()
+        assert sweeps == before
+    bodies = [content["body"] for _, content in client.sends]
+    assert bodies == [f"old {n}" for n in range(3)] + [f"new {n}" for n in range(6)]
+    assert {state for state, _ in (await states(db)).values()} == {"done"}
