@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -53,7 +54,9 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from bench.mail_to_matrix import (  # noqa: E402
     BUSY_CORES,
+    LOG_LINE_RE,
     MARKER_RE,
+    SEND_DONE_RE,
     TARGET,
     Profiler,
     SyncWatcher,
@@ -153,6 +156,8 @@ def start_servers(
     bot_rooms: Sequence[str],
     hooks: Sequence[str],
     stack: contextlib.ExitStack,
+    *,
+    diagnose: bool = False,
 ) -> Servers:
     """`plain`: rooms of Alice alone; `bot_rooms`: rooms of Alice, the bot and Bob (three
     members like a hook's room: Alice, the bot, the ghost; and not a direct chat, where the bot
@@ -163,7 +168,19 @@ def start_servers(
         synapse_port,
         bridge_port,
         database_url,
-        logging={"level": "INFO", "loggers": {"aiosqlite": "WARNING", "asyncio": "WARNING"}},
+        logging={
+            "level": "INFO",
+            "loggers": {
+                "aiosqlite": "WARNING",
+                "asyncio": "WARNING",
+                # --diagnose: every homeserver request with its duration, every hook posted.
+                **(
+                    {"passerelle.matrix.http": "DEBUG", "passerelle.webhooks.relay": "DEBUG"}
+                    if diagnose
+                    else {}
+                ),
+            },
+        },
     )
     raw["appservice"]["as_token"] = raw["appservice"]["hs_token"] = "generate"
     config_path = folder / "config.yaml"
@@ -465,6 +482,39 @@ class Bench:
         return result
 
 
+def diagnose_log(text: str, since: float, until: float) -> dict[str, Any]:
+    """From a --diagnose bridge log: the gap between two hooks posted in a room, and the
+    homeserver's answer time to the send inside it; the difference is the bridge's own time
+    on the relay's path (its other work, the POSTs and their commits, runs beside it)."""
+    posts: list[float] = []
+    sends: list[float] = []
+    for line in text.splitlines():
+        match = LOG_LINE_RE.match(line)
+        if match is None:
+            continue
+        when = time.mktime(time.strptime(match.group(1)[:19], "%Y-%m-%d %H:%M:%S"))
+        when += int(match.group(1)[20:]) / 1000
+        if not since <= when <= until:
+            continue
+        message = match.group(3)
+        if message.startswith("webhook ") and " posted as " in message:
+            posts.append(when)
+        elif done := SEND_DONE_RE.search(message):
+            value = float(done.group(1))
+            sends.append(value if done.group(2) == "ms" else value * 1000)
+    gaps = [(b - a) * 1000 for a, b in itertools.pairwise(posts)]
+    mean_gap = sum(gaps) / len(gaps) if gaps else None
+    mean_send = sum(sends) / len(sends) if sends else None
+    return {
+        "posts": len(posts),
+        "post_gap_mean_ms": None if mean_gap is None else round(mean_gap, 1),
+        "send_mean_ms": None if mean_send is None else round(mean_send, 1),
+        "bridge_own_mean_ms": (
+            None if mean_gap is None or mean_send is None else round(mean_gap - mean_send, 1)
+        ),
+    }
+
+
 def describe(label: str, r: dict[str, Any]) -> None:
     cpu = r["cpu_ms_per_message"]
     line = f"  {label:<24} {r['rate_per_s']:>7}/s"
@@ -541,8 +591,14 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
         describe("plain, 1 in flight, bot's room", r)
 
         print(f"phase 2: hooks, {args.hooks} requests", flush=True)
+        window = time.time()
         results["hooks_seq"] = r = await bench.hooks("hseq", concurrency=1)
         describe("hooks, 1 in flight", r)
+        if args.diagnose:
+            results["diagnosis_seq"] = diag = diagnose_log(
+                servers.bridge.log_text(), window, time.time()
+            )
+            print(f"  diagnosis (hooks, 1 in flight): {diag}", flush=True)
         for rate in args.rates:
             results[f"hooks_{rate_name(rate)[1:]}"] = r = await bench.hooks(
                 rate_name(rate), rate=rate
@@ -632,6 +688,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--warmup", type=int, default=200, help="unmeasured sends first, to warm Synapse up"
     )
     add_run_options(parser)  # --keep, --profile DIR (py-spy per phase), --native
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="log the bridge's homeserver requests (DEBUG) and split the time between two "
+        "posts of the one-at-a-time phase into the send and the rest (not for the ratios)",
+    )
     args = parser.parse_args(argv)
     if args.hooks < 1 or args.concurrency < 1 or args.warmup < 0:
         parser.error("counts must be positive")
@@ -650,7 +712,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     hooks = ["hseq", *(rate_name(rate) for rate in args.rates), "hk", "hscrape", "hkafter"]
     with temp_folder(args.keep) as folder, contextlib.ExitStack() as stack:
         print(f"starting Synapse and the bridge in {folder}", flush=True)
-        servers = start_servers(folder, plain, ["pbseq", "pbseqafter"], hooks, stack)
+        servers = start_servers(
+            folder, plain, ["pbseq", "pbseqafter"], hooks, stack, diagnose=args.diagnose
+        )
         try:
             results = asyncio.run(run(servers, args))
         except BaseException:
