@@ -35,6 +35,7 @@ import contextlib
 import itertools
 import json
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -535,6 +536,38 @@ def describe(label: str, r: dict[str, Any]) -> None:
     print(line, flush=True)
 
 
+async def pairs(bench: Bench, count: int) -> list[dict[str, Any]]:
+    """`count` pairs of one-at-a-time phases, a plain client into a room the bot is in and
+    hooks, back to back (in turn plain first and hooks first): on a machine whose speed
+    drifts, each pair's ratio compares like with like."""
+    found = []
+    for i in range(count):
+        if i % 2:
+            hooks = await bench.hooks(f"hpair{i}", concurrency=1)
+            plain = await bench.plain(f"pbpair{i}", 1)
+        else:
+            plain = await bench.plain(f"pbpair{i}", 1)
+            hooks = await bench.hooks(f"hpair{i}", concurrency=1)
+        pair = {
+            "plain_bot_room_per_s": plain["rate_per_s"],
+            "hooks_per_s": hooks["rate_per_s"],
+            "ratio": round(hooks["rate_per_s"] / plain["rate_per_s"], 3),
+            "others_cores": [
+                round(r["cpu_s"]["others"] / max(r["cpu_s"]["wall"], 1e-6), 2)
+                for r in (plain, hooks)
+            ],
+            "cpu_ms_per_message": {
+                "plain": {k: plain["cpu_ms_per_message"][k] for k in ("synapse", "bridge")},
+                "hooks": {k: hooks["cpu_ms_per_message"][k] for k in ("synapse", "bridge")},
+            },
+            "errors": hooks["errors"] + hooks["duplicates"] + hooks["missing"],
+            "out_of_order": hooks["out_of_order"],
+        }
+        print(f"  pair {i}: {pair}", flush=True)
+        found.append(pair)
+    return found
+
+
 def rate_name(rate: float) -> str:
     return f"hr{rate:g}".replace(".", "d")
 
@@ -634,6 +667,12 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
         results["hooks_k_after"] = r = await bench.hooks("hkafter", concurrency=k)
         describe(f"hooks, {k} in flight (after)", r)
 
+        if args.pairs:
+            print(f"pairs: plain into a room the bot is in, and hooks, {args.pairs} times")
+            results["pairs"] = await pairs(bench, args.pairs)
+            ratios = [pair["ratio"] for pair in results["pairs"]]
+            results["ratio_seq_bot_room_pairs_median"] = statistics.median(ratios)
+
         # The plain reference again: a drift in the machine's speed weighs on both sides.
         print("plain again", flush=True)
         results["plain_seq_after"] = r = await bench.plain("pseqafter", 1)
@@ -689,13 +728,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add_run_options(parser)  # --keep, --profile DIR (py-spy per phase), --native
     parser.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="then P pairs of one-at-a-time phases, plain into a room the bot is in and hooks "
+        "(the median of their ratios: ratio_seq_bot_room_pairs_median)",
+    )
+    parser.add_argument(
         "--diagnose",
         action="store_true",
         help="log the bridge's homeserver requests (DEBUG) and split the time between two "
         "posts of the one-at-a-time phase into the send and the rest (not for the ratios)",
     )
     args = parser.parse_args(argv)
-    if args.hooks < 1 or args.concurrency < 1 or args.warmup < 0:
+    if args.hooks < 1 or args.concurrency < 1 or args.warmup < 0 or args.pairs < 0:
         parser.error("counts must be positive")
     if any(rate <= 0 for rate in args.rates):
         parser.error("rates must be positive")
@@ -709,12 +755,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     code = code_version()
     plain = ["pseq", "pk", "pseqafter", "pkafter"]
-    hooks = ["hseq", *(rate_name(rate) for rate in args.rates), "hk", "hscrape", "hkafter"]
+    bot_rooms = ["pbseq", "pbseqafter", *(f"pbpair{i}" for i in range(args.pairs))]
+    hooks = [
+        "hseq",
+        *(rate_name(rate) for rate in args.rates),
+        "hk",
+        "hscrape",
+        "hkafter",
+        *(f"hpair{i}" for i in range(args.pairs)),
+    ]
     with temp_folder(args.keep) as folder, contextlib.ExitStack() as stack:
         print(f"starting Synapse and the bridge in {folder}", flush=True)
-        servers = start_servers(
-            folder, plain, ["pbseq", "pbseqafter"], hooks, stack, diagnose=args.diagnose
-        )
+        servers = start_servers(folder, plain, bot_rooms, hooks, stack, diagnose=args.diagnose)
         try:
             results = asyncio.run(run(servers, args))
         except BaseException:
@@ -753,6 +805,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"hook relay/plain ({label}): {results[key]:.2f} (target >= {TARGET}) "
             f"{verdict(results[key])}"
+        )
+    if "ratio_seq_bot_room_pairs_median" in results:
+        print(
+            "hook relay/plain into a room the bot is in, 1 in flight, median of "
+            f"{len(results['pairs'])} pairs: {results['ratio_seq_bot_room_pairs_median']:.2f} "
+            f"({', '.join(str(pair['ratio']) for pair in results['pairs'])})"
         )
     scraped = results["hooks_k_scraped"]
     print(
