@@ -707,6 +707,15 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
     # Scraped against the unscraped runs just before and after it.
     unscraped = (results["hooks_k"]["rate_per_s"] + results["hooks_k_after"]["rate_per_s"]) / 2
     results["scrape_rate_ratio"] = round(results["hooks_k_scraped"]["rate_per_s"] / unscraped, 3)
+    # The bridge's CPU per scrape: its CPU in the scraped phase above the mean of the two
+    # unscraped ones (the same number of hooks), shared among the scrapes.
+    scraped = results["hooks_k_scraped"]
+    extra = scraped["cpu_s"]["bridge"] - (
+        (results["hooks_k"]["cpu_s"]["bridge"] + results["hooks_k_after"]["cpu_s"]["bridge"]) / 2
+    )
+    results["scrape_bridge_cpu_ms"] = (
+        round(1000 * extra / scraped["scrapes"], 2) if scraped.get("scrapes") else None
+    )
     results["disturbed"] = disturbed_phases(results)
     return results
 
@@ -815,8 +824,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     scraped = results["hooks_k_scraped"]
     print(
         f"scrape of {results['scrape_endpoint']} under load: p50 {scraped['scrape_p50_ms']} ms, "
-        f"p99 {scraped['scrape_p99_ms']} ms; relay rate scraped / not "
-        f"{results['scrape_rate_ratio']:.2f}"
+        f"p99 {scraped['scrape_p99_ms']} ms, bridge CPU {results['scrape_bridge_cpu_ms']} ms "
+        f"each; relay rate scraped / not {results['scrape_rate_ratio']:.2f}"
         + ("" if results["metrics"] is not None else f" ({results['scrape_note']})")
     )
     problems = [
