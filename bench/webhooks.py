@@ -10,15 +10,20 @@ temporary directory; measures, prints, stops everything:
 Phases, all in one run against the same servers:
 
 1. plain: a client sends N messages (the hooks' text) into a room one at a time, then N with K
-   in flight into another room;
+   in flight into another room, then N one at a time into a room the bot is in (Synapse pushes
+   those to the appservice, as it does a ghost's message: the fair reference);
 2. hooks: the same N messages POSTed as signed Standard Webhooks requests, one at a time, at
    each offered rate of --rates (open loop: a request is sent at its time whatever the earlier
    ones are doing), and with K in flight; accepted rate (202s), relay rate (events), latency
    (202 → the event's origin_server_ts), every hook once and in order;
 3. scrape cost: the K-in-flight hooks again while /metrics (or /health when this checkout has
    no /metrics: then `metrics` is null) is fetched every 100 ms, then once more unscraped;
-   scrape times and the relay rate with scraping against without;
+   scrape times, the bridge's CPU per scrape and the relay rate with scraping against without;
+   with --pairs P, P pairs of one-at-a-time phases (plain into a room the bot is in, hooks);
 4. the plain phases again: the reference is before and after together.
+
+--diagnose splits the time between two hooks posted one at a time into the homeserver's answer
+to the send and the bridge's own time; --profile DIR attaches py-spy to Synapse and the bridge.
 
 Rates: plain = sends / wall-clock time of the sends; relay = hooks / (origin_server_ts of the
 last event - start of the first POST); accepted = hooks / (last 202 - start of the first POST).
