@@ -86,7 +86,9 @@ class HooksRelay:
         if item is None:
             return False
         settings = self.hooks.get(hook)
-        if settings is not None and settings.room_id in self._ready:
+        if item.id in self._in_flight:
+            pass  # a sweep on another connection (PostgreSQL) read it first and queued it
+        elif settings is not None and settings.room_id in self._ready:
             # Committed before its 202 is sent and queued now: a request answered before
             # another was sent is queued first. No inbox read per request.
             self._in_flight.add(item.id)

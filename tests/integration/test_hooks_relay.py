@@ -34,6 +34,8 @@ class FakeClient:
     def __init__(self) -> None:
         self.sends: list[tuple[str, dict[str, Any]]] = []
         self.events: dict[str, EventID] = {}
+        self.gate = asyncio.Event()  # cleared: sends wait
+        self.gate.set()
 
     async def send_event(
         self,
@@ -46,7 +48,7 @@ class FakeClient:
     ) -> EventID:
         assert room_id == ROOM
         assert event_type == "m.room.message"
-        await asyncio.sleep(0)
+        await self.gate.wait()
         self.sends.append((txn_id, content))
         return self.events.setdefault(txn_id, EventID(f"$event{len(self.events)}"))
 
@@ -225,3 +227,38 @@ async def test_requests_kept_before_start_go_first(
     bodies = [content["body"] for _, content in client.sends]
     assert bodies == [f"old {n}" for n in range(3)] + [f"new {n}" for n in range(6)]
     assert {state for state, _ in (await states(db)).values()} == {"done"}
+
+
+async def test_request_a_sweep_queued_first_is_not_queued_again(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With several connections (PostgreSQL) a sweep may read a request between its commit
+    and store() going on: store() must not queue it a second time."""
+    client = FakeClient()
+    async with running(db, client) as relay:
+        await store(relay, "w0", "first")  # the first sweep makes the room ready
+        async with asyncio.timeout(10):
+            while not client.sends:
+                await asyncio.sleep(0.01)
+            await relay.wait_idle()
+        real_store = webhook_db.store
+
+        async def raced(*args: Any) -> webhook_db.HookInboxItem | None:
+            item = await real_store(*args)
+            assert item is not None
+            relay.notify()  # a sweep reads it before store() goes on
+            async with asyncio.timeout(10):
+                while item.id not in relay._in_flight:
+                    await asyncio.sleep(0.01)
+            return item
+
+        monkeypatch.setattr(webhook_db, "store", raced)
+        client.gate.clear()  # the sweep's queueing cannot finish before store() goes on
+        await store(relay, "w1", "second")
+        client.gate.set()
+        async with asyncio.timeout(10):
+            while len(client.sends) < 2:
+                await asyncio.sleep(0.01)
+            await relay.wait_idle()
+        await asyncio.sleep(0.2)
+    assert [content["body"] for _, content in client.sends] == ["first", "second"]
