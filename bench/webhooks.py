@@ -10,15 +10,20 @@ temporary directory; measures, prints, stops everything:
 Phases, all in one run against the same servers:
 
 1. plain: a client sends N messages (the hooks' text) into a room one at a time, then N with K
-   in flight into another room;
+   in flight into another room, then N one at a time into a room the bot is in (Synapse pushes
+   those to the appservice, as it does a ghost's message: the fair reference);
 2. hooks: the same N messages POSTed as signed Standard Webhooks requests, one at a time, at
    each offered rate of --rates (open loop: a request is sent at its time whatever the earlier
    ones are doing), and with K in flight; accepted rate (202s), relay rate (events), latency
    (202 → the event's origin_server_ts), every hook once and in order;
 3. scrape cost: the K-in-flight hooks again while /metrics (or /health when this checkout has
    no /metrics: then `metrics` is null) is fetched every 100 ms, then once more unscraped;
-   scrape times and the relay rate with scraping against without;
+   scrape times, the bridge's CPU per scrape and the relay rate with scraping against without;
+   with --pairs P, P pairs of one-at-a-time phases (plain into a room the bot is in, hooks);
 4. the plain phases again: the reference is before and after together.
+
+--diagnose splits the time between two hooks posted one at a time into the homeserver's answer
+to the send and the bridge's own time; --profile DIR attaches py-spy to Synapse and the bridge.
 
 Rates: plain = sends / wall-clock time of the sends; relay = hooks / (origin_server_ts of the
 last event - start of the first POST); accepted = hooks / (last 202 - start of the first POST).
@@ -32,8 +37,10 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -49,11 +56,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
 from bench.mail_to_matrix import (  # noqa: E402
     BUSY_CORES,
+    LOG_LINE_RE,
     MARKER_RE,
+    SEND_DONE_RE,
     TARGET,
+    Profiler,
     SyncWatcher,
+    add_run_options,
     code_version,
     disturbed_phases,
     find_pid,
@@ -62,6 +75,7 @@ from bench.mail_to_matrix import (  # noqa: E402
     mean_rate,
     percentile,
     process_cpu,
+    profile_summaries,
     room_history,
     temp_folder,
     verdict,
@@ -95,6 +109,7 @@ class CpuMeter:
 
     synapse_pid: int | None
     bridge_pid: int | None
+    profiler: Profiler = field(default_factory=lambda: Profiler(None))
     _start: dict[str, float] = field(default_factory=dict)
 
     def _sample(self) -> dict[str, float]:
@@ -107,11 +122,16 @@ class CpuMeter:
             "wall": time.monotonic(),
         }
 
-    def start(self) -> None:
+    def start(self, phase: str = "") -> None:
+        """Also attaches py-spy to Synapse and the bridge for the phase, with --profile."""
+        if phase:
+            self.profiler.start(f"{phase}-synapse", self.synapse_pid)
+            self.profiler.start(f"{phase}-bridge", self.bridge_pid)
         self._start = self._sample()
 
     def stop(self) -> dict[str, float]:
         end = self._sample()
+        self.profiler.stop()
         used = {k: round(end[k] - self._start[k], 2) for k in end}
         used["others"] = round(
             used["machine"] - used["synapse"] - used["bridge"] - used["bench"], 2
@@ -137,15 +157,36 @@ class Servers:
 
 
 def start_servers(
-    folder: Path, plain: Sequence[str], hooks: Sequence[str], stack: contextlib.ExitStack
+    folder: Path,
+    plain: Sequence[str],
+    bot_rooms: Sequence[str],
+    hooks: Sequence[str],
+    stack: contextlib.ExitStack,
+    *,
+    diagnose: bool = False,
 ) -> Servers:
+    """`plain`: rooms of Alice alone; `bot_rooms`: rooms of Alice, the bot and Bob (three
+    members like a hook's room: Alice, the bot, the ghost; and not a direct chat, where the bot
+    would take every message for a command); `hooks`: a hook each, its room with the bot."""
     synapse_port, bridge_port = free_port(), free_port()
     database_url = f"sqlite+aiosqlite:///{folder / 'passerelle.db'}"
     raw = bridge_config_dict(
         synapse_port,
         bridge_port,
         database_url,
-        logging={"level": "INFO", "loggers": {"aiosqlite": "WARNING", "asyncio": "WARNING"}},
+        logging={
+            "level": "INFO",
+            "loggers": {
+                "aiosqlite": "WARNING",
+                "asyncio": "WARNING",
+                # --diagnose: every homeserver request with its duration, every hook posted.
+                **(
+                    {"passerelle.matrix.http": "DEBUG", "passerelle.webhooks.relay": "DEBUG"}
+                    if diagnose
+                    else {}
+                ),
+            },
+        },
     )
     raw["appservice"]["as_token"] = raw["appservice"]["hs_token"] = "generate"
     config_path = folder / "config.yaml"
@@ -161,6 +202,8 @@ def start_servers(
     synapse.start()
     alice_id = synapse.register_user("benchalice", "pw-benchalice")
     token = synapse.login("benchalice", "pw-benchalice")
+    bob_id = synapse.register_user("benchbob", "pw-benchbob")
+    bob_token = synapse.login("benchbob", "pw-benchbob")
 
     # Hooks name their room in the config: the rooms exist, the bot invited, before it starts
     # (as tests/e2e/test_webhooks_in.py does). The bot's ID does not depend on the hooks.
@@ -171,6 +214,10 @@ def start_servers(
             rooms = {name: await alice.create_room(name=name) for name in plain}
             for name in hooks:
                 rooms[name] = await alice.create_room(invite=[bot], name=name)
+            async with MatrixTestClient(synapse.base_url, bob_token, bob_id) as bob:
+                for name in bot_rooms:
+                    rooms[name] = await alice.create_room(invite=[bot, bob_id], name=name)
+                    await bob.join(rooms[name])
             return rooms
 
     rooms = asyncio.run(make_rooms())
@@ -236,18 +283,30 @@ async def in_flight(count: int, concurrency: int, one: Callable[[int], Awaitable
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
+def metric_families(text: str) -> int:
+    """How many metric families a /metrics answer holds; ValueError if it is not valid
+    Prometheus text format."""
+    return sum(1 for _ in text_string_to_metric_families(text))
+
+
 async def scrape_loop(
     session: aiohttp.ClientSession,
     url: str,
     times_ms: list[float],
     failed: list[float],
     stop: asyncio.Event,
+    *,
+    parse: bool,
 ) -> None:
+    """GET `url` every SCRAPE_EVERY seconds until `stop`; the time of each answer read whole.
+    With `parse`, every answer is then checked with prometheus_client's parser, after the
+    phase: parsing is the scraper's cost, and this process shares the machine with the relay."""
+    answers: list[tuple[int, str]] = []
     while not stop.is_set():
         begin = time.monotonic()
         try:
             async with session.get(url) as response:
-                await response.read()
+                answers.append((response.status, await response.text()))
         except aiohttp.ClientError:
             failed.append(time.time())
         else:
@@ -256,6 +315,13 @@ async def scrape_loop(
             await asyncio.wait_for(
                 stop.wait(), max(0.0, SCRAPE_EVERY - (time.monotonic() - begin))
             )
+    if parse:
+        for status, text in answers:
+            try:
+                if status != 200 or not metric_families(text):
+                    raise ValueError(f"status {status}")
+            except ValueError:
+                failed.append(time.time())
 
 
 # --- phases -----------------------------------------------------------------------------------
@@ -284,7 +350,7 @@ class Bench:
             await self.alice.send_text(room_id, hook_text(name, seq), extra={"m.mentions": {}})
             send_ms.append((time.monotonic() - begin) * 1000)
 
-        self.meter.start()
+        self.meter.start(name)
         watching = asyncio.create_task(watcher.wait(self.count, 120 + self.count * 0.3))
         start = time.monotonic()
         await in_flight(self.count, concurrency, one)
@@ -329,10 +395,17 @@ class Bench:
         scrapes: list[float] = []
         failed: list[float] = []
         stop = asyncio.Event()
-        self.meter.start()
+        self.meter.start(name)
         scraper = (
             asyncio.create_task(
-                scrape_loop(self.poster.session, scrape_url, scrapes, failed, stop)
+                scrape_loop(
+                    self.poster.session,
+                    scrape_url,
+                    scrapes,
+                    failed,
+                    stop,
+                    parse=scrape_url.endswith("/metrics"),
+                )
             )
             if scrape_url
             else None
@@ -351,9 +424,9 @@ class Bench:
             await asyncio.gather(*tasks)
         complete = await watching
         stop.set()
-        if scraper is not None:
-            await scraper
         cpu = self.meter.stop()
+        if scraper is not None:
+            await scraper  # the answers parsed: not in the phase's CPU
 
         accepted = {seq: p for seq, p in posted.items() if p.status == 202}
         statuses: dict[str, int] = {}
@@ -415,6 +488,39 @@ class Bench:
         return result
 
 
+def diagnose_log(text: str, since: float, until: float) -> dict[str, Any]:
+    """From a --diagnose bridge log: the gap between two hooks posted in a room, and the
+    homeserver's answer time to the send inside it; the difference is the bridge's own time
+    on the relay's path (its other work, the POSTs and their commits, runs beside it)."""
+    posts: list[float] = []
+    sends: list[float] = []
+    for line in text.splitlines():
+        match = LOG_LINE_RE.match(line)
+        if match is None:
+            continue
+        when = time.mktime(time.strptime(match.group(1)[:19], "%Y-%m-%d %H:%M:%S"))
+        when += int(match.group(1)[20:]) / 1000
+        if not since <= when <= until:
+            continue
+        message = match.group(3)
+        if message.startswith("webhook ") and " posted as " in message:
+            posts.append(when)
+        elif done := SEND_DONE_RE.search(message):
+            value = float(done.group(1))
+            sends.append(value if done.group(2) == "ms" else value * 1000)
+    gaps = [(b - a) * 1000 for a, b in itertools.pairwise(posts)]
+    mean_gap = sum(gaps) / len(gaps) if gaps else None
+    mean_send = sum(sends) / len(sends) if sends else None
+    return {
+        "posts": len(posts),
+        "post_gap_mean_ms": None if mean_gap is None else round(mean_gap, 1),
+        "send_mean_ms": None if mean_send is None else round(mean_send, 1),
+        "bridge_own_mean_ms": (
+            None if mean_gap is None or mean_send is None else round(mean_gap - mean_send, 1)
+        ),
+    }
+
+
 def describe(label: str, r: dict[str, Any]) -> None:
     cpu = r["cpu_ms_per_message"]
     line = f"  {label:<24} {r['rate_per_s']:>7}/s"
@@ -435,6 +541,38 @@ def describe(label: str, r: dict[str, Any]) -> None:
     print(line, flush=True)
 
 
+async def pairs(bench: Bench, count: int) -> list[dict[str, Any]]:
+    """`count` pairs of one-at-a-time phases, a plain client into a room the bot is in and
+    hooks, back to back (in turn plain first and hooks first): on a machine whose speed
+    drifts, each pair's ratio compares like with like."""
+    found = []
+    for i in range(count):
+        if i % 2:
+            hooks = await bench.hooks(f"hpair{i}", concurrency=1)
+            plain = await bench.plain(f"pbpair{i}", 1)
+        else:
+            plain = await bench.plain(f"pbpair{i}", 1)
+            hooks = await bench.hooks(f"hpair{i}", concurrency=1)
+        pair = {
+            "plain_bot_room_per_s": plain["rate_per_s"],
+            "hooks_per_s": hooks["rate_per_s"],
+            "ratio": round(hooks["rate_per_s"] / plain["rate_per_s"], 3),
+            "others_cores": [
+                round(r["cpu_s"]["others"] / max(r["cpu_s"]["wall"], 1e-6), 2)
+                for r in (plain, hooks)
+            ],
+            "cpu_ms_per_message": {
+                "plain": {k: plain["cpu_ms_per_message"][k] for k in ("synapse", "bridge")},
+                "hooks": {k: hooks["cpu_ms_per_message"][k] for k in ("synapse", "bridge")},
+            },
+            "errors": hooks["errors"] + hooks["duplicates"] + hooks["missing"],
+            "out_of_order": hooks["out_of_order"],
+        }
+        print(f"  pair {i}: {pair}", flush=True)
+        found.append(pair)
+    return found
+
+
 def rate_name(rate: float) -> str:
     return f"hr{rate:g}".replace(".", "d")
 
@@ -453,11 +591,15 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
     ):
         bench = Bench(
-            servers, alice, Poster(base, session), CpuMeter(synapse_pid, bridge_pid), args.hooks
+            servers,
+            alice,
+            Poster(base, session),
+            CpuMeter(synapse_pid, bridge_pid, Profiler(args.profile)),
+            args.hooks,
         )
         bot = bench.bot
         for name, room_id in servers.rooms.items():
-            if name.startswith("h"):
+            if name.startswith(("h", "pb")):
                 await alice.wait_for_membership(room_id, bot, "join", timeout=60)
         # Warm-up, unmeasured: Synapse's first sends are slower; each hook's ghost is registered
         # and joined by its first request.
@@ -483,10 +625,18 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
         describe("plain, 1 in flight", r)
         results["plain_k"] = r = await bench.plain("pk", k)
         describe(f"plain, {k} in flight", r)
+        results["plain_seq_bot_room"] = r = await bench.plain("pbseq", 1)
+        describe("plain, 1 in flight, bot's room", r)
 
         print(f"phase 2: hooks, {args.hooks} requests", flush=True)
+        window = time.time()
         results["hooks_seq"] = r = await bench.hooks("hseq", concurrency=1)
         describe("hooks, 1 in flight", r)
+        if args.diagnose:
+            results["diagnosis_seq"] = diag = diagnose_log(
+                servers.bridge.log_text(), window, time.time()
+            )
+            print(f"  diagnosis (hooks, 1 in flight): {diag}", flush=True)
         for rate in args.rates:
             results[f"hooks_{rate_name(rate)[1:]}"] = r = await bench.hooks(
                 rate_name(rate), rate=rate
@@ -497,7 +647,7 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
 
         print("phase 3: scrape cost", flush=True)
         async with session.get(base + "/metrics") as response:
-            await response.read()
+            metrics_text = await response.text()
             metrics_status = response.status
         if metrics_status == 404:
             results["metrics"] = None
@@ -506,15 +656,27 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
                 "no /metrics in this checkout (404): /health scraped instead, as a placeholder"
             )
         else:
-            results["metrics"] = {"status": metrics_status}
+            if metrics_status != 200:
+                raise RuntimeError(f"/metrics answered {metrics_status}")
+            results["metrics"] = {
+                "status": metrics_status,
+                "bytes": len(metrics_text.encode()),
+                "families": metric_families(metrics_text),  # ValueError: not valid
+            }
             results["scrape_endpoint"] = "/metrics"
         print(f"  scraping {results['scrape_endpoint']} every {SCRAPE_EVERY * 1000:g} ms")
-        results["hooks_k_scraped"] = r = await bench.hooks(
+        results["hooks_k_scraped"] = scraped = await bench.hooks(
             "hscrape", concurrency=k, scrape_url=base + results["scrape_endpoint"]
         )
-        describe(f"hooks, {k} in flight, scraped", r)
+        describe(f"hooks, {k} in flight, scraped", scraped)
         results["hooks_k_after"] = r = await bench.hooks("hkafter", concurrency=k)
         describe(f"hooks, {k} in flight (after)", r)
+
+        if args.pairs:
+            print(f"pairs: plain into a room the bot is in, and hooks, {args.pairs} times")
+            results["pairs"] = await pairs(bench, args.pairs)
+            ratios = [pair["ratio"] for pair in results["pairs"]]
+            results["ratio_seq_bot_room_pairs_median"] = statistics.median(ratios)
 
         # The plain reference again: a drift in the machine's speed weighs on both sides.
         print("plain again", flush=True)
@@ -522,9 +684,14 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
         describe("plain, 1 in flight (after)", r)
         results["plain_k_after"] = r = await bench.plain("pkafter", k)
         describe(f"plain, {k} in flight (after)", r)
+        results["plain_seq_bot_room_after"] = r = await bench.plain("pbseqafter", 1)
+        describe("plain, 1 in flight, bot's room (after)", r)
         if results["metrics"] is not None:
             results["metrics"].update(
-                {key: r[key] for key in ("scrapes", "scrape_p50_ms", "scrape_p99_ms")}
+                {
+                    key: scraped[key]
+                    for key in ("scrapes", "scrape_errors", "scrape_p50_ms", "scrape_p99_ms")
+                }
             )
 
     results["plain_seq_rate_per_s"] = plain_seq = mean_rate(
@@ -533,11 +700,27 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
     results["plain_k_rate_per_s"] = plain_k = mean_rate(
         results["plain_k"], results["plain_k_after"]
     )
+    results["plain_seq_bot_room_rate_per_s"] = plain_bot = mean_rate(
+        results["plain_seq_bot_room"], results["plain_seq_bot_room_after"]
+    )
+    # The fair reference keeps order as the relay must (one send at a time); ratio_seq_bot_room
+    # also makes Synapse push each event to the appservice, as it does for a ghost's message.
     results["ratio_seq"] = round(results["hooks_seq"]["rate_per_s"] / plain_seq, 3)
+    results["ratio_seq_bot_room"] = round(results["hooks_seq"]["rate_per_s"] / plain_bot, 3)
     results["ratio_k"] = round(results["hooks_k"]["rate_per_s"] / plain_k, 3)
+    results["ratio_k_vs_plain_seq"] = round(results["hooks_k"]["rate_per_s"] / plain_seq, 3)
     # Scraped against the unscraped runs just before and after it.
     unscraped = (results["hooks_k"]["rate_per_s"] + results["hooks_k_after"]["rate_per_s"]) / 2
     results["scrape_rate_ratio"] = round(results["hooks_k_scraped"]["rate_per_s"] / unscraped, 3)
+    # The bridge's CPU per scrape: its CPU in the scraped phase above the mean of the two
+    # unscraped ones (the same number of hooks), shared among the scrapes.
+    scraped = results["hooks_k_scraped"]
+    extra = scraped["cpu_s"]["bridge"] - (
+        (results["hooks_k"]["cpu_s"]["bridge"] + results["hooks_k_after"]["cpu_s"]["bridge"]) / 2
+    )
+    results["scrape_bridge_cpu_ms"] = (
+        round(1000 * extra / scraped["scrapes"], 2) if scraped.get("scrapes") else None
+    )
     results["disturbed"] = disturbed_phases(results)
     return results
 
@@ -557,12 +740,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--warmup", type=int, default=200, help="unmeasured sends first, to warm Synapse up"
     )
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    add_run_options(parser)  # --keep, --profile DIR (py-spy per phase), --native
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="then P pairs of one-at-a-time phases, plain into a room the bot is in and hooks "
+        "(the median of their ratios: ratio_seq_bot_room_pairs_median)",
+    )
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="log the bridge's homeserver requests (DEBUG) and split the time between two "
+        "posts of the one-at-a-time phase into the send and the rest (not for the ratios)",
+    )
     args = parser.parse_args(argv)
-    if args.hooks < 1 or args.concurrency < 1 or args.warmup < 0:
+    if args.hooks < 1 or args.concurrency < 1 or args.warmup < 0 or args.pairs < 0:
         parser.error("counts must be positive")
     if any(rate <= 0 for rate in args.rates):
         parser.error("rates must be positive")
+    if args.profile is not None:
+        args.profile = args.profile.resolve()
     return args
 
 
@@ -571,10 +769,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     code = code_version()
     plain = ["pseq", "pk", "pseqafter", "pkafter"]
-    hooks = ["hseq", *(rate_name(rate) for rate in args.rates), "hk", "hscrape", "hkafter"]
+    bot_rooms = ["pbseq", "pbseqafter", *(f"pbpair{i}" for i in range(args.pairs))]
+    hooks = [
+        "hseq",
+        *(rate_name(rate) for rate in args.rates),
+        "hk",
+        "hscrape",
+        "hkafter",
+        *(f"hpair{i}" for i in range(args.pairs)),
+    ]
     with temp_folder(args.keep) as folder, contextlib.ExitStack() as stack:
         print(f"starting Synapse and the bridge in {folder}", flush=True)
-        servers = start_servers(folder, plain, hooks, stack)
+        servers = start_servers(folder, plain, bot_rooms, hooks, stack, diagnose=args.diagnose)
         try:
             results = asyncio.run(run(servers, args))
         except BaseException:
@@ -600,16 +806,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{key}: accepted {value['accepted_per_s']}/s, relayed {value['rate_per_s']}/s, "
                 f"hook -> event p50 {value['latency_p50_ms']} ms p99 {value['latency_p99_ms']} ms"
             )
-    for key, label in (("ratio_seq", "1 in flight"), ("ratio_k", f"{args.concurrency} in flight")):
+    print(
+        "plain reference, 1 in flight into a room the bot is in: "
+        f"{results['plain_seq_bot_room_rate_per_s']}/s"
+    )
+    for key, label in (
+        ("ratio_seq", "1 in flight / plain 1 in flight"),
+        ("ratio_seq_bot_room", "1 in flight / plain 1 in flight into a room the bot is in"),
+        ("ratio_k", f"{args.concurrency} in flight / plain {args.concurrency} in flight"),
+        ("ratio_k_vs_plain_seq", f"{args.concurrency} in flight / plain 1 in flight"),
+    ):
         print(
             f"hook relay/plain ({label}): {results[key]:.2f} (target >= {TARGET}) "
             f"{verdict(results[key])}"
         )
+    if "ratio_seq_bot_room_pairs_median" in results:
+        print(
+            "hook relay/plain into a room the bot is in, 1 in flight, median of "
+            f"{len(results['pairs'])} pairs: {results['ratio_seq_bot_room_pairs_median']:.2f} "
+            f"({', '.join(str(pair['ratio']) for pair in results['pairs'])})"
+        )
     scraped = results["hooks_k_scraped"]
     print(
         f"scrape of {results['scrape_endpoint']} under load: p50 {scraped['scrape_p50_ms']} ms, "
-        f"p99 {scraped['scrape_p99_ms']} ms; relay rate scraped / not "
-        f"{results['scrape_rate_ratio']:.2f}"
+        f"p99 {scraped['scrape_p99_ms']} ms, bridge CPU {results['scrape_bridge_cpu_ms']} ms "
+        f"each; relay rate scraped / not {results['scrape_rate_ratio']:.2f}"
         + ("" if results["metrics"] is not None else f" ({results['scrape_note']})")
     )
     problems = [
@@ -620,6 +841,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value[k]
     ]
     print("errors, order and once-only: " + ("; ".join(problems) if problems else "ok"))
+    if args.profile is not None:
+        results["profiles"] = profile_summaries(args.profile)
     if results["disturbed"]:
         print(
             "WARNING: other processes on this machine used more than "

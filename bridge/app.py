@@ -136,6 +136,8 @@ class Bridge:
             on_joined=self._room_joined,
             is_linked=self._room_is_linked,
             on_encrypted=self._room_encrypted,
+            # The webhook relay re-reads which of its rooms the bot is in.
+            on_left=lambda _room_id: self.hooks_relay.notify(),
         )
         self.ghosts = GhostManager(config, self.client, self.db)
         self.poster = MatrixPoster(self.client, self.ghosts)
@@ -299,7 +301,7 @@ class Bridge:
             self.hooks_relay.store,
             max_body_size=config.webhooks.max_body_size,
             tolerance=config.webhooks.tolerance,
-            on_stored=self.hooks_relay.notify,
+            on_stored=self.hooks_relay.stored,
         ).add_routes(app)
         add_health_route(app, self.status)
         ProvisioningApi(
@@ -426,6 +428,7 @@ class Bridge:
     async def _room_encrypted(self, room_id: RoomID, event_id: EventID) -> None:
         """A linked room turned encryption on: its links are paused (mail is kept, nothing is
         posted or mailed) and the room is told once, why."""
+        self.hooks_relay.notify()  # a hook's room that is encrypted waits
         active = [
             link for link in await link_db.links_in_room(self.db, room_id) if not link.paused
         ]

@@ -26,15 +26,19 @@ class HookInboxItem:
     attempts: int
 
 
-async def store(db: Database, hook: str, webhook_id: str, body: str) -> bool:
-    """Keep a verified request; False if this hook already has one with that webhook-id."""
+async def store(db: Database, hook: str, webhook_id: str, body: str) -> HookInboxItem | None:
+    """Keep a verified request, and return it as kept; None if this hook already has one with
+    that webhook-id."""
     async with db.begin() as conn:
         result = await conn.execute(
-            insert_ignore(conn, webhook_inbox, ["hook", "webhook_id"]).values(
-                hook=hook, webhook_id=webhook_id, body=body, received_at=now_ms()
-            )
+            insert_ignore(conn, webhook_inbox, ["hook", "webhook_id"])
+            .values(hook=hook, webhook_id=webhook_id, body=body, received_at=now_ms())
+            .returning(webhook_inbox.c.id)
         )
-    return bool(result.rowcount)
+        item_id = result.scalar_one_or_none()
+    if item_id is None:
+        return None
+    return HookInboxItem(id=int(item_id), hook=hook, webhook_id=webhook_id, body=body, attempts=0)
 
 
 async def pending(

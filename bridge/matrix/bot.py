@@ -56,6 +56,7 @@ class ManagementBot:
         on_joined: Callable[[RoomID], Awaitable[None]] | None = None,
         is_linked: Callable[[RoomID], Awaitable[bool]] | None = None,
         on_encrypted: Callable[[RoomID, EventID], Awaitable[None]] | None = None,
+        on_left: Callable[[RoomID], None] | None = None,
     ) -> None:
         self.config = config
         self.client = client
@@ -65,6 +66,7 @@ class ManagementBot:
         self.on_joined = on_joined
         self.is_linked = is_linked or self._has_links
         self.on_encrypted = on_encrypted
+        self.on_left = on_left
 
     async def handle(self, item: InboxEvent) -> None:
         """Handle one stored event; raises Ignored when it is none of the bot's business."""
@@ -88,6 +90,8 @@ class ManagementBot:
         elif membership in ("leave", "ban"):
             log.info("bot is no longer in %s (%s by %s)", room_id, membership, item.sender)
             await rooms.set_membership(self.db, room_id, str(membership))
+            if self.on_left is not None:
+                self.on_left(room_id)
         elif membership == "join":
             if await rooms.get_room(self.db, room_id) is None:
                 await rooms.save_room(

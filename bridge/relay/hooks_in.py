@@ -17,7 +17,7 @@ from bridge.core.hooks_in import (
     hook_message_content,
     parse_hook_body,
 )
-from bridge.core.ids import RoomID
+from bridge.core.ids import EventID, RoomID
 from bridge.core.retry import settle_stored
 from bridge.core.router import RoomQueues
 from bridge.core.tasks import TaskGroup
@@ -60,16 +60,54 @@ class HooksRelay:
         self._wake = asyncio.Event()
         self._in_flight: set[int] = set()
         self._waiting: set[str] = set()  # hook rooms the bot is not (usably) in
+        # Hook rooms whose new requests store() queues itself, in the order of their commits
+        # (so of their 202s): the bot was in them at the last sweep, and no request of theirs
+        # has been left to a sweep since that sweep read the inbox.
+        self._ready: set[str] = set()
+        self._unswept: set[str] = set()  # rooms with a request left to the next sweep
         self._queues: RoomQueues[tuple[HookSettings, HookInboxItem]] = RoomQueues(
             self._process, tasks, "webhook"
         )
+        self.tasks = tasks
+        # A posted request is recorded while its room's next one is sent: per room, the
+        # recording of its last posted request (at most one: the next waits for it), and the
+        # requests whose recording outlives their turn (in flight until it ends).
+        self._recording: dict[str, asyncio.Task[None]] = {}
+        self._recorded_later: set[int] = set()
+        # Thread roots posted but not yet committed: a reply in the same thread finds its root
+        # here meanwhile.
+        self._roots: dict[tuple[str, str, str], EventID] = {}
         self.retry_initial = 1.0
 
     async def store(self, hook: str, webhook_id: str, body: str) -> bool:
-        """For the webhook server: keep a verified request (False: a duplicate)."""
-        return await webhook_db.store(self.db, hook, webhook_id, body)
+        """For the webhook server: keep a verified request (False: a duplicate), and queue it
+        for its room at once when it can go straight there; otherwise a sweep finds it."""
+        item = await webhook_db.store(self.db, hook, webhook_id, body)
+        if item is None:
+            return False
+        settings = self.hooks.get(hook)
+        if item.id in self._in_flight:
+            pass  # a sweep on another connection (PostgreSQL) read it first and queued it
+        elif settings is not None and settings.room_id in self._ready:
+            # Committed before its 202 is sent and queued now: a request answered before
+            # another was sent is queued first. No inbox read per request.
+            self._in_flight.add(item.id)
+            self._queues.submit(settings.room_id, (settings, item))
+        else:
+            # Older requests of its room may be pending outside the queue: its room goes
+            # through the inbox (in arrival order) until a sweep has read this one.
+            if settings is not None:
+                self._unswept.add(settings.room_id)
+                self._ready.discard(settings.room_id)
+            self._wake.set()
+        return True
+
+    def stored(self) -> None:
+        """For the webhook server, after a request is kept: store() queued it, or woke a
+        sweep for it."""
 
     def notify(self) -> None:
+        """Something changed (the bot joined or left a room, a record failed): sweep."""
         self._wake.set()
 
     async def report(self) -> dict[str, Any]:
@@ -78,6 +116,8 @@ class HooksRelay:
 
     async def wait_idle(self) -> None:
         await self._queues.wait_idle()
+        while self._recording:
+            await asyncio.wait(list(self._recording.values()))
 
     async def _join_rooms(self) -> None:
         """The bot tries once to join each hook's room (it may have been invited while the
@@ -98,6 +138,9 @@ class HooksRelay:
             log.warning("could not join the webhooks' rooms: %s", e)
         while True:
             self._wake.clear()
+            # Requests left to a sweep before this point are read by this one.
+            swept, self._unswept = self._unswept, set()
+            self._ready -= swept
             try:
                 waiting = set()
                 for room_id in {h.room_id for h in self.hooks.values()}:
@@ -111,6 +154,7 @@ class HooksRelay:
                 )
             except Exception as e:
                 log.error("cannot read the webhook inbox (%s); retrying", e)
+                self._unswept |= swept
                 await asyncio.sleep(5)
                 continue
             for room_id in waiting - self._waiting:
@@ -124,15 +168,26 @@ class HooksRelay:
                     room_id,
                 )
             self._waiting = waiting
+            gone = []
             for item in found:
                 hook = self.hooks.get(item.hook)
                 if hook is None:
-                    reason = "the hook no longer exists (removed from the config, or revoked)"
-                    audit = _audit(None, item, "ignored", reason)
-                    await webhook_db.finish(self.db, item.id, "ignored", error=reason, audit=audit)
-                    continue
-                self._in_flight.add(item.id)
-                self._queues.submit(hook.room_id, (hook, item))
+                    gone.append(item)
+                elif item.id not in self._in_flight:  # store() may have queued it meanwhile
+                    self._in_flight.add(item.id)
+                    self._queues.submit(hook.room_id, (hook, item))
+            # With no await since the inbox was read: every pending request of these rooms is
+            # queued (unless the batch was full: then some may not be), so store() may queue
+            # their next ones itself.
+            self._ready = (
+                {h.room_id for h in self.hooks.values()} - waiting - self._unswept
+                if len(found) < BATCH
+                else set()
+            )
+            for item in gone:
+                reason = "the hook no longer exists (removed from the config, or revoked)"
+                audit = _audit(None, item, "ignored", reason)
+                await webhook_db.finish(self.db, item.id, "ignored", error=reason, audit=audit)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
 
@@ -167,7 +222,8 @@ class HooksRelay:
                 initial=self.retry_initial,
             )
         finally:
-            self._in_flight.discard(item.id)
+            if item.id not in self._recorded_later:
+                self._in_flight.discard(item.id)
 
     async def handle(self, hook: HookSettings, item: HookInboxItem) -> None:
         """Post one kept request; Refused if its stored body is not a hook message."""
@@ -184,8 +240,9 @@ class HooksRelay:
             remote_id=hook.name,
         )
         root = None
-        if message.thread is not None:
-            root = await webhook_db.thread_root(self.db, hook.name, room_id, message.thread)
+        thread = None if message.thread is None else (hook.name, room_id, message.thread)
+        if thread is not None:
+            root = self._roots.get(thread) or await webhook_db.thread_root(self.db, *thread)
         content = hook_message_content(message, root)
         event_id = await self.client.send_event(
             room_id,
@@ -194,15 +251,57 @@ class HooksRelay:
             derived_txn_id("webhook-in", hook.name, item.webhook_id),
             as_user=ghost,
         )
-        starts = message.thread is not None and root is None
-        await webhook_db.record_posted(
-            self.db,
-            item.id,
-            event_id,
-            thread=(hook.name, room_id, message.thread) if starts and message.thread else None,
-            audit=_audit(hook, item, "posted", None, event_id, sender=message.sender),
-        )
         log.debug("webhook %s: %s posted as %s", hook.name, item.webhook_id, event_id)
+        started = thread if thread is not None and root is None else None
+        if started is not None:
+            self._roots[started] = event_id
+        # Recorded while the room's next request is sent. A crash before the commit leaves the
+        # request pending: it is sent again with the same transaction ID, and the homeserver
+        # answers with the event it already made (exactly once, as remote_out's _Run).
+        previous = self._recording.get(room_id)
+        if previous is not None:
+            await asyncio.wait([previous])
+        self._recorded_later.add(item.id)
+        self._recording[room_id] = self.tasks.spawn(
+            self._record(
+                room_id,
+                item,
+                event_id,
+                started,
+                _audit(hook, item, "posted", None, event_id, sender=message.sender),
+            ),
+            name=f"webhook-record:{item.id}",
+        )
+
+    async def _record(
+        self,
+        room_id: str,
+        item: HookInboxItem,
+        event_id: EventID,
+        started: tuple[str, str, str] | None,
+        audit: AuditEntry,
+    ) -> None:
+        """A posted request's state, thread root and audit row committed. On failure it stays
+        pending: the next sweep sends it again, and the homeserver dedupes the transaction."""
+        try:
+            await webhook_db.record_posted(self.db, item.id, event_id, thread=started, audit=audit)
+        except Exception as e:
+            log.error(
+                "webhook %s: %s was posted as %s but could not be recorded (%s); it will be "
+                "sent again with the same transaction ID",
+                item.hook,
+                item.webhook_id,
+                event_id,
+                e,
+            )
+            self.notify()
+        finally:
+            self._recorded_later.discard(item.id)
+            self._in_flight.discard(item.id)
+            if started is not None and self._roots.get(started) == event_id:
+                del self._roots[started]
+            if self._recording.get(room_id) is asyncio.current_task():
+                del self._recording[room_id]
 
 
 def _audit(
