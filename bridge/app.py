@@ -374,6 +374,7 @@ class Bridge:
         self.remote_relay.on_posted = functools.partial(metrics.relayed, "remote_in")
         self.remote_sender.on_sent = functools.partial(metrics.relayed, "remote_out")
         self.hook_sender.on_sent = functools.partial(metrics.relayed, "webhook_out")
+        self.hooks_relay.on_posted = functools.partial(metrics.relayed, "webhook_in")
         if self.outbox is not None:
             self.outbox.on_sent = functools.partial(metrics.relayed, "mail_out")
         metrics.watch_errors(log)

@@ -24,21 +24,23 @@ class HookInboxItem:
     webhook_id: str
     body: str  # the request's JSON object, as verified
     attempts: int
+    received_at: int = 0  # ms since the epoch: when it was accepted (202)
 
 
 async def store(db: Database, hook: str, webhook_id: str, body: str) -> HookInboxItem | None:
     """Keep a verified request, and return it as kept; None if this hook already has one with
     that webhook-id."""
+    received_at = now_ms()
     async with db.begin() as conn:
         result = await conn.execute(
             insert_ignore(conn, webhook_inbox, ["hook", "webhook_id"])
-            .values(hook=hook, webhook_id=webhook_id, body=body, received_at=now_ms())
+            .values(hook=hook, webhook_id=webhook_id, body=body, received_at=received_at)
             .returning(webhook_inbox.c.id)
         )
         item_id = result.scalar_one_or_none()
     if item_id is None:
         return None
-    return HookInboxItem(id=int(item_id), hook=hook, webhook_id=webhook_id, body=body, attempts=0)
+    return HookInboxItem(int(item_id), hook, webhook_id, body, 0, received_at)
 
 
 async def pending(
@@ -61,6 +63,7 @@ async def pending(
             webhook_id=r.webhook_id,
             body=r.body,
             attempts=int(r.attempts),
+            received_at=int(r.received_at),
         )
         for r in rows
         if r.id not in exclude

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from bridge.config import Config, HookSettings
@@ -78,6 +79,8 @@ class HooksRelay:
         # here meanwhile.
         self._roots: dict[tuple[str, str, str], EventID] = {}
         self.retry_initial = 1.0
+        # Told the seconds from accepted (202) to posted of every request (the metrics' latency).
+        self.on_posted: Callable[[float], None] | None = None
 
     async def store(self, hook: str, webhook_id: str, body: str) -> bool:
         """For the webhook server: keep a verified request (False: a duplicate), and queue it
@@ -252,6 +255,8 @@ class HooksRelay:
             as_user=ghost,
         )
         log.debug("webhook %s: %s posted as %s", hook.name, item.webhook_id, event_id)
+        if self.on_posted is not None and item.received_at:
+            self.on_posted(max(0.0, time.time() - item.received_at / 1000))
         started = thread if thread is not None and root is None else None
         if started is not None:
             self._roots[started] = event_id

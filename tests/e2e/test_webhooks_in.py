@@ -23,6 +23,7 @@ from bridge.registration import atomic_write, dump_yaml
 from bridge.webhooks.signature import sign
 from tests.conftest import BridgeProcess, SynapseSetup, UserFactory, http_json
 from tests.e2e.test_bot import message_from
+from tests.integration.test_metrics import scrape, value
 
 KEY = os.urandom(32)
 SECRET = "whsec_" + base64.b64encode(KEY).decode()
@@ -148,6 +149,13 @@ async def test_signed_hook_posted_by_its_ghost_threads_and_replays(hooks: HookSe
         "GET", f"/_matrix/client/v3/profile/{quote(hooks.ghost)}/displayname"
     )
     assert profile["displayname"] == "ci (webhook)"
+
+    # /metrics: each posted request counted once and timed (accepted → posted); the inbox
+    # gauge is there (refreshed in the background).
+    samples = await scrape(hooks.bridge.base_url)
+    assert value(samples, "passerelle_items_total", direction="webhook_in", outcome="posted") == 4
+    assert value(samples, "passerelle_relay_latency_seconds_count", direction="webhook_in") == 4
+    assert ("passerelle_queue_depth", (("queue", "webhook_inbox"),)) in samples
 
 
 async def test_refused_requests(hooks: HookSetup) -> None:
