@@ -44,7 +44,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,10 +164,15 @@ def start_servers(
     stack: contextlib.ExitStack,
     *,
     diagnose: bool = False,
+    outgoing: Mapping[str, str] | None = None,
+    egress: Sequence[str] = (),
 ) -> Servers:
     """`plain`: rooms of Alice alone; `bot_rooms`: rooms of Alice, the bot and Bob (three
     members like a hook's room: Alice, the bot, the ghost; and not a direct chat, where the bot
-    would take every message for a command); `hooks`: a hook each, its room with the bot."""
+    would take every message for a command); `hooks`: a hook each, its room with the bot;
+    `outgoing`: an outbound hook each (name → URL, allowed by `egress`), its room like a
+    bot room."""
+    outgoing = outgoing or {}
     synapse_port, bridge_port = free_port(), free_port()
     database_url = f"sqlite+aiosqlite:///{folder / 'passerelle.db'}"
     raw = bridge_config_dict(
@@ -215,7 +220,7 @@ def start_servers(
             for name in hooks:
                 rooms[name] = await alice.create_room(invite=[bot], name=name)
             async with MatrixTestClient(synapse.base_url, bob_token, bob_id) as bob:
-                for name in bot_rooms:
+                for name in [*bot_rooms, *outgoing]:
                     rooms[name] = await alice.create_room(invite=[bot, bob_id], name=name)
                     await bob.join(rooms[name])
             return rooms
@@ -225,6 +230,11 @@ def start_servers(
     raw = read_yaml_file(config_path)
     raw["webhooks"] = {
         "hooks": {name: {"room": rooms[name], "secret": SECRET} for name in hooks},
+        "outgoing": {
+            name: {"room": rooms[name], "url": url, "secret": SECRET}
+            for name, url in outgoing.items()
+        },
+        "egress": list(egress),
     }
     atomic_write(config_path, dump_yaml(raw))
     bridge = BridgeProcess(config_path, database_url, folder / "bridge.log")

@@ -8,6 +8,7 @@ import datetime as dt
 import email.utils
 import hashlib
 import json
+import re
 from typing import Any
 
 from bridge.core.ghosts import clean_display_name
@@ -30,6 +31,7 @@ REDACTED = "message.redacted"
 # Answers worth trying again: the receiver is busy, restarting or rate limiting.
 _RETRY_STATUSES = frozenset({408, 425, 429})
 MAX_RETRY_AFTER = 3600.0  # seconds: a longer Retry-After is capped, not obeyed
+_DELTA_SECONDS = re.compile(r"[0-9]{1,10}")  # ASCII digits only ("²".isdigit() is true)
 
 
 def delivery_id(hook: str, event_id: str) -> str:
@@ -111,7 +113,7 @@ def retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     text = value.strip()
-    if text.isdigit() and len(text) <= 10:
+    if _DELTA_SECONDS.fullmatch(text):
         return min(float(text), MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(text)

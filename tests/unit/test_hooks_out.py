@@ -177,6 +177,10 @@ def test_retry_after() -> None:
     assert retry_after("99999999", now) == MAX_RETRY_AFTER
     assert retry_after("-5", now) is None
     assert retry_after("soon", now) is None
+    # Regression: "²".isdigit() is true, and float("²") raised (a hostile receiver's header
+    # stopped the delivery worker).
+    for odd in ("²", "١٢", "𝟗", "1²"):
+        assert retry_after(odd, now) is None
     date = email.utils.formatdate(now + 30, usegmt=True)
     assert retry_after(date, now) == pytest.approx(30, abs=1)
     past = email.utils.formatdate(now - 30, usegmt=True)
