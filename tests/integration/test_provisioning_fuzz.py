@@ -50,7 +50,7 @@ from tests.integration.test_conformance import (
 
 SECRET = "provisioning-fuzz-" + "s" * 32
 ADMIN = "@admin:localhost"
-EXAMPLES = 25
+EXAMPLES = 15
 UNAUTHORISED_EXAMPLES = 10
 
 pytestmark = [pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)]
