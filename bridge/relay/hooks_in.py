@@ -131,8 +131,29 @@ class HooksRelay:
                 continue
             try:
                 await self.client.join(RoomID(room_id))
+                await self._record_join(RoomID(room_id), room is None)
             except (PermanentError, TransientError) as e:
                 log.info("bot is not in %s, a webhook's room: %s", room_id, e)
+
+    async def _record_join(self, room_id: RoomID, new: bool) -> None:
+        """The bot joined a hook's room itself: the room is usable now, without waiting for
+        the homeserver to push the join back (it may not before an outage, and the catch-up
+        reads joined rooms only). Its encryption is read from the room's state."""
+        encrypted = await self.client.get_state(room_id, "m.room.encryption") is not None
+        if new:
+            await rooms.save_room(
+                self.db,
+                room_id,
+                bot_membership="join",
+                is_direct=False,
+                encrypted=encrypted,
+                invited_by=None,
+                member_count=await self.client.member_count(room_id),
+            )
+        else:
+            await rooms.set_membership(self.db, room_id, "join")
+            if encrypted:
+                await rooms.set_encrypted(self.db, room_id)
 
     async def run(self) -> None:
         try:

@@ -262,3 +262,53 @@ async def test_request_a_sweep_queued_first_is_not_queued_again(
             await relay.wait_idle()
         await asyncio.sleep(0.2)
     assert [content["body"] for _, content in client.sends] == ["first", "second"]
+
+
+class JoiningClient:
+    """The homeserver as the relay's start-up join sees it: joins succeed; `encrypted` rooms
+    have m.room.encryption state."""
+
+    def __init__(self, encrypted: set[str]) -> None:
+        self.encrypted = encrypted
+        self.joined: list[RoomID] = []
+
+    async def join(self, room_id: RoomID) -> None:
+        self.joined.append(room_id)
+
+    async def get_state(self, room_id: RoomID, event_type: str) -> dict[str, Any] | None:
+        assert event_type == "m.room.encryption"
+        return {"algorithm": "m.megolm.v1.aes-sha2"} if room_id in self.encrypted else None
+
+    async def member_count(self, room_id: RoomID) -> int:
+        return 3
+
+
+async def test_a_room_joined_at_start_is_usable_without_the_pushed_join(db: Database) -> None:
+    """Regression (CI, PostgreSQL): the bot joined a hook's room at start-up, the homeserver
+    went down before pushing the join back, and after a restart the hook waited for a join
+    event that never came. The join the relay makes itself is recorded at once."""
+    plain, secret = RoomID("!plain:example.org"), RoomID("!secret:example.org")
+    await rooms.set_membership(db, ROOM, "leave")  # known to the bridge, left since
+    hooks = {
+        "a": HookSettings("a", plain, HOOK.secret),
+        "b": HookSettings("b", secret, HOOK.secret),
+        "ci": HOOK,
+    }
+    client = JoiningClient({secret})
+    relay = HooksRelay(
+        config(),
+        db,
+        cast(MatrixClient, client),
+        cast(GhostManager, FakeGhosts()),
+        TaskGroup(),
+        max_attempts=3,
+        hooks=hooks,
+    )
+    await relay._join_rooms()
+    assert sorted(client.joined) == sorted([plain, secret, ROOM])
+    found = {r: await rooms.get_room(db, r) for r in (plain, secret, ROOM)}
+    assert {r: (room.bot_membership, room.encrypted) for r, room in found.items() if room} == {
+        plain: ("join", False),
+        secret: ("join", True),  # joined, but never posted in: the relay waits
+        ROOM: ("join", False),
+    }
