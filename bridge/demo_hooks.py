@@ -19,7 +19,7 @@ from aiohttp import web
 
 from bridge.config import Config
 from bridge.registration import atomic_write
-from bridge.webhooks.signature import SignatureError, decode_secret, verify
+from bridge.webhooks.signature import SignatureError, decode_secret, verify_headers
 
 if TYPE_CHECKING:  # the harness needs the demo's extras; demo.py imports this module first
     from bridge.harness.synapse import MatrixTestClient
@@ -84,15 +84,7 @@ class LegacyReceiver:
             return web.json_response({"error": "unknown hook"}, status=404)
         body = await request.read()
         try:
-            verify(
-                key,
-                webhook_id=request.headers.get("webhook-id"),
-                timestamp=request.headers.get("webhook-timestamp"),
-                signature=request.headers.get("webhook-signature"),
-                body=body,
-                now=time.time(),
-                tolerance=300,
-            )
+            verify_headers(key, request.headers, body, now=time.time(), tolerance=300)
         except SignatureError as e:
             self._refuse(f"{name}: {e}")
             return web.json_response({"error": "not verified"}, status=401)

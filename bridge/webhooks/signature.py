@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import hmac
 import re
+from collections.abc import Mapping
 
 SECRET_PREFIX = "whsec_"
 MIN_SECRET_BYTES = 16
@@ -76,3 +77,20 @@ def verify(
     if not valid:
         raise SignatureError("no valid v1 signature in webhook-signature")
     return sent_at
+
+
+def verify_headers(
+    key: bytes, headers: Mapping[str, str], body: bytes, *, now: float, tolerance: float
+) -> int:
+    """verify() with the three Standard Webhooks headers read from a request's headers (any
+    letter case): what a receiver of the bridge's deliveries does."""
+    lowered = {name.lower(): value for name, value in headers.items()}
+    return verify(
+        key,
+        webhook_id=lowered.get("webhook-id"),
+        timestamp=lowered.get("webhook-timestamp"),
+        signature=lowered.get("webhook-signature"),
+        body=body,
+        now=now,
+        tolerance=tolerance,
+    )

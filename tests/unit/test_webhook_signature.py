@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.webhooks.signature import SignatureError, decode_secret, sign, verify
+from bridge.webhooks.signature import SignatureError, decode_secret, sign, verify, verify_headers
 
 KEY = bytes(range(32))
 SECRET = "whsec_" + base64.b64encode(KEY).decode()
@@ -141,3 +141,18 @@ def test_any_flipped_byte_fails(key: bytes, body: bytes, data: st.DataObject) ->
             now=NOW,
             tolerance=300,
         )
+
+
+def test_verify_headers_reads_the_three_headers_in_any_case() -> None:
+    key, body = b"k" * 32, b'{"type":"message.created"}'
+    signature = sign(key, "msg_1", 1_700_000_000, body)
+    headers = {
+        "Webhook-Id": "msg_1",
+        "WEBHOOK-TIMESTAMP": "1700000000",
+        "webhook-signature": signature,
+    }
+    assert verify_headers(key, headers, body, now=1_700_000_010, tolerance=60) == 1_700_000_000
+    with pytest.raises(SignatureError):
+        verify_headers(key, headers, body + b" ", now=1_700_000_010, tolerance=60)
+    with pytest.raises(SignatureError):
+        verify_headers(key, {"webhook-id": "msg_1"}, body, now=1_700_000_010, tolerance=60)
