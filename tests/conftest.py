@@ -50,6 +50,33 @@ def http_json(url: str, timeout: float = 5) -> tuple[int, Any]:
         return e.code, json.loads(e.read() or b"null")
 
 
+# --- Which end-to-end tests run on both databases -----------------------------------------------
+
+ALL_DATABASES = os.environ.get("PASSERELLE_ALL_DATABASES") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """An end-to-end test runs on PostgreSQL only when it is marked `both_databases`: its point
+    is what the database does across a crash, a restart or concurrent writers. The queries
+    themselves run on both databases in the integration tier, so the other end-to-end tests
+    would only repeat Synapse round-trips (CI time). PASSERELLE_ALL_DATABASES=1 runs them all."""
+    if ALL_DATABASES:
+        return
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_postgres = callspec is not None and callspec.params.get("db_url") == "postgresql"
+        end_to_end = "tests/e2e/" in item.nodeid or item.nodeid.startswith("e2e/")
+        if on_postgres and end_to_end and item.get_closest_marker("both_databases") is None:
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 # --- PostgreSQL -------------------------------------------------------------------------------
 
 

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from bridge.config import DatabaseConfig
 from bridge.core.audit import AuditRow
 from bridge.db import audit as audit_db
@@ -53,6 +55,7 @@ def verify_cli(bridge: BridgeProcess) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.both_databases
 async def test_mail_in_posted_and_refused(mail_setup: MailSetup) -> None:
     message_id, raw = mail_setup.mail("Commande", "trois ramettes de papier")
     await mail_setup.deliver(raw)
@@ -114,6 +117,7 @@ async def test_matrix_to_mail_retried_then_sent_is_one_row(
     assert verify_cli(setup.mail.bridge).returncode == 0
 
 
+@pytest.mark.both_databases
 async def test_remote_both_ways(linked: Linked) -> None:
     await linked.bob.send_text(linked.remote_room, "Note du ministère")
     ghost = linked.ghost_of(linked.bob.user_id)

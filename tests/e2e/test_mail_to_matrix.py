@@ -213,6 +213,7 @@ async def test_sender_not_allowed_is_told_once(mail_setup: MailSetup) -> None:
     assert not [e for e in events if "buy now" in e["content"].get("body", "")]
 
 
+@pytest.mark.both_databases
 async def test_restart_posts_nothing_twice(mail_setup: MailSetup) -> None:
     await mail_setup.deliver(mail_setup.mail("Un", "premier message")[1])
     await mail_setup.posted(body_contains("premier message"))
@@ -235,6 +236,7 @@ async def _stored_mail(db_url: str) -> int:
         await engine.dispose()
 
 
+@pytest.mark.both_databases
 async def test_killed_after_fetch_before_send_posts_exactly_once(
     mail_setup: MailSetup, synapse_setup: SynapseSetup, db_url: str
 ) -> None:
@@ -257,6 +259,7 @@ async def test_killed_after_fetch_before_send_posts_exactly_once(
     assert sum("arrivé pendant la panne" in b for b in bodies) == 1
 
 
+@pytest.mark.both_databases
 async def test_synapse_down_for_a_while_then_all_mail_once_in_order(
     mail_setup: MailSetup, synapse_setup: SynapseSetup
 ) -> None:

@@ -157,6 +157,7 @@ async def via_postfix(
         setup.mail.bridge.stop()
 
 
+@pytest.mark.both_databases
 async def test_round_trip_through_postfix(via_postfix: OutSetup) -> None:
     """Mail → thread; a Matrix reply in the thread → mail threaded under it; a mail reply to
     that → the same thread. The bridge's own mail, back in the watched box, is not reposted."""

@@ -223,6 +223,7 @@ async def test_authentication_and_user(provisioned: Provisioned) -> None:
     assert SECRET not in log
 
 
+@pytest.mark.both_databases
 async def test_link_relay_unlink(provisioned: Provisioned) -> None:
     api, alice, room_id = provisioned.api, provisioned.alice, provisioned.room_id
     request = {"room_id": room_id, "address": provisioned.address}

@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 import aiohttp
+import pytest
 
 from bridge.harness.synapse import MatrixTestClient
 from tests.conftest import BridgeProcess, SynapseSetup, UserFactory, http_json
@@ -37,6 +38,7 @@ async def push_transaction(
         return resp.status
 
 
+@pytest.mark.both_databases
 async def test_replayed_transaction_after_bridge_restart_is_not_handled_twice(
     synapse_setup: SynapseSetup, bridge_process: BridgeProcess, make_user: UserFactory
 ) -> None:
@@ -60,6 +62,7 @@ async def test_replayed_transaction_after_bridge_restart_is_not_handled_twice(
     assert await answers_to(alice, room_id, question, bot) == 1
 
 
+@pytest.mark.both_databases
 async def test_synapse_killed_while_the_bridge_runs_loses_no_event(
     synapse_setup: SynapseSetup, bridge_process: BridgeProcess, make_user: UserFactory
 ) -> None:
@@ -92,6 +95,7 @@ async def test_synapse_killed_while_the_bridge_runs_loses_no_event(
         assert await answers_to(alice, room_id, question, bot) == 1
 
 
+@pytest.mark.both_databases
 async def test_bridge_started_before_synapse_connects_when_it_comes(
     synapse_setup: SynapseSetup, bridge_process: BridgeProcess, make_user: UserFactory
 ) -> None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bridge.harness.synapse import MatrixTestClient, SynapseServer
 from bridge.registration import atomic_write, dump_yaml
 from tests.conftest import BridgeProcess, SynapseSetup
@@ -153,6 +155,7 @@ async def test_text_both_ways_with_names(linked: Linked) -> None:
     assert len([e for e in remote if body_has("Bonjour de la part")(e)]) == 1
 
 
+@pytest.mark.both_databases
 async def test_replies_threads_edits_reactions_redactions(linked: Linked) -> None:
     ghost = linked.ghost_of(linked.bob.user_id)
     root_remote = await linked.bob.send_text(linked.remote_room, "Question: budget 2027 ?")

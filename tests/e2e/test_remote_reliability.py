@@ -48,6 +48,7 @@ async def bodies(client: MatrixTestClient, room_id: str, sender: str) -> list[st
     ]
 
 
+@pytest.mark.both_databases
 async def test_kill_9_mid_stream_both_ways(linked: Linked) -> None:
     """Each message exactly once, in order, though the bridge is killed while relaying."""
     ghost = linked.ghost_of(linked.bob.user_id)
@@ -288,6 +289,7 @@ async def test_a_user_of_a_third_server_is_refused(linked: Linked) -> None:
     assert told == ["@eve:evil.example", "@eve:ministere.localhost.evil.example"], told
 
 
+@pytest.mark.both_databases
 async def test_agency_homeserver_killed_and_restarted(
     linked: Linked, synapse_setup: SynapseSetup
 ) -> None:

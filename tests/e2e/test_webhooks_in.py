@@ -211,6 +211,7 @@ async def test_hook_waits_for_the_bot_to_join(
     assert message_from(event["sender"])(event)
 
 
+@pytest.mark.both_databases
 async def test_homeserver_down_then_each_posted_once_in_order(
     hooks: HookSetup, synapse_setup: SynapseSetup
 ) -> None:
