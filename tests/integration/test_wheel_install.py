@@ -1,0 +1,286 @@
+"""The built wheel installs and runs on its own, as a user gets it, far from this checkout.
+
+`python -m build` makes the sdist from a copy of the source tree and the wheel from that sdist
+(so a file missing from either shows up); the wheel goes into a new virtualenv, and the
+`passerelle` command of that virtualenv is run from a folder outside the source tree, without
+PYTHONPATH: --help, generate-registration, check-config, then `run` against a SQLite file with
+the homeserver down until /health answers, then SIGTERM. The database must have the tables of
+the migrations shipped in the installed package.
+
+Dependencies: a user's `pip install passerelle-….whl` also installs ~30 dependencies, which
+takes about 35 s on two cores even from a local index: too slow for every CI run. By default
+the virtualenv is made with --system-site-packages and the wheel installed with --no-deps, so
+the dependencies come from this machine's environment while the code, its data files and the
+console script come from the wheel alone (checked below: `bridge` resolves inside the
+virtualenv). That the dependencies pyproject declares are enough is checked by
+tests/unit/test_packaging.py; set PASSERELLE_WHEEL_FULL_DEPS=1 to run this test with an
+isolated virtualenv and a full dependency install, as a user does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import time
+import tomllib
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bridge import __version__
+from bridge.db.schema import metadata
+from bridge.harness.ports import free_port
+from bridge.registration import dump_yaml
+from tests.conftest import http_json
+
+pytestmark = pytest.mark.packaging
+
+ROOT = Path(__file__).resolve().parents[2]
+FULL_DEPS = os.environ.get("PASSERELLE_WHEEL_FULL_DEPS") == "1"
+# Not part of the sdist, or produced by earlier runs: left out of the copy that is built.
+NOT_SOURCE = shutil.ignore_patterns(
+    ".git",
+    ".ci",
+    "__pycache__",
+    "*.egg-info",
+    "build",
+    "dist",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+    ".hypothesis",
+    "demo-data",
+    "*.db",
+    "*.db-*",
+    "tests",
+    "bench",
+)
+
+
+@dataclass
+class Installed:
+    wheel: Path
+    sdist: Path
+    venv: Path
+
+    @property
+    def command(self) -> Path:
+        return self.venv / "bin" / "passerelle"
+
+    @property
+    def python(self) -> Path:
+        return self.venv / "bin" / "python"
+
+
+def _env() -> dict[str, str]:
+    """The caller's environment minus anything that would point Python at this checkout."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PASSERELLE_", "PYTHON")) and k != "VIRTUAL_ENV"
+    }
+
+
+def _run(
+    argv: list[str | Path], cwd: Path, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [str(a) for a in argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=_env(),
+        check=False,
+    )
+    assert result.returncode == 0, f"{argv}: {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    base = tmp_path_factory.mktemp("wheel")
+    source = base / "source"
+    shutil.copytree(ROOT, source, ignore=NOT_SOURCE)
+    dist = base / "dist"
+    _run([sys.executable, "-m", "build", "--outdir", dist, source], cwd=base, timeout=300)
+    (wheel,) = dist.glob("passerelle-*.whl")
+    (sdist,) = dist.glob("passerelle-*.tar.gz")
+    venv = base / "venv"
+    venv_args: list[str | Path] = [sys.executable, "-m", "venv", "--without-pip"]
+    install: list[str | Path] = [sys.executable, "-m", "pip", "--python", venv / "bin" / "python"]
+    install += ["install", "--quiet", "--disable-pip-version-check"]
+    if not FULL_DEPS:
+        venv_args.append("--system-site-packages")
+        # This machine's editable install of the same name and version is outside the venv:
+        # install over it in the venv, without looking at dependencies.
+        install += ["--no-deps", "--ignore-installed"]
+    _run([*venv_args, venv], cwd=base)
+    _run([*install, wheel], cwd=base, timeout=300)
+    return Installed(wheel, sdist, venv)
+
+
+def _package_data() -> set[str]:
+    """The data files pyproject ships, as paths inside the wheel (bridge/…)."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["bridge"]
+    found = {
+        str(path.relative_to(ROOT))
+        for pattern in patterns
+        for path in (ROOT / "bridge").glob(pattern)
+        if "__pycache__" not in path.parts
+    }
+    assert found
+    return found
+
+
+def test_the_wheel_holds_every_module_and_data_file(installed: Installed) -> None:
+    assert installed.wheel.name == f"passerelle-{__version__}-py3-none-any.whl"
+    with zipfile.ZipFile(installed.wheel) as wheel:
+        names = set(wheel.namelist())
+        metadata_text = wheel.read(f"passerelle-{__version__}.dist-info/METADATA").decode()
+        entry_points = wheel.read(f"passerelle-{__version__}.dist-info/entry_points.txt")
+    modules = {
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "bridge").rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert not (modules | _package_data()) - names
+    assert "passerelle = bridge.cli:main" in entry_points.decode()
+    assert "License-Expression: AGPL-3.0-or-later" in metadata_text
+    # Nothing from outside the package (tests, benches) got in.
+    assert {name.split("/")[0] for name in names} == {
+        "bridge",
+        f"passerelle-{__version__}.dist-info",
+    }
+
+
+def test_the_sdist_holds_the_deployment_examples(installed: Installed) -> None:
+    with tarfile.open(installed.sdist) as sdist:
+        names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    expected = {
+        "README.md",
+        "pyproject.toml",
+        "MANIFEST.in",
+        "registration.yaml.example",
+        "config/example-config.yaml",
+        "contrib/systemd/passerelle.service",
+    }
+    assert not (expected | _package_data()) - names
+
+
+def _wait_for_health(url: str, process: subprocess.Popen[bytes], log: Path) -> dict[str, object]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text(errors="replace")[-3000:]
+        try:
+            status, body = http_json(url, timeout=2)
+        except OSError:
+            time.sleep(0.1)
+            continue
+        assert status == 200, body
+        assert isinstance(body, dict)
+        return body
+    raise AssertionError("no /health within 30 s:\n" + log.read_text(errors="replace")[-3000:])
+
+
+def test_the_installed_command_configures_and_runs_the_bridge(
+    installed: Installed, tmp_path: Path
+) -> None:
+    work = tmp_path / "deployment"  # far from the source tree: nothing to import from here
+    work.mkdir()
+    # Where the installed interpreter finds the code, the migrations and their newest revision.
+    found = _run(
+        [
+            installed.python,
+            "-c",
+            "import bridge\n"
+            "from alembic.script import ScriptDirectory\n"
+            "from bridge.db.engine import MIGRATIONS\n"
+            "head = ScriptDirectory(str(MIGRATIONS)).get_current_head()\n"
+            "print(bridge.__file__, MIGRATIONS, head)",
+        ],
+        cwd=work,
+    ).stdout.split()
+    package, migrations, head = Path(found[0]).parent, Path(found[1]), found[2]
+    assert package.is_relative_to(installed.venv), found
+    assert migrations.is_relative_to(installed.venv), found
+    for data in _package_data():
+        assert (package.parent / data).is_file(), data
+
+    usage = _run([installed.command, "--help"], cwd=work).stdout
+    for command in ("run", "generate-registration", "check-config"):
+        assert command in usage
+    version = _run([installed.command, "--version"], cwd=work).stdout
+    assert version.strip() == f"passerelle {__version__}"
+
+    bridge_port = free_port()
+    config_file = work / "config.yaml"
+    config_file.write_text(
+        dump_yaml(
+            {
+                # Nothing listens there: the bridge starts anyway and reports "degraded".
+                "homeserver": {
+                    "address": f"http://127.0.0.1:{free_port()}",
+                    "domain": "localhost",
+                },
+                "appservice": {
+                    "address": f"http://127.0.0.1:{bridge_port}",
+                    "hostname": "127.0.0.1",
+                    "port": bridge_port,
+                },
+                # Relative: the working directory, as in the systemd unit.
+                "database": {"url": "sqlite+aiosqlite:///passerelle.db"},
+                "permissions": {"localhost": "user"},
+            }
+        ),
+        encoding="utf-8",
+    )
+    generated = _run(
+        [installed.command, "generate-registration", "-c", config_file, "-r", "registration.yaml"],
+        cwd=work,
+    ).stdout
+    assert "Generated appservice.as_token and appservice.hs_token" in generated
+    registration = (work / "registration.yaml").read_text(encoding="utf-8")
+    assert f"url: http://127.0.0.1:{bridge_port}" in registration
+    assert "generate" not in config_file.read_text(encoding="utf-8")
+    checked = _run([installed.command, "check-config", "-c", "config.yaml"], cwd=work).stdout
+    assert (
+        checked.strip() == "config.yaml: ok (bot @passerelle:localhost, database sqlite+aiosqlite)"
+    )
+
+    log = work / "passerelle.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [str(installed.command), "run", "-c", str(config_file)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            cwd=work,
+            env=_env(),
+        )
+        try:
+            health = _wait_for_health(f"http://127.0.0.1:{bridge_port}/health", process, log)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0, log.read_text(errors="replace")[-3000:]
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert health["status"] == "degraded"
+    assert health["version"] == __version__
+    assert health["database"] == {"dialect": "sqlite", "ok": True, "error": None}
+
+    with sqlite3.connect(work / "passerelle.db") as db:
+        tables = {
+            row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        (version,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
+    assert version == head
+    assert set(metadata.tables) <= tables
