@@ -19,6 +19,7 @@ isolated virtualenv and a full dependency install, as a user does.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -40,7 +41,8 @@ from bridge.harness.ports import free_port
 from bridge.registration import dump_yaml
 from tests.conftest import http_json
 
-pytestmark = pytest.mark.packaging
+# Building is about 20 s of CPU; on a machine shared with other work it can take a minute or two.
+pytestmark = [pytest.mark.packaging, pytest.mark.timeout(300)]
 
 ROOT = Path(__file__).resolve().parents[2]
 FULL_DEPS = os.environ.get("PASSERELLE_WHEEL_FULL_DEPS") == "1"
@@ -106,6 +108,8 @@ def _run(
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    if importlib.util.find_spec("build") is None:
+        pytest.fail("the `build` package is missing: scripts/bootstrap.sh installs it")
     base = tmp_path_factory.mktemp("wheel")
     source = base / "source"
     shutil.copytree(ROOT, source, ignore=NOT_SOURCE)
