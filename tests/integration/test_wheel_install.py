@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import sqlite3
@@ -32,6 +33,7 @@ import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -195,6 +197,52 @@ def _wait_for_health(url: str, process: subprocess.Popen[bytes], log: Path) -> d
     raise AssertionError("no /health within 30 s:\n" + log.read_text(errors="replace")[-3000:])
 
 
+def _write_config(path: Path, *, tokens: bool = False) -> int:
+    """A config with a homeserver that is down and a SQLite file in the working directory
+    (tokens left to generate-registration unless `tokens`); returns the bridge's port."""
+    bridge_port = free_port()
+    config: dict[str, Any] = {
+        # Nothing listens there: the bridge starts anyway and reports "degraded".
+        "homeserver": {"address": f"http://127.0.0.1:{free_port()}", "domain": "localhost"},
+        "appservice": {
+            "address": f"http://127.0.0.1:{bridge_port}",
+            "hostname": "127.0.0.1",
+            "port": bridge_port,
+        },
+        # Relative: the working directory, as in the systemd unit.
+        "database": {"url": "sqlite+aiosqlite:///passerelle.db"},
+        "permissions": {"localhost": "user"},
+    }
+    if tokens:
+        config["appservice"] |= {
+            "as_token": secrets.token_hex(32),
+            "hs_token": secrets.token_hex(32),
+        }
+    path.write_text(dump_yaml(config), encoding="utf-8")
+    return bridge_port
+
+
+def _serve_until_healthy(
+    argv: list[str | Path], work: Path, port: int, env: dict[str, str]
+) -> dict[str, object]:
+    """Start the bridge, wait for /health, stop it with SIGTERM (it must exit 0); /health's
+    answer."""
+    log = work / "passerelle.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [str(a) for a in argv], stdout=output, stderr=subprocess.STDOUT, cwd=work, env=env
+        )
+        try:
+            health = _wait_for_health(f"http://127.0.0.1:{port}/health", process, log)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0, log.read_text(errors="replace")[-3000:]
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return health
+
+
 def test_the_installed_command_configures_and_runs_the_bridge(
     installed: Installed, tmp_path: Path
 ) -> None:
@@ -225,28 +273,8 @@ def test_the_installed_command_configures_and_runs_the_bridge(
     version = _run([installed.command, "--version"], cwd=work).stdout
     assert version.strip() == f"passerelle {__version__}"
 
-    bridge_port = free_port()
+    bridge_port = _write_config(work / "config.yaml")
     config_file = work / "config.yaml"
-    config_file.write_text(
-        dump_yaml(
-            {
-                # Nothing listens there: the bridge starts anyway and reports "degraded".
-                "homeserver": {
-                    "address": f"http://127.0.0.1:{free_port()}",
-                    "domain": "localhost",
-                },
-                "appservice": {
-                    "address": f"http://127.0.0.1:{bridge_port}",
-                    "hostname": "127.0.0.1",
-                    "port": bridge_port,
-                },
-                # Relative: the working directory, as in the systemd unit.
-                "database": {"url": "sqlite+aiosqlite:///passerelle.db"},
-                "permissions": {"localhost": "user"},
-            }
-        ),
-        encoding="utf-8",
-    )
     generated = _run(
         [installed.command, "generate-registration", "-c", config_file, "-r", "registration.yaml"],
         cwd=work,
@@ -260,23 +288,9 @@ def test_the_installed_command_configures_and_runs_the_bridge(
         checked.strip() == "config.yaml: ok (bot @passerelle:localhost, database sqlite+aiosqlite)"
     )
 
-    log = work / "passerelle.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [str(installed.command), "run", "-c", str(config_file)],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            cwd=work,
-            env=_env(),
-        )
-        try:
-            health = _wait_for_health(f"http://127.0.0.1:{bridge_port}/health", process, log)
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=30) == 0, log.read_text(errors="replace")[-3000:]
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    health = _serve_until_healthy(
+        [installed.command, "run", "-c", config_file], work, bridge_port, _env()
+    )
     assert health["status"] == "degraded"
     assert health["version"] == __version__
     assert health["database"] == {"dialect": "sqlite", "ok": True, "error": None}
@@ -288,3 +302,55 @@ def test_the_installed_command_configures_and_runs_the_bridge(
         (version,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
     assert version == head
     assert set(metadata.tables) <= tables
+
+
+# ProtectSystem=strict with StateDirectory= and WorkingDirectory=, as far as a mount namespace
+# can show it: every file system read-only but the API ones (/proc, /sys, /dev), a fresh /var/tmp
+# as TMPDIR (PrivateTmp), and the state folder bound writable again.
+SANDBOX = r"""
+set -eu
+mount --make-rprivate /
+awk '{print $5}' /proc/self/mountinfo | sort -u | while read -r target; do
+    case "$target" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*|/mnt/*) continue ;; esac
+    mount -o remount,bind,ro "$target" 2>/dev/null || true
+done
+mount -t tmpfs -o mode=1777 tmpfs /var/tmp
+mount --bind "$STATE" "$STATE"
+mount -o remount,bind,rw "$STATE"
+for probe in /etc "$VENV" "$(dirname "$STATE")"; do
+    if [ -w "$probe" ]; then  # access(2): EROFS on a read-only mount, and no file made
+        echo "sandbox: $probe is still writable" >&2
+        exit 99
+    fi
+done
+cd "$STATE"
+exec "$@"
+"""
+
+
+def test_the_bridge_runs_with_only_its_state_directory_writable(
+    installed: Installed, tmp_path: Path
+) -> None:
+    """The systemd unit's file-system policy: a bridge that writes anywhere but its working
+    directory (a cache in $HOME, a file in the virtualenv, a socket in /run) fails there.
+    Not the whole sandbox: system call filters, capabilities and address families need systemd
+    (tests/unit/test_systemd_unit.py checks the unit's settings)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a mount namespace")
+    state = tmp_path / "state"
+    state.mkdir()
+    port = _write_config(state / "config.yaml", tokens=True)
+    env = _env() | {
+        "STATE": str(state),
+        "VENV": str(installed.venv),
+        "HOME": str(state),
+        "TMPDIR": "/var/tmp",
+    }
+    sandboxed: list[str | Path] = ["unshare", "--mount", "--propagation", "private"]
+    sandboxed += ["sh", "-c", SANDBOX, "sandbox", installed.command, "run", "-c", "config.yaml"]
+    health = _serve_until_healthy(sandboxed, state, port, env)
+    assert health["status"] == "degraded"
+    assert health["database"] == {"dialect": "sqlite", "ok": True, "error": None}
+    with sqlite3.connect(state / "passerelle.db") as db:
+        (version,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
+    assert version
