@@ -5,7 +5,8 @@
 `passerelle` command of that virtualenv is run from a folder outside the source tree, without
 PYTHONPATH: --help, generate-registration, check-config, then `run` against a SQLite file with
 the homeserver down until /health answers, then SIGTERM. The database must have the tables of
-the migrations shipped in the installed package.
+the migrations shipped in the installed package. Then `run` again inside a mount namespace where
+only its state directory is writable, as the systemd unit has it.
 
 Dependencies: a user's `pip install passerelle-….whl` also installs ~30 dependencies, which
 takes about 35 s on two cores even from a local index: too slow for every CI run. By default
