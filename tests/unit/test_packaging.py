@@ -1,7 +1,9 @@
-"""Every third-party module the bridge imports comes from a dependency pyproject declares.
+"""What installing the wheel gives a fresh machine, checked from pyproject.toml.
 
-A fresh machine gets only what pyproject.toml names: a module that happens to be installed
-here (pulled in by Synapse, say) but is not declared breaks `pip install passerelle`.
+Every third-party module the bridge imports comes from a dependency pyproject declares: a module
+that happens to be installed here (pulled in by Synapse, say) but is not declared breaks the
+install of the wheel. Every file the package reads at run time is package data. (The wheel
+itself is built and installed by tests/integration/test_wheel_install.py.)
 """
 
 from __future__ import annotations
