@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import secrets
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -267,6 +269,14 @@ def test_the_installed_command_configures_and_runs_the_bridge(
     assert migrations.is_relative_to(installed.venv), found
     for data in _package_data():
         assert (package.parent / data).is_file(), data
+    # The README's way to find the examples in the installed package.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    found_line = re.search(r"^examples=\$\(/opt/passerelle/bin/python (.*)\)$", readme, re.M)
+    assert found_line is not None
+    examples = _run([installed.python, *shlex.split(found_line.group(1))], cwd=work).stdout
+    assert Path(examples.strip()) == package
+    for example in ("example-config.yaml", "registration.yaml.example"):
+        assert (package / example).is_file()
 
     usage = _run([installed.command, "--help"], cwd=work).stdout
     for command in ("run", "generate-registration", "check-config"):
