@@ -28,7 +28,7 @@ fi
 
 if ! "$PYTHON" - <<'PY' 2>/dev/null
 import importlib.metadata as m, sys
-need = ["passerelle", "matrix-synapse", "pytest-asyncio", "schemathesis", "mypy", "ruff", "dnslib"]
+need = ["passerelle", "matrix-synapse", "pytest-asyncio", "schemathesis", "mypy", "ruff", "dnslib", "build"]
 sys.exit(0 if all(m.version(n) for n in need) else 1)
 PY
 then
