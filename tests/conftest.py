@@ -62,13 +62,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     would only repeat Synapse round-trips (CI time). PASSERELLE_ALL_DATABASES=1 runs them all."""
     if ALL_DATABASES:
         return
+
+    def database(item: pytest.Item) -> Any:
+        callspec = getattr(item, "callspec", None)
+        return callspec.params.get("db_url") if callspec is not None else None
+
+    def test_of(item: pytest.Item) -> str:
+        return item.nodeid.split("[", 1)[0]
+
+    # A test parametrised on PostgreSQL alone (its point is PostgreSQL) always runs.
+    on_sqlite = {test_of(item) for item in items if database(item) == "sqlite"}
     kept: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     for item in items:
-        callspec = getattr(item, "callspec", None)
-        on_postgres = callspec is not None and callspec.params.get("db_url") == "postgresql"
         end_to_end = "tests/e2e/" in item.nodeid or item.nodeid.startswith("e2e/")
-        if on_postgres and end_to_end and item.get_closest_marker("both_databases") is None:
+        if (
+            database(item) == "postgresql"
+            and end_to_end
+            and test_of(item) in on_sqlite
+            and item.get_closest_marker("both_databases") is None
+        ):
             dropped.append(item)
         else:
             kept.append(item)
