@@ -260,7 +260,7 @@ class Bridge:
             self.client,
             self.members,
             self.remote.sides,
-            notify_sender=functools.partial(self.leases.wake, REMOTE_SENDER),
+            notify_sender=self._wake_remote_sender,
         )
         self.link_commands = LinkCommands(
             config,
@@ -296,7 +296,7 @@ class Bridge:
             self.client,
             self.members,
             self.hook_directory,
-            notify_sender=functools.partial(self.leases.wake, WEBHOOKS_SENDER),
+            notify_sender=self._wake_hook_sender,
         )
         self.hook_admin = HookAdmin(
             config,
@@ -553,6 +553,18 @@ class Bridge:
 
     def _notify_remote_relay(self) -> None:
         self.leases.wake(REMOTE_RELAY)
+
+    def _wake_remote_sender(self, link_id: int | None = None) -> None:
+        if self.leases.running(REMOTE_SENDER):
+            self.remote_sender.notify(link_id)
+        else:
+            self.leases.wake(REMOTE_SENDER)  # its holder looks at every link
+
+    def _wake_hook_sender(self, hook: str | None = None) -> None:
+        if self.leases.running(WEBHOOKS_SENDER):
+            self.hook_sender.notify(hook)
+        else:
+            self.leases.wake(WEBHOOKS_SENDER)
 
     def _lease_fatal(self, why: str) -> None:
         log.critical("%s: this instance stops (run it again: it starts clean)", why)
