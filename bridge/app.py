@@ -314,6 +314,9 @@ class Bridge:
             admin=self.hook_admin,
         ).register(commands)
         self.status.extra["mailboxes"] = self.mail.report
+        if self.leases.enabled:
+            # A mailbox watched by another instance shows as not connected here.
+            self.status.extra["instance"] = self.leases.report
         if self.outbox is not None:
             self.status.db_extra["outbox"] = self._outbox_report
         if config.remotes:

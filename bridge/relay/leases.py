@@ -128,6 +128,10 @@ class LeaseKeeper:
     def held(self) -> list[str]:
         return sorted(name for name, unit in self._units.items() if unit.task is not None)
 
+    def report(self) -> dict[str, Any]:
+        """For /health and `status`: this instance and the leases it holds."""
+        return {"id": self.owner, "leases": self.held()}
+
     def on_changed(self, kind: str, callback: Callable[[], Any]) -> None:
         """`callback` (sync or async) runs when another instance says `kind` changed."""
         self._changed[kind] = callback
