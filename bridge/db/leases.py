@@ -4,6 +4,7 @@ fencing check a holder's writes run inside their own transaction."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager as AsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,13 @@ _NOW_SQL = {
 }
 
 
+def _unfenced(db: Database) -> AsyncContextManager[AsyncConnection]:
+    """A transaction on the lease table itself: never fenced (a fenced caller — a unit that
+    drops another — would hold its own lease row while this one waits on another, and a
+    renewal waits on both: a deadlock)."""
+    return db.engine.begin()
+
+
 def _now(conn: AsyncConnection) -> ColumnElement[int]:
     return literal_column(_NOW_SQL[conn.dialect.name], BigInteger)
 
@@ -51,7 +59,7 @@ async def acquire(db: Database, name: str, owner: str, ttl_ms: int) -> int | Non
     """Take the lease if it is free, expired, or left by an earlier process with this same
     owner ID; returns the new epoch, or None when another instance holds it. One conditional
     write either way, so two instances can never both succeed."""
-    async with db.begin() as conn:
+    async with _unfenced(db) as conn:
         now = _now(conn)
         inserted = await conn.execute(
             insert_ignore(conn, lease, ["name"]).values(
@@ -85,7 +93,7 @@ async def renew(db: Database, owner: str, ttl_ms: int) -> dict[str, int]:
     """Extend every unexpired lease of `owner` in one statement; returns name → epoch of
     those renewed. A lease that expired is not renewed: it has to be acquired again (a new
     epoch), since another instance may have held it meanwhile."""
-    async with db.begin() as conn:
+    async with _unfenced(db) as conn:
         now = _now(conn)
         rows = await conn.execute(
             sql_update(lease)
@@ -99,7 +107,7 @@ async def renew(db: Database, owner: str, ttl_ms: int) -> dict[str, int]:
 async def release(db: Database, owner: str, names: Iterable[str]) -> None:
     """Hand leases back at once (a clean stop): another instance may take them on its next
     look instead of waiting for them to expire. The epoch stays, so it only ever grows."""
-    async with db.begin() as conn:
+    async with _unfenced(db) as conn:
         for chunk in _chunks(names):
             await conn.execute(
                 sql_update(lease)
@@ -111,7 +119,7 @@ async def release(db: Database, owner: str, names: Iterable[str]) -> None:
 async def free(db: Database, names: Iterable[str]) -> set[str]:
     """Which of `names` nobody holds (no row yet, or expired): worth trying to acquire."""
     found: set[str] = set()
-    async with db.begin() as conn:
+    async with _unfenced(db) as conn:
         now = _now(conn)
         for chunk in _chunks(names):
             held = (
@@ -125,7 +133,7 @@ async def free(db: Database, names: Iterable[str]) -> set[str]:
 
 async def live_instances(db: Database) -> int:
     """Instances whose presence lease is unexpired."""
-    async with db.begin() as conn:
+    async with _unfenced(db) as conn:
         count = (
             await conn.execute(
                 select(func.count()).where(
@@ -139,7 +147,7 @@ async def live_instances(db: Database) -> int:
 
 async def forget_instances(db: Database, older_than_ms: int) -> int:
     """Delete presence rows of instances gone for longer than `older_than_ms`."""
-    async with db.begin() as conn:
+    async with _unfenced(db) as conn:
         result = await conn.execute(
             delete(lease).where(
                 lease.c.name.startswith(INSTANCE_PREFIX, autoescape=True),
@@ -151,7 +159,7 @@ async def forget_instances(db: Database, older_than_ms: int) -> int:
 
 async def all_leases(db: Database) -> list[LeaseRow]:
     """Every lease, for status pages and tests."""
-    async with db.begin() as conn:
+    async with _unfenced(db) as conn:
         rows = (
             await conn.execute(
                 select(
