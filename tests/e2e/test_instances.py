@@ -1,6 +1,6 @@
 """Two bridge instances on one PostgreSQL database behind a round-robin balancer: they share
-the work, one is killed (SIGKILL) mid-stream, the other takes its leases over, and every mail
-and every message is relayed once, in order."""
+the work, one is killed (SIGKILL) mid-stream, the other takes its leases over, and every mail,
+message and webhook request is relayed once, in order."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import copy
 import email
 import email.policy
 import itertools
+import json
 import threading
 import time
 import uuid
@@ -27,9 +28,11 @@ from bridge.db.schema import lease, mail_outbox
 from bridge.harness.dovecot import DovecotServer
 from bridge.harness.ports import free_port
 from bridge.registration import atomic_write, dump_yaml
+from bridge.webhooks.signature import sign
 from tests.conftest import BridgeProcess, SynapseSetup, UserFactory
 from tests.e2e.test_bot import message_from, replies_to
 from tests.e2e.test_mail_to_matrix import PASSWORD, MailSetup, bridge_config_with_mailbox
+from tests.e2e.test_webhooks_in import KEY, SECRET
 from tests.integration.test_smtp import ScriptedHandler, start_sink
 
 FROM_ADDRESS = "passerelle@achats.gouv.fr"
@@ -121,6 +124,23 @@ def balanced(synapse_setup: SynapseSetup) -> Iterator[Balancer]:
         balancer.stop()
 
 
+async def _post_hook(port: int, text: str) -> int:
+    body = json.dumps({"text": text}).encode()
+    webhook_id = f"msg_{uuid.uuid4().hex}"
+    now = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "webhook-id": webhook_id,
+        "webhook-timestamp": str(now),
+        "webhook-signature": sign(KEY, webhook_id, now, body),
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"http://127.0.0.1:{port}/webhooks/v1/ci", data=body, headers=headers) as r,
+    ):
+        return r.status
+
+
 async def _leases(db_url: str) -> dict[str, str]:
     engine = create_async_engine(db_url)
     try:
@@ -174,6 +194,11 @@ async def test_two_instances_share_the_work_and_survive_a_sigkill(
             "retry_delays": [0.5],
         }
     )
+    # The room exists before the bridge (its inbound webhook is in the config); the bot is
+    # invited once the instances run.
+    alice = await make_user("alice")
+    room_id = await alice.create_room(name="Achats")
+    raw["webhooks"] = {"hooks": {"ci": {"room": room_id, "secret": SECRET}}}
     instances: dict[str, BridgeProcess] = {}
     for name, port in zip(("one", "two"), balanced.backends, strict=True):
         config = copy.deepcopy(raw)
@@ -186,9 +211,8 @@ async def test_two_instances_share_the_work_and_survive_a_sigkill(
     try:
         one.start()  # alone at first: it holds every lease
         two.start()
-        alice = await make_user("alice")
         bot = synapse_setup.config.bot_mxid
-        room_id = await alice.create_room(invite=[bot], name="Achats")
+        await alice.invite(room_id, bot)
         await alice.wait_for_membership(room_id, bot, "join")
         await alice.wait_for_event(room_id, message_from(bot))
         question = await alice.send_text(
@@ -225,6 +249,8 @@ async def test_two_instances_share_the_work_and_survive_a_sigkill(
                 watch = asyncio.create_task(takeover_time(time.monotonic()))
             await setup.deliver(setup.mail(f"Flux {i}", f"courrier numéro {i:02d}")[1])
             sent_events.append(await alice.send_text(room_id, f"message numéro {i:02d}"))
+            # Through the balancer: taken by either instance, relayed by the lease holder.
+            assert await _post_hook(balanced.port, f"requête numéro {i:02d}") == 202
             await asyncio.sleep(0.3)
         assert watch is not None
         takeover = await watch
@@ -242,10 +268,18 @@ async def test_two_instances_share_the_work_and_survive_a_sigkill(
             # Distinct Message-IDs: a repeated send (same ID) does not count twice.
             return got if len(ids) >= STREAM else None
 
+        async def all_hooks() -> list[str] | None:
+            bodies = [e["content"].get("body", "") for e in await alice.messages(room_id, 500)]
+            found = [b for b in bodies if b.startswith("requête numéro")]
+            return found if len(set(found)) >= STREAM else None
+
         posted = await _until("every mail posted", all_posted, 90)
+        hooked = await _until("every webhook request posted", all_hooks, 60)
         mailed = await _until("every message mailed", all_mailed, 90)
         await asyncio.sleep(2)  # a duplicate would come now
         posted = await all_posted() or posted
+        hooked = await all_hooks() or hooked
+        assert hooked == [f"requête numéro {i:02d}" for i in range(STREAM)], hooked
 
         # Mail → Matrix: each once, in the order the mails arrived.
         numbers = [int(b.split("courrier numéro ")[1][:2]) for b in posted]
