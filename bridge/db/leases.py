@@ -89,6 +89,55 @@ async def acquire(db: Database, name: str, owner: str, ttl_ms: int) -> int | Non
     return None if epoch is None else int(epoch)
 
 
+async def acquire_many(
+    db: Database, names: Iterable[str], owner: str, ttl_ms: int
+) -> dict[str, int]:
+    """acquire() for many names, a few statements per 500 (thousands of mailboxes at
+    start-up): name → new epoch of those taken; the others are held by another instance."""
+    taken: dict[str, int] = {}
+    for chunk in _chunks(names):
+        async with _unfenced(db) as conn:
+            now = _now(conn)
+            expires = now + literal(ttl_ms, BigInteger)
+            rows = [
+                {
+                    "name": name,
+                    "owner": owner,
+                    "epoch": 1,
+                    "acquired_at": now,
+                    "renewed_at": now,
+                    "expires_at": expires,
+                }
+                for name in chunk
+            ]
+            inserted = await conn.execute(
+                insert_ignore(conn, lease, ["name"])
+                .values(rows)
+                .returning(lease.c.name, lease.c.epoch)
+            )
+            taken.update({str(n): int(e) for n, e in inserted.all()})
+            rest = [name for name in chunk if name not in taken]
+            if not rest:
+                continue
+            updated = await conn.execute(
+                sql_update(lease)
+                .where(
+                    lease.c.name.in_(rest),
+                    (lease.c.expires_at < now) | (lease.c.owner == owner),
+                )
+                .values(
+                    owner=owner,
+                    epoch=lease.c.epoch + 1,
+                    acquired_at=now,
+                    renewed_at=now,
+                    expires_at=expires,
+                )
+                .returning(lease.c.name, lease.c.epoch)
+            )
+            taken.update({str(n): int(e) for n, e in updated.all()})
+    return taken
+
+
 async def renew(db: Database, owner: str, ttl_ms: int) -> dict[str, int]:
     """Extend every unexpired lease of `owner` in one statement; returns name → epoch of
     those renewed. A lease that expired is not renewed: it has to be acquired again (a new

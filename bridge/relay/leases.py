@@ -252,12 +252,11 @@ class LeaseKeeper:
         # Alone: everything. Otherwise up to a fair share; the others take the rest.
         share = fair_share(len(self._units), instances)
         room = len(free) if instances == 1 else max(0, share - len(held))
-        for name in free[:room]:
+        taken = await lease_db.acquire_many(self.db, free[:room], self.owner, self._ttl_ms)
+        for name, epoch in sorted(taken.items()):
             candidate = self._units.get(name)
             if candidate is None or candidate.holder is not None:
-                continue
-            epoch = await lease_db.acquire(self.db, name, self.owner, self._ttl_ms)
-            if epoch is None:
+                # Dropped while we acquired: the next round hands it back as stale.
                 continue
             self.takeovers += 1
             log.info("took lease %s (epoch %d)", name, epoch)

@@ -86,6 +86,23 @@ async def test_two_instances_racing_for_free_leases_never_both_win(
     assert not won_a & won_b
 
 
+async def test_many_at_once_take_only_what_is_free(dbs: tuple[Database, Database]) -> None:
+    db_a, db_b = dbs
+    names = [f"mailbox:l{i:04d}@example.test" for i in range(1200)]  # over one chunk
+    assert await lease_db.acquire(db_b, names[0], "b", 60_000) == 1  # held by b
+    assert await lease_db.acquire(db_b, names[1], "b", 100) == 1  # expires at once
+    await lease_db.release(db_b, "b", [names[2]])  # absent: inserted below
+    await asyncio.sleep(0.2)
+    taken = await lease_db.acquire_many(db_a, names, "a", 60_000)
+    assert set(taken) == set(names[1:])
+    assert taken[names[1]] == 2  # a takeover: a new epoch
+    assert {taken[name] for name in names[2:]} == {1}
+    assert await lease_db.acquire_many(db_b, names[1:], "b", 60_000) == {}
+    assert await lease_db.renew(db_a, "a", 60_000) == taken
+    # Its own lease, asked again under the same ID (a restarted process): a new epoch.
+    assert await lease_db.acquire_many(db_b, names, "b", 60_000) == {names[0]: 2}
+
+
 async def test_a_fenced_write_of_a_lost_lease_never_commits(
     dbs: tuple[Database, Database],
 ) -> None:
