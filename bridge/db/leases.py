@@ -99,21 +99,11 @@ async def acquire_many(
         async with _unfenced(db) as conn:
             now = _now(conn)
             expires = now + literal(ttl_ms, BigInteger)
-            rows = [
-                {
-                    "name": name,
-                    "owner": owner,
-                    "epoch": 1,
-                    "acquired_at": now,
-                    "renewed_at": now,
-                    "expires_at": expires,
-                }
-                for name in chunk
-            ]
             inserted = await conn.execute(
                 insert_ignore(conn, lease, ["name"])
-                .values(rows)
-                .returning(lease.c.name, lease.c.epoch)
+                .values(owner=owner, epoch=1, acquired_at=now, renewed_at=now, expires_at=expires)
+                .returning(lease.c.name, lease.c.epoch),
+                [{"name": name} for name in chunk],
             )
             taken.update({str(n): int(e) for n, e in inserted.all()})
             rest = [name for name in chunk if name not in taken]
