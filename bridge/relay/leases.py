@@ -233,6 +233,9 @@ class LeaseKeeper:
     async def _take_free(self) -> None:
         wanted = [unit.name for unit in self._units.values() if unit.holder is None]
         held = [unit for unit in self._units.values() if unit.holder is not None]
+        free = list(await lease_db.free(self.db, wanted)) if wanted else []
+        # Counted after the free ones: a dead instance's presence expires with its leases, so
+        # leases found expired here come with their instance no longer counted.
         instances = max(1, await lease_db.live_instances(self.db))
         extra = surplus(len(held), len(self._units), instances)
         if extra:
@@ -245,9 +248,8 @@ class LeaseKeeper:
             if spare:
                 await lease_db.release(self.db, self.owner, [unit.name for unit in spare])
             return
-        if not wanted:
+        if not free:
             return
-        free = list(await lease_db.free(self.db, wanted))
         random.shuffle(free)  # instances starting together do not race for the same ones
         # Alone: everything. Otherwise up to a fair share; the others take the rest.
         share = fair_share(len(self._units), instances)
@@ -259,8 +261,11 @@ class LeaseKeeper:
                 # Dropped while we acquired: the next round hands it back as stale.
                 continue
             self.takeovers += 1
-            log.info("took lease %s (epoch %d)", name, epoch)
+            if len(taken) <= 20:
+                log.info("took lease %s (epoch %d)", name, epoch)
             self._launch(candidate, LeaseHolder(name, self.owner, epoch))
+        if len(taken) > 20:
+            log.info("took %d leases (%s, …)", len(taken), ", ".join(sorted(taken)[:5]))
 
     def _launch(self, unit: _Unit, holder: LeaseHolder | None) -> None:
         unit.holder = holder
