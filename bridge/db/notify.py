@@ -22,6 +22,12 @@ def supported(db: Database) -> bool:
     return db.dialect == "postgresql"
 
 
+def _storable(payload: str) -> str:
+    """PostgreSQL takes no NUL and at most 7999 bytes: never a refused batch."""
+    clean = payload.replace("\x00", "").encode("utf-8", "replace")[:MAX_PAYLOAD]
+    return clean.decode("utf-8", "ignore")
+
+
 async def send(db: Database, payloads: list[str]) -> None:
     """NOTIFY each payload (PostgreSQL; nothing elsewhere). Delivered to every listening
     instance, this one included, once committed."""
@@ -32,7 +38,7 @@ async def send(db: Database, payloads: list[str]) -> None:
         for payload in payloads:
             await conn.execute(
                 text("SELECT pg_notify(:channel, :payload)"),
-                {"channel": CHANNEL, "payload": payload[:MAX_PAYLOAD]},
+                {"channel": CHANNEL, "payload": _storable(payload)},
             )
 
 

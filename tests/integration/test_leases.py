@@ -8,13 +8,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from bridge.config import DatabaseConfig
 from bridge.core.leases import LeaseHolder, LeaseLost, LeaseTiming
 from bridge.core.tasks import TaskGroup
 from bridge.db import kv
 from bridge.db import leases as lease_db
+from bridge.db import notify as notify_db
 from bridge.db.engine import FENCE, Database, open_database
 from bridge.db.schema import lease
 from bridge.relay.leases import LeaseKeeper
@@ -372,6 +373,42 @@ async def test_wake_ups_and_changes_reach_the_other_instance(
         keeper_b.changed("links")
         waited = await _until(lambda: woken == ["a"] and changed == ["a"], 2)
         assert waited < 1.0  # a notification, not the 30 s poll
+        # Hostile or foreign payloads on the channel change nothing and break nothing.
+        await notify_db.send(
+            db_b,
+            [
+                "",
+                "b",
+                "b wake",
+                "b wake worker:unknown",
+                "b changed",
+                "b changed nothing",
+                "b explode now",
+                "x" * 9000,
+                "b wake worker:unknown\x00",
+                "b wake \udcff",
+                "a wake worker:outbox",
+            ],
+        )
+        await asyncio.sleep(0.5)
+        assert woken == ["a"]  # the last one claims to come from a itself: ignored
+        assert changed == ["a"]
+        # The listening connection is cut (a database restart, a proxy): it listens again, and
+        # what it may have missed meanwhile is looked at (every unit woken, everything re-read).
+        async with db_b.begin() as conn:
+            cut = (
+                await conn.execute(
+                    text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+                    )
+                )
+            ).scalar()
+        assert cut == 2  # a's and b's
+        await _until(lambda: len(woken) >= 2 and len(changed) >= 3, 10)
+        woken.clear()
+        keeper_b.wake("worker:outbox")
+        await _until(lambda: woken == ["a"], 5)
     finally:
         await keeper_a.close()
         await keeper_b.close()
