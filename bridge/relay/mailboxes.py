@@ -160,4 +160,10 @@ class MailService:
         )
 
     def report(self) -> dict[str, Any]:
-        return {address: h.as_dict() for address, h in self.health.items()}
+        if not self.leases.enabled:
+            return {address: h.as_dict() for address, h in self.health.items()}
+        # Several instances: whether this one watches it (another may hold its lease).
+        return {
+            address: {**h.as_dict(), "here": self.leases.running(mailbox_lease(address))}
+            for address, h in self.health.items()
+        }

@@ -29,7 +29,7 @@ from bridge.harness.dovecot import DovecotServer
 from bridge.harness.ports import free_port
 from bridge.registration import atomic_write, dump_yaml
 from bridge.webhooks.signature import sign
-from tests.conftest import BridgeProcess, SynapseSetup, UserFactory
+from tests.conftest import BridgeProcess, SynapseSetup, UserFactory, http_json
 from tests.e2e.test_bot import message_from, replies_to
 from tests.e2e.test_mail_to_matrix import PASSWORD, MailSetup, bridge_config_with_mailbox
 from tests.e2e.test_webhooks_in import KEY, SECRET
@@ -231,6 +231,10 @@ async def test_two_instances_share_the_work_and_survive_a_sigkill(
             return held.get(mailbox) == "two" and held.get("worker:dispatcher") == "one"
 
         await _until("the mailbox handed to the second instance", split, 30)
+        for process, here in ((one, False), (two, True)):
+            _, health = http_json(process.base_url + "/health")
+            assert health["mailboxes"][address]["here"] is here
+            assert ("worker:dispatcher" in health["instance"]["leases"]) is not here
 
         async def taken_over() -> bool:
             held = await _leases(db_url)
