@@ -90,9 +90,12 @@ def must_stop(now: float, renew_sent: float, timing: LeaseTiming) -> bool:
 
 def next_tick(now: float, renew_sent: float, timing: LeaseTiming) -> float:
     """Seconds until the next renewal attempt: the regular interval, sooner when a failed
-    renewal left the stop deadline nearer than that (so we stop on time)."""
+    renewal left the stop deadline nearer than that (so we stop on time); once past it (the
+    work stopped, the database still unreachable), the regular interval again: never a spin."""
     until_stop = stop_at(renew_sent, timing) - now
-    return max(0.0, min(timing.renew_every, until_stop))
+    if until_stop <= 0:
+        return timing.renew_every
+    return min(timing.renew_every, until_stop)
 
 
 def fair_share(units: int, instances: int) -> int:

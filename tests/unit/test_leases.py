@@ -61,7 +61,10 @@ def test_next_tick_is_the_interval_or_sooner_when_the_deadline_is_near() -> None
     assert next_tick(100.0, 100.0, timing) == 5.0
     # Renewals failed since t=100: the last tick before the stop deadline comes on time.
     assert next_tick(109.0, 100.0, timing) == pytest.approx(3.0)
-    assert next_tick(113.0, 100.0, timing) == 0.0
+    assert next_tick(111.999, 100.0, timing) == pytest.approx(0.001)
+    # Past the deadline (work stopped, database still away): tried at the regular pace.
+    assert next_tick(112.0, 100.0, timing) == 5.0
+    assert next_tick(500.0, 100.0, timing) == 5.0
 
 
 @pytest.mark.parametrize(("ttl", "renew"), [(10, 6), (0, 1), (5, 0), (-1, -1)])
