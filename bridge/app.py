@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import signal
+import socket
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -18,6 +20,17 @@ from bridge.core.commands import CommandProcessor
 from bridge.core.errors import Ignored, PermanentError, TransientError
 from bridge.core.health import ComponentHealth
 from bridge.core.ids import EventID, RoomID
+from bridge.core.leases import (
+    DISPATCHER,
+    MAIL_RELAY,
+    OUTBOX,
+    REMOTE_RELAY,
+    REMOTE_SENDER,
+    WEBHOOKS_RELAY,
+    WEBHOOKS_SENDER,
+    LeaseTiming,
+    default_instance_id,
+)
 from bridge.core.links import REMOTE_KIND, split_remote_key
 from bridge.core.tasks import TaskGroup
 from bridge.db import hooks_out as hooks_out_db
@@ -50,6 +63,7 @@ from bridge.relay.hook_admin import HookAdmin
 from bridge.relay.hook_commands import WebhookCommands
 from bridge.relay.hooks_in import HooksRelay
 from bridge.relay.hooks_out import HookSender, HooksOut
+from bridge.relay.leases import LeaseKeeper
 from bridge.relay.link_commands import LinkCommands
 from bridge.relay.mail_in import MailRelay
 from bridge.relay.mail_out import MailOut, OutcomeReporter
@@ -91,6 +105,11 @@ class StartupError(Exception):
     """The bridge could not start (its port is taken, …)."""
 
 
+class LeaseLostError(Exception):
+    """The instance lost a lease it held (the database unreachable for longer than a lease
+    lasts) and stopped; run it again."""
+
+
 class Bridge:
     """Everything `passerelle run` runs, startable and stoppable from tests and the demo."""
 
@@ -104,6 +123,9 @@ class Bridge:
         self._db: Database | None = None
         self.metrics = Metrics()
         self._metrics_runner: web.AppRunner | None = None
+        # Set when this instance lost a lease it cannot give up cleanly: it must exit.
+        self.fatal = asyncio.Event()
+        self.fatal_reason: str | None = None
 
     @property
     def db(self) -> Database:
@@ -121,6 +143,15 @@ class Bridge:
 
     async def _start_services(self) -> None:
         config = self.config
+        # Each unit of work runs under a lease (instance.leases; without, all run here).
+        self.leases = LeaseKeeper(
+            self.db,
+            self.tasks,
+            owner=config.instance.id or default_instance_id(socket.gethostname(), os.getpid()),
+            timing=LeaseTiming(config.instance.lease_ttl, config.instance.lease_renew),
+            enabled=config.instance.leases,
+            on_fatal=self._lease_fatal,
+        )
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=config.homeserver.request_timeout),
             connector=aiohttp.TCPConnector(ssl=config.homeserver.verify_ssl),
@@ -137,7 +168,7 @@ class Bridge:
             is_linked=self._room_is_linked,
             on_encrypted=self._room_encrypted,
             # The webhook relay re-reads which of its rooms the bot is in.
-            on_left=lambda _room_id: self.hooks_relay.notify(),
+            on_left=lambda _room_id: self.leases.wake(WEBHOOKS_RELAY),
         )
         self.ghosts = GhostManager(config, self.client, self.db)
         self.poster = MatrixPoster(self.client, self.ghosts)
@@ -185,9 +216,22 @@ class Bridge:
             levels=config.mail.markings.levels,
             bounces=self.bounces,
         )
-        self.mail = MailService(config, self.db, self.tasks, self.relay, self.bounces)
+        self.mail = MailService(
+            config,
+            self.db,
+            self.tasks,
+            self.relay,
+            self.bounces,
+            leases=self.leases,
+            notify_relay=functools.partial(self.leases.wake, MAIL_RELAY),
+        )
         self.remote = RemoteService(
-            config, self.db, self.client, self.tasks, on_stored=self._notify_remote_relay
+            config,
+            self.db,
+            self.client,
+            self.tasks,
+            on_stored=self._notify_remote_relay,
+            leases=self.leases,
         )
         self.remote.open()
         self.remote_relay = RemoteRelay(
@@ -216,7 +260,7 @@ class Bridge:
             self.client,
             self.members,
             self.remote.sides,
-            notify_sender=self.remote_sender.notify,
+            notify_sender=self._wake_remote_sender,
         )
         self.link_commands = LinkCommands(
             config,
@@ -230,6 +274,9 @@ class Bridge:
             config.webhooks.hooks, outgoing=config.webhooks.outgoing
         )
         await self.hook_directory.load(self.db)
+        self.hook_directory.on_change = functools.partial(self.leases.changed, "hooks")
+        self.leases.on_changed("hooks", functools.partial(self.hook_directory.load, self.db))
+        self.leases.on_changed("links", self._links_changed_here)
         self.deliverer = Deliverer(
             config.webhooks.egress,
             timeout=config.webhooks.delivery_timeout,
@@ -249,7 +296,7 @@ class Bridge:
             self.client,
             self.members,
             self.hook_directory,
-            notify_sender=self.hook_sender.notify,
+            notify_sender=self._wake_hook_sender,
         )
         self.hook_admin = HookAdmin(
             config,
@@ -267,6 +314,9 @@ class Bridge:
             admin=self.hook_admin,
         ).register(commands)
         self.status.extra["mailboxes"] = self.mail.report
+        if self.leases.enabled:
+            # A mailbox watched by another instance shows as not connected here.
+            self.status.extra["instance"] = self.leases.report
         if self.outbox is not None:
             self.status.db_extra["outbox"] = self._outbox_report
         if config.remotes:
@@ -280,7 +330,10 @@ class Bridge:
             self.db, self.handle_event, self.tasks, config.appservice.max_event_attempts
         )
         self.appservice = AppserviceServer(
-            config, self.db, self.dispatcher.notify, self.monitor.ensure_bot
+            config,
+            self.db,
+            functools.partial(self.leases.wake, DISPATCHER),
+            self.monitor.ensure_bot,
         )
         app = web.Application(
             client_max_size=config.appservice.max_body_size,
@@ -298,10 +351,14 @@ class Bridge:
         )
         WebhookServer(
             self.hook_directory.keys,
-            self.hooks_relay.store,
+            self._store_hook_request if self.leases.enabled else self.hooks_relay.store,
             max_body_size=config.webhooks.max_body_size,
             tolerance=config.webhooks.tolerance,
-            on_stored=self.hooks_relay.stored,
+            on_stored=(
+                functools.partial(self.leases.wake, WEBHOOKS_RELAY)
+                if self.leases.enabled
+                else self.hooks_relay.stored
+            ),
         ).add_routes(app)
         add_health_route(app, self.status)
         ProvisioningApi(
@@ -337,21 +394,22 @@ class Bridge:
             config.appservice.port,
             config.homeserver.domain,
         )
-        self.tasks.spawn(self.dispatcher.run(), name="dispatcher")
-        self.tasks.spawn(self.relay.run(), name="mail-relay")
+        # The queue workers keep state across a stop: not restartable (a lost lease is fatal).
+        hold = functools.partial(self.leases.hold, restartable=False)
+        hold(DISPATCHER, self.dispatcher.run, notify=self.dispatcher.notify)
+        hold(MAIL_RELAY, self.relay.run, notify=self.relay.notify)
         if self.outbox is not None:
-            self.tasks.spawn(self.outbox.run(), name="outbox")
-            self.tasks.spawn(self.reporter.run(), name="outbox-reports")
+            hold(OUTBOX, self._run_outbox, notify=self._notify_outbox_here)
         else:
             log.info("mail.smtp.host is not set: messages written in Matrix are not mailed")
         if self.remote.sides:
-            self.tasks.spawn(self.remote_relay.run(), name="remote-relay")
-            self.tasks.spawn(self.remote_sender.run(), name="remote-sender")
+            hold(REMOTE_RELAY, self.remote_relay.run, notify=self.remote_relay.notify)
+            hold(REMOTE_SENDER, self.remote_sender.run, notify=self.remote_sender.notify)
         # Always: a hook made in a room with `webhook new` needs no restart.
         self.status.db_extra["webhooks"] = self.hooks_relay.report
         self.status.db_extra["webhook_outbox"] = functools.partial(hooks_out_db.counts, self.db)
-        self.tasks.spawn(self.hooks_relay.run(), name="webhooks-relay")
-        self.tasks.spawn(self.hook_sender.run(), name="webhooks-sender")
+        hold(WEBHOOKS_RELAY, self.hooks_relay.run, notify=self.hooks_relay.notify)
+        hold(WEBHOOKS_SENDER, self.hook_sender.run, notify=self.hook_sender.notify)
         await self.mail.sync_config_links(self._bot_join)
         await self.remote.sync_config_links(self._bot_join)
         # The bot reads an outbound hook's room: it joins those of the config (if invited).
@@ -361,6 +419,8 @@ class Bridge:
         self.remote_out.links_changed()
         await self.mail.refresh()
         await self.remote.refresh()
+        await self.leases.start()
+        self.tasks.spawn(self.leases.run(), name="leases")
         self.tasks.spawn(self.monitor.run(), name="homeserver-monitor")
 
     async def _start_metrics(self, app: web.Application) -> None:
@@ -422,14 +482,14 @@ class Bridge:
 
     async def _room_joined(self, room_id: RoomID) -> None:
         await self.mail.room_joined(room_id)
-        self.hooks_relay.notify()
+        self.leases.wake(WEBHOOKS_RELAY)
         await self._links_changed()
         await self.bridge_state.announce_all(room_id)
 
     async def _room_encrypted(self, room_id: RoomID, event_id: EventID) -> None:
         """A linked room turned encryption on: its links are paused (mail is kept, nothing is
         posted or mailed) and the room is told once, why."""
-        self.hooks_relay.notify()  # a hook's room that is encrypted waits
+        self.leases.wake(WEBHOOKS_RELAY)  # a hook's room that is encrypted waits
         active = [
             link for link in await link_db.links_in_room(self.db, room_id) if not link.paused
         ]
@@ -480,18 +540,53 @@ class Bridge:
         )
 
     async def _links_changed(self) -> None:
+        self.leases.changed("links")  # the other instances re-read them too
+        await self._links_changed_here()
+
+    async def _links_changed_here(self) -> None:
         self.mail_out.links_changed()
         self.remote_out.links_changed()
         await self.mail.refresh()
         await self.remote.refresh()
         self.remote_relay.links_changed()
-        self.remote_sender.notify()
+        self.leases.wake(REMOTE_SENDER)
 
     def _link_paused(self) -> None:
         self.tasks.spawn(self._links_changed(), name="links-changed")
 
     def _notify_remote_relay(self) -> None:
-        self.remote_relay.notify()
+        self.leases.wake(REMOTE_RELAY)
+
+    def _wake_remote_sender(self, link_id: int | None = None) -> None:
+        if self.leases.running(REMOTE_SENDER):
+            self.remote_sender.notify(link_id)
+        else:
+            self.leases.wake(REMOTE_SENDER)  # its holder looks at every link
+
+    def _wake_hook_sender(self, hook: str | None = None) -> None:
+        if self.leases.running(WEBHOOKS_SENDER):
+            self.hook_sender.notify(hook)
+        else:
+            self.leases.wake(WEBHOOKS_SENDER)
+
+    def _lease_fatal(self, why: str) -> None:
+        log.critical("%s: this instance stops (run it again: it starts clean)", why)
+        self.fatal_reason = why
+        self.fatal.set()
+
+    async def _run_outbox(self) -> None:
+        assert self.outbox is not None
+        await asyncio.gather(self.outbox.run(), self.reporter.run())
+
+    def _notify_outbox_here(self) -> None:
+        if self.outbox is not None:
+            self.outbox.notify()
+        self.reporter.notify()
+
+    async def _store_hook_request(self, hook: str, webhook_id: str, body: str) -> bool:
+        """With leases: a request is only kept here; the holder of the webhook relay's lease
+        (maybe another instance, woken by on_stored) sweeps it, in arrival order."""
+        return await webhook_db.store(self.db, hook, webhook_id, body) is not None
 
     async def _remote_outbox_report(self) -> dict[str, Any]:
         return await remote_db.outbox_counts(self.db)
@@ -512,7 +607,7 @@ class Bridge:
             log.warning("could not read rooms back after connecting: %s", e)
             return
         if found:
-            self.dispatcher.notify()
+            self.leases.wake(DISPATCHER)
 
     async def _outbox_report(self) -> dict[str, Any]:
         """Mail from Matrix: how many wait, went, failed; the SMTP server's last state."""
@@ -521,7 +616,7 @@ class Bridge:
 
     def _notify_outbox(self) -> None:
         if self.outbox is not None:
-            self.outbox.notify()
+            self.leases.wake(OUTBOX)
 
     async def handle_event(self, item: InboxEvent) -> None:
         """Every stored event comes through here, in order per room: the bot's business
@@ -551,6 +646,8 @@ class Bridge:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if hasattr(self, "leases"):
+            await self.leases.close()  # stops the units, hands the leases back
         await self.tasks.close()
         if hasattr(self, "remote"):
             await self.remote.close()
@@ -573,7 +670,13 @@ async def run_until_signalled(config: Config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        signalled = asyncio.ensure_future(stop.wait())
+        fatal = asyncio.ensure_future(bridge.fatal.wait())
+        await asyncio.wait({signalled, fatal}, return_when=asyncio.FIRST_COMPLETED)
+        signalled.cancel()
+        fatal.cancel()
         log.info("stopping")
     finally:
         await bridge.stop()
+    if bridge.fatal_reason is not None:
+        raise LeaseLostError(bridge.fatal_reason)

@@ -18,6 +18,7 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 10
 EXIT_DATABASE = 11
 EXIT_STARTUP = 12
+EXIT_LEASE_LOST = 13  # several instances: a lease was lost, the instance stopped (restart it)
 
 log = logging.getLogger("passerelle")
 
@@ -192,7 +193,7 @@ def _setup_logging(config: Config) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from bridge.app import StartupError, run_until_signalled
+    from bridge.app import LeaseLostError, StartupError, run_until_signalled
     from bridge.db.engine import DatabaseError
 
     config = _load(args.config)
@@ -203,6 +204,8 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(EXIT_DATABASE, "database", str(e))
     except StartupError as e:
         return _fail(EXIT_STARTUP, "startup", str(e))
+    except LeaseLostError as e:
+        return _fail(EXIT_LEASE_LOST, "lease", str(e))
     except KeyboardInterrupt:
         pass
     return EXIT_OK

@@ -85,6 +85,7 @@ __all__ = [
     "DatabaseConfig",
     "HomeserverConfig",
     "HookSettings",
+    "InstanceConfig",
     "LinkSpec",
     "LoggingConfig",
     "MailConfig",
@@ -145,6 +146,14 @@ class DatabaseConfig:
 
 
 @dataclass(frozen=True)
+class InstanceConfig:
+    leases: bool = False
+    id: str | None = None  # None: hostname-pid-random, chosen at start
+    lease_ttl: float = 15.0
+    lease_renew: float = 5.0
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str
     loggers: dict[str, str]
@@ -170,6 +179,7 @@ class Config:
         default_factory=lambda: WebhooksConfig(hooks={}, max_body_size=65536, tolerance=300)
     )
     metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig(True, "127.0.0.1", None))
+    instance: InstanceConfig = field(default_factory=InstanceConfig)
 
     @property
     def bot_mxid(self) -> UserID:
@@ -372,6 +382,29 @@ def _metrics(raw: dict[str, Any], appservice: AppserviceConfig) -> MetricsConfig
     return MetricsConfig(enabled=_bool(raw, "metrics.enabled"), hostname=hostname, port=port)
 
 
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9._:@-]{1,200}")
+
+
+def _instance(raw: dict[str, Any]) -> InstanceConfig:
+    instance_id = None
+    if _get(raw, "instance.id") is not None:
+        instance_id = _string(raw, "instance.id")
+        if not _INSTANCE_ID.fullmatch(instance_id):
+            raise ConfigError(
+                "instance.id", "must be 1 to 200 letters, digits or . _ : @ - (no spaces)"
+            )
+    ttl = _number(raw, "instance.lease_ttl", 2, 3600)
+    renew = _number(raw, "instance.lease_renew", 0.5, 1800)
+    if renew * 2 > ttl:
+        raise ConfigError(
+            "instance.lease_renew",
+            f"must be at most half of instance.lease_ttl ({ttl:g}), not {renew:g}",
+        )
+    return InstanceConfig(
+        leases=_bool(raw, "instance.leases"), id=instance_id, lease_ttl=ttl, lease_renew=renew
+    )
+
+
 def _homeserver(raw: dict[str, Any]) -> HomeserverConfig:
     address = _http_url(raw, "homeserver.address")
     domain = _string(raw, "homeserver.domain")
@@ -441,6 +474,7 @@ def parse_config(
         provisioning=_provisioning(raw, config_dir),
         webhooks=webhooks,
         metrics=_metrics(raw, appservice),
+        instance=_instance(raw),
     )
 
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
+from contextvars import ContextVar
 from typing import Any
 
 log = logging.getLogger("passerelle.tasks")
+
+# The tasks of one unit of work (held under a lease): every task spawned from inside it, at
+# any depth, joins it, so that losing the lease stops them all. Unset: no unit.
+SCOPE: ContextVar[set[asyncio.Task[Any]] | None] = ContextVar("passerelle_scope", default=None)
 
 
 class TaskGroup:
@@ -20,6 +25,10 @@ class TaskGroup:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        scope = SCOPE.get()
+        if scope is not None:
+            scope.add(task)
+            task.add_done_callback(scope.discard)
         return task
 
     def _done(self, task: asyncio.Task[Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from bridge.config import DatabaseConfig
 from bridge.core.audit import AuditEntry
+from bridge.core.leases import LeaseHolder
+from bridge.db import leases as lease_db
 from bridge.logsetup import mask_driver_logs
 
 log = logging.getLogger("passerelle.db")
@@ -26,6 +29,10 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 AUDITED = "passerelle.audited"
 # Tables only a Synapse database has: pointing the bridge at one would be a serious mistake.
 SYNAPSE_TABLES = {"event_json", "room_memberships", "e2e_room_keys"}
+# The lease the running task works under (set by the lease keeper for a unit's tasks): every
+# transaction it opens checks the lease first (fencing), and fails with LeaseLost if another
+# instance took it. Unset (single instance, HTTP handlers): no check.
+FENCE: ContextVar[LeaseHolder | None] = ContextVar("passerelle_fence", default=None)
 
 
 class DatabaseError(Exception):
@@ -66,7 +73,10 @@ class Database:
     async def begin(self) -> AsyncIterator[AsyncConnection]:
         """A connection inside one transaction, committed on success."""
         audited: list[AuditEntry] = []
+        holder = FENCE.get()
         async with self.engine.begin() as conn:
+            if holder is not None:
+                await lease_db.check(conn, holder)
             conn.info[AUDITED] = audited
             yield conn
             # Not in a `finally`: after a failure or a cancellation the connection may be

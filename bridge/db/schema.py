@@ -371,3 +371,19 @@ webhook_outbox = Table(
     Index("ix_webhook_outbox_due", "state", "hook", "id"),
     Index("ix_webhook_outbox_report", "reported", "state"),
 )
+
+
+# Units of work shared by several bridge instances: one holder at a time (owner), until
+# expires_at (ms, the database's clock). epoch counts takeovers: a write that settles work
+# checks it (fencing), so a holder that lost its lease can never commit after a takeover.
+lease = Table(
+    "lease",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    Column("owner", String(255), nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("acquired_at", BigInteger, nullable=False),
+    Column("renewed_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Index("ix_lease_owner", "owner"),
+)

@@ -3,14 +3,14 @@ one for the bounce mailbox)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from bridge.config import Config
+from bridge.config import Config, MailboxSettings
 from bridge.core.health import ComponentHealth
 from bridge.core.ids import RoomID
+from bridge.core.leases import mailbox_lease
 from bridge.core.tasks import TaskGroup
 from bridge.db import links as link_db
 from bridge.db import rooms
@@ -19,6 +19,7 @@ from bridge.mail.imap_session import MailboxConfig
 from bridge.mail.imap_watcher import ImapWatcher, MailboxStore
 from bridge.mail.store import DbMailboxStore
 from bridge.relay.bounces import BounceMailboxStore, Bounces
+from bridge.relay.leases import LeaseKeeper
 from bridge.relay.mail_in import MailRelay
 
 log = logging.getLogger("passerelle.mail")
@@ -34,15 +35,21 @@ class MailService:
         tasks: TaskGroup,
         relay: MailRelay,
         bounces: Bounces | None = None,
+        *,
+        leases: LeaseKeeper | None = None,
+        notify_relay: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.db = db
         self.tasks = tasks
         self.relay = relay
         self.bounces = bounces
+        # Each mailbox is watched only while this instance holds its lease (always, alone).
+        self.leases = leases or LeaseKeeper.alone(db, tasks)
+        self.notify_relay = notify_relay or relay.notify
         self.health: dict[str, ComponentHealth] = {}
-        self._watchers: dict[int, tuple[str, asyncio.Task[Any]]] = {}
-        self._bounce_watcher: asyncio.Task[Any] | None = None
+        self._watchers: dict[int, tuple[str, str]] = {}  # link → (address, lease)
+        self._bounce_watcher: str | None = None
 
     async def sync_config_links(self, join: Callable[[RoomID], Awaitable[bool]]) -> None:
         """Links written in the config file are (re)created at start-up. The bot must be in
@@ -86,7 +93,7 @@ class MailService:
             log.info("bot joined %s: resuming %s", room_id, link.remote)
         if waiting:
             await self.refresh()
-            self.relay.notify()
+            self.notify_relay()
 
     async def refresh(self) -> None:
         """Start watchers for new links, stop those of removed links. A paused link keeps
@@ -96,8 +103,8 @@ class MailService:
         }
         for link_id in list(self._watchers):
             if link_id not in wanted:
-                address, task = self._watchers.pop(link_id)
-                task.cancel()
+                address, lease = self._watchers.pop(link_id)
+                await self.leases.drop(lease)
                 self.health.pop(address, None)
                 log.info("stopped watching %s", address)
         for link in wanted.values():
@@ -106,7 +113,7 @@ class MailService:
             if link.remote == self.config.mail.bounces.mailbox:
                 log.warning("link to %s: it is the bounce mailbox, never linked", link.remote)
                 continue
-            store = DbMailboxStore(self.db, link.id, self.relay.notify)
+            store = DbMailboxStore(self.db, link.id, self.notify_relay)
             started = self._watch(link.remote, store)
             if started is not None:
                 self._watchers[link.id] = (link.remote, started)
@@ -118,13 +125,24 @@ class MailService:
             )
             log.info("watching %s for delivery reports", bounce_box)
 
-    def _watch(self, address: str, store: MailboxStore) -> asyncio.Task[Any] | None:
+    def _watch(self, address: str, store: MailboxStore) -> str | None:
         mailbox = self.config.mail.mailboxes.get(address)
         if mailbox is None:
             log.warning("%s has no mailbox in mail.mailboxes; nothing is fetched", address)
             return None
         health = self.health[address] = ComponentHealth(f"imap:{address}")
-        watcher = ImapWatcher(
+
+        def watch() -> Coroutine[Any, Any, None]:
+            return self._watcher(address, mailbox, store, health).run()
+
+        lease = mailbox_lease(address)
+        self.leases.hold(lease, watch)
+        return lease
+
+    def _watcher(
+        self, address: str, mailbox: MailboxSettings, store: MailboxStore, health: ComponentHealth
+    ) -> ImapWatcher:
+        return ImapWatcher(
             address,
             MailboxConfig(
                 host=mailbox.host,
@@ -140,7 +158,12 @@ class MailService:
             max_size=self.config.mail.max_message_size,
             poll_interval=self.config.mail.poll_interval,
         )
-        return self.tasks.spawn(watcher.run(), name=f"imap:{address}")
 
     def report(self) -> dict[str, Any]:
-        return {address: h.as_dict() for address, h in self.health.items()}
+        if not self.leases.enabled:
+            return {address: h.as_dict() for address, h in self.health.items()}
+        # Several instances: whether this one watches it (another may hold its lease).
+        return {
+            address: {**h.as_dict(), "here": self.leases.running(mailbox_lease(address))}
+            for address, h in self.health.items()
+        }

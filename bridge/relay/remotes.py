@@ -3,10 +3,9 @@ config links, joining remote rooms, and what happens when a remote's token stops
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -15,6 +14,7 @@ from bridge.config import Config, RemoteSettings
 from bridge.core.errors import PermanentError, TransientError
 from bridge.core.health import ComponentHealth
 from bridge.core.ids import RoomID
+from bridge.core.leases import remote_lease
 from bridge.core.links import REMOTE_KIND, Link, LinkSettings, remote_link_key, split_remote_key
 from bridge.core.remote_in import RemotePolicy
 from bridge.core.tasks import TaskGroup
@@ -24,6 +24,7 @@ from bridge.db import rooms
 from bridge.db.engine import Database
 from bridge.matrix.client import MatrixClient, derived_txn_id
 from bridge.matrix.render import notice_content
+from bridge.relay.leases import LeaseKeeper
 from bridge.relay.remote_in import RemoteSide
 from bridge.remote.client import RemoteAuthError, RemoteClient
 from bridge.remote.store import DbSyncStore
@@ -55,6 +56,7 @@ class RemoteService:
         tasks: TaskGroup,
         *,
         on_stored: Callable[[], None],
+        leases: LeaseKeeper | None = None,
     ) -> None:
         self.config = config
         self.db = db
@@ -64,8 +66,11 @@ class RemoteService:
         self.sides: dict[str, RemoteSide] = {}
         self.health: dict[str, ComponentHealth] = {}
         self._sessions: list[aiohttp.ClientSession] = []
+        # A remote's /sync runs only while this instance holds its lease (always, alone); a
+        # new syncer each time (it reads its position from the database).
+        self.leases = leases or LeaseKeeper.alone(db, tasks)
         self._syncers: dict[str, RemoteSyncer] = {}
-        self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._started: set[str] = set()
         self._rooms: dict[str, set[str]] = {}
         self.stopped: dict[str, str] = {}  # remote → why it stopped (token refused)
 
@@ -90,8 +95,7 @@ class RemoteService:
             self.health[name] = ComponentHealth(f"remote:{name}")
 
     async def close(self) -> None:
-        for task in self._tasks.values():
-            task.cancel()
+        # The syncers' tasks are the task group's: stopped before this.
         for session in self._sessions:
             await session.close()
         self._sessions.clear()
@@ -187,9 +191,9 @@ class RemoteService:
             self._rooms[name] = room_ids
             if name in self.stopped:
                 continue
+            if name not in self._started and room_ids:
+                self._start(name)
             syncer = self._syncers.get(name)
-            if syncer is None and room_ids:
-                syncer = self._start(name)
             if syncer is not None:
                 syncer.rooms_changed()
 
@@ -209,31 +213,33 @@ class RemoteService:
             name,
             why,
         )
-        task = self._tasks.pop(name, None)
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+        self._started.discard(name)
+        await self.leases.drop(remote_lease(name))  # never the calling task itself
         await self._tell_stopped(name)
 
-    def _start(self, name: str) -> RemoteSyncer:
+    def _start(self, name: str) -> None:
         side = self.sides[name]
 
         async def token_refused(why: str) -> None:
             await self.token_refused(name, why)
 
-        syncer = RemoteSyncer(
-            side.client,
-            DbSyncStore(self.db, name),
-            self.health[name],
-            rooms=lambda: self._rooms.get(name, set()),
-            on_stored=self.on_stored,
-            on_token_refused=token_refused,
-            timeout_ms=int(side.settings.sync_timeout * 1000),
-            own_user_id=side.settings.user_id,
-        )
-        self._syncers[name] = syncer
-        self._tasks[name] = self.tasks.spawn(syncer.run(), name=f"remote-sync:{name}")
-        log.info("reading %s (%s)", name, side.settings.address)
-        return syncer
+        def sync() -> Coroutine[Any, Any, None]:
+            syncer = RemoteSyncer(
+                side.client,
+                DbSyncStore(self.db, name),
+                self.health[name],
+                rooms=lambda: self._rooms.get(name, set()),
+                on_stored=self.on_stored,
+                on_token_refused=token_refused,
+                timeout_ms=int(side.settings.sync_timeout * 1000),
+                own_user_id=side.settings.user_id,
+            )
+            self._syncers[name] = syncer
+            log.info("reading %s (%s)", name, side.settings.address)
+            return syncer.run()
+
+        self._started.add(name)
+        self.leases.hold(remote_lease(name), sync)
 
     async def _tell_stopped(self, name: str) -> None:
         """Each room linked to a stopped remote hears it once."""

@@ -30,13 +30,25 @@ class HookDirectory:
         self.outgoing: dict[str, OutHookSettings] = dict(self.configured_out)
         self.room_hooks: dict[str, RoomHook] = {}
         self._clock = clock
+        # Told when a room hook is made, changed or removed here (other instances reload).
+        self.on_change: Callable[[], None] | None = None
 
     async def load(self, db: Database) -> None:
-        for hook in await room_hooks.all_hooks(db):
+        """Room hooks as the database has them (at start-up, or after another instance
+        changed them): new and changed ones put, removed ones dropped."""
+        stored = await room_hooks.all_hooks(db)
+        for name in set(self.room_hooks) - {hook.name for hook in stored}:
+            self._drop(name)
+        for hook in stored:
             if hook.name not in self.configured and hook.name not in self.configured_out:
-                self.put(hook)
+                self._put(hook)
 
     def put(self, hook: RoomHook) -> None:
+        self._put(hook)
+        if self.on_change is not None:
+            self.on_change()
+
+    def _put(self, hook: RoomHook) -> None:
         self.room_hooks[hook.name] = hook
         if hook.url is not None:
             self.outgoing[hook.name] = OutHookSettings(
@@ -46,6 +58,11 @@ class HookDirectory:
             self.hooks[hook.name] = HookSettings(hook.name, hook.room_id, hook.secret)
 
     def drop(self, name: str) -> None:
+        self._drop(name)
+        if self.on_change is not None:
+            self.on_change()
+
+    def _drop(self, name: str) -> None:
         self.room_hooks.pop(name, None)
         if name not in self.configured:
             self.hooks.pop(name, None)
