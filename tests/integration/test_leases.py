@@ -39,18 +39,18 @@ async def test_one_holder_at_a_time_then_takeover_after_expiry(
     dbs: tuple[Database, Database],
 ) -> None:
     db_a, db_b = dbs
-    assert await lease_db.acquire(db_a, NAME, "a", 400) == 1
-    assert await lease_db.acquire(db_b, NAME, "b", 400) is None  # held
+    assert await lease_db.acquire(db_a, NAME, "a", 1500) == 1
+    assert await lease_db.acquire(db_b, NAME, "b", 1500) is None  # held
     assert await lease_db.free(db_b, [NAME, "mailbox:other@example.test"]) == {
         "mailbox:other@example.test"
     }
-    assert await lease_db.renew(db_a, "a", 400) == {NAME: 1}
-    assert await lease_db.acquire(db_b, NAME, "b", 400) is None  # renewed: still held
-    await asyncio.sleep(0.5)
+    assert await lease_db.renew(db_a, "a", 1500) == {NAME: 1}
+    assert await lease_db.acquire(db_b, NAME, "b", 1500) is None  # renewed: still held
+    await asyncio.sleep(1.6)
     assert await lease_db.free(db_b, [NAME]) == {NAME}
-    assert await lease_db.acquire(db_b, NAME, "b", 400) == 2  # a new epoch
+    assert await lease_db.acquire(db_b, NAME, "b", 1500) == 2  # a new epoch
     # The old holder cannot renew what it lost, nor hand it back.
-    assert await lease_db.renew(db_a, "a", 400) == {}
+    assert await lease_db.renew(db_a, "a", 1500) == {}
     await lease_db.release(db_a, "a", [NAME])
     rows = await lease_db.all_leases(db_a)
     assert [(r.name, r.owner, r.epoch) for r in rows] == [(NAME, "b", 2)]
@@ -108,7 +108,7 @@ async def test_a_fenced_write_of_a_lost_lease_never_commits(
     dbs: tuple[Database, Database],
 ) -> None:
     db_a, db_b = dbs
-    epoch = await lease_db.acquire(db_a, NAME, "a", 300)
+    epoch = await lease_db.acquire(db_a, NAME, "a", 1500)
     assert epoch is not None
     holder_a = LeaseHolder(NAME, "a", epoch)
     token = FENCE.set(holder_a)
@@ -116,7 +116,7 @@ async def test_a_fenced_write_of_a_lost_lease_never_commits(
         await kv.set_value(db_a, "checkpoint", "a-1")  # held: goes through
     finally:
         FENCE.reset(token)
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(1.6)
     epoch_b = await lease_db.acquire(db_b, NAME, "b", 60_000)
     assert epoch_b == epoch + 1
     token = FENCE.set(holder_a)  # a paused old holder wakes up and writes
@@ -150,7 +150,7 @@ async def test_a_takeover_waits_for_the_old_holders_open_transaction(
     expires: the taker's conditional write waits until that transaction ends, so the old
     holder's write lands before the new epoch, never after."""
     db_a, db_b = dbs
-    epoch = await lease_db.acquire(db_a, NAME, "a", 300)
+    epoch = await lease_db.acquire(db_a, NAME, "a", 1500)
     assert epoch is not None
     order: list[str] = []
     checked = asyncio.Event()
@@ -160,7 +160,7 @@ async def test_a_takeover_waits_for_the_old_holders_open_transaction(
         try:
             async with db_a.begin() as conn:
                 checked.set()
-                await asyncio.sleep(0.8)  # the lease expires meanwhile
+                await asyncio.sleep(2.5)  # the lease expires meanwhile
                 await conn.execute(update(lease).where(lease.c.name == "none").values(epoch=0))
                 order.append("old holder commits")
         finally:
@@ -168,7 +168,7 @@ async def test_a_takeover_waits_for_the_old_holders_open_transaction(
 
     async def taker() -> None:
         await checked.wait()
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(1.6)
         got = await lease_db.acquire(db_b, NAME, "b", 60_000)
         order.append(f"taken with epoch {got}")
 
