@@ -189,11 +189,17 @@ async def pending_events(db: Database, limit: int, exclude: set[int]) -> list[In
     ][:limit]
 
 
-async def mark_done(db: Database, seq: int) -> None:
+async def mark_events_done(db: Database, seqs: list[int]) -> None:
+    """Settle handled events: every one of `seqs` done, in one statement and one commit.
+
+    The only place the dispatcher settles events (a fencing check for the instance's lease
+    belongs in this transaction)."""
+    if not seqs:
+        return
     async with db.begin() as conn:
         await conn.execute(
             update(inbox_event)
-            .where(inbox_event.c.seq == seq)
+            .where(inbox_event.c.seq.in_(seqs))
             .values(state="done", done_at=now_ms(), last_error=None)
         )
 
