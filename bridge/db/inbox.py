@@ -38,21 +38,25 @@ class Rejected:
 
 
 async def _insert_events(conn: AsyncConnection, events: list[IncomingEvent], now: int) -> int:
-    stored = 0
-    for ev in events:
-        result = await conn.execute(
-            insert_ignore(conn, inbox_event, ["event_id"]).values(
-                event_id=ev.event_id,
-                room_id=ev.room_id,
-                event_type=ev.event_type,
-                sender=ev.sender,
-                event_json=ev.event_json,
-                origin_ts=ev.origin_ts,
-                received_at=now,
-            )
-        )
-        stored += result.rowcount
-    return stored
+    """Insert the events not stored yet, all in one statement (multi-row VALUES); returns
+    how many were new."""
+    if not events:
+        return 0
+    rows = [
+        {
+            "event_id": ev.event_id,
+            "room_id": ev.room_id,
+            "event_type": ev.event_type,
+            "sender": ev.sender,
+            "event_json": ev.event_json,
+            "origin_ts": ev.origin_ts,
+            "received_at": now,
+        }
+        for ev in events
+    ]
+    statement = insert_ignore(conn, inbox_event, ["event_id"]).returning(inbox_event.c.seq)
+    result = await conn.execute(statement, rows)
+    return len(result.all())
 
 
 async def store_caught_up(db: Database, events: list[IncomingEvent]) -> int:

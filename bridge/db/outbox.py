@@ -302,6 +302,8 @@ class DbOutboxStore:
 
 _Finished = tuple[int, dict[str, Any], "asyncio.Future[None]"]
 
+# What an outcome's audit row needs, returned by the UPDATE that stores the outcome (the
+# link's address by a subquery: RETURNING cannot join).
 _AUDIT_COLUMNS = (
     mail_outbox.c.id,
     mail_outbox.c.state,
@@ -314,7 +316,10 @@ _AUDIT_COLUMNS = (
     mail_outbox.c.last_error,
     mail_outbox.c.smtp_code,
     mail_outbox.c.kind,
-    link.c.remote,
+    select(link.c.remote)
+    .where(link.c.id == mail_outbox.c.link_id)
+    .scalar_subquery()
+    .label("remote"),
 )
 
 
@@ -322,29 +327,24 @@ async def settle_outcomes(db: Database, outcomes: list[tuple[int, dict[str, Any]
     """Store final outcomes (sent, failed) of outbox mails still pending, each with its audit
     row, in one commit: the only place where the outbox settles mail (a fencing check for the
     instance's lease belongs in this transaction). A mail no longer pending is left alone."""
-    changed: list[int] = []
+    changed: list[Any] = []
     async with db.begin() as conn:
         for item_id, values in outcomes:
-            result = await conn.execute(
-                update(mail_outbox)
-                .where(mail_outbox.c.id == item_id, mail_outbox.c.state == "pending")
-                .values(**values)
-            )
-            if result.rowcount:
-                changed.append(item_id)
-        if changed:
-            rows = (
+            found = (
                 await conn.execute(
-                    select(*_AUDIT_COLUMNS)
-                    .join(link, link.c.id == mail_outbox.c.link_id)
-                    .where(mail_outbox.c.id.in_(changed))
+                    update(mail_outbox)
+                    .where(mail_outbox.c.id == item_id, mail_outbox.c.state == "pending")
+                    .values(**values)
+                    .returning(*_AUDIT_COLUMNS)
                 )
-            ).all()
-            by_id = {int(row.id): row for row in rows}
-            for item_id in changed:  # the chain in the order the outcomes came
-                await append_in(conn, _audit_entry(by_id[item_id]))
+            ).first()
+            if found is not None:
+                changed.append(found)
+        for found in changed:  # the chain in the order the outcomes came
+            await append_in(conn, _audit_entry(found))
+    done = {int(r.id) for r in changed}
     for item_id, _ in outcomes:
-        if item_id not in changed:
+        if item_id not in done:
             log.warning("outbox item %d is not pending any more; outcome not recorded", item_id)
 
 
