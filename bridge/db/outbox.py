@@ -15,7 +15,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from bridge.core.audit import AuditEntry
 from bridge.core.ids import EventID, RoomID
-from bridge.db.audit import append_in
+from bridge.db.audit import append_all_in
 from bridge.db.engine import Database
 from bridge.db.schema import link, mail_outbox, message_map
 from bridge.db.util import insert_ignore, now_ms
@@ -26,8 +26,11 @@ log = logging.getLogger("passerelle.db.outbox")
 
 KINDS = ("message", "correction")
 STATES = ("pending", "sent", "failed")
-# At most this many final outcomes (sent, failed) recorded in one commit.
+# At most this many final outcomes (sent, failed) recorded in one commit, and how long the
+# first one waits for others to share it (the mail is sent already: this delays only the
+# record, and the slot's next mail).
 SETTLE_BATCH = 100
+SETTLE_DELAY = 0.005
 
 
 @dataclass(frozen=True)
@@ -251,14 +254,16 @@ class DbOutboxStore:
     async def _finish(self, item_id: int, values: dict[str, Any]) -> None:
         """Record a final outcome; returns once it is committed (raises if it was not).
 
-        Outcomes recorded while an earlier commit is under way are written together in the
-        next one (group commit): the caller that finds no commit running writes every outcome
-        waiting, its own and others', batch after batch, and the others wait for theirs."""
+        Outcomes are written together (group commit): the caller that finds no commit running
+        waits SETTLE_DELAY for others, then writes every outcome waiting, its own and others',
+        batch after batch (those that come meanwhile in the next), and the others wait for
+        theirs."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append((item_id, values, done))
         if not self._writing:
             self._writing = True
             try:
+                await asyncio.sleep(SETTLE_DELAY)
                 while self._waiting:
                     batch = self._waiting[:SETTLE_BATCH]
                     del self._waiting[: len(batch)]
@@ -267,7 +272,9 @@ class DbOutboxStore:
                 self._writing = False
                 # Interrupted (cancelled): the outcomes not written are retried by their callers.
                 for _, _, waiting in self._waiting:
-                    if not waiting.done():
+                    if waiting is done:
+                        waiting.cancel()
+                    elif not waiting.done():
                         waiting.set_exception(RuntimeError("outcome not recorded: interrupted"))
                 self._waiting.clear()
         await done
@@ -340,8 +347,8 @@ async def settle_outcomes(db: Database, outcomes: list[tuple[int, dict[str, Any]
             ).first()
             if found is not None:
                 changed.append(found)
-        for found in changed:  # the chain in the order the outcomes came
-            await append_in(conn, _audit_entry(found))
+        # One audit row each, chained in the order the outcomes came.
+        await append_all_in(conn, [_audit_entry(found) for found in changed])
     done = {int(r.id) for r in changed}
     for item_id, _ in outcomes:
         if item_id not in done:

@@ -14,9 +14,11 @@ from sqlalchemy import event, func, select, text
 
 from bridge.audit_cli import verify
 from bridge.config import DatabaseConfig
+from bridge.core.audit import AuditEntry
 from bridge.core.health import ComponentHealth
 from bridge.core.ids import EventID, RoomID, TxnID, UserID
 from bridge.core.tasks import TaskGroup
+from bridge.db import audit as audit_db
 from bridge.db import inbox
 from bridge.db import outbox as outbox_db
 from bridge.db.engine import Database, open_database
@@ -123,8 +125,8 @@ async def test_outcomes_arriving_together_share_a_commit_each_with_its_audit_row
         store.mark_failed(ids[5] or 0, REFUSED),
     )
 
-    # The first outcome commits alone; the five that came while it did, together.
-    assert len(commits) == 2
+    # The first outcome waits a moment for others: the six share one commit.
+    assert len(commits) == 1
     states = [(await row(db, i or 0))["state"] for i in ids]
     assert states == ["sent"] * 5 + ["failed"]
     # One audit row each, in the order the outcomes came, and the chain holds.
@@ -373,3 +375,36 @@ async def test_settling_refused_keeps_events_in_flight_and_a_restart_handles_the
 
 async def _no_pending(db: Database) -> bool:
     return await pending_count(db) == 0
+
+
+async def test_batched_audit_rows_chain_after_another_instance_appended(
+    db: Database, db_url: str
+) -> None:
+    """append_all_in moves the head once for several rows; when another instance appended
+    since (the head this process remembers is stale) it reads the head and chains after it."""
+    other = await open_database(DatabaseConfig(url=db_url, pool_size=2))
+    try:
+
+        def entry(n: int) -> AuditEntry:
+            return AuditEntry(
+                direction="mail_out",
+                link="liste@lists.test",
+                room_id=ROOM,
+                sender="@alice:localhost",
+                outcome="sent",
+                ids={"event_id": f"$e{n}"},
+            )
+
+        async with db.begin() as conn:
+            await audit_db.append_all_in(conn, [entry(0), entry(1)])
+        await audit_db.append(other, entry(2))  # this process's remembered head is stale now
+        async with db.begin() as conn:
+            await audit_db.append_all_in(conn, [entry(3), entry(4), entry(5)])
+        async with db.begin() as conn:
+            await audit_db.append_all_in(conn, [entry(6), entry(7)])  # remembered head again
+    finally:
+        await other.close()
+    assert await audit_rows(db) == [(f"$e{n}", "sent") for n in range(8)]
+    verifier, broken = await verify(db)
+    assert broken is None
+    assert verifier.last_seq == 8
