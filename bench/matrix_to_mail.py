@@ -18,6 +18,13 @@ Two figures, against references measured in the same run:
 2. latency: K messages sent one at a time by a user through Synapse's client API, S seconds
    apart. Per message: send -> the event in the probe appservice's transaction (Synapse's own
    latency) and send -> the bridge's mail accepted by the sink; p50 and p99 of both.
+3. Postfix (`--postfix P`, 0 skips it): the harness's Postfix accepting raw aiosmtplib, 4 at
+   a time, before and after the bridge's turn (its own accept rate), and the bridge, restarted
+   to send there, as in 1 (accepted = the bridge logged the mail sent); exactly once checked on
+   the mail Postfix delivered (aliased to a mailbox the bridge does not watch).
+
+The bridge's database is SQLite or, with `--database postgresql`, a fresh PostgreSQL database;
+its CPU per mail in the capacity phase is `bridge_cpu_ms_per_mail` in the JSON line.
 
 The sink notes the time it accepts each mail's DATA and the marker in its body (sequence
 number), so every mail is also checked to arrive exactly once. The last line printed is one
