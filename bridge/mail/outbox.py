@@ -138,7 +138,10 @@ class OutboxWorker:
         started without a due() query when a slot is free. Beyond READY_LIMIT waiting, the
         offer is dropped and the store read instead (as after notify())."""
         if item.id in self._in_flight or item.id in self._started:
-            return  # due() found it first
+            # due() found it first (or, on SQLite, a purged item's id came back): the store
+            # says which.
+            self.notify()
+            return
         if len(self._ready) >= READY_LIMIT:
             self.notify()
             return
@@ -235,6 +238,7 @@ class OutboxWorker:
             item = self._ready.popleft()
             if item.id not in self._in_flight and item.id not in self._started:
                 return item
+            self._maybe_more = True  # dropped: the store says whether it is still due
         return None
 
     def _excluded(self) -> set[int]:
