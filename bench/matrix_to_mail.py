@@ -18,6 +18,13 @@ Two figures, against references measured in the same run:
 2. latency: K messages sent one at a time by a user through Synapse's client API, S seconds
    apart. Per message: send -> the event in the probe appservice's transaction (Synapse's own
    latency) and send -> the bridge's mail accepted by the sink; p50 and p99 of both.
+3. Postfix (`--postfix P`, 0 skips it): the harness's Postfix accepting raw aiosmtplib, 4 at
+   a time, before and after the bridge's turn (its own accept rate), and the bridge, restarted
+   to send there, as in 1 (accepted = the bridge logged the mail sent); exactly once checked on
+   the mail Postfix delivered (aliased to a mailbox the bridge does not watch).
+
+The bridge's database is SQLite or, with `--database postgresql`, a fresh PostgreSQL database;
+its CPU per mail in the capacity phase is `bridge_cpu_ms_per_mail` in the JSON line.
 
 The sink notes the time it accepts each mail's DATA and the marker in its body (sequence
 number), so every mail is also checked to arrive exactly once. The last line printed is one
@@ -51,6 +58,7 @@ from typing import Any, TextIO
 
 import aiohttp
 import aiosmtplib
+import yaml
 from aiohttp import web
 
 # `bench` and `tests` are not installed packages: import them from this checkout.
@@ -68,6 +76,7 @@ from bench.mail_to_matrix import (  # noqa: E402
     add_run_options,
     code_version,
     disturbed_phases,
+    family_cpu,
     find_pid,
     link_room,
     marker,
@@ -80,6 +89,8 @@ from bench.mail_to_matrix import (  # noqa: E402
 )
 from bridge.harness.dovecot import DovecotServer  # noqa: E402
 from bridge.harness.ports import free_port  # noqa: E402
+from bridge.harness.postfix import PostfixServer  # noqa: E402
+from bridge.harness.postgres import PostgresServer  # noqa: E402
 from bridge.harness.synapse import MatrixTestClient, SynapseServer  # noqa: E402
 from bridge.registration import atomic_write, dump_yaml, generate_registration  # noqa: E402
 from tests.conftest import BridgeProcess, bridge_config_dict  # noqa: E402
@@ -93,6 +104,10 @@ DISPLAY_NAME = "Alice Martin"
 MARKER_BYTES = re.compile(MARKER_RE.pattern.encode())
 APP_PREFIX = "/_matrix/app/v1"
 QUEUED_RE = re.compile(r"queued message (\S+) of ")
+QUEUED_ID_RE = re.compile(r"queued message (\S+) of .* \(#(\d+)\)$")
+SENT_RE = re.compile(r"outbox item (\d+) sent")
+POSTFIX_TARGET = 0.95  # bridge rate into Postfix / Postfix's accept rate (raw aiosmtplib)
+CPU_TARGET_MS = 5.0  # bridge CPU per mail out
 
 
 def message_text(tag: str, seq: int) -> str:
@@ -339,22 +354,52 @@ class Servers:
     folder: Path
     dovecot: DovecotServer
     sink: SinkProcess
+    postfix: PostfixServer | None
     synapse: SynapseServer
     bridge: BridgeProcess
     probe: ProbeAppservice
     list_address: str
+    archive_address: str
     alice_id: str
     alice_token: str
+    config_path: Path
 
     @property
     def bot(self) -> str:
         return self.bridge.config.bot_mxid
 
+    def restart_bridge(self, smtp_port: int) -> None:
+        """The same bridge (config, database, registration) sending to another SMTP port."""
+        self.bridge.stop()
+        # As written by generate_registration (with the tokens it generated).
+        settings = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+        settings["mail"]["smtp"]["port"] = smtp_port
+        atomic_write(self.config_path, dump_yaml(settings))
+        self.bridge.start()
 
-def start_servers(folder: Path, stack: contextlib.ExitStack, *, diagnose: bool) -> Servers:
+
+def bridge_database(folder: Path, kind: str, stack: contextlib.ExitStack) -> str:
+    """The bridge's database URL: an SQLite file, or a fresh database on the machine's
+    PostgreSQL (or a throw-away cluster: bridge/harness/postgres.py), dropped at the end."""
+    if kind == "sqlite":
+        return f"sqlite+aiosqlite:///{folder / 'passerelle.db'}"
+    server = PostgresServer.obtain(folder / "pg")
+    stack.callback(server.stop)
+    name = f"passerelle_bench_{uuid.uuid4().hex[:12]}"
+    url = server.create_database(name)
+    stack.callback(server.drop_database, name)
+    return url.replace("postgresql://", "postgresql+asyncpg://", 1)
+
+
+def start_servers(
+    folder: Path, stack: contextlib.ExitStack, *, diagnose: bool, database: str, postfix: bool
+) -> Servers:
     """Every server, each stopped by `stack` however the run ends."""
     dovecot = DovecotServer(folder / "dovecot")
     list_address = dovecot.add_user("list", PASSWORD)
+    # Postfix delivers the list's mail here (a virtual alias): not to the mailbox the bridge
+    # watches, which would read every mail of the Postfix phases back.
+    archive_address = dovecot.add_user("archive", PASSWORD)
     stack.callback(dovecot.stop)
     dovecot.start()
 
@@ -362,11 +407,22 @@ def start_servers(folder: Path, stack: contextlib.ExitStack, *, diagnose: bool) 
     stack.callback(sink.stop)
     sink.start()
 
+    postfix_server: PostfixServer | None = None
+    if postfix:
+        postfix_server = PostfixServer(
+            folder / "postfix",
+            lmtp_port=dovecot.lmtp_port,
+            domain=dovecot.domain,
+            aliases={list_address: [archive_address]},
+        )
+        stack.callback(postfix_server.stop)
+        postfix_server.start()
+
     homeserver_port, bridge_port = free_port(), free_port()
     loggers = {"aiosqlite": "WARNING", "asyncio": "WARNING"}
     if diagnose:
         loggers["sqlalchemy.engine.Engine"] = "INFO"  # every statement, BEGIN and COMMIT
-    database = f"sqlite+aiosqlite:///{folder / 'passerelle.db'}"
+    database = bridge_database(folder, database, stack)
     mailbox = {"host": "127.0.0.1", "port": dovecot.imap_port, "tls": "none"}
     settings = bridge_config_dict(
         homeserver_port,
@@ -404,7 +460,18 @@ def start_servers(folder: Path, stack: contextlib.ExitStack, *, diagnose: bool) 
     alice_id = synapse.register_user("benchalice", "pw-benchalice")
     alice_token = synapse.login("benchalice", "pw-benchalice")
     return Servers(
-        folder, dovecot, sink, synapse, bridge, probe, list_address, alice_id, alice_token
+        folder,
+        dovecot,
+        sink,
+        postfix_server,
+        synapse,
+        bridge,
+        probe,
+        list_address,
+        archive_address,
+        alice_id,
+        alice_token,
+        config_path,
     )
 
 
@@ -413,13 +480,15 @@ class SinkCpuMeter(CpuMeter):
     """CpuMeter of bench/mail_to_matrix.py, with the SMTP sink's process counted apart."""
 
     sink_pid: int | None = None
+    postfix_pid_file: Path | None = None
 
     def _sample(self) -> dict[str, float]:
-        return super()._sample() | {"sink": process_cpu(self.sink_pid)}
+        postfix = family_cpu(self.postfix_pid_file) if self.postfix_pid_file else 0.0
+        return super()._sample() | {"sink": process_cpu(self.sink_pid), "postfix": postfix}
 
     def stop(self) -> dict[str, float]:
         used = super().stop()
-        used["others"] = round(used["others"] - used["sink"], 2)
+        used["others"] = round(used["others"] - used["sink"] - used["postfix"], 2)
         return used
 
 
@@ -478,9 +547,16 @@ class Bench:
         }
         return with_cpu(result, cpu, count)
 
-    async def capacity(self, run: str, count: int, batch: int) -> dict[str, Any]:
-        """`count` events PUT straight to the bridge in transactions of `batch`, back to back."""
-        tag = "cap"
+    async def capacity(
+        self, run: str, count: int, batch: int, *, postfix: bool = False, tag: str = ""
+    ) -> dict[str, Any]:
+        """`count` events PUT straight to the bridge in transactions of `batch`, back to back.
+
+        Accepted: when the sink accepted each mail (its log); with `postfix`, when the bridge
+        logged it sent (Postfix answered 250 to its DATA), and exactly once is checked on what
+        Postfix delivered to the archive mailbox."""
+        tag = tag or ("pfx" if postfix else "cap")
+        phase = "postfix-bridge" if postfix else "capacity"
         now = int(time.time() * 1000)
         events = [
             {
@@ -497,8 +573,9 @@ class Bench:
         url = f"{self.servers.bridge.base_url}{APP_PREFIX}/transactions/"
         token = self.servers.bridge.config.appservice.hs_token
         put_s: list[float] = []
+        timeout = 120 + count * 0.5
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
-            self.probes.start("capacity", bridge=True)
+            self.probes.start(phase, bridge=True)
             start = time.time()
             for number, first in enumerate(range(0, count, batch)):
                 begin = time.time()
@@ -509,11 +586,19 @@ class Bench:
                         raise RuntimeError(f"transaction refused: {response.status} {answer!r}")
                 put_s.append(time.time() - begin)
             stored = time.time()
-            complete = await self.sink_log.wait(tag, count, 120 + count * 0.5)
+            if postfix:
+                complete = await self.wait_sent(run, count, timeout)
+            else:
+                complete = await self.sink_log.wait(tag, count, timeout)
             cpu = self.probes.stop()
-        await asyncio.sleep(1)  # a late duplicate would show now
-        check = self.sink_log.check(tag, count)
-        accepted = [min(t) for t in self.sink_log.times(tag).values()]
+        if postfix:
+            sent = bridge_sent_times(self.servers.bridge.log_text().splitlines(), run)
+            accepted = list(sent.values())
+            check = await self.delivered(tag, count)
+        else:
+            await asyncio.sleep(1)  # a late duplicate would show now
+            check = self.sink_log.check(tag, count)
+            accepted = [min(t) for t in self.sink_log.times(tag).values()]
         elapsed = (max(accepted) - start) if accepted else float("nan")
         result = {
             "window": (start, max(accepted, default=start)),
@@ -526,6 +611,90 @@ class Bench:
             "first_accepted_ms": round(1000 * (min(accepted) - start)) if accepted else None,
             "elapsed_s": round(elapsed, 3),
             "rate_per_s": round(len(accepted) / elapsed, 1) if accepted else 0.0,
+            **check,
+        }
+        return with_cpu(result, cpu, count)
+
+    async def wait_sent(self, run: str, count: int, timeout: float) -> bool:
+        """Until the bridge logged `count` mails of this run sent; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.servers.bridge.log_text().splitlines()
+            if len(bridge_sent_times(lines, run)) >= count:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.2)
+
+    async def delivered(self, tag: str, count: int, timeout: float = 120) -> dict[str, Any]:
+        """Exactly once, on what Postfix delivered (LMTP) to the archive mailbox: every
+        sequence number of 0..count-1 once. Waits for the deliveries (not timed)."""
+        maildir = self.servers.dovecot.maildir(self.servers.archive_address)
+        deadline = time.monotonic() + timeout
+        seen: dict[int, int] = {}
+        sizes: list[int] = []
+        read: set[str] = set()
+        while True:
+            for folder in ("new", "cur"):
+                for path in (maildir / folder).iterdir():
+                    name = path.name.split(":", 1)[0]
+                    if name in read:
+                        continue
+                    read.add(name)
+                    content = path.read_bytes()
+                    found_tag, seq = find_marker(content)
+                    if found_tag == tag:
+                        seen[seq] = seen.get(seq, 0) + 1
+                        sizes.append(len(content))
+            if len(seen) >= count or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1)  # a late duplicate would show now
+        missing = [seq for seq in range(count) if seq not in seen]
+        return {
+            "accepted": sum(seen.values()),
+            "duplicates": sum(n - 1 for n in seen.values()),
+            "missing": len(missing),
+            "missing_first": missing[:10],
+            "unexpected": sum(1 for seq in seen if not 0 <= seq < count),
+            "mean_size": round(sum(sizes) / len(sizes)) if sizes else None,
+        }
+
+    async def raw_postfix(self, tag: str, count: int, concurrency: int) -> dict[str, Any]:
+        """aiosmtplib alone into Postfix: `count` mails, `concurrency` at a time, a connection
+        per mail. Accepted: when Postfix answered the DATA (the client's own clock)."""
+        postfix = self.servers.postfix
+        assert postfix is not None
+        address = self.servers.list_address
+        mails = iter([(seq, raw_mail(address, tag, seq)) for seq in range(count)])
+        helo = await asyncio.to_thread(socket.getfqdn)
+        accepted: list[float] = []
+
+        async def worker() -> None:
+            for _, raw in mails:  # one iterator shared by the workers
+                await aiosmtplib.send(
+                    raw,
+                    sender=FROM_ADDRESS,
+                    recipients=[address],
+                    hostname="127.0.0.1",
+                    port=postfix.smtp_port,
+                    local_hostname=helo,
+                    start_tls=False,
+                    timeout=30,
+                )
+                accepted.append(time.time())
+
+        self.probes.start(f"postfix-raw-{tag}", bridge=False)
+        start = time.time()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        cpu = self.probes.stop()
+        elapsed = max(accepted) - start
+        check = await self.delivered(tag, count)
+        result = {
+            "concurrency": concurrency,
+            "sends": count,
+            "elapsed_s": round(elapsed, 3),
+            "rate_per_s": round(count / elapsed, 1) if elapsed > 0 else None,
             **check,
         }
         return with_cpu(result, cpu, count)
@@ -611,11 +780,19 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
     bridge_pid = servers.bridge.proc.pid if servers.bridge.proc else None
     sink_pid = servers.sink.proc.pid if servers.sink.proc else None
     meter = SinkCpuMeter(
-        synapse_pid, bridge_pid, servers.dovecot.run_dir / "master.pid", sink_pid=sink_pid
+        synapse_pid,
+        bridge_pid,
+        servers.dovecot.run_dir / "master.pid",
+        sink_pid=sink_pid,
+        postfix_pid_file=servers.postfix.pid_path if servers.postfix else None,
     )
     probes = Probes(meter, Profiler(args.profile, native=args.native), synapse_pid, bridge_pid)
     bench = Bench(servers, SinkLog(servers.sink.log_path), probes)
-    results: dict[str, Any] = {"events": args.events, "batch": args.batch}
+    results: dict[str, Any] = {
+        "events": args.events,
+        "batch": args.batch,
+        "database": args.database,
+    }
     await servers.probe.start()
     try:
         async with MatrixTestClient(
@@ -661,17 +838,60 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
                     f"ms; send -> SMTP p50 {lat['smtp_p50_ms']} ms, p99 {lat['smtp_p99_ms']} ms"
                 )
                 describe(lat)
+
+            if args.postfix:
+                results["postfix"] = await postfix_phase(bench, args)
     finally:
         await servers.probe.stop()
 
     results["raw_rate_per_s"] = raw_rate = mean_rate(before, after)
     results["ratio"] = round(bridge["rate_per_s"] / raw_rate, 3) if raw_rate else None
+    results["bridge_cpu_ms_per_mail"] = bridge["cpu_ms_per_message"]["bridge"]
     results["disturbed"] = disturbed_phases(results)
+    if "postfix" in results:
+        disturbed = disturbed_phases(results["postfix"])
+        results["disturbed"] |= {f"postfix_{key}": v for key, v in disturbed.items()}
     bench.sink_log.refresh()
     results["sink_unmarked"] = sum(len(v) for v in bench.sink_log.times("?").values())
     if args.profile:
         results["profiles"] = profile_summaries(args.profile)
     return results
+
+
+async def postfix_phase(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    """The same capacity phase against the harness's Postfix: its own accept rate (raw
+    aiosmtplib, before and after) and the bridge's, restarted to send there."""
+    servers = bench.servers
+    postfix = servers.postfix
+    assert postfix is not None
+    count = args.postfix
+    print(f"postfix: {count} mails", flush=True)
+    await asyncio.to_thread(servers.restart_bridge, postfix.smtp_port)
+    bridge_pid = servers.bridge.proc.pid if servers.bridge.proc else None
+    bench.probes.bridge_pid = bench.probes.meter.bridge_pid = bridge_pid
+    # Warm-up, unmeasured: the restarted bridge's first mails, Postfix's first connections.
+    warm_run = uuid.uuid4().hex[:8]
+    await bench.capacity(warm_run, min(50, count), args.batch, postfix=True, tag="pfxw")
+    result: dict[str, Any] = {"mails": count}
+    result["raw_before"] = before = await bench.raw_postfix("pfxa", count, OUTBOX_CONCURRENCY)
+    print(f"  raw aiosmtplib into Postfix, 4 at a time (before): {before['rate_per_s']}/s")
+    describe(before)
+    await asyncio.sleep(1)
+    result["bridge"] = bridge = await bench.capacity(
+        uuid.uuid4().hex[:8], count, args.batch, postfix=True
+    )
+    print(
+        f"  bridge into Postfix: {bridge['accepted']} mails delivered, sent in "
+        f"{bridge['elapsed_s']} s = {bridge['rate_per_s']}/s"
+    )
+    describe(bridge)
+    result["raw_after"] = after = await bench.raw_postfix("pfxb", count, OUTBOX_CONCURRENCY)
+    print(f"  raw aiosmtplib into Postfix, 4 at a time (after):  {after['rate_per_s']}/s")
+    describe(after)
+    result["raw_rate_per_s"] = raw_rate = mean_rate(before, after)
+    result["ratio"] = round(bridge["rate_per_s"] / raw_rate, 3) if raw_rate else None
+    result["bridge_cpu_ms_per_mail"] = bridge["cpu_ms_per_message"]["bridge"]
+    return result
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -687,6 +907,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--warmup", type=int, default=50, help="unmeasured messages through Synapse first"
     )
+    parser.add_argument(
+        "--database",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="the bridge's database (PostgreSQL: the machine's, or a throw-away cluster)",
+    )
+    parser.add_argument(
+        "--postfix",
+        type=int,
+        default=None,
+        help="mails in the Postfix phase (default: as many as --events; 0: skip)",
+    )
     add_run_options(parser)
     parser.add_argument(
         "--diagnose",
@@ -699,6 +931,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.serve_sink is None and (
         args.events < 1 or args.batch < 1 or min(args.latency, args.warmup) < 0 or args.pace < 0
     ):
+        parser.error("counts must be positive")
+    if args.postfix is None:
+        args.postfix = args.events
+    if args.postfix < 0:
         parser.error("counts must be positive")
     if args.profile is not None:
         args.profile = args.profile.resolve()
@@ -737,6 +973,20 @@ def queued_times(lines: Sequence[str]) -> dict[str, float]:
     }
 
 
+def bridge_sent_times(lines: Sequence[str], run: str) -> dict[int, float]:
+    """Sequence number -> when the bridge logged the mail of event `$bench-{run}-{seq}` sent
+    (the SMTP server's 250 to its DATA; millisecond stamps)."""
+    prefix = f"$bench-{run}-"
+    items: dict[int, int] = {}
+    sent: dict[int, float] = {}
+    for when, _, message in log_records(lines):
+        if (match := QUEUED_ID_RE.match(message)) and match.group(1).startswith(prefix):
+            items[int(match.group(2))] = int(match.group(1)[len(prefix) :])
+        elif (match := SENT_RE.match(message)) and int(match.group(1)) in items:
+            sent.setdefault(items[int(match.group(1))], when)
+    return sent
+
+
 def verdict(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
@@ -756,6 +1006,26 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"bridge/raw: {ratio:.2f} (target >= {CAPACITY_TARGET}) {verdict(ok)}")
         if not ok:
             missed.append("capacity")
+    cpu = results["bridge_cpu_ms_per_mail"]
+    print(
+        f"bridge CPU per mail (capacity, {results['database']}): {cpu} ms "
+        f"(target <= {CPU_TARGET_MS:.0f} ms) {verdict(cpu <= CPU_TARGET_MS)}"
+    )
+    if cpu > CPU_TARGET_MS:
+        missed.append("cpu")
+    pfx = results.get("postfix")
+    if pfx is not None:
+        print(
+            f"postfix: bridge {pfx['bridge']['rate_per_s']} mails/s; raw aiosmtplib 4 at a time "
+            f"{pfx['raw_rate_per_s']}/s (before {pfx['raw_before']['rate_per_s']}, after "
+            f"{pfx['raw_after']['rate_per_s']}); bridge CPU per mail "
+            f"{pfx['bridge_cpu_ms_per_mail']} ms"
+        )
+        if pfx["ratio"] is not None:
+            ok = pfx["ratio"] >= POSTFIX_TARGET
+            print(f"bridge/Postfix: {pfx['ratio']:.2f} (target >= {POSTFIX_TARGET}) {verdict(ok)}")
+            if not ok:
+                missed.append("postfix")
     lat = results.get("latency")
     if lat is not None:
         print(
@@ -780,12 +1050,15 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
             )
             if not ok:
                 missed.append("latency")
+    phases = {"bridge": results["bridge"], "latency": results.get("latency")}
+    if pfx is not None:
+        phases |= {f"postfix {k}": pfx[k] for k in ("raw_before", "bridge", "raw_after")}
     problems = [
-        f"{key}: {results[key][k]} {k}"
-        for key in ("bridge", "latency")
-        if key in results
+        f"{key}: {phase[k]} {k}"
+        for key, phase in phases.items()
+        if phase is not None
         for k in ("duplicates", "missing", "unexpected")
-        if results[key][k]
+        if phase[k]
     ]
     print("exactly once: " + ("; ".join(problems) if problems else "ok"))
     if results["disturbed"]:
@@ -807,8 +1080,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     code = code_version()  # before the bridge starts: the tree may change during the run
     with temp_folder(args.keep) as folder, contextlib.ExitStack() as stack:
-        print(f"starting Dovecot, the SMTP sink, Synapse and the bridge in {folder}", flush=True)
-        servers = start_servers(folder, stack, diagnose=args.diagnose)
+        print(
+            f"starting Dovecot, the SMTP sink, Postfix, Synapse and the bridge ({args.database}) "
+            f"in {folder}",
+            flush=True,
+        )
+        servers = start_servers(
+            folder,
+            stack,
+            diagnose=args.diagnose,
+            database=args.database,
+            postfix=args.postfix > 0,
+        )
         try:
             results = asyncio.run(run(servers, args))
         except BaseException:

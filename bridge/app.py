@@ -201,7 +201,12 @@ class Bridge:
         self.bridge_state = BridgeState(config, self.db, self.client, self.room_marking)
         self._markings_shown = False
         self.mail_out = MailOut(
-            config, self.db, self.client, self.members, notify_outbox=self._notify_outbox
+            config,
+            self.db,
+            self.client,
+            self.members,
+            notify_outbox=self._notify_outbox,
+            offer_outbox=self.outbox.offer if self.outbox is not None else None,
         )
         self.bounces = Bounces(config, self.db, self.client)
         self.relay = MailRelay(

@@ -94,6 +94,58 @@ async def append_in(conn: AsyncConnection, entry: AuditEntry) -> AuditRow | None
     return row
 
 
+async def append_all_in(conn: AsyncConnection, entries: list[AuditEntry]) -> None:
+    """append_in for several entries without item keys, chained in this order: the head
+    moved once and the rows inserted in one call (instead of two statements per entry)."""
+    if len(entries) < 2 or any(entry.item_key is not None for entry in entries):
+        for entry in entries:
+            await append_in(conn, entry)
+        return
+    postgres = conn.dialect.name == "postgresql"
+    if postgres:
+        await conn.execute(_PG_ADVISORY, {"key": _PG_LOCK})
+    engine = conn.sync_engine
+    remembered = _last_head.get(engine)
+    if remembered is not None:
+        rows = _chain(entries, *remembered)
+        moved = await conn.execute(
+            _MOVE_HEAD,
+            {
+                "new_seq": rows[-1].seq,
+                "new_hash": rows[-1].hash,
+                "old_seq": remembered[0],
+                "old_hash": remembered[1],
+            },
+        )
+        if moved.rowcount == 1:
+            await _insert_rows(conn, rows)
+            return
+    if not postgres:
+        await conn.execute(_TAKE_LOCK)
+    head = (await conn.execute(_READ_HEAD)).one()
+    rows = _chain(entries, int(head.seq), str(head.hash))
+    await conn.execute(_SET_HEAD, {"new_seq": rows[-1].seq, "new_hash": rows[-1].hash})
+    await _insert_rows(conn, rows)
+
+
+def _chain(entries: list[AuditEntry], seq: int, prev_hash: str) -> list[AuditRow]:
+    """The entries sealed one after the other, after the row (seq, prev_hash)."""
+    rows: list[AuditRow] = []
+    time_ms = now_ms()
+    for entry in entries:
+        row = seal(entry, seq=seq + 1, time_ms=time_ms, prev_hash=prev_hash)
+        rows.append(row)
+        seq, prev_hash = row.seq, row.hash
+    return rows
+
+
+async def _insert_rows(conn: AsyncConnection, rows: list[AuditRow]) -> None:
+    await conn.execute(_INSERT_ROW, [_columns(row) for row in rows])
+    _last_head[conn.sync_engine] = (rows[-1].seq, rows[-1].hash)
+    for row in rows:
+        _logged(conn, row)
+
+
 def _columns(row: AuditRow) -> dict[str, Any]:
     stored = row.entry
     return {

@@ -38,21 +38,25 @@ class Rejected:
 
 
 async def _insert_events(conn: AsyncConnection, events: list[IncomingEvent], now: int) -> int:
-    stored = 0
-    for ev in events:
-        result = await conn.execute(
-            insert_ignore(conn, inbox_event, ["event_id"]).values(
-                event_id=ev.event_id,
-                room_id=ev.room_id,
-                event_type=ev.event_type,
-                sender=ev.sender,
-                event_json=ev.event_json,
-                origin_ts=ev.origin_ts,
-                received_at=now,
-            )
-        )
-        stored += result.rowcount
-    return stored
+    """Insert the events not stored yet, all in one statement (multi-row VALUES); returns
+    how many were new."""
+    if not events:
+        return 0
+    rows = [
+        {
+            "event_id": ev.event_id,
+            "room_id": ev.room_id,
+            "event_type": ev.event_type,
+            "sender": ev.sender,
+            "event_json": ev.event_json,
+            "origin_ts": ev.origin_ts,
+            "received_at": now,
+        }
+        for ev in events
+    ]
+    statement = insert_ignore(conn, inbox_event, ["event_id"]).returning(inbox_event.c.seq)
+    result = await conn.execute(statement, rows)
+    return len(result.all())
 
 
 async def store_caught_up(db: Database, events: list[IncomingEvent]) -> int:
@@ -189,11 +193,17 @@ async def pending_events(db: Database, limit: int, exclude: set[int]) -> list[In
     ][:limit]
 
 
-async def mark_done(db: Database, seq: int) -> None:
+async def mark_events_done(db: Database, seqs: list[int]) -> None:
+    """Settle handled events: every one of `seqs` done, in one statement and one commit.
+
+    The only place the dispatcher settles events (a fencing check for the instance's lease
+    belongs in this transaction)."""
+    if not seqs:
+        return
     async with db.begin() as conn:
         await conn.execute(
             update(inbox_event)
-            .where(inbox_event.c.seq == seq)
+            .where(inbox_event.c.seq.in_(seqs))
             .values(state="done", done_at=now_ms(), last_error=None)
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -10,12 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, false, func, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
 from bridge.core.audit import AuditEntry
 from bridge.core.ids import EventID, RoomID
-from bridge.db.audit import append_in
+from bridge.db.audit import append_all_in
 from bridge.db.engine import Database
 from bridge.db.schema import link, mail_outbox, message_map
 from bridge.db.util import insert_ignore, now_ms
@@ -26,6 +26,11 @@ log = logging.getLogger("passerelle.db.outbox")
 
 KINDS = ("message", "correction")
 STATES = ("pending", "sent", "failed")
+# At most this many final outcomes (sent, failed) recorded in one commit, and how long the
+# first one waits for others to share it (the mail is sent already: this delays only the
+# record, and the slot's next mail).
+SETTLE_BATCH = 100
+SETTLE_DELAY = 0.005
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,15 @@ async def enqueue(
     (a VERP address naming the item). Returns the outbox id, or None if this link already
     queued a mail for this event (a handler run again after a crash): nothing is changed then.
     """
+    queued = await enqueue_item(db, item, envelope=envelope)
+    return None if queued is None else queued.id
+
+
+async def enqueue_item(
+    db: Database, item: NewOutgoing, *, envelope: Callable[[int], str] | None = None
+) -> OutboxItem | None:
+    """`enqueue`, returning the stored mail as the outbox worker sees it (to be handed to it
+    without reading it back), or None if it was already queued."""
     now = now_ms()
     async with db.begin() as conn:
         outbox_id = (
@@ -116,11 +130,12 @@ async def enqueue(
         ).scalar_one_or_none()
         if outbox_id is None:
             return None
-        if envelope is not None:
+        mail_from = item.mail_from
+        if envelope is not None and (mail_from := envelope(int(outbox_id))) != item.mail_from:
             await conn.execute(
                 update(mail_outbox)
                 .where(mail_outbox.c.id == outbox_id)
-                .values(mail_from=envelope(int(outbox_id)))
+                .values(mail_from=mail_from)
             )
         # A reply to this mail threads back under the event's thread.
         await conn.execute(
@@ -134,7 +149,16 @@ async def enqueue(
                 created_at=now,
             )
         )
-    return int(outbox_id)
+    return OutboxItem(
+        id=int(outbox_id),
+        raw=item.raw,
+        mail_from=mail_from,
+        recipients=item.recipients,
+        attempts=0,
+        first_tried_at=None,
+        next_attempt_at=now / 1000,
+        created_at=now / 1000,
+    )
 
 
 def _ms(seconds: float) -> int:
@@ -170,6 +194,9 @@ class DbOutboxStore:
         # False: success is not told in the room, so a sent mail is recorded as reported at
         # once (turning reactions on later must not react to every mail sent before).
         self._report_sent = report_sent
+        # Final outcomes waiting for the commit under way (see _finish).
+        self._waiting: list[_Finished] = []
+        self._writing = False
 
     async def due(self, now: float, limit: int, exclude: set[int]) -> list[OutboxItem]:
         query = (
@@ -185,69 +212,151 @@ class DbOutboxStore:
         return [_item(r) for r in rows]
 
     async def mark_sent(self, item_id: int, result: SendResult) -> None:
-        await self._update_pending(
+        await self._finish(
             item_id,
-            state="sent",
-            finished_at=_ms(self._clock()),
-            smtp_code=result.code,
-            last_error=result.message if result.refused else None,
-            reported=not self._report_sent,
+            {
+                "state": "sent",
+                "finished_at": _ms(self._clock()),
+                "smtp_code": result.code,
+                "last_error": result.message if result.refused else None,
+                "reported": not self._report_sent,
+            },
         )
 
     async def mark_retry(self, item_id: int, result: SendResult, next_attempt_at: float) -> None:
-        await self._update_pending(
-            item_id,
-            attempts=mail_outbox.c.attempts + 1,
-            first_tried_at=func.coalesce(mail_outbox.c.first_tried_at, _ms(self._clock())),
-            next_attempt_at=_ms(next_attempt_at),
-            last_error=result.message,
-            smtp_code=result.code,
-        )
-
-    async def mark_failed(self, item_id: int, result: SendResult) -> None:
-        await self._update_pending(
-            item_id,
-            state="failed",
-            finished_at=_ms(self._clock()),
-            attempts=mail_outbox.c.attempts + 1,
-            last_error=result.message,
-            smtp_code=result.code,
-        )
-
-    async def _update_pending(self, item_id: int, **values: Any) -> None:
-        """Record an attempt; a final outcome (sent, failed) with its audit row, in one commit."""
         async with self.db.begin() as conn:
-            result = await conn.execute(
+            result_row = await conn.execute(
                 update(mail_outbox)
                 .where(mail_outbox.c.id == item_id, mail_outbox.c.state == "pending")
-                .values(**values)
+                .values(
+                    attempts=mail_outbox.c.attempts + 1,
+                    first_tried_at=func.coalesce(mail_outbox.c.first_tried_at, _ms(self._clock())),
+                    next_attempt_at=_ms(next_attempt_at),
+                    last_error=result.message,
+                    smtp_code=result.code,
+                )
             )
-            if result.rowcount and values.get("state") in ("sent", "failed"):
-                await append_in(conn, await _audit_entry(conn, item_id))
-        if not result.rowcount:
+        if not result_row.rowcount:
+            log.warning("outbox item %d is not pending any more; outcome not recorded", item_id)
+
+    async def mark_failed(self, item_id: int, result: SendResult) -> None:
+        await self._finish(
+            item_id,
+            {
+                "state": "failed",
+                "finished_at": _ms(self._clock()),
+                "attempts": mail_outbox.c.attempts + 1,
+                "last_error": result.message,
+                "smtp_code": result.code,
+            },
+        )
+
+    async def _finish(self, item_id: int, values: dict[str, Any]) -> None:
+        """Record a final outcome; returns once it is committed (raises if it was not).
+
+        Outcomes are written together (group commit): the caller that finds no commit running
+        waits SETTLE_DELAY for others, then writes every outcome waiting, its own and others',
+        batch after batch (those that come meanwhile in the next), and the others wait for
+        theirs."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item_id, values, done))
+        if not self._writing:
+            self._writing = True
+            try:
+                await asyncio.sleep(SETTLE_DELAY)
+                while self._waiting:
+                    batch = self._waiting[:SETTLE_BATCH]
+                    del self._waiting[: len(batch)]
+                    await self._write(batch, done)
+            finally:
+                self._writing = False
+                # Interrupted (cancelled): the outcomes not written are retried by their callers.
+                for _, _, waiting in self._waiting:
+                    if waiting is done:
+                        waiting.cancel()
+                    elif not waiting.done():
+                        waiting.set_exception(RuntimeError("outcome not recorded: interrupted"))
+                self._waiting.clear()
+        await done
+
+    async def _write(self, batch: list[_Finished], own: asyncio.Future[None]) -> None:
+        """Commit a batch of outcomes and resolve their futures. When the batch fails, each
+        outcome is tried again alone, so that one that cannot be stored fails only itself."""
+        try:
+            await settle_outcomes(self.db, [(item_id, values) for item_id, values, _ in batch])
+        except Exception as e:
+            if len(batch) > 1:
+                for one in batch:
+                    await self._write([one], own)
+                return
+            failed: BaseException = e
+        except BaseException:
+            for _, _, waiting in batch:
+                if waiting is own:
+                    waiting.cancel()
+                elif not waiting.done():
+                    waiting.set_exception(RuntimeError("outcome not recorded: interrupted"))
+            raise
+        else:
+            for _, _, waiting in batch:
+                if not waiting.done():
+                    waiting.set_result(None)
+            return
+        for _, _, waiting in batch:
+            if not waiting.done():
+                waiting.set_exception(failed)
+
+
+_Finished = tuple[int, dict[str, Any], "asyncio.Future[None]"]
+
+# What an outcome's audit row needs, returned by the UPDATE that stores the outcome (the
+# link's address by a subquery: RETURNING cannot join).
+_AUDIT_COLUMNS = (
+    mail_outbox.c.id,
+    mail_outbox.c.state,
+    mail_outbox.c.room_id,
+    mail_outbox.c.event_id,
+    mail_outbox.c.message_id,
+    mail_outbox.c.recipients,
+    mail_outbox.c.sender,
+    mail_outbox.c.body_sha256,
+    mail_outbox.c.last_error,
+    mail_outbox.c.smtp_code,
+    mail_outbox.c.kind,
+    select(link.c.remote)
+    .where(link.c.id == mail_outbox.c.link_id)
+    .scalar_subquery()
+    .label("remote"),
+)
+
+
+async def settle_outcomes(db: Database, outcomes: list[tuple[int, dict[str, Any]]]) -> None:
+    """Store final outcomes (sent, failed) of outbox mails still pending, each with its audit
+    row, in one commit: the only place where the outbox settles mail (a fencing check for the
+    instance's lease belongs in this transaction). A mail no longer pending is left alone."""
+    changed: list[Any] = []
+    async with db.begin() as conn:
+        for item_id, values in outcomes:
+            found = (
+                await conn.execute(
+                    update(mail_outbox)
+                    .where(mail_outbox.c.id == item_id, mail_outbox.c.state == "pending")
+                    .values(**values)
+                    .returning(*_AUDIT_COLUMNS)
+                )
+            ).first()
+            if found is not None:
+                changed.append(found)
+        # One audit row each, chained in the order the outcomes came.
+        await append_all_in(conn, [_audit_entry(found) for found in changed])
+    done = {int(r.id) for r in changed}
+    for item_id, _ in outcomes:
+        if item_id not in done:
             log.warning("outbox item %d is not pending any more; outcome not recorded", item_id)
 
 
-async def _audit_entry(conn: AsyncConnection, item_id: int) -> AuditEntry:
+def _audit_entry(row: Any) -> AuditEntry:  # a Row of _AUDIT_COLUMNS
     """The audit row of a mail whose final outcome was just stored."""
-    query = (
-        select(
-            mail_outbox.c.state,
-            mail_outbox.c.room_id,
-            mail_outbox.c.event_id,
-            mail_outbox.c.message_id,
-            mail_outbox.c.recipients,
-            mail_outbox.c.sender,
-            mail_outbox.c.body_sha256,
-            mail_outbox.c.last_error,
-            mail_outbox.c.smtp_code,
-            mail_outbox.c.kind,
-            link.c.remote,
-        )
-        .join(link, link.c.id == mail_outbox.c.link_id)
-        .where(mail_outbox.c.id == item_id)
-    )
-    row = (await conn.execute(query)).one()
     code = f"{row.smtp_code} " if row.smtp_code is not None else ""
     reason = f"{code}{row.last_error}" if row.last_error else (code.strip() or None)
     if row.kind == "correction":

@@ -7,6 +7,7 @@ import email
 import email.header
 import email.parser
 import email.policy
+import functools
 import hashlib
 import hmac
 import re
@@ -18,7 +19,7 @@ from email.headerregistry import Address
 from email.message import EmailMessage, MIMEPart
 from email.policy import EmailPolicy
 from html import escape as html_escape
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bridge.core.ghosts import clean_display_name
 from bridge.core.html import html_to_text, sanitize_html
@@ -88,6 +89,24 @@ class _ComposePolicy(_PolicyBase):
             return self.clone(max_line_length=_MAX_HEADER_LINE).fold_binary(name, value)
         return super().fold_binary(name, value)
 
+    def header_store_parse(self, name: str, value: Any) -> tuple[str, Any]:
+        """As EmailPolicy's, the header objects it builds remembered for the next mail with
+        the same header (a link's From, To, Reply-To, marker…): building one is most of the
+        time compose spends on headers. Header objects are immutable str subclasses."""
+        if isinstance(value, str) and len(value) <= _CACHED_HEADER_LENGTH:
+            key: tuple[str, ...] = ("str", name, value)
+        elif type(value) is Address:
+            key = ("address", name, value.display_name, value.username, value.domain)
+        else:
+            return super().header_store_parse(name, value)
+        stored = _STORED_HEADERS.get(key)
+        if stored is None:
+            stored = super().header_store_parse(name, value)
+            if len(_STORED_HEADERS) >= _STORED_HEADERS_LIMIT:
+                _STORED_HEADERS.clear()
+            _STORED_HEADERS[key] = stored
+        return stored
+
 
 def _long_quoted_name(header: object) -> bool:
     for address in getattr(header, "addresses", ()):
@@ -103,8 +122,36 @@ def _long_quoted_name(header: object) -> bool:
 # that would break a DKIM signature). refold_source="none": the headers set with set_raw
 # (Message-ID, In-Reply-To, References) are written exactly as folded here (see _set_ids).
 _POLICY = _ComposePolicy(linesep="\r\n", cte_type="7bit", refold_source="none")
+
+
+class _CheckPolicy(_PolicyBase):
+    """The self-check's parsing policy: email.policy.SMTP raising on any defect, with the
+    headers it parses remembered (most of a link's mail has the same From, To, Reply-To, loop
+    marker and MIME headers; parsing each header is most of the check's time). A header that
+    raised is not remembered: it raises again. Parsed headers are immutable str subclasses,
+    read only by _check."""
+
+    def header_fetch_parse(self, name: str, value: str) -> Any:
+        if hasattr(value, "name") or len(value) > _CACHED_HEADER_LENGTH:
+            return super().header_fetch_parse(name, value)
+        return _parse_header(self, name, value)
+
+
+# Headers longer than this are not remembered (by either policy).
+_CACHED_HEADER_LENGTH = 1000
+# Header objects built by _ComposePolicy.header_store_parse, by (kind, name, value): forgotten
+# all at once when full.
+_STORED_HEADERS: dict[tuple[str, ...], tuple[str, Any]] = {}
+_STORED_HEADERS_LIMIT = 1024
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_header(policy: _CheckPolicy, name: str, value: str) -> Any:
+    return super(_CheckPolicy, policy).header_fetch_parse(name, value)
+
+
 # Parsing back for the final self-check: any structural defect raises.
-_CHECK_POLICY = email.policy.SMTP.clone(raise_on_defect=True)
+_CHECK_POLICY = _CheckPolicy(linesep="\r\n", raise_on_defect=True)
 
 _MAX_HTML_INPUT = 128 * 1024  # a Matrix event is at most 64 KiB
 _MAX_NAME = 100

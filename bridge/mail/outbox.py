@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import logging
@@ -20,6 +21,12 @@ log = logging.getLogger("passerelle.mail.outbox")
 # With nothing scheduled that this process knows of, the store is asked again this often
 # (items stored without notify(), or scheduled by an earlier run of the bridge).
 POLL_INTERVAL = 60.0
+# Items handed over by offer() and not started yet: at most this many are kept (the rest wait
+# in the store for due()).
+READY_LIMIT = 1000
+# Ids of the last items started, so that an offer arriving after due() already returned (and
+# perhaps sent) the same item is dropped instead of sending it twice.
+_STARTED_MEMORY = 4096
 # Backoff when the store itself fails (due() or recording an outcome).
 _STORE_BACKOFF_INITIAL = 1.0
 _STORE_BACKOFF_MAXIMUM = 60.0
@@ -111,6 +118,10 @@ class OutboxWorker:
         self._running = False
         # While run() sleeps: the clock time it wakes up at by itself (-inf otherwise).
         self._sleeping_until = -math.inf
+        # Items just stored and handed over by offer(), oldest first: started without reading
+        # them back from the store.
+        self._ready: collections.deque[OutboxItem] = collections.deque()
+        self._started: collections.OrderedDict[int, None] = collections.OrderedDict()
 
     @property
     def in_flight(self) -> int:
@@ -120,6 +131,21 @@ class OutboxWorker:
     def notify(self) -> None:
         """A new item was stored: look now."""
         self._maybe_more = True
+        self._wake.set()
+
+    def offer(self, item: OutboxItem) -> None:
+        """A new item was stored (committed), here with everything needed to send it: it is
+        started without a due() query when a slot is free. Beyond READY_LIMIT waiting, the
+        offer is dropped and the store read instead (as after notify())."""
+        if item.id in self._in_flight or item.id in self._started:
+            # due() found it first (or, on SQLite, a purged item's id came back): the store
+            # says which.
+            self.notify()
+            return
+        if len(self._ready) >= READY_LIMIT:
+            self.notify()
+            return
+        self._ready.append(item)
         self._wake.set()
 
     async def run(self) -> None:
@@ -147,7 +173,9 @@ class OutboxWorker:
                 delay = self._idle_delay()
                 self._sleeping_until = self._clock() + delay
                 try:
-                    await self._sleep(delay)
+                    if not await self._sleep(delay):
+                        # Woken by the clock: a retry is due, or it is time to poll.
+                        self._maybe_more = True
                 finally:
                     self._sleeping_until = -math.inf
         finally:
@@ -165,6 +193,10 @@ class OutboxWorker:
         exhausted = False
         while True:
             free = self._concurrency - len(self._in_flight)
+            while free > 0 and (item := self._take_ready()) is not None:
+                tried.add(item.id)
+                mine.add(self._start(item))
+                free -= 1
             if not exhausted and free > 0:
                 items = await self._store.due(now, free, self._excluded() | tried)
                 exhausted = len(items) < free
@@ -184,22 +216,40 @@ class OutboxWorker:
     # -- scheduling ------------------------------------------------------------------------------
 
     async def _fill(self) -> None:
-        """Start sending due items in the free slots."""
+        """Start sending in the free slots: offered items first, then due items from the store
+        when it may hold some (a notify(), a full batch last time, a retry due, a poll)."""
         free = self._concurrency - len(self._in_flight)
+        while free > 0 and (item := self._take_ready()) is not None:
+            self._start(item)
+            free -= 1
         if free <= 0:
             return  # a finishing task wakes us up
         now = self._clock()
+        if not self._maybe_more and not (self._timers and self._timers[0][0] <= now):
+            return
         items = await self._store.due(now, free, self._excluded())
         self._maybe_more = len(items) >= free
         self._expire_timers(now)
         for item in items:
             self._start(item)
 
+    def _take_ready(self) -> OutboxItem | None:
+        while self._ready:
+            item = self._ready.popleft()
+            if item.id not in self._in_flight and item.id not in self._started:
+                return item
+            self._maybe_more = True  # dropped: the store says whether it is still due
+        return None
+
     def _excluded(self) -> set[int]:
-        return set(self._in_flight)
+        return set(self._in_flight) | {item.id for item in self._ready}
 
     def _start(self, item: OutboxItem) -> asyncio.Task[None]:
         self._retry_at.pop(item.id, None)
+        self._started[item.id] = None
+        self._started.move_to_end(item.id)
+        if len(self._started) > _STARTED_MEMORY:
+            self._started.popitem(last=False)
         task = asyncio.create_task(self._attempt(item), name=f"outbox-{item.id}")
         self._in_flight[item.id] = task
         task.add_done_callback(lambda done: self._finished(item.id, done))
@@ -209,7 +259,7 @@ class OutboxWorker:
         if self._in_flight.get(item_id) is task:
             del self._in_flight[item_id]
         self._freed.set()
-        if self._maybe_more:
+        if self._maybe_more or self._ready:
             self._wake.set()
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("outbox item %d: unexpected error", item_id, exc_info=exc)
@@ -235,9 +285,12 @@ class OutboxWorker:
         # positive unless the clock went back: never less than a few milliseconds, never a spin.
         return min(max(self._timers[0][0] - self._clock(), 0.005), self._poll_interval)
 
-    async def _sleep(self, delay: float) -> None:
+    async def _sleep(self, delay: float) -> bool:
+        """Until woken (True) or `delay` has passed (False)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), delay)
+            return True
+        return False
 
     # -- one attempt -----------------------------------------------------------------------------
 

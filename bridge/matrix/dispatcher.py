@@ -22,6 +22,10 @@ Handler = Callable[[InboxEvent], Awaitable[None]]
 
 BATCH = 500
 SWEEP_INTERVAL = 10.0
+# At most this many handled events settled (marked done) in one commit, and how long the
+# writer waits for more after the first (off every room's path: the rooms go on meanwhile).
+SETTLE_BATCH = 500
+SETTLE_DELAY = 0.02
 
 
 class EventDispatcher:
@@ -31,6 +35,12 @@ class EventDispatcher:
     as it takes, holding the room's later events behind it so order is kept. Any other failure
     counts as an attempt; after `max_attempts` the event goes to the dead-letter table and the
     room moves on. Nothing here ever reaches the homeserver's transaction request.
+
+    A handled event is marked done in the background, together with the others handled
+    meanwhile (one commit for all, not one per event), so a room's next event does not wait for
+    that write. Until it is written the event stays in flight (never dispatched twice); a crash
+    before it leaves it pending, to be handled again at start-up, as a crash between the
+    handler and the write always could: the handlers are idempotent.
     """
 
     def __init__(
@@ -45,12 +55,25 @@ class EventDispatcher:
         self._tasks = tasks
         self.retry_initial = 1.0
         self.retry_maximum = 60.0
+        # Handled events not yet marked done (in order), and the writer's state.
+        self._settled: list[int] = []
+        self._settled_wake = asyncio.Event()
+        self._all_settled = asyncio.Event()
+        self._all_settled.set()
 
     def notify(self) -> None:
         """New events were stored: look for them now rather than at the next sweep."""
         self._wake.set()
 
     async def run(self) -> None:
+        writer = asyncio.create_task(self._write_settled(), name="dispatcher-settle")
+        try:
+            await self._dispatch()
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+
+    async def _dispatch(self) -> None:
         backoff = Backoff(initial=1.0, maximum=30.0)
         while True:
             self._wake.clear()
@@ -72,15 +95,52 @@ class EventDispatcher:
                 await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
 
     async def wait_idle(self) -> None:
+        """Until every queued event is handled and marked done (needs run())."""
         await self._queues.wait_idle()
+        await self._all_settled.wait()
 
     async def _process(self, item: InboxEvent) -> None:
+        done = False
         try:
-            await self._handle_until_settled(item)
+            done = await self._handle_until_settled(item)
         finally:
-            self._in_flight.discard(item.seq)
+            if done:  # in flight until written
+                self._settled.append(item.seq)
+                self._all_settled.clear()
+                self._settled_wake.set()
+            else:
+                self._in_flight.discard(item.seq)
 
-    async def _handle_until_settled(self, item: InboxEvent) -> None:
+    async def _write_settled(self) -> None:
+        """Mark handled events done, as many in one commit as were handled meanwhile."""
+        backoff = Backoff(initial=1.0, maximum=30.0)
+        while True:
+            await self._settled_wake.wait()
+            await asyncio.sleep(SETTLE_DELAY)
+            self._settled_wake.clear()
+            while self._settled:
+                batch = self._settled[:SETTLE_BATCH]
+                try:
+                    await inbox.mark_events_done(self.db, batch)
+                except Exception as e:
+                    delay = backoff.next_delay()
+                    log.error(
+                        "cannot mark %d handled events done (%s); retrying in %.0f s",
+                        len(batch),
+                        e,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                backoff.reset()
+                del self._settled[: len(batch)]
+                self._in_flight.difference_update(batch)
+            self._all_settled.set()
+
+    async def _handle_until_settled(self, item: InboxEvent) -> bool:
+        """True when the event was handled (to be marked done), False when it was given up
+        (already marked dead)."""
+
         async def work() -> None:
             try:
                 await self.handler(item)
@@ -93,7 +153,7 @@ class EventDispatcher:
         async def give_up(reason: str) -> None:
             await inbox.mark_dead(self.db, item, reason)
 
-        if await settle(
+        return await settle(
             work,
             label=f"{item.event_id} in {item.room_id}",
             count_failure=count_failure,
@@ -102,5 +162,4 @@ class EventDispatcher:
             log=log,
             initial=self.retry_initial,
             maximum=self.retry_maximum,
-        ):
-            await inbox.mark_done(self.db, item.seq)
+        )

@@ -39,6 +39,7 @@ from bridge.mail.compose import (
     loop_marker,
     own_message_id,
 )
+from bridge.mail.outbox import OutboxItem
 from bridge.mail.outgoing import NotSent, PlannedMail, outgoing_mail, plan_event
 from bridge.matrix.client import MatrixClient, derived_txn_id
 from bridge.matrix.members import RoomMembers
@@ -81,12 +82,16 @@ class MailOut:
         members: RoomMembers,
         *,
         notify_outbox: Callable[[], None],
+        offer_outbox: Callable[[OutboxItem], None] | None = None,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         self.config = config
         self.db = db
         self.client = client
+        # Each queued mail is handed to the outbox worker with offer_outbox when given (no
+        # read back from the database), else the worker is told to look with notify_outbox.
         self.notify_outbox = notify_outbox
+        self.offer_outbox = offer_outbox
         self.clock = clock
         self.enabled = config.mail.smtp is not None
         self.secret = config.message_id_secret
@@ -150,10 +155,10 @@ class MailOut:
         for link in links:
             if await self._queue(link, plan, body_sha256):
                 queued += 1
-        if queued:
-            self.notify_outbox()
-        else:
+        if not queued:
             raise Ignored("nothing to mail")
+        if self.offer_outbox is None:
+            self.notify_outbox()
 
     # --- one message, one link -----------------------------------------------------------------
 
@@ -224,7 +229,7 @@ class MailOut:
         def envelope(item_id: int) -> str:
             return envelope_sender(self.config, from_address, item_id)
 
-        stored = await outbox_db.enqueue(
+        stored = await outbox_db.enqueue_item(
             self.db,
             NewOutgoing(
                 link_id=link.id,
@@ -250,8 +255,10 @@ class MailOut:
             plan.event_id,
             link.room_id,
             link.remote,
-            stored,
+            stored.id,
         )
+        if self.offer_outbox is not None:
+            self.offer_outbox(stored)
         return True
 
     async def _audit_refused(
