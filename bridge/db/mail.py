@@ -193,6 +193,47 @@ async def lookup_event(db: Database, link_id: int, event_id: str) -> MappedEvent
     return MappedEvent(row.message_id, EventID(row.thread_root), row.subject)
 
 
+@dataclass(frozen=True)
+class PostedMail:
+    """A mail posted as `event_id`, to be recorded: its mapping, its state and audit row."""
+
+    mail_id: int
+    link_id: int
+    message_id: str
+    room_id: RoomID
+    event_id: EventID
+    thread_root: EventID
+    subject: str | None
+    audit: AuditEntry | None = None
+
+
+async def record_posted_many(db: Database, posted: list[PostedMail]) -> None:
+    """Several posted mails recorded in one commit, in order: for each, its mapping, its
+    state done and its audit row (all or none of them)."""
+    async with db.begin() as conn:
+        for mail in posted:
+            await _record_posted_in(conn, mail)
+
+
+async def _record_posted_in(conn: AsyncConnection, mail: PostedMail) -> None:
+    await _record(
+        conn,
+        mail.link_id,
+        mail.message_id,
+        mail.room_id,
+        mail.event_id,
+        mail.thread_root,
+        mail.subject,
+    )
+    await conn.execute(
+        update(mail_raw)
+        .where(mail_raw.c.id == mail.mail_id)
+        .values(state="done", last_error=None, event_id=mail.event_id)
+    )
+    if mail.audit is not None:
+        await append_in(conn, mail.audit)
+
+
 async def record_posted(
     db: Database,
     *,
@@ -206,15 +247,9 @@ async def record_posted(
     audit: AuditEntry | None = None,
 ) -> None:
     """A posted mail: its Message-ID mapped, its state done and its audit row, in one commit."""
+    mail = PostedMail(mail_id, link_id, message_id, room_id, event_id, thread_root, subject, audit)
     async with db.begin() as conn:
-        await _record(conn, link_id, message_id, room_id, event_id, thread_root, subject)
-        await conn.execute(
-            update(mail_raw)
-            .where(mail_raw.c.id == mail_id)
-            .values(state="done", last_error=None, event_id=event_id)
-        )
-        if audit is not None:
-            await append_in(conn, audit)
+        await _record_posted_in(conn, mail)
 
 
 async def _record(
