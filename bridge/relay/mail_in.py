@@ -213,12 +213,16 @@ class MailRelay:
                 log.error("cannot read the mail store (%s); retrying", e)
                 await asyncio.sleep(5)
                 continue
+            rooms = set()
             for raw in found:
                 link = links.get(raw.link_id)
                 if link is None or link.paused:
                     continue
                 self._in_flight.add(raw.id)
                 self._queues.submit(link.room_id, (link, raw))
+                rooms.add(link.room_id)
+            for room_id in rooms:
+                self._prepare_ahead(room_id)
             if len(found) < BATCH:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
