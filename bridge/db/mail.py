@@ -76,30 +76,85 @@ async def store_raw(
     """Store one fetched mail once. A Message-ID this link already has makes it a duplicate
     (a list's second copy, or a mailbox whose UIDVALIDITY changed): kept, never posted."""
     async with db.begin() as conn:
-        if message_id is not None and state == "pending":
-            known = (
-                await conn.execute(
-                    select(mail_raw.c.id)
-                    .where(mail_raw.c.link_id == link_id, mail_raw.c.message_id == message_id)
-                    .limit(1)
-                )
-            ).first()
-            if known is not None:
-                state, raw = "duplicate", None
-        result = await conn.execute(
-            insert_ignore(conn, mail_raw, ["mailbox", "uidvalidity", "uid"]).values(
+        return await _store_raw_in(
+            conn,
+            link_id=link_id,
+            mailbox=mailbox,
+            uidvalidity=uidvalidity,
+            uid=uid,
+            message_id=message_id,
+            raw=raw,
+            size=size,
+            state=state,
+            error=error,
+        )
+
+
+@dataclass(frozen=True)
+class FetchedMail:
+    uid: int
+    message_id: str | None
+    raw: bytes
+
+
+async def store_raw_many(
+    db: Database, *, link_id: int, mailbox: str, uidvalidity: int, mails: list[FetchedMail]
+) -> int:
+    """`store_raw` for several fetched mails of one mailbox, in one commit (all or none), in
+    the order given; returns how many were stored as pending."""
+    stored = 0
+    async with db.begin() as conn:
+        for mail in mails:
+            stored += await _store_raw_in(
+                conn,
                 link_id=link_id,
                 mailbox=mailbox,
                 uidvalidity=uidvalidity,
-                uid=uid,
-                message_id=message_id,
-                raw=raw,
-                size=size,
-                received_at=now_ms(),
-                state=state,
-                last_error=error,
+                uid=mail.uid,
+                message_id=mail.message_id,
+                raw=mail.raw,
+                size=len(mail.raw),
             )
+    return stored
+
+
+async def _store_raw_in(
+    conn: AsyncConnection,
+    *,
+    link_id: int,
+    mailbox: str,
+    uidvalidity: int,
+    uid: int,
+    message_id: str | None,
+    raw: bytes | None,
+    size: int,
+    state: str = "pending",
+    error: str | None = None,
+) -> bool:
+    if message_id is not None and state == "pending":
+        known = (
+            await conn.execute(
+                select(mail_raw.c.id)
+                .where(mail_raw.c.link_id == link_id, mail_raw.c.message_id == message_id)
+                .limit(1)
+            )
+        ).first()
+        if known is not None:
+            state, raw = "duplicate", None
+    result = await conn.execute(
+        insert_ignore(conn, mail_raw, ["mailbox", "uidvalidity", "uid"]).values(
+            link_id=link_id,
+            mailbox=mailbox,
+            uidvalidity=uidvalidity,
+            uid=uid,
+            message_id=message_id,
+            raw=raw,
+            size=size,
+            received_at=now_ms(),
+            state=state,
+            last_error=error,
         )
+    )
     return bool(result.rowcount) and state == "pending"
 
 
