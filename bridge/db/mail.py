@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.core.audit import AuditEntry
@@ -264,10 +264,44 @@ class PostedMail:
 
 async def record_posted_many(db: Database, posted: list[PostedMail]) -> None:
     """Several posted mails recorded in one commit, in order: for each, its mapping, its
-    state done and its audit row (all or none of them)."""
+    state done and its audit row (all or none of them). The mappings and the states are one
+    statement each for the whole batch; the audit rows are appended in order."""
+    if len(posted) == 1:
+        async with db.begin() as conn:
+            await _record_posted_in(conn, posted[0])
+        return
+    if not posted:
+        return
+    created = now_ms()
     async with db.begin() as conn:
+        await conn.execute(
+            insert_ignore(conn, message_map, ["link_id", "message_id"]),
+            [
+                {
+                    "link_id": mail.link_id,
+                    "message_id": mail.message_id,
+                    "room_id": mail.room_id,
+                    "event_id": mail.event_id,
+                    "thread_root": mail.thread_root,
+                    "subject": mail.subject,
+                    "created_at": created,
+                }
+                for mail in posted
+            ],
+        )
+        await conn.execute(
+            _MARK_DONE, [{"b_id": mail.mail_id, "b_event_id": mail.event_id} for mail in posted]
+        )
         for mail in posted:
-            await _record_posted_in(conn, mail)
+            if mail.audit is not None:
+                await append_in(conn, mail.audit)
+
+
+_MARK_DONE = (
+    update(mail_raw)
+    .where(mail_raw.c.id == bindparam("b_id"))
+    .values(state="done", last_error=None, event_id=bindparam("b_event_id"))
+)
 
 
 async def _record_posted_in(conn: AsyncConnection, mail: PostedMail) -> None:

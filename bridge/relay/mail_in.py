@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from bridge.core.audit import AuditEntry, digest
-from bridge.core.authentication import AUTHENTICATED, Verdict
+from bridge.core.authentication import AUTHENTICATED, Verdict, load_suffix_list
 from bridge.core.backoff import Backoff
 from bridge.core.errors import Ignored, Refused, TransientError
 from bridge.core.ids import EventID, RoomID
@@ -166,6 +166,7 @@ class MailRelay:
         self.levels = levels
         self.bounces = bounces
         self._wake = asyncio.Event()
+        self._warm_up: asyncio.Future[None] | None = None
         self._in_flight: set[int] = set()
         self._ahead: dict[int, asyncio.Task[_Prepared]] = {}
         self._facts: dict[int, MailFacts] = {}
@@ -202,6 +203,9 @@ class MailRelay:
         await self._recorder.wait_idle()
 
     async def run(self) -> None:
+        # In a worker thread while the first sweep runs: the first mail checked would wait.
+        loop = asyncio.get_running_loop()
+        self._warm_up = loop.run_in_executor(None, load_suffix_list)
         while True:
             self._wake.clear()
             try:

@@ -10,12 +10,14 @@ from collections.abc import Callable
 
 import pytest
 
+from bridge.audit_cli import verify
 from bridge.config.mail import TrustSettings
 from bridge.core.ids import EventID, RoomID
 from bridge.core.links import Link
 from bridge.core.message import IncomingMessage
 from bridge.core.tasks import TaskGroup
 from bridge.core.threading import ThreadTarget
+from bridge.db import audit as audit_db
 from bridge.db import mail as mail_db
 from bridge.db.engine import Database
 from bridge.mail.authcheck import SenderAuthenticator
@@ -89,6 +91,15 @@ async def test_posting_does_not_wait_for_the_records(
     # Records gathered while the first commit was held went in fewer commits than mails.
     assert held.calls < 6
     assert len(relay.poster.posts) == 6
+    # One audit row per posted mail, in the order of the posts, and the chain holds.
+    posted = [
+        row.entry.ids["event_id"]
+        async for row in audit_db.rows(relay.db)
+        if row.entry.direction == "mail_in"
+    ]
+    assert posted == [p.event_id for p in relay.poster.posts]
+    _, broken = await verify(relay.db)
+    assert broken is None
 
 
 async def test_a_reply_finds_its_root_before_the_root_is_recorded(
