@@ -94,7 +94,9 @@ ALLOW = "achats.gouv.fr"
 AUTHSERV_ID = "mx.bench.test"
 MTA_RESULTS = f"{AUTHSERV_ID}; dkim=pass header.d={ALLOW}; dmarc=pass header.from={ALLOW}"
 GHOST_PREFIX = "@passerelle_"
-TARGET = 0.9
+# Issue 12: relay/plain in one room, and across rooms (a plain client per room, in parallel).
+TARGET_1 = 0.95
+TARGET_N = 0.9
 # Other processes using more than this many cores on average during a phase: its numbers are
 # not to be trusted (this machine has 2 cores).
 BUSY_CORES = 0.5
@@ -986,8 +988,8 @@ def mean_rate(before: dict[str, Any], after: dict[str, Any]) -> float:
 # --- report -----------------------------------------------------------------------------------
 
 
-def verdict(ratio: float) -> str:
-    return "ok" if ratio >= TARGET else "MISSED"
+def verdict(ratio: float, target: float) -> str:
+    return "ok" if ratio >= target else "MISSED"
 
 
 def describe(label: str, result: dict[str, Any]) -> None:
@@ -1351,10 +1353,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{results['bridge_1']['rate_per_s']}/s, {rooms_label(args.links)} "
         f"{results['bridge_n']['rate_per_s']}/s"
     )
-    print(f"relay/plain (1 room): {ratio_1:.2f} (target >= {TARGET}) {verdict(ratio_1)}")
     print(
-        f"relay/plain ({rooms_label(args.links)}): {ratio_n:.2f} (target >= {TARGET}) "
-        f"{verdict(ratio_n)}"
+        f"relay/plain (1 room): {ratio_1:.2f} (target >= {TARGET_1}) {verdict(ratio_1, TARGET_1)}"
+    )
+    print(
+        f"relay/plain ({rooms_label(args.links)}): {ratio_n:.2f} (target >= {TARGET_N}) "
+        f"{verdict(ratio_n, TARGET_N)}"
     )
     for key, label in (("bridge_1", "1 room"), ("bridge_n", rooms_label(args.links))):
         r = results[key]
@@ -1390,7 +1394,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(cores used: {results['disturbed']}); those numbers are unreliable: run again "
             "on a quiet machine"
         )
-    missed = [name for name, r in (("1 room", ratio_1), ("many rooms", ratio_n)) if r < TARGET]
+    missed = [
+        name
+        for name, r, target in (("1 room", ratio_1, TARGET_1), ("many rooms", ratio_n, TARGET_N))
+        if r < target
+    ]
     if missed:
         print(f"target missed for: {', '.join(missed)}")
     print(json.dumps(results, sort_keys=True))
