@@ -128,6 +128,11 @@ class _Record:
     key: tuple[int, str]
 
 
+def _log_warm_up(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and (error := future.exception()) is not None:
+        log.warning("the Public Suffix List could not be loaded ahead: %s", error)
+
+
 def _timestamp(message: IncomingMessage) -> int | None:
     """The mail's own date for the event, never in the future."""
     if message.date is None:
@@ -206,6 +211,7 @@ class MailRelay:
         # In a worker thread while the first sweep runs: the first mail checked would wait.
         loop = asyncio.get_running_loop()
         self._warm_up = loop.run_in_executor(None, load_suffix_list)
+        self._warm_up.add_done_callback(_log_warm_up)
         while True:
             self._wake.clear()
             try:
