@@ -65,6 +65,11 @@ def _suffixes() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+def load_suffix_list() -> None:
+    """Parse the Public Suffix List now (about a second of CPU), not on the first mail checked."""
+    _suffixes()
+
+
 @functools.lru_cache(maxsize=4096)
 def organizational_domain(domain: str) -> str:
     """The organisational domain (RFC 7489 3.2) from the Public Suffix List: one label below

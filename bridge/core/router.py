@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
@@ -38,6 +39,11 @@ class RoomQueues(Generic[T]):
             self._idle.clear()
             self._tasks.spawn(self._worker(key, queue), name=f"{self._name}:{key}")
         queue.append(item)
+
+    def upcoming(self, key: str, count: int) -> list[T]:
+        """The key's next `count` items, the one running first (while its run lasts)."""
+        queue = self._queues.get(key)
+        return list(itertools.islice(queue, count)) if queue is not None else []
 
     def pending(self) -> int:
         return sum(len(q) for q in self._queues.values())

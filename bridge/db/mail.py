@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.core.audit import AuditEntry
@@ -76,30 +76,85 @@ async def store_raw(
     """Store one fetched mail once. A Message-ID this link already has makes it a duplicate
     (a list's second copy, or a mailbox whose UIDVALIDITY changed): kept, never posted."""
     async with db.begin() as conn:
-        if message_id is not None and state == "pending":
-            known = (
-                await conn.execute(
-                    select(mail_raw.c.id)
-                    .where(mail_raw.c.link_id == link_id, mail_raw.c.message_id == message_id)
-                    .limit(1)
-                )
-            ).first()
-            if known is not None:
-                state, raw = "duplicate", None
-        result = await conn.execute(
-            insert_ignore(conn, mail_raw, ["mailbox", "uidvalidity", "uid"]).values(
+        return await _store_raw_in(
+            conn,
+            link_id=link_id,
+            mailbox=mailbox,
+            uidvalidity=uidvalidity,
+            uid=uid,
+            message_id=message_id,
+            raw=raw,
+            size=size,
+            state=state,
+            error=error,
+        )
+
+
+@dataclass(frozen=True)
+class FetchedMail:
+    uid: int
+    message_id: str | None
+    raw: bytes
+
+
+async def store_raw_many(
+    db: Database, *, link_id: int, mailbox: str, uidvalidity: int, mails: list[FetchedMail]
+) -> int:
+    """`store_raw` for several fetched mails of one mailbox, in one commit (all or none), in
+    the order given; returns how many were stored as pending."""
+    stored = 0
+    async with db.begin() as conn:
+        for mail in mails:
+            stored += await _store_raw_in(
+                conn,
                 link_id=link_id,
                 mailbox=mailbox,
                 uidvalidity=uidvalidity,
-                uid=uid,
-                message_id=message_id,
-                raw=raw,
-                size=size,
-                received_at=now_ms(),
-                state=state,
-                last_error=error,
+                uid=mail.uid,
+                message_id=mail.message_id,
+                raw=mail.raw,
+                size=len(mail.raw),
             )
+    return stored
+
+
+async def _store_raw_in(
+    conn: AsyncConnection,
+    *,
+    link_id: int,
+    mailbox: str,
+    uidvalidity: int,
+    uid: int,
+    message_id: str | None,
+    raw: bytes | None,
+    size: int,
+    state: str = "pending",
+    error: str | None = None,
+) -> bool:
+    if message_id is not None and state == "pending":
+        known = (
+            await conn.execute(
+                select(mail_raw.c.id)
+                .where(mail_raw.c.link_id == link_id, mail_raw.c.message_id == message_id)
+                .limit(1)
+            )
+        ).first()
+        if known is not None:
+            state, raw = "duplicate", None
+    result = await conn.execute(
+        insert_ignore(conn, mail_raw, ["mailbox", "uidvalidity", "uid"]).values(
+            link_id=link_id,
+            mailbox=mailbox,
+            uidvalidity=uidvalidity,
+            uid=uid,
+            message_id=message_id,
+            raw=raw,
+            size=size,
+            received_at=now_ms(),
+            state=state,
+            last_error=error,
         )
+    )
     return bool(result.rowcount) and state == "pending"
 
 
@@ -193,6 +248,81 @@ async def lookup_event(db: Database, link_id: int, event_id: str) -> MappedEvent
     return MappedEvent(row.message_id, EventID(row.thread_root), row.subject)
 
 
+@dataclass(frozen=True)
+class PostedMail:
+    """A mail posted as `event_id`, to be recorded: its mapping, its state and audit row."""
+
+    mail_id: int
+    link_id: int
+    message_id: str
+    room_id: RoomID
+    event_id: EventID
+    thread_root: EventID
+    subject: str | None
+    audit: AuditEntry | None = None
+
+
+async def record_posted_many(db: Database, posted: list[PostedMail]) -> None:
+    """Several posted mails recorded in one commit, in order: for each, its mapping, its
+    state done and its audit row (all or none of them). The mappings and the states are one
+    statement each for the whole batch; the audit rows are appended in order."""
+    if len(posted) == 1:
+        async with db.begin() as conn:
+            await _record_posted_in(conn, posted[0])
+        return
+    if not posted:
+        return
+    created = now_ms()
+    async with db.begin() as conn:
+        await conn.execute(
+            insert_ignore(conn, message_map, ["link_id", "message_id"]),
+            [
+                {
+                    "link_id": mail.link_id,
+                    "message_id": mail.message_id,
+                    "room_id": mail.room_id,
+                    "event_id": mail.event_id,
+                    "thread_root": mail.thread_root,
+                    "subject": mail.subject,
+                    "created_at": created,
+                }
+                for mail in posted
+            ],
+        )
+        await conn.execute(
+            _MARK_DONE, [{"b_id": mail.mail_id, "b_event_id": mail.event_id} for mail in posted]
+        )
+        for mail in posted:
+            if mail.audit is not None:
+                await append_in(conn, mail.audit)
+
+
+_MARK_DONE = (
+    update(mail_raw)
+    .where(mail_raw.c.id == bindparam("b_id"))
+    .values(state="done", last_error=None, event_id=bindparam("b_event_id"))
+)
+
+
+async def _record_posted_in(conn: AsyncConnection, mail: PostedMail) -> None:
+    await _record(
+        conn,
+        mail.link_id,
+        mail.message_id,
+        mail.room_id,
+        mail.event_id,
+        mail.thread_root,
+        mail.subject,
+    )
+    await conn.execute(
+        update(mail_raw)
+        .where(mail_raw.c.id == mail.mail_id)
+        .values(state="done", last_error=None, event_id=mail.event_id)
+    )
+    if mail.audit is not None:
+        await append_in(conn, mail.audit)
+
+
 async def record_posted(
     db: Database,
     *,
@@ -206,15 +336,9 @@ async def record_posted(
     audit: AuditEntry | None = None,
 ) -> None:
     """A posted mail: its Message-ID mapped, its state done and its audit row, in one commit."""
+    mail = PostedMail(mail_id, link_id, message_id, room_id, event_id, thread_root, subject, audit)
     async with db.begin() as conn:
-        await _record(conn, link_id, message_id, room_id, event_id, thread_root, subject)
-        await conn.execute(
-            update(mail_raw)
-            .where(mail_raw.c.id == mail_id)
-            .values(state="done", last_error=None, event_id=event_id)
-        )
-        if audit is not None:
-            await append_in(conn, audit)
+        await _record_posted_in(conn, mail)
 
 
 async def _record(

@@ -58,6 +58,17 @@ class MailboxStore(Protocol):
 
 
 @runtime_checkable
+class BatchStore(MailboxStore, Protocol):
+    """A store that can keep several fetched mails in one commit (optional)."""
+
+    async def store_raw_many(
+        self, mailbox: str, uidvalidity: int, mails: list[tuple[int, bytes]]
+    ) -> None:
+        """Durable, all or none; idempotent like store_raw; `mails` in UID order."""
+        ...
+
+
+@runtime_checkable
 class BaselineStore(MailboxStore, Protocol):
     """A store that wants a new mailbox to start from its current end (optional)."""
 
@@ -211,12 +222,42 @@ class ImapWatcher:
         wanted = [uid for uid, size in group if size is not None and size <= self._max_size]
         bodies = await self._folder.bodies(session, wanted) if wanted else {}
         stored = 0
+        # Runs of plainly fetched mails are kept in one commit each; any other mail goes alone
+        # and only after the run before it is kept, so the stored UIDs never skip one.
+        run: list[tuple[int, bytes]] = []
         for uid, size in group:
-            if await self._deliver(session, uid, size, bodies.get(uid)):
+            body = bodies.get(uid)
+            if isinstance(self._store, BatchStore) and self._plain(size, body):
+                assert body is not None
+                run.append((uid, body))
+                continue
+            stored += await self._store_run(session, run)
+            run = []
+            if await self._deliver(session, uid, size, body):
                 stored += 1
+        stored += await self._store_run(session, run)
         if stored:
             self._store.notify()
         return stored
+
+    def _plain(self, size: int | None, body: bytes | None) -> bool:
+        """A mail whose size and body were read and are within the limit."""
+        return (
+            size is not None
+            and size <= self._max_size
+            and body is not None
+            and len(body) <= self._max_size
+        )
+
+    async def _store_run(self, session: ImapSession, run: list[tuple[int, bytes]]) -> int:
+        if not run:
+            return 0
+        assert isinstance(self._store, BatchStore)
+        await self._store.store_raw_many(self._mailbox, session.uidvalidity, run)
+        for uid, _ in run:
+            self._failures.pop((session.uidvalidity, uid), None)
+        log.debug("IMAP %s: stored UIDs %d-%d", self._mailbox, run[0][0], run[-1][0])
+        return len(run)
 
     async def _deliver(
         self, session: ImapSession, uid: int, size: int | None, body: bytes | None

@@ -72,6 +72,18 @@ class DbMailboxStore:
             size=len(raw),
         )
 
+    async def store_raw_many(
+        self, mailbox: str, uidvalidity: int, mails: list[tuple[int, bytes]]
+    ) -> None:
+        """Several fetched mails (UID, raw), in UID order, in one commit."""
+        await mail_db.store_raw_many(
+            self.db,
+            link_id=self.link_id,
+            mailbox=mailbox,
+            uidvalidity=uidvalidity,
+            mails=[mail_db.FetchedMail(uid, message_id_of(raw), raw) for uid, raw in mails],
+        )
+
     async def store_oversized(self, mailbox: str, uidvalidity: int, uid: int, size: int) -> None:
         await mail_db.store_raw(
             self.db,

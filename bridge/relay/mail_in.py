@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
+import itertools
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 from bridge.core.audit import AuditEntry, digest
-from bridge.core.authentication import AUTHENTICATED, Verdict
+from bridge.core.authentication import AUTHENTICATED, Verdict, load_suffix_list
 from bridge.core.backoff import Backoff
 from bridge.core.errors import Ignored, Refused, TransientError
 from bridge.core.ids import EventID, RoomID
 from bridge.core.links import Link
 from bridge.core.marking import Levels, mail_marking, may_post
 from bridge.core.message import Attachment, IncomingMessage
+from bridge.core.recorder import GroupCommit
 from bridge.core.retry import describe, settle_stored
 from bridge.core.router import RoomQueues
 from bridge.core.tasks import TaskGroup
@@ -27,11 +31,14 @@ from bridge.core.threading import Mapped, ThreadTarget, resolve_thread
 from bridge.db import links as link_db
 from bridge.db import mail as mail_db
 from bridge.db.engine import Database
-from bridge.db.mail import RawMail
+from bridge.db.mail import PostedMail, RawMail
 
 log = logging.getLogger("passerelle.mail.relay")
 
 BATCH = 200
+# Mails of a room prepared (parsed, sender checked, looked up) while the one before them is
+# sent. A few are enough to keep the send path free; more would only hold the interpreter.
+AHEAD = 4
 SWEEP_INTERVAL = 10.0
 TRIMMED = "quoted history trimmed"
 
@@ -93,6 +100,39 @@ class MailFacts:
     verdict: str | None = None  # sender authentication: authenticated | unverified | failed
 
 
+@dataclasses.dataclass
+class _Prepared:
+    """A mail's parse, sender verdict and Message-ID lookup, worked out ahead of its turn.
+    Each failure is kept and raised at the step of the turn that needs it, as if that step
+    had run then."""
+
+    message: IncomingMessage | None = None
+    parse_error: Exception | None = None
+    verdict: Verdict | None = None
+    verdict_error: Exception | None = None
+    looked_up: bool = False
+    existing: Mapped | None = None
+
+
+@dataclasses.dataclass
+class _Remembered:
+    """A posted mail's mapping, known here from its send until no lookup can miss it."""
+
+    mapped: Mapped
+    committed_at: int | None = None  # the relay's sequence number when its record committed
+
+
+@dataclasses.dataclass(frozen=True)
+class _Record:
+    posted: PostedMail
+    key: tuple[int, str]
+
+
+def _log_warm_up(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and (error := future.exception()) is not None:
+        log.warning("the Public Suffix List could not be loaded ahead: %s", error)
+
+
 def _timestamp(message: IncomingMessage) -> int | None:
     """The mail's own date for the event, never in the future."""
     if message.date is None:
@@ -131,10 +171,31 @@ class MailRelay:
         self.levels = levels
         self.bounces = bounces
         self._wake = asyncio.Event()
+        self._warm_up: asyncio.Future[None] | None = None
         self._in_flight: set[int] = set()
-        self._parsing: dict[int, asyncio.Future[IncomingMessage]] = {}
+        self._ahead: dict[int, asyncio.Task[_Prepared]] = {}
         self._facts: dict[int, MailFacts] = {}
         self._queues: RoomQueues[tuple[Link, RawMail]] = RoomQueues(self._process, tasks, "mail")
+        # A posted mail is recorded (mapping, state, audit row) in the background, several per
+        # commit, while its room's next mail is sent; until then it stays in flight.
+        self._recorder: GroupCommit[_Record] = GroupCommit(
+            self._write_records,
+            tasks,
+            "mail",
+            done=self._recorded,
+            failed=self._record_failed,
+        )
+        self._recorded_later: set[int] = set()
+        # Mappings of posted mails by (link, Message-ID): a reply or a copy handled before the
+        # record commits finds its mail here. Kept past the commit while a lookup made ahead
+        # of a mail's turn may have read the database before it (`_readers`: mail ID → the
+        # sequence number when its lookup started).
+        self._seq = itertools.count()
+        self._posted: dict[tuple[int, str], _Remembered] = {}
+        self._committed: collections.deque[tuple[int, tuple[int, str], _Remembered]] = (
+            collections.deque()
+        )
+        self._readers: dict[int, int] = {}
         self.retry_initial = 1.0
         # Told the seconds from fetch to post of every mail posted (the metrics' latency).
         self.on_posted: Callable[[float], None] | None = None
@@ -144,8 +205,13 @@ class MailRelay:
 
     async def wait_idle(self) -> None:
         await self._queues.wait_idle()
+        await self._recorder.wait_idle()
 
     async def run(self) -> None:
+        # In a worker thread while the first sweep runs: the first mail checked would wait.
+        loop = asyncio.get_running_loop()
+        self._warm_up = loop.run_in_executor(None, load_suffix_list)
+        self._warm_up.add_done_callback(_log_warm_up)
         while True:
             self._wake.clear()
             try:
@@ -157,34 +223,103 @@ class MailRelay:
                 log.error("cannot read the mail store (%s); retrying", e)
                 await asyncio.sleep(5)
                 continue
+            rooms = set()
             for raw in found:
                 link = links.get(raw.link_id)
                 if link is None or link.paused:
                     continue
                 self._in_flight.add(raw.id)
-                self._parse_ahead(raw)
                 self._queues.submit(link.room_id, (link, raw))
+                rooms.add(link.room_id)
+            for room_id in rooms:
+                self._prepare_ahead(room_id)
             if len(found) < BATCH:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
 
-    def _parse_ahead(self, raw: RawMail) -> None:
-        """Parse in a worker thread as soon as a mail is queued: a room posts one mail at a
-        time, and while it waits for the homeserver the next mails get parsed."""
-        if raw.raw is not None and raw.id not in self._parsing:
-            loop = asyncio.get_running_loop()
-            self._parsing[raw.id] = loop.run_in_executor(None, self.parse, raw.raw)
+    # -- ahead of a mail's turn -----------------------------------------------------------------
 
-    async def _parsed(self, raw: RawMail) -> IncomingMessage:
+    def _prepare_ahead(self, room_id: str) -> None:
+        """The room's current mail and the next AHEAD ones get prepared, in the background:
+        a room posts one mail at a time, and while it waits for the homeserver the next
+        mails are parsed, checked and looked up, so that their turn is only the send."""
+        for link, raw in self._queues.upcoming(room_id, AHEAD + 1):
+            if raw.raw is not None and raw.id not in self._ahead:
+                self._ahead[raw.id] = asyncio.create_task(
+                    self._prepare(link, raw), name=f"mail-ahead:{raw.id}"
+                )
+
+    async def _prepare(self, link: Link, raw: RawMail) -> _Prepared:
         assert raw.raw is not None
-        future = self._parsing.pop(raw.id, None)
-        if future is None:
-            return self.parse(raw.raw)
-        return await future
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(None, self._parse_and_check, raw.raw)
+        if prepared.message is None:
+            return prepared
+        message_id = prepared.message.thread.message_id or synthetic_message_id(raw.raw)
+        self._readers[raw.id] = next(self._seq)
+        try:
+            prepared.existing = await mail_db.lookup(self.db, link.id, message_id)
+            prepared.looked_up = True
+        except Exception as e:
+            log.debug("lookup ahead of mail %d failed (%s); it is done in its turn", raw.id, e)
+        return prepared
+
+    def _parse_and_check(self, raw: bytes) -> _Prepared:
+        """In a worker thread: parse, then the sender's verdict (it may block on DNS)."""
+        prepared = _Prepared()
+        try:
+            prepared.message = self.parse(raw)
+        except Exception as e:
+            prepared.parse_error = e
+            return prepared
+        try:
+            prepared.verdict = self.authenticate(raw, prepared.message.sender.address)
+        except Exception as e:
+            prepared.verdict_error = e
+        return prepared
+
+    async def _prepared(self, raw: RawMail) -> _Prepared | None:
+        """What was worked out ahead of this turn (None on a retry: each step runs now)."""
+        task = self._ahead.pop(raw.id, None)
+        if task is None:
+            return None
+        return await task
+
+    def _drop_ahead(self, raw: RawMail) -> None:
+        leftover = self._ahead.pop(raw.id, None)
+        if leftover is not None:
+            leftover.cancel()
+        if self._readers.pop(raw.id, None) is not None:
+            self._forget_committed()
+
+    # -- mappings posted but maybe not yet committed --------------------------------------------
+
+    def _remember(self, key: tuple[int, str], mapped: Mapped) -> _Remembered:
+        entry = self._posted[key] = _Remembered(mapped)
+        return entry
+
+    def _remembered(self, link_id: int, message_id: str) -> Mapped | None:
+        entry = self._posted.get((link_id, message_id))
+        return entry.mapped if entry is not None else None
+
+    def _forget_committed(self) -> None:
+        """Committed mappings no lookup made ahead can have missed leave the memory."""
+        floor = min(self._readers.values(), default=math.inf)
+        while self._committed and self._committed[0][0] < floor:
+            _, key, entry = self._committed.popleft()
+            if self._posted.get(key) is entry:
+                del self._posted[key]
+
+    async def _known(self, link_id: int, message_id: str) -> Mapped | None:
+        remembered = self._remembered(link_id, message_id)
+        if remembered is not None:
+            return remembered
+        return await mail_db.lookup(self.db, link_id, message_id)
 
     async def _process(self, item: tuple[Link, RawMail]) -> None:
         link, raw = item
         label = f"mail {raw.uidvalidity}/{raw.uid} of {link.remote}"
+        self._prepare_ahead(link.room_id)
 
         async def handle() -> None:
             await self.handle(link, raw)
@@ -220,11 +355,10 @@ class MailRelay:
                 initial=self.retry_initial,
             )
         finally:
-            self._in_flight.discard(raw.id)
+            if raw.id not in self._recorded_later:
+                self._in_flight.discard(raw.id)
             self._facts.pop(raw.id, None)
-            leftover = self._parsing.pop(raw.id, None)
-            if leftover is not None:
-                leftover.cancel()
+            self._drop_ahead(raw)
 
     async def handle(self, link: Link, raw: RawMail) -> None:
         """Bridge one stored mail; raises Refused or Ignored for final non-posting outcomes."""
@@ -251,8 +385,15 @@ class MailRelay:
         # to the message it is about, before any sender or auto-reply check; never posted.
         if self.bounces is not None and await self.bounces.take(link, raw.raw):
             raise Ignored("a delivery report")
+        prepared = await self._prepared(raw)
         try:
-            message = await self._parsed(raw)
+            if prepared is None:
+                message = self.parse(raw.raw)
+            elif prepared.message is not None:
+                message = prepared.message
+            else:
+                assert prepared.parse_error is not None
+                raise prepared.parse_error
         except Refused as e:
             await self._refused(
                 link, "(unreadable)", f"A mail to {link.remote} was not posted: {e}."
@@ -274,16 +415,21 @@ class MailRelay:
             )
             raise Refused(f"sender {address} not allowed")
         await self._check_marking(link, message, raw)
-        existing = await mail_db.lookup(self.db, link.id, message_id)
+        existing = self._remembered(link.id, message_id)
+        if existing is None:
+            if prepared is not None and prepared.looked_up:
+                existing = prepared.existing
+            else:
+                existing = await mail_db.lookup(self.db, link.id, message_id)
         if existing is not None:
             # Posted before a crash could record the outcome, or a copy under a new UID.
             audit = self._audit(link, raw, "done", "posted before", existing.event_id)
             await mail_db.finish(self.db, raw.id, "done", event_id=existing.event_id, audit=audit)
             return
-        message = await self._authenticated(link, raw, message)
+        message = await self._authenticated(link, raw, message, prepared)
 
         async def known(mid: str) -> Mapped | None:
-            return await mail_db.lookup(self.db, link.id, mid)
+            return await self._known(link.id, mid)
 
         threads = link.settings.thread_mode == "threads"
         target = await resolve_thread(message.thread, known)
@@ -297,31 +443,75 @@ class MailRelay:
             ts=_timestamp(message),
         )
         root = target.thread_root if target.thread_root is not None else event_id
-        await mail_db.record_posted(
-            self.db,
+        thread_root = root if threads else event_id
+        key = (link.id, message_id)
+        self._remember(key, Mapped(event_id, thread_root, message.subject))
+        # Recorded while the room's next mail is sent. A crash before the commit leaves the
+        # mail pending: it is sent again with the same transaction IDs, and the homeserver
+        # answers with the events it already made (exactly once, in order).
+        self._recorded_later.add(raw.id)
+        posted = PostedMail(
             mail_id=raw.id,
             link_id=link.id,
             message_id=message_id,
             room_id=link.room_id,
             event_id=event_id,
-            thread_root=root if threads else event_id,
+            thread_root=thread_root,
             subject=message.subject,
             audit=self._audit(link, raw, "done", None, event_id),
         )
+        self._recorder.add(_Record(posted, key))
         log.info("posted mail %s/%s of %s as %s", raw.uidvalidity, raw.uid, link.remote, event_id)
         if raw.received_at and self.on_posted is not None:
             self.on_posted(max(0.0, time.time() - raw.received_at / 1000))
 
+    # -- records, off the send path --------------------------------------------------------------
+
+    async def _write_records(self, records: list[_Record]) -> None:
+        await mail_db.record_posted_many(self.db, [record.posted for record in records])
+
+    def _recorded(self, record: _Record) -> None:
+        mail_id = record.posted.mail_id
+        self._recorded_later.discard(mail_id)
+        self._in_flight.discard(mail_id)
+        entry = self._posted.get(record.key)
+        if entry is not None and entry.mapped.event_id == record.posted.event_id:
+            entry.committed_at = next(self._seq)
+            self._committed.append((entry.committed_at, record.key, entry))
+        self._forget_committed()
+
+    def _record_failed(self, record: _Record, error: Exception) -> None:
+        """The mail stays pending: a sweep sends it again with the same transaction IDs."""
+        posted = record.posted
+        log.error(
+            "mail %d was posted as %s but could not be recorded (%s); it will be sent again "
+            "with the same transaction ID",
+            posted.mail_id,
+            posted.event_id,
+            describe(error),
+        )
+        entry = self._posted.get(record.key)
+        if entry is not None and entry.mapped.event_id == posted.event_id:
+            del self._posted[record.key]
+        self._recorded_later.discard(posted.mail_id)
+        self._in_flight.discard(posted.mail_id)
+        asyncio.get_running_loop().call_later(self.retry_initial, self.notify)
+
     async def _authenticated(
-        self, link: Link, raw: RawMail, message: IncomingMessage
+        self, link: Link, raw: RawMail, message: IncomingMessage, prepared: _Prepared | None
     ) -> IncomingMessage:
         """The message with its verdict; Refused (the room told once a day per sender) when
         the link requires its sender's domain to be authenticated and it is not. Nothing
         about a refused mail reaches Matrix: no ghost is made or renamed for it."""
         address = message.sender.address
-        loop = asyncio.get_running_loop()
         assert raw.raw is not None
-        verdict = await loop.run_in_executor(None, self.authenticate, raw.raw, address)
+        if prepared is not None and prepared.verdict is not None:
+            verdict = prepared.verdict
+        elif prepared is not None and prepared.verdict_error is not None:
+            raise prepared.verdict_error
+        else:
+            loop = asyncio.get_running_loop()
+            verdict = await loop.run_in_executor(None, self.authenticate, raw.raw, address)
         log.debug("sender %s of a mail to %s: %s", address, link.remote, verdict.reason)
         facts = self._facts.get(raw.id)
         if facts is not None:
