@@ -1,9 +1,8 @@
 """The mail side of a running bridge: config links, one IMAP watcher per linked mailbox (and
-one for the bounce mailbox)."""
+one for the bounce mailbox), run within the IMAP connection pool."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,6 +14,7 @@ from bridge.core.tasks import TaskGroup
 from bridge.db import links as link_db
 from bridge.db import rooms
 from bridge.db.engine import Database
+from bridge.mail.imap_pool import ImapPool
 from bridge.mail.imap_session import MailboxConfig
 from bridge.mail.imap_watcher import ImapWatcher, MailboxStore
 from bridge.mail.store import DbMailboxStore
@@ -41,8 +41,13 @@ class MailService:
         self.relay = relay
         self.bounces = bounces
         self.health: dict[str, ComponentHealth] = {}
-        self._watchers: dict[int, tuple[str, asyncio.Task[Any]]] = {}
-        self._bounce_watcher: asyncio.Task[Any] | None = None
+        self._watchers: dict[int, str] = {}  # link id → mailbox address (the pool's key)
+        self._bounce_watched = False
+        self.pool = ImapPool(
+            tasks.spawn,
+            max_connections=config.mail.max_imap_connections,
+            poll_interval=config.mail.poll_interval,
+        )
 
     async def sync_config_links(self, join: Callable[[RoomID], Awaitable[bool]]) -> None:
         """Links written in the config file are (re)created at start-up. The bot must be in
@@ -96,8 +101,8 @@ class MailService:
         }
         for link_id in list(self._watchers):
             if link_id not in wanted:
-                address, task = self._watchers.pop(link_id)
-                task.cancel()
+                address = self._watchers.pop(link_id)
+                self.pool.remove(address)
                 self.health.pop(address, None)
                 log.info("stopped watching %s", address)
         for link in wanted.values():
@@ -107,22 +112,21 @@ class MailService:
                 log.warning("link to %s: it is the bounce mailbox, never linked", link.remote)
                 continue
             store = DbMailboxStore(self.db, link.id, self.relay.notify)
-            started = self._watch(link.remote, store)
-            if started is not None:
-                self._watchers[link.id] = (link.remote, started)
+            if self._watch(link.remote, store):
+                self._watchers[link.id] = link.remote
                 log.info("watching %s for %s", link.remote, link.room_id)
         bounce_box = self.config.mail.bounces.mailbox
-        if bounce_box is not None and self.bounces is not None and self._bounce_watcher is None:
-            self._bounce_watcher = self._watch(
+        if bounce_box is not None and self.bounces is not None and not self._bounce_watched:
+            self._bounce_watched = self._watch(
                 bounce_box, BounceMailboxStore(self.db, self.bounces)
             )
             log.info("watching %s for delivery reports", bounce_box)
 
-    def _watch(self, address: str, store: MailboxStore) -> asyncio.Task[Any] | None:
+    def _watch(self, address: str, store: MailboxStore) -> bool:
         mailbox = self.config.mail.mailboxes.get(address)
         if mailbox is None:
             log.warning("%s has no mailbox in mail.mailboxes; nothing is fetched", address)
-            return None
+            return False
         health = self.health[address] = ComponentHealth(f"imap:{address}")
         watcher = ImapWatcher(
             address,
@@ -140,7 +144,8 @@ class MailService:
             max_size=self.config.mail.max_message_size,
             poll_interval=self.config.mail.poll_interval,
         )
-        return self.tasks.spawn(watcher.run(), name=f"imap:{address}")
+        self.pool.add(address, watcher)
+        return True
 
     def report(self) -> dict[str, Any]:
         return {address: h.as_dict() for address, h in self.health.items()}
