@@ -52,32 +52,50 @@ class MailService:
     async def sync_config_links(self, join: Callable[[RoomID], Awaitable[bool]]) -> None:
         """Links written in the config file are (re)created at start-up. The bot must be in
         the room to post there: if it cannot join, the link waits (paused) for an invite
-        instead of failing every mail."""
+        instead of failing every mail. A link already stored as written, in a room the bot
+        is in, costs nothing here (thousands of config links start in one query each)."""
+        existing = {
+            link.remote: link for link in await link_db.all_links(self.db) if link.kind == "mail"
+        }
+        known_rooms = await rooms.all_rooms(self.db)
         for spec in self.config.links:
-            link = await link_db.save_link(
-                self.db,
-                room_id=RoomID(spec.room_id),
-                kind="mail",
-                remote=spec.address,
-                settings=spec.settings(),
-                source="config",
-                created_by=None,
-            )
-            room = await rooms.get_room(self.db, link.room_id)
+            link = existing.get(spec.address)
+            if (
+                link is None
+                or link.room_id != spec.room_id
+                or link.settings != spec.settings()
+                or link.source != "config"
+            ):
+                link = await link_db.save_link(
+                    self.db,
+                    room_id=RoomID(spec.room_id),
+                    kind="mail",
+                    remote=spec.address,
+                    settings=spec.settings(),
+                    source="config",
+                    created_by=None,
+                )
+            room = known_rooms.get(link.room_id)
             if room is not None and room.encrypted:
                 log.warning(
                     "%s is linked to %s, which is encrypted: the link stays paused",
                     link.remote,
                     link.room_id,
                 )
-                await link_db.set_paused(self.db, link.id, True)
+                if not link.paused:
+                    await link_db.set_paused(self.db, link.id, True)
                 continue
-            if not await join(link.room_id):
-                log.warning(
-                    "the bot cannot join %s: mail for %s waits until someone invites it",
-                    link.room_id,
-                    link.remote,
-                )
+            joined = room is not None and room.bot_membership == "join"
+            if joined or await join(link.room_id):
+                if link.paused:
+                    await link_db.set_paused(self.db, link.id, False)
+                continue
+            log.warning(
+                "the bot cannot join %s: mail for %s waits until someone invites it",
+                link.room_id,
+                link.remote,
+            )
+            if not link.paused:
                 await link_db.set_paused(self.db, link.id, True)
 
     async def room_joined(self, room_id: RoomID) -> None:
