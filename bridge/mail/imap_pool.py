@@ -4,8 +4,9 @@ ones, round-robin polling over the remaining connections for the rest."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
+import heapq
+import itertools
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -48,7 +49,8 @@ class _Entry:
     watcher: PooledWatcher
     idle_task: asyncio.Task[Any] | None = None
     active: bool = True
-    due: float = 0.0  # monotonic time of its next poll
+    # In the poll queue under this ticket (None: not queued); older tickets are stale.
+    ticket: int | None = None
     # Set unless a poll of it runs: a mailbox given a connection of its own waits for it.
     not_polling: asyncio.Event = field(default_factory=asyncio.Event)
     polls: int = 0
@@ -95,7 +97,9 @@ class ImapPool:
         self._poll_slots = poll_connections(max_connections)
         self._permits = asyncio.Semaphore(max_connections)
         self._entries: dict[str, _Entry] = {}
-        self._queue: collections.deque[_Entry] = collections.deque()  # polled, oldest check first
+        # Polled mailboxes: (due, ticket, entry), a heap; an entry whose ticket changed is stale.
+        self._queue: list[tuple[float, int, _Entry]] = []
+        self._tickets = itertools.count()
         self._changed = asyncio.Event()
         self._pollers: list[asyncio.Task[Any]] = []
         self._in_use = 0
@@ -117,7 +121,14 @@ class ImapPool:
             return
         entry = self._entries[key] = _Entry(key, watcher)
         entry.not_polling.set()
-        self._rebalance()
+        count = len(self._entries)
+        if count <= self._max:
+            self._give_connection(entry)
+        elif count - 1 > self._max:  # already polling, the connections of their own all taken
+            self._enqueue(entry, time.monotonic())
+            self._start_pollers()
+        else:  # one more than the connections: some give theirs back to the pollers
+            self._rebalance()
 
     def remove(self, key: str) -> None:
         """Stop watching a mailbox; its connection (if any) is closed."""
@@ -125,15 +136,24 @@ class ImapPool:
         if entry is None:
             return
         entry.active = False
+        entry.ticket = None
+        had_connection = entry.idle_task is not None
         if entry.idle_task is not None:
             entry.idle_task.cancel()
             entry.idle_task = None
-        self._rebalance()
+        if had_connection or len(self._entries) == self._max:
+            self._rebalance()  # polled mailboxes may take the free connections
 
     def close(self) -> None:
         """Stop every watcher and poller (the task group also cancels them at shutdown)."""
-        for key in list(self._entries):
-            self.remove(key)
+        for entry in self._entries.values():
+            entry.active = False
+            entry.ticket = None
+            if entry.idle_task is not None:
+                entry.idle_task.cancel()
+                entry.idle_task = None
+        self._entries.clear()
+        self._queue.clear()
         for task in self._pollers:
             task.cancel()
         self._pollers.clear()
@@ -152,34 +172,41 @@ class ImapPool:
         )
 
     def _rebalance(self) -> None:
-        """Give connections of their own to the first mailboxes, poll the others."""
+        """Give connections of their own to the first mailboxes, poll the others (O(n): only
+        when the number of mailboxes crosses the number of connections, or one leaves)."""
         entries = list(self._entries.values())
         capacity = self._max if len(entries) <= self._max else self._max - self._poll_slots
+        now = time.monotonic()
         for position, entry in enumerate(entries):
             if position < capacity:
-                if entry.idle_task is None:
-                    self._unqueue(entry)
-                    entry.idle_task = self._spawn(self._hold(entry), f"imap:{entry.key}")
+                self._give_connection(entry)
             elif entry.idle_task is not None:
                 log.info("IMAP %s: more mailboxes than connections: polled from now on", entry.key)
                 entry.idle_task.cancel()
                 entry.idle_task = None
-                entry.due = time.monotonic()
-                self._queue.append(entry)
-            elif entry.not_polling.is_set() and entry not in self._queue:
-                entry.due = time.monotonic()  # new: its first check is due now
-                self._queue.append(entry)
-        self._queue = collections.deque(e for e in self._queue if e.active)
-        if len(entries) > capacity and not self._pollers:
+                self._enqueue(entry, now)
+            elif entry.ticket is None and entry.not_polling.is_set():
+                self._enqueue(entry, now)
+        if len(entries) > capacity:
+            self._start_pollers()
+
+    def _give_connection(self, entry: _Entry) -> None:
+        if entry.idle_task is None:
+            entry.ticket = None  # its place in the poll queue, if any, is void
+            entry.idle_task = self._spawn(self._hold(entry), f"imap:{entry.key}")
+
+    def _enqueue(self, entry: _Entry, due: float) -> None:
+        """Poll ``entry`` at ``due``; the earliest due first, so each waits its turn."""
+        entry.ticket = ticket = next(self._tickets)
+        heapq.heappush(self._queue, (due, ticket, entry))
+        self._changed.set()
+
+    def _start_pollers(self) -> None:
+        if not self._pollers:
             self._pollers = [
                 self._spawn(self._poll_forever(), f"imap-poll:{n}")
                 for n in range(self._poll_slots)
             ]
-        self._changed.set()
-
-    def _unqueue(self, entry: _Entry) -> None:
-        with contextlib.suppress(ValueError):
-            self._queue.remove(entry)
 
     # -- connections ----------------------------------------------------------------------------
 
@@ -204,8 +231,8 @@ class ImapPool:
     async def _poll_forever(self) -> None:
         """One poll connection: check the mailbox whose check is oldest, again and again."""
         while True:
-            entry = await self._next_due()
-            late = time.monotonic() - entry.due
+            due, entry = await self._next_due()
+            late = time.monotonic() - due
             if late > self._poll_interval:
                 self._lagging += 1
                 if self._lagging in (1, 10) or self._lagging % 1000 == 0:
@@ -226,21 +253,24 @@ class ImapPool:
                     self._release()
             finally:
                 entry.not_polling.set()
-                if entry.active and entry.idle_task is None and entry not in self._queue:
-                    entry.due = time.monotonic() + max(self._poll_interval, entry.retry_in)
-                    self._queue.append(entry)
-                    self._changed.set()
+                if entry.active and entry.idle_task is None and entry.ticket is None:
+                    wait = max(self._poll_interval, entry.retry_in)
+                    self._enqueue(entry, time.monotonic() + wait)
 
-    async def _next_due(self) -> _Entry:
+    async def _next_due(self) -> tuple[float, _Entry]:
+        """Wait for the polled mailbox that is due first; take it out of the queue."""
         while True:
             self._changed.clear()
-            while self._queue and not self._queue[0].active:
-                self._queue.popleft()
+            queue = self._queue
+            while queue and queue[0][2].ticket != queue[0][1]:
+                heapq.heappop(queue)  # stale: removed, or given a connection of its own
             timeout: float | None = None
-            if self._queue:
-                wait = self._queue[0].due - time.monotonic()
+            if queue:
+                wait = queue[0][0] - time.monotonic()
                 if wait <= 0:
-                    return self._queue.popleft()
+                    due, _, entry = heapq.heappop(queue)
+                    entry.ticket = None
+                    return due, entry
                 timeout = wait
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout)

@@ -224,3 +224,33 @@ async def test_removing_and_adding_moves_mailboxes_between_idle_and_polling(rig:
     pool.close()
     await wait_until(lambda: rig.counter.open == 0, 10, "every connection closed")
     assert pool.keys() == []
+
+
+class _Idle:
+    """A watcher that never connects: the pool's bookkeeping alone, at scale."""
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+    async def sync_once(self) -> int:
+        return 0
+
+
+async def test_ten_thousand_mailboxes_are_added_in_linear_time() -> None:
+    tasks = TaskGroup()
+    pool = ImapPool(tasks.spawn, max_connections=100, poll_interval=3600)
+    try:
+        started = time.monotonic()
+        for n in range(10_000):
+            pool.add(f"list{n}@example.test", _Idle())
+        elapsed = time.monotonic() - started
+        stats = pool.stats()
+        assert (stats.idle, stats.polled) == (75, 9_925)
+        assert elapsed < 2.0  # was quadratic (a queue scanned per mailbox): minutes
+        # Back to 100 mailboxes: every one has a connection of its own, nobody is polled.
+        for n in range(100, 10_000):
+            pool.remove(f"list{n}@example.test")
+        assert (pool.stats().idle, pool.stats().polled) == (100, 0)
+    finally:
+        pool.close()
+        await tasks.close()
