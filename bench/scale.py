@@ -449,7 +449,7 @@ def health(url: str) -> tuple[int, Any]:
 
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(url, timeout=5) as response:
+        with opener.open(url, timeout=60) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
         return e.code, None
