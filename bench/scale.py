@@ -98,7 +98,7 @@ class Sizes:
 
 
 FULL = Sizes(10_000, 1_000_000, 100_000, 5_000, 20, 15.0)
-QUICK = Sizes(200, 20_000, 2_000, 500, 4, 3.0)
+QUICK = Sizes(200, 20_000, 2_000, 300, 4, 2.0)
 
 
 # --- keys, derived from a row number so that lookups can name rows without keeping them ------
@@ -473,7 +473,7 @@ def run_bridge(
         )
     try:
         listening = ready = None
-        while time.monotonic() - started < 300:
+        while time.monotonic() - started < 900:
             if proc.poll() is not None:
                 tail = log_path.read_text(errors="replace").splitlines()[-30:]
                 raise RuntimeError(f"bridge exited {proc.returncode}:\n" + "\n".join(tail))
@@ -485,7 +485,7 @@ def run_bridge(
                     break
             time.sleep(0.05)
         if ready is None:
-            raise RuntimeError("the bridge was not ready within 300 s")
+            raise RuntimeError("the bridge was not ready within 900 s")
         rss_ready = rss_mb(proc.pid)
         cpu_ready = cpu_seconds(proc.pid)
         first_log = _log_time(log_path, spawned, "database ready")
