@@ -246,7 +246,7 @@ async def test_ten_thousand_mailboxes_are_added_in_linear_time() -> None:
         elapsed = time.monotonic() - started
         stats = pool.stats()
         assert (stats.idle, stats.polled) == (75, 9_925)
-        assert elapsed < 2.0  # was quadratic (a queue scanned per mailbox): minutes
+        assert elapsed < 10.0  # about 0.1 s here; quadratic (a queue scan per add) took minutes
         # Back to 100 mailboxes: every one has a connection of its own, nobody is polled.
         for n in range(100, 10_000):
             pool.remove(f"list{n}@example.test")
