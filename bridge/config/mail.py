@@ -106,6 +106,7 @@ class MailConfig:
     trust: TrustSettings = TrustSettings()
     markings: MarkingSettings = MarkingSettings()
     bounces: BounceSettings = BounceSettings()
+    max_imap_connections: int = 100
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,7 @@ def _mail(raw: dict[str, Any], config_dir: Path | None) -> MailConfig:
         trust=_trust(raw["mail"]["trust"]),
         markings=_markings(raw["mail"]["markings"]),
         bounces=_bounces(raw["mail"]["bounces"], mailboxes),
+        max_imap_connections=_int(raw, "mail.max_imap_connections", 1, 100000),
     )
 
 

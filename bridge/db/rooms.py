@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Row, select, update
 
 from bridge.core.ids import RoomID, UserID
 from bridge.db.engine import Database
@@ -32,6 +33,17 @@ async def get_room(db: Database, room_id: RoomID) -> Room | None:
         row = (await conn.execute(select(room).where(room.c.room_id == room_id))).first()
     if row is None:
         return None
+    return _room(row)
+
+
+async def all_rooms(db: Database) -> dict[RoomID, Room]:
+    """Every room, by ID, in one query (start-up looks at thousands of linked rooms)."""
+    async with db.begin() as conn:
+        rows = (await conn.execute(select(room))).all()
+    return {RoomID(row.room_id): _room(row) for row in rows}
+
+
+def _room(row: Row[Any]) -> Room:
     return Room(
         room_id=RoomID(row.room_id),
         is_direct=bool(row.is_direct),

@@ -186,6 +186,9 @@ class ImapFolder:
         self._idling = False
         self._warning_woke_at: float | None = None
         self._idle_refused = False
+        # "connected" is said at INFO once, and again after a failure: a polled mailbox
+        # connects every poll interval, which is DEBUG.
+        self._connected_said = False
         password = config.password
         self._secrets = sorted(
             {s for s in (password, quote(password)[1:-1]) if s}, key=len, reverse=True
@@ -241,7 +244,8 @@ class ImapFolder:
                 await self._starttls(session, context)
             await self._login(session)
             await self._examine(session)
-            log.info(
+            log.log(
+                logging.DEBUG if self._connected_said else logging.INFO,
                 "IMAP %s: connected to %s (%s) as %s, folder %s, UIDVALIDITY %d",
                 self._mailbox,
                 self._where,
@@ -250,6 +254,7 @@ class ImapFolder:
                 config.folder,
                 session.uidvalidity,
             )
+            self._connected_said = True
             yield session
         finally:
             self._idling = False
@@ -500,6 +505,7 @@ class ImapFolder:
 
     def reason(self, exc: BaseException) -> str:
         """One line for health and logs: where, and what went wrong; secrets masked."""
+        self._connected_said = False  # the next connection is news again
         if isinstance(exc, ImapError):
             text = str(exc)
         elif isinstance(exc, aioimaplib.CommandTimeout):

@@ -1,10 +1,11 @@
 """The mail side of a running bridge: config links, one IMAP watcher per linked mailbox (and
-one for the bounce mailbox)."""
+one for the bounce mailbox), run within the IMAP connection pool."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bridge.config import Config, MailboxSettings
@@ -15,6 +16,7 @@ from bridge.core.tasks import TaskGroup
 from bridge.db import links as link_db
 from bridge.db import rooms
 from bridge.db.engine import Database
+from bridge.mail.imap_pool import ImapPool
 from bridge.mail.imap_session import MailboxConfig
 from bridge.mail.imap_watcher import ImapWatcher, MailboxStore
 from bridge.mail.store import DbMailboxStore
@@ -49,37 +51,61 @@ class MailService:
         self.notify_relay = notify_relay or relay.notify
         self.health: dict[str, ComponentHealth] = {}
         self._watchers: dict[int, tuple[str, str]] = {}  # link → (address, lease)
-        self._bounce_watcher: str | None = None
+        self._bounce_watched = False
+        # The pool runs the watchers of the mailboxes this instance holds the lease of.
+        self.pool = ImapPool(
+            tasks.spawn,
+            max_connections=config.mail.max_imap_connections,
+            poll_interval=config.mail.poll_interval,
+        )
 
     async def sync_config_links(self, join: Callable[[RoomID], Awaitable[bool]]) -> None:
         """Links written in the config file are (re)created at start-up. The bot must be in
         the room to post there: if it cannot join, the link waits (paused) for an invite
-        instead of failing every mail."""
+        instead of failing every mail. A link already stored as written, in a room the bot
+        is in, costs nothing here (thousands of config links start in one query each)."""
+        existing = {
+            link.remote: link for link in await link_db.all_links(self.db) if link.kind == "mail"
+        }
+        known_rooms = await rooms.all_rooms(self.db)
         for spec in self.config.links:
-            link = await link_db.save_link(
-                self.db,
-                room_id=RoomID(spec.room_id),
-                kind="mail",
-                remote=spec.address,
-                settings=spec.settings(),
-                source="config",
-                created_by=None,
-            )
-            room = await rooms.get_room(self.db, link.room_id)
+            link = existing.get(spec.address)
+            if (
+                link is None
+                or link.room_id != spec.room_id
+                or link.settings != spec.settings()
+                or link.source != "config"
+            ):
+                link = await link_db.save_link(
+                    self.db,
+                    room_id=RoomID(spec.room_id),
+                    kind="mail",
+                    remote=spec.address,
+                    settings=spec.settings(),
+                    source="config",
+                    created_by=None,
+                )
+            room = known_rooms.get(link.room_id)
             if room is not None and room.encrypted:
                 log.warning(
                     "%s is linked to %s, which is encrypted: the link stays paused",
                     link.remote,
                     link.room_id,
                 )
-                await link_db.set_paused(self.db, link.id, True)
+                if not link.paused:
+                    await link_db.set_paused(self.db, link.id, True)
                 continue
-            if not await join(link.room_id):
-                log.warning(
-                    "the bot cannot join %s: mail for %s waits until someone invites it",
-                    link.room_id,
-                    link.remote,
-                )
+            joined = room is not None and room.bot_membership == "join"
+            if joined or await join(link.room_id):
+                if link.paused:
+                    await link_db.set_paused(self.db, link.id, False)
+                continue
+            log.warning(
+                "the bot cannot join %s: mail for %s waits until someone invites it",
+                link.room_id,
+                link.remote,
+            )
+            if not link.paused:
                 await link_db.set_paused(self.db, link.id, True)
 
     async def room_joined(self, room_id: RoomID) -> None:
@@ -119,9 +145,9 @@ class MailService:
                 self._watchers[link.id] = (link.remote, started)
                 log.info("watching %s for %s", link.remote, link.room_id)
         bounce_box = self.config.mail.bounces.mailbox
-        if bounce_box is not None and self.bounces is not None and self._bounce_watcher is None:
-            self._bounce_watcher = self._watch(
-                bounce_box, BounceMailboxStore(self.db, self.bounces)
+        if bounce_box is not None and self.bounces is not None and not self._bounce_watched:
+            self._bounce_watched = (
+                self._watch(bounce_box, BounceMailboxStore(self.db, self.bounces)) is not None
             )
             log.info("watching %s for delivery reports", bounce_box)
 
@@ -132,8 +158,14 @@ class MailService:
             return None
         health = self.health[address] = ComponentHealth(f"imap:{address}")
 
-        def watch() -> Coroutine[Any, Any, None]:
-            return self._watcher(address, mailbox, store, health).run()
+        async def watch() -> None:
+            # While this instance holds the mailbox's lease, the pool runs its watcher, in this
+            # unit's context (its writes fenced by the lease); losing the lease removes it.
+            self.pool.add(address, self._watcher(address, mailbox, store, health))
+            try:
+                await asyncio.Future()
+            finally:
+                self.pool.remove(address)
 
         lease = mailbox_lease(address)
         self.leases.hold(lease, watch)

@@ -262,12 +262,23 @@ def test_duplicate_key_error_does_not_reveal_the_values(tmp_path: Path) -> None:
         ("appservice", "bot_username", "Passerelle", "localpart"),
         ("appservice", "command_prefix", "! passerelle", "spaces"),
         ("logging", "file", "", "path"),
+        ("mail", "max_imap_connections", 0, "between 1 and"),
+        ("mail", "max_imap_connections", -3, "between 1 and"),
+        ("mail", "max_imap_connections", 2.5, "integer"),
+        ("mail", "max_imap_connections", "10", "integer"),
+        ("mail", "max_imap_connections", True, "integer"),
     ],
 )
 def test_wrong_type_or_range_names_the_key(
     section: str, key: str, value: Any, fragment: str
 ) -> None:
     config_error(minimal(**{section: {key: value}}), f"{section}.{key}", fragment)
+
+
+def test_imap_connection_pool_default_and_minimum() -> None:
+    assert parse_config(minimal(), env={}).mail.max_imap_connections == 100
+    config = parse_config(minimal(mail={"max_imap_connections": 1}), env={})
+    assert config.mail.max_imap_connections == 1
 
 
 def test_boundary_values_are_accepted() -> None:
