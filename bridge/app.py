@@ -43,7 +43,10 @@ from bridge.matrix.dispatcher import EventDispatcher
 from bridge.matrix.ghosts import GhostManager
 from bridge.matrix.members import RoomMembers
 from bridge.matrix.poster import MatrixPoster
+from bridge.matrix.progress import NoticeBoard
 from bridge.matrix.render import notice_content
+from bridge.relay.backfill import BackfillRunner, BackfillService
+from bridge.relay.backfill_commands import BackfillCommands
 from bridge.relay.bounces import Bounces
 from bridge.relay.bridge_state import BridgeState
 from bridge.relay.hook_admin import HookAdmin
@@ -226,6 +229,12 @@ class Bridge:
             remote_join=self.remote.join,
         )
         self.link_commands.register(commands)
+        self.backfill = BackfillService(
+            BackfillRunner(config, self.db, self.relay, NoticeBoard(self.client), kind="bridge"),
+            self.db,
+            self.tasks,
+        )
+        BackfillCommands(self.db, self.link_commands, self.backfill).register(commands)
         self.hook_directory = HookDirectory(
             config.webhooks.hooks, outgoing=config.webhooks.outgoing
         )
@@ -361,6 +370,7 @@ class Bridge:
         self.remote_out.links_changed()
         await self.mail.refresh()
         await self.remote.refresh()
+        self.tasks.spawn(self.backfill.run(), name="backfill")
         self.tasks.spawn(self.monitor.run(), name="homeserver-monitor")
 
     async def _start_metrics(self, app: web.Application) -> None:

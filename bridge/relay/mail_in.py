@@ -168,6 +168,22 @@ class MailRelay:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
 
+    # A history backfill settles its mails here, one at a time, outside the live queue.
+
+    def prepare(self, raw: RawMail) -> None:
+        """Start parsing a mail that `settle` will be given soon."""
+        self._parse_ahead(raw)
+
+    async def settle(self, link: Link, raw: RawMail) -> None:
+        """Bridge one stored mail now, exactly as a live one (its outcome stored)."""
+        await self._process((link, raw))
+
+    def forget(self, raw: RawMail) -> None:
+        """Drop what `prepare` started for a mail that will not be settled now."""
+        leftover = self._parsing.pop(raw.id, None)
+        if leftover is not None:
+            leftover.cancel()
+
     def _parse_ahead(self, raw: RawMail) -> None:
         """Parse in a worker thread as soon as a mail is queued: a room posts one mail at a
         time, and while it waits for the homeserver the next mails get parsed."""
