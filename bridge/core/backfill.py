@@ -12,8 +12,8 @@ MAX_LAST = 1_000_000
 # A job whose runner has not said it is alive for this long may be taken over by another.
 STALE_AFTER_MS = 60_000
 
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_COUNT = re.compile(r"\d{1,7}")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")  # not \d: it takes any script's digits
+_COUNT = re.compile(r"[0-9]{1,7}")
 
 
 class BadRequest(ValueError):
