@@ -41,6 +41,9 @@ log = logging.getLogger("passerelle.mail.backfill")
 
 # UIDs fetched, stored and posted together: one IMAP round trip and one commit per group.
 GROUP = 50
+# How often (seconds) a running import looks whether its link was paused or removed.
+LINK_CHECK = 1.0
+PAUSED = "the link is paused (the bot is not in the room, or the room is encrypted)"
 # Failures of the mailbox or homeserver in a row before a command-line run gives up (the
 # bridge retries for as long as it runs).
 CLI_ATTEMPTS = 3
@@ -191,17 +194,9 @@ class BackfillRunner:
         )
         if not await backfill_db.finish_job(self.db, job.id, self.me, state, error):
             raise JobLost(f"backfill #{job.id} is no longer ours")
-        text = outcome.summary()
-        room = RoomID(job.room_id)
-        with contextlib.suppress(Exception):
-            if fresh.notice_event_id is not None:
-                await self.board.show(
-                    room,
-                    text,
-                    key=f"{job.id}:{self.me}:final-edit",
-                    replaces=EventID(fresh.notice_event_id),
-                )
-            await self.board.show(room, text, key=f"{job.id}:final")
+        # A paused room may expect encryption now: nothing more is said there in clear.
+        if error != PAUSED:
+            await self._tell_end(job, fresh.notice_event_id, outcome.summary())
         (log.info if state == "done" else log.warning)(
             "backfill #%d of %s %s: %d of %d posted%s",
             job.id,
@@ -213,6 +208,18 @@ class BackfillRunner:
         )
         return outcome
 
+    async def _tell_end(self, job: Job, notice: str | None, text: str) -> None:
+        """The progress notice's last text, and the same as a notice of its own (an edit
+        notifies nobody). A courtesy: a failure here changes nothing of the outcome."""
+        room = RoomID(job.room_id)
+        try:
+            if notice is not None:
+                key = f"{job.id}:{self.me}:final-edit"
+                await self.board.show(room, text, key=key, replaces=EventID(notice))
+            await self.board.show(room, text, key=f"{job.id}:final")
+        except Exception as e:
+            log.warning("backfill #%d: final notice not sent: %s", job.id, _reason(e))
+
     async def _run_once(self, job: Job, on_progress: Callable[[Progress], None] | None) -> Outcome:
         link = next(
             (link for link in await link_db.all_links(self.db) if link.id == job.link_id), None
@@ -220,7 +227,7 @@ class BackfillRunner:
         if link is None:
             raise _Final("the link was removed")
         if link.paused:
-            raise _Final("the link is paused (the bot is not in the room, or it is encrypted)")
+            raise _Final(PAUSED)
         config = mailbox_config(self.config, job.mailbox)
         if config is None:
             raise _Final(f"{job.mailbox} is no longer among mail.mailboxes")
@@ -272,6 +279,7 @@ class BackfillRunner:
         notice = EventID(job.notice_event_id) if job.notice_event_id else None
         last_shown = -1e9
         next_send = 0.0
+        checked_at = loop.time()
 
         async def report(force: bool = False) -> None:
             nonlocal notice, last_shown
@@ -317,6 +325,9 @@ class BackfillRunner:
                 self.relay.prepare(raw)
             try:
                 for raw in waiting:
+                    if loop.time() - checked_at >= LINK_CHECK:
+                        checked_at = loop.time()
+                        await self._check_link(link)
                     if self.min_gap:
                         delay = next_send - loop.time()
                         if delay > 0:
@@ -337,6 +348,15 @@ class BackfillRunner:
             self.db, job.id, self.me, total=total, handled=handled, posted=posted
         ):
             raise JobLost(f"backfill #{job.id} was taken over")
+
+    async def _check_link(self, link: Link) -> None:
+        """Stop at once when the link is paused (the room turned encryption on: nothing may be
+        posted in clear there) or removed."""
+        current = await link_db.link_by_remote(self.db, "mail", link.remote)
+        if current is None or current.id != link.id:
+            raise _Final("the link was removed")
+        if current.paused:
+            raise _Final(PAUSED)
 
 
 class _Final(Exception):

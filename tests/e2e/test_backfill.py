@@ -314,3 +314,22 @@ async def test_backfill_command_line(history: HistoryFactory, db_url: str) -> No
     assert "5 mails, 3 posted, 2 already here" in out.getvalue(), out.getvalue()
     events = await h.ghost_events()
     assert [len(h.posted_of(events, m)) for m in h.mails] == [1, 1, 1, 1, 1]
+
+
+async def test_backfill_stops_when_the_room_turns_encryption_on(
+    history: HistoryFactory,
+) -> None:
+    h = await history(15, max_rate=4)
+    answer = await h.command(f"backfill {h.address}")
+    assert "Importing the history" in answer, answer
+    while len(await h.ghost_events()) < 2:
+        await asyncio.sleep(0.2)
+    await h.alice.send_state(h.room_id, "m.room.encryption", {"algorithm": "m.megolm.v1.aes-sha2"})
+    await h.alice.wait_for_event(h.room_id, body_contains("End-to-end encryption was turned on"))
+    # The import looks at its link every second: a few more at most, then nothing in clear.
+    await asyncio.sleep(2.5)
+    posted = len(await h.ghost_events())
+    notices = len(await h.notices())
+    await asyncio.sleep(2.5)
+    assert len(await h.ghost_events()) == posted < len(h.mails)
+    assert len(await h.notices()) == notices  # not even a last word
