@@ -220,8 +220,10 @@ async def test_backfill_threads_dates_once_and_progress(history: HistoryFactory)
     assert len(await h.ghost_events()) == len(h.mails)
 
 
-async def test_backfill_refusals(history: HistoryFactory, make_user: UserFactory) -> None:
-    h = await history(1)
+async def test_backfill_refusals_and_encryption_stops_it(
+    history: HistoryFactory, make_user: UserFactory
+) -> None:
+    h = await history(15, max_rate=4)
     bob = await make_user("bob")
     await h.alice.invite(h.room_id, bob.user_id)
     await bob.join(h.room_id)
@@ -245,6 +247,21 @@ async def test_backfill_refusals(history: HistoryFactory, make_user: UserFactory
         assert expected in answer, (command, answer)
     await asyncio.sleep(1)
     assert not await h.ghost_events()  # nothing was imported by any of them
+
+    # A room that turns encryption on mid-way: the import stops, nothing more is said in clear.
+    answer = await h.command(f"backfill {h.address}")
+    assert "Importing the history" in answer, answer
+    while len(await h.ghost_events()) < 2:
+        await asyncio.sleep(0.2)
+    await h.alice.send_state(h.room_id, "m.room.encryption", {"algorithm": "m.megolm.v1.aes-sha2"})
+    await h.alice.wait_for_event(h.room_id, body_contains("End-to-end encryption was turned on"))
+    # The import looks at its link every second: a few more at most, then nothing.
+    await asyncio.sleep(2.5)
+    posted = len(await h.ghost_events())
+    notices = len(await h.notices())
+    await asyncio.sleep(2.5)
+    assert len(await h.ghost_events()) == posted < len(h.mails)
+    assert len(await h.notices()) == notices  # not even a last word
 
 
 async def test_backfill_killed_resumes_and_live_mail_is_not_held(
@@ -314,22 +331,3 @@ async def test_backfill_command_line(history: HistoryFactory, db_url: str) -> No
     assert "5 mails, 3 posted, 2 already here" in out.getvalue(), out.getvalue()
     events = await h.ghost_events()
     assert [len(h.posted_of(events, m)) for m in h.mails] == [1, 1, 1, 1, 1]
-
-
-async def test_backfill_stops_when_the_room_turns_encryption_on(
-    history: HistoryFactory,
-) -> None:
-    h = await history(15, max_rate=4)
-    answer = await h.command(f"backfill {h.address}")
-    assert "Importing the history" in answer, answer
-    while len(await h.ghost_events()) < 2:
-        await asyncio.sleep(0.2)
-    await h.alice.send_state(h.room_id, "m.room.encryption", {"algorithm": "m.megolm.v1.aes-sha2"})
-    await h.alice.wait_for_event(h.room_id, body_contains("End-to-end encryption was turned on"))
-    # The import looks at its link every second: a few more at most, then nothing in clear.
-    await asyncio.sleep(2.5)
-    posted = len(await h.ghost_events())
-    notices = len(await h.notices())
-    await asyncio.sleep(2.5)
-    assert len(await h.ghost_events()) == posted < len(h.mails)
-    assert len(await h.notices()) == notices  # not even a last word
