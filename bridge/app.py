@@ -20,6 +20,7 @@ from bridge.core.health import ComponentHealth
 from bridge.core.ids import EventID, RoomID
 from bridge.core.links import REMOTE_KIND, split_remote_key
 from bridge.core.tasks import TaskGroup
+from bridge.db import backfill as backfill_db
 from bridge.db import hooks_out as hooks_out_db
 from bridge.db import inbox as inbox_db
 from bridge.db import links as link_db
@@ -235,6 +236,7 @@ class Bridge:
             self.tasks,
         )
         BackfillCommands(self.db, self.link_commands, self.backfill).register(commands)
+        self.status.db_extra["backfills"] = functools.partial(backfill_db.report, self.db)
         self.hook_directory = HookDirectory(
             config.webhooks.hooks, outgoing=config.webhooks.outgoing
         )

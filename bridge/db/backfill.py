@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.sql.elements import ColumnElement
@@ -322,3 +323,13 @@ async def waiting_count(db: Database) -> int:
             )
         ).scalar_one()
     return int(value)
+
+
+async def report(db: Database) -> dict[str, Any]:
+    """For /status: the imports under way and how far each is, and the mails they fetched
+    that wait to be posted."""
+    jobs = [
+        {"mailbox": job.mailbox, "handled": job.handled, "total": job.total, "posted": job.posted}
+        for job in await unfinished_jobs(db)
+    ]
+    return {"running": jobs, "waiting": await waiting_count(db)}

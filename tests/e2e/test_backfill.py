@@ -26,7 +26,14 @@ from bridge.core.backfill import Selection
 from bridge.harness.dovecot import DovecotServer
 from bridge.harness.synapse import MatrixTestClient
 from bridge.registration import atomic_write, dump_yaml
-from tests.conftest import ROOT, BridgeProcess, SynapseSetup, UserFactory, subprocess_env
+from tests.conftest import (
+    ROOT,
+    BridgeProcess,
+    SynapseSetup,
+    UserFactory,
+    http_json,
+    subprocess_env,
+)
 from tests.e2e.test_bot import message_from, replies_to
 from tests.e2e.test_mail_to_matrix import (
     PASSWORD,
@@ -272,6 +279,10 @@ async def test_backfill_killed_resumes_and_live_mail_is_not_held(
     assert "Importing the history" in answer, answer
     while len(await h.ghost_events()) < 4:
         await asyncio.sleep(0.2)
+    _, health = await asyncio.to_thread(http_json, h.bridge.base_url + "/health")
+    (running,) = health["backfills"]["running"]
+    assert running["mailbox"] == h.address
+    assert running["total"] == len(h.mails)
 
     # A mail arriving now is posted at once, not after the other twenty.
     live = EmailMessage()
