@@ -41,6 +41,8 @@ log = logging.getLogger("passerelle.mail.backfill")
 
 # UIDs fetched, stored and posted together: one IMAP round trip and one commit per group.
 GROUP = 50
+# Seconds between two heartbeats of a running import (STALE_AFTER_MS lets another take it).
+HEARTBEAT = 15.0
 # How often (seconds) a running import looks whether its link was paused or removed.
 LINK_CHECK = 1.0
 PAUSED = "the link is paused (the bot is not in the room, or the room is encrypted)"
@@ -166,8 +168,11 @@ class BackfillRunner:
                         job.mailbox,
                         reason,
                         delay,
-                        exc_info=not expected_failure(e),
                     )
+                    if not expected_failure(e):
+                        # A database error's text quotes its parameters (a mail's bytes):
+                        # the traceback only at DEBUG, where bodies may appear.
+                        log.debug("backfill #%d: the failure", job.id, exc_info=e)
                     await asyncio.sleep(delay)
                     job = await self._still_ours(job)
         except asyncio.CancelledError:
@@ -303,46 +308,66 @@ class BackfillRunner:
                 notice = sent
                 await backfill_db.set_notice(self.db, job.id, sent)
 
+        async def beat() -> None:
+            """Alive even while one mail waits out a homeserver outage."""
+            while True:
+                await asyncio.sleep(HEARTBEAT)
+                try:
+                    if not await backfill_db.heartbeat(self.db, job.id, self.me):
+                        return  # taken over: the next report() says so
+                except Exception as e:
+                    log.warning("backfill #%d: heartbeat failed: %s", job.id, _reason(e))
+
         await report(force=True)
         if on_progress is not None:
             on_progress(Progress(total, handled, posted))
-        for start in range(0, len(uids), GROUP):
-            group = [uid for uid in uids[start : start + GROUP] if uid not in settled]
-            if not group:
-                continue
-            missing = [uid for uid in group if uid not in known]
-            if missing:
-                fetched = await folder.fetch(missing)
-                await backfill_db.store_fetched(
-                    self.db,
-                    link_id=link.id,
-                    mailbox=job.mailbox,
-                    uidvalidity=job.uidvalidity,
-                    mails=[(f.uid, f.message_id, f.raw, f.size, f.error) for f in fetched],
+        beating = asyncio.create_task(beat(), name=f"backfill-heartbeat:{job.id}")
+        try:
+            for start in range(0, len(uids), GROUP):
+                group = [uid for uid in uids[start : start + GROUP] if uid not in settled]
+                if not group:
+                    continue
+                missing = [uid for uid in group if uid not in known]
+                if missing:
+                    fetched = await folder.fetch(missing)
+                    await backfill_db.store_fetched(
+                        self.db,
+                        link_id=link.id,
+                        mailbox=job.mailbox,
+                        uidvalidity=job.uidvalidity,
+                        mails=[(f.uid, f.message_id, f.raw, f.size, f.error) for f in fetched],
+                    )
+                waiting = await backfill_db.waiting_mail(
+                    self.db, job.mailbox, job.uidvalidity, group
                 )
-            waiting = await backfill_db.waiting_mail(self.db, job.mailbox, job.uidvalidity, group)
-            for raw in waiting:
-                self.relay.prepare(raw)
-            try:
                 for raw in waiting:
-                    if loop.time() - checked_at >= LINK_CHECK:
-                        checked_at = loop.time()
-                        await self._check_link(link)
-                    if self.min_gap:
-                        delay = next_send - loop.time()
-                        if delay > 0:
-                            await asyncio.sleep(delay)
-                        next_send = loop.time() + self.min_gap
-                    await self.relay.settle(link, raw)
-            finally:
-                for raw in waiting:
-                    self.relay.forget(raw)
-            outcome = await backfill_db.states(self.db, [raw.id for raw in waiting])
-            posted += sum(1 for state in outcome.values() if state == "done")
-            handled += len(group)
-            if on_progress is not None:
-                on_progress(Progress(total, handled, posted))
-            await report()
+                    self.relay.prepare(raw)
+                try:
+                    for raw in waiting:
+                        if loop.time() - checked_at >= LINK_CHECK:
+                            checked_at = loop.time()
+                            await self._check_link(link)
+                        if self.min_gap:
+                            delay = next_send - loop.time()
+                            if delay > 0:
+                                await asyncio.sleep(delay)
+                            next_send = loop.time() + self.min_gap
+                        await self.relay.settle(link, raw)
+                        handled += 1
+                        if on_progress is not None:
+                            on_progress(Progress(total, handled, posted))
+                        await report()
+                finally:
+                    for raw in waiting:
+                        self.relay.forget(raw)
+                outcome = await backfill_db.states(self.db, [raw.id for raw in waiting])
+                posted += sum(1 for state in outcome.values() if state == "done")
+                handled += len(group) - len(waiting)  # duplicates, expunged: settled already
+                if on_progress is not None:
+                    on_progress(Progress(total, handled, posted))
+                await report()
+        finally:
+            beating.cancel()
         # The final counts, for the summary.
         if not await backfill_db.heartbeat(
             self.db, job.id, self.me, total=total, handled=handled, posted=posted

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import io
+import signal
 import subprocess
 import sys
 import uuid
@@ -108,7 +109,7 @@ def old_mail(address: str, n: int, parent: OldMail | None) -> tuple[OldMail, byt
     msg = EmailMessage()
     msg["From"] = f"Agent {n} <agent{n % 3}@achats.gouv.fr>"
     msg["To"] = address
-    msg["Subject"] = f"Re: Sujet {parent.marker}" if parent else f"Sujet {n}"
+    msg["Subject"] = f"Re: Sujet {n - 1}" if parent else f"Sujet {n}"  # parent: the one before
     date = FIRST + dt.timedelta(hours=n)
     msg["Date"] = format_datetime(date)
     message_id = f"<old{n}.{uuid.uuid4().hex[:8]}@achats.gouv.fr>"
@@ -307,8 +308,10 @@ async def test_backfill_killed_resumes_and_live_mail_is_not_held(
 
 
 async def test_backfill_command_line(history: HistoryFactory, db_url: str) -> None:
-    h = await history(5)
+    h = await history(12, max_rate=5)
     env = subprocess_env() | {"PASSERELLE_DATABASE__URL": db_url}
+    command = [sys.executable, "-m", "bridge", "backfill", "-c", str(h.config_path)]
+    command += ["--link", h.address]
 
     # Bad arguments are told before anything is touched.
     err = io.StringIO()
@@ -319,9 +322,8 @@ async def test_backfill_command_line(history: HistoryFactory, db_url: str) -> No
     assert "between 1 and" in err.getvalue()
 
     # The real command: a progress bar, then its summary.
-    command = ["backfill", "-c", str(h.config_path), "--link", h.address, "--last", "2"]
     first = subprocess.run(
-        [sys.executable, "-m", "bridge", *command],
+        [*command, "--last", "2"],
         capture_output=True,
         text=True,
         env=env,
@@ -333,12 +335,30 @@ async def test_backfill_command_line(history: HistoryFactory, db_url: str) -> No
     assert "2 mails, 2 posted" in first.stdout, first.stdout
     assert "2/2" in first.stderr  # the progress bar
     events = await h.ghost_events()
-    assert [len(h.posted_of(events, m)) for m in h.mails] == [0, 0, 0, 1, 1]
+    assert [len(h.posted_of(events, m)) for m in h.mails] == [0] * 10 + [1, 1]
 
-    # The same code in this process (cheaper than a second interpreter): the rest, once.
+    # The whole history, interrupted with Ctrl-C part way.
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+    )
+    try:
+        while len(await h.ghost_events()) < 5:
+            assert proc.poll() is None, proc.communicate()
+            await asyncio.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, errors = await asyncio.to_thread(proc.communicate, timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (out, errors)
+    assert "the same command resumes where it stopped" in errors
+    assert len(await h.ghost_events()) < len(h.mails)
+
+    # The same command again (in this process: cheaper than a third interpreter) resumes it.
     config = load_config(h.config_path, env={"PASSERELLE_DATABASE__URL": db_url})
-    out = io.StringIO()
-    assert await run_backfill(config, h.address, Selection(), out=out, err=io.StringIO()) == 0
-    assert "5 mails, 3 posted, 2 already here" in out.getvalue(), out.getvalue()
+    resumed = io.StringIO()
+    assert await run_backfill(config, h.address, Selection(), out=resumed, err=io.StringIO()) == 0
+    assert "Resuming the import" in resumed.getvalue()
+    assert "imported: 12 mails" in resumed.getvalue(), resumed.getvalue()
     events = await h.ghost_events()
-    assert [len(h.posted_of(events, m)) for m in h.mails] == [1, 1, 1, 1, 1]
+    assert [len(h.posted_of(events, m)) for m in h.mails] == [1] * 12
