@@ -9,10 +9,11 @@ measures, prints, stops everything:
 
 1. N mails (dated, one hour apart, a reply every third) are APPENDed to a mailbox, and the
    mailbox is linked to a room: the link starts after them. Not timed.
-2. plain: a client sends the same N bodies one at a time into a room the bot is in (so Synapse
-   pushes them to the bridge, as it does the backfilled ones), before and after the backfill
-   in fresh rooms; the reference is the mean of both rates (a drifting load weighs on both).
-   With --bare, also into a room without the bot (nothing pushed): a second, harsher ratio.
+2. plain: a client sends the same bodies (N, at most 2,000 unless --plain) one at a time into
+   a room the bot is in (so Synapse pushes them to the bridge, as it does the backfilled ones),
+   before and after the backfill in fresh rooms; the reference is the mean of both rates (a
+   drifting load weighs on both). With --bare, also into a room without the bot (nothing
+   pushed): a second, harsher ratio.
 3. backfill: `!passerelle backfill ADDRESS` in the linked room; the rate is N / (the final
    notice's origin_server_ts - the command's). Backfilled events carry the mails' own dates
    (`?ts=`), so only the bot's events time the run. Every mail must arrive once, in order.
@@ -164,15 +165,15 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
             for seq in range(args.warmup):
                 await alice.send_text(warm, f"warm-up {seq}")
         print("plain sends (before)", flush=True)
-        results["plain_before"] = await plain_rate(servers, alice, args.mails, probes, "a")
+        results["plain_before"] = await plain_rate(servers, alice, args.plain, probes, "a")
         print("backfill", flush=True)
         results["backfill"] = await backfill_phase(servers, alice, room_id, args.mails, probes)
         print("plain sends (after)", flush=True)
-        results["plain_after"] = await plain_rate(servers, alice, args.mails, probes, "b")
+        results["plain_after"] = await plain_rate(servers, alice, args.plain, probes, "b")
         if args.bare:
             print("plain sends (a room without the bot)", flush=True)
             results["plain_bare"] = await plain_rate(
-                servers, alice, args.mails, probes, "c", with_bot=False
+                servers, alice, args.plain, probes, "c", with_bot=False
             )
     plain = (results["plain_before"]["rate_per_s"] + results["plain_after"]["rate_per_s"]) / 2
     results["plain_rate_per_s"] = round(plain, 2)
@@ -200,6 +201,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--warmup", type=int, default=300, help="unmeasured sends first, to warm Synapse up"
     )
     parser.add_argument(
+        "--plain",
+        type=int,
+        default=None,
+        help="sends in each plain phase (default: as many as --mails, at most 2,000: a rate "
+        "needs no more)",
+    )
+    parser.add_argument(
         "--bare",
         action="store_true",
         help="also time the plain sends into a room without the bot (Synapse then pushes "
@@ -209,6 +217,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.mails < 1 or args.mails > 99999 or args.warmup < 0:
         parser.error("--mails must be 1 to 99999, --warmup positive")
+    if args.plain is None:
+        args.plain = min(args.mails, 2000)
+    if args.plain < 1:
+        parser.error("--plain must be positive")
     if args.profile is not None:
         args.profile = args.profile.resolve()
     return args

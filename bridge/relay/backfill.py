@@ -41,6 +41,8 @@ log = logging.getLogger("passerelle.mail.backfill")
 
 # UIDs fetched, stored and posted together: one IMAP round trip and one commit per group.
 GROUP = 50
+# Mails parsed ahead (in worker threads) while the current one is posted.
+LOOKAHEAD = 4
 # Seconds between two heartbeats of a running import (STALE_AFTER_MS lets another take it).
 HEARTBEAT = 15.0
 # How often (seconds) a running import looks whether its link was paused or removed.
@@ -340,10 +342,13 @@ class BackfillRunner:
                 waiting = await backfill_db.waiting_mail(
                     self.db, job.mailbox, job.uidvalidity, group
                 )
-                for raw in waiting:
+                # A few parsed ahead, not the whole group: live mail shares the worker threads.
+                for raw in waiting[:LOOKAHEAD]:
                     self.relay.prepare(raw)
                 try:
-                    for raw in waiting:
+                    for n, raw in enumerate(waiting):
+                        if n + LOOKAHEAD < len(waiting):
+                            self.relay.prepare(waiting[n + LOOKAHEAD])
                         if loop.time() - checked_at >= LINK_CHECK:
                             checked_at = loop.time()
                             await self._check_link(link)
