@@ -33,6 +33,7 @@ from bridge.core.leases import (
 )
 from bridge.core.links import REMOTE_KIND, split_remote_key
 from bridge.core.tasks import TaskGroup
+from bridge.db import backfill as backfill_db
 from bridge.db import hooks_out as hooks_out_db
 from bridge.db import inbox as inbox_db
 from bridge.db import links as link_db
@@ -56,7 +57,10 @@ from bridge.matrix.dispatcher import EventDispatcher
 from bridge.matrix.ghosts import GhostManager
 from bridge.matrix.members import RoomMembers
 from bridge.matrix.poster import MatrixPoster
+from bridge.matrix.progress import NoticeBoard
 from bridge.matrix.render import notice_content
+from bridge.relay.backfill import BackfillRunner, BackfillService
+from bridge.relay.backfill_commands import BackfillCommands
 from bridge.relay.bounces import Bounces
 from bridge.relay.bridge_state import BridgeState
 from bridge.relay.hook_admin import HookAdmin
@@ -275,6 +279,13 @@ class Bridge:
             remote_join=self.remote.join,
         )
         self.link_commands.register(commands)
+        self.backfill = BackfillService(
+            BackfillRunner(config, self.db, self.relay, NoticeBoard(self.client), kind="bridge"),
+            self.db,
+            self.tasks,
+        )
+        BackfillCommands(self.db, self.link_commands, self.backfill).register(commands)
+        self.status.db_extra["backfills"] = functools.partial(backfill_db.report, self.db)
         self.hook_directory = HookDirectory(
             config.webhooks.hooks, outgoing=config.webhooks.outgoing
         )
@@ -426,6 +437,7 @@ class Bridge:
         await self.remote.refresh()
         await self.leases.start()
         self.tasks.spawn(self.leases.run(), name="leases")
+        self.tasks.spawn(self.backfill.run(), name="backfill")
         self.tasks.spawn(self.monitor.run(), name="homeserver-monitor")
 
     async def _start_metrics(self, app: web.Application) -> None:

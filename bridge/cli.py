@@ -1,4 +1,4 @@
-"""The `passerelle` command: run, generate-registration, check-config, inspect-mail,
+"""The `passerelle` command: run, generate-registration, check-config, backfill, inspect-mail,
 inspect-event, inspect-remote, audit, demo."""
 
 from __future__ import annotations
@@ -51,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
         help="where to write the registration",
     )
     with_config("check-config", "validate the config and exit")
+    back = with_config(
+        "backfill",
+        "post a linked list's existing mail into its room, oldest first (resumable)",
+    )
+    back.add_argument("--link", required=True, help="the linked list (its address)")
+    since_or_last = back.add_mutually_exclusive_group()
+    since_or_last.add_argument("--since", default=None, help="only mail since this date")
+    since_or_last.add_argument("--last", default=None, help="only the last N mails")
     insp = sub.add_parser(
         "inspect-mail",
         help="show, as JSON, what the bridge would post for a mail (touches no server)",
@@ -211,6 +219,30 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _backfill(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from bridge.backfill_cli import UsageError, run_backfill, selection_from
+    from bridge.db.engine import DatabaseError
+    from bridge.logsetup import setup_logging
+
+    config = _load(args.config)
+    # The progress bar owns the terminal: only warnings there (the log file, if any, as set).
+    setup_logging(
+        LoggingConfig(level="WARNING", loggers={}, file=config.logging.file), config.secrets()
+    )
+    try:
+        selection = selection_from(args.since, args.last, today=dt.datetime.now(dt.UTC).date())
+        return asyncio.run(run_backfill(config, args.link, selection))
+    except UsageError as e:
+        return _fail(EXIT_USAGE, "usage", str(e))
+    except DatabaseError as e:
+        return _fail(EXIT_DATABASE, "database", str(e))
+    except KeyboardInterrupt:
+        print("Interrupted: the same command resumes where it stopped.", file=sys.stderr)
+        return 130
+
+
 def _generate(args: argparse.Namespace) -> int:
     from bridge.registration import generate_registration
 
@@ -313,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": _run,
         "generate-registration": _generate,
         "check-config": _check,
+        "backfill": _backfill,
         "inspect-mail": _inspect_mail,
         "inspect-event": _inspect_event,
         "inspect-remote": _inspect_remote,

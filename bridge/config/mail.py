@@ -90,6 +90,14 @@ class BounceSettings:
 
 
 @dataclass(frozen=True)
+class BackfillSettings:
+    """mail.backfill: how a history import paces itself and reports."""
+
+    max_rate: float = 0.0  # mails per second; 0: no limit
+    progress_interval: float = 5.0
+
+
+@dataclass(frozen=True)
 class MailConfig:
     mailboxes: dict[str, MailboxSettings]
     poll_interval: float
@@ -106,6 +114,7 @@ class MailConfig:
     trust: TrustSettings = TrustSettings()
     markings: MarkingSettings = MarkingSettings()
     bounces: BounceSettings = BounceSettings()
+    backfill: BackfillSettings = BackfillSettings()
     max_imap_connections: int = 100
 
 
@@ -285,6 +294,10 @@ def _mail(raw: dict[str, Any], config_dir: Path | None) -> MailConfig:
         trust=_trust(raw["mail"]["trust"]),
         markings=_markings(raw["mail"]["markings"]),
         bounces=_bounces(raw["mail"]["bounces"], mailboxes),
+        backfill=BackfillSettings(
+            max_rate=_number(raw, "mail.backfill.max_rate", 0, 100000),
+            progress_interval=_number(raw, "mail.backfill.progress_interval", 0.5, 3600),
+        ),
         max_imap_connections=_int(raw, "mail.max_imap_connections", 1, 100000),
     )
 

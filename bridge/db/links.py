@@ -100,6 +100,7 @@ async def delete_link(db: Database, link_id: int) -> int:
     sent yet are dropped with it (they would go to a list or remote room the room is no
     longer linked to): returns how many."""
     from bridge.db.schema import (
+        mail_backfill,
         mail_outbox,
         mail_raw,
         message_map,
@@ -119,6 +120,7 @@ async def delete_link(db: Database, link_id: int) -> int:
                 )
             ).scalar_one()
         tables = (
+            mail_backfill,
             sender_notice,
             message_map,
             mail_raw,

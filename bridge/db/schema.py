@@ -116,7 +116,8 @@ kv = Table(
 
 # Every mail fetched from a linked mailbox, stored before it is handled. (mailbox, uidvalidity,
 # uid) makes a refetch harmless; message_id lets a changed UIDVALIDITY resync without reposting.
-# state: pending → done | duplicate | rejected | ignored | quarantined
+# state: pending → done | duplicate | rejected | ignored | quarantined; a backfilled mail
+# starts in state backfill instead of pending (see mail_backfill).
 mail_raw = Table(
     "mail_raw",
     metadata,
@@ -136,6 +137,34 @@ mail_raw = Table(
     UniqueConstraint("mailbox", "uidvalidity", "uid", name="ux_mail_raw_uid"),
     Index("ix_mail_raw_state", "state", "id"),
     Index("ix_mail_raw_link_mid", "link_id", "message_id"),
+)
+
+# History backfills of a mail link (`backfill` command): what was asked, how far it got, and
+# who runs it (owner "host:pid:kind", heartbeat). Its mails wait in mail_raw in state
+# "backfill", out of the live queue. state: running → done | failed
+mail_backfill = Table(
+    "mail_backfill",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("link_id", Integer, nullable=False),
+    Column("mailbox", String(320), nullable=False),
+    Column("room_id", String(255), nullable=False),
+    Column("since", String(10), nullable=True),
+    Column("last", Integer, nullable=True),
+    Column("uidvalidity", BigInteger, nullable=True),
+    Column("upto_uid", BigInteger, nullable=True),
+    Column("state", String(16), nullable=False, server_default="running"),
+    Column("total", Integer, nullable=False, server_default="0"),
+    Column("handled", Integer, nullable=False, server_default="0"),
+    Column("posted", Integer, nullable=False, server_default="0"),
+    Column("owner", String(255), nullable=True),
+    Column("heartbeat_at", BigInteger, nullable=True),
+    Column("notice_event_id", String(255), nullable=True),
+    Column("requested_by", String(255), nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("finished_at", BigInteger, nullable=True),
+    Index("ix_mail_backfill_link_state", "link_id", "state"),
 )
 
 # Message-ID ⇄ Matrix event, per link: the first writer of a Message-ID wins.

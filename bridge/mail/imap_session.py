@@ -452,6 +452,27 @@ class ImapFolder:
         # "n:*" always includes the highest UID, even when it is below n.
         return sorted(uid for uid in uids if uid >= first)
 
+    async def search_below(
+        self, session: ImapSession, highest: int, since: str | None = None
+    ) -> list[int]:
+        """The UIDs <= ``highest`` (received since ``since``, an IMAP date such as
+        1-Feb-2024, if given), ascending."""
+        if highest < 1:
+            return []
+        criteria = ["UID", f"1:{highest}"] + (["SINCE", since] if since else [])
+        response = await self._call(session, session.client.uid_search(*criteria, charset=None))
+        if response.result != "OK":
+            raise ImapError(f"UID SEARCH failed: {response_text(response)}")
+        uids: set[int] = set()
+        for line in response.lines[:-1]:
+            tokens = bytes(line).split()
+            if tokens and tokens[0].upper() == b"SEARCH":
+                tokens = tokens[1:]
+            if not all(token.isdigit() for token in tokens):
+                raise ImapError(f"unreadable UID SEARCH response: {printable(repr(line))}")
+            uids.update(int(token) for token in tokens)
+        return sorted(uid for uid in uids if uid <= highest)
+
     async def exists(self, session: ImapSession, uid: int) -> bool:
         response = await self._call(
             session, session.client.uid_search("UID", str(uid), charset=None)

@@ -237,6 +237,27 @@ class MailRelay:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
 
+    # -- a history backfill settles its mails here, one at a time, outside the live queue ------
+
+    def prepare(self, link: Link, raw: RawMail) -> None:
+        """Start working out (parse, verdict, lookup) a mail that `settle` will be given soon."""
+        if raw.raw is not None and raw.id not in self._ahead:
+            self._ahead[raw.id] = asyncio.create_task(
+                self._prepare(link, raw), name=f"mail-ahead:{raw.id}"
+            )
+
+    async def settle(self, link: Link, raw: RawMail) -> None:
+        """Bridge one stored mail now, exactly as a live one (its record may follow)."""
+        await self._process((link, raw))
+
+    def forget(self, raw: RawMail) -> None:
+        """Drop what `prepare` started for a mail that will not be settled now."""
+        self._drop_ahead(raw)
+
+    async def recorded(self) -> None:
+        """Wait until every posted mail's record is committed (its outcome readable)."""
+        await self._recorder.wait_idle()
+
     # -- ahead of a mail's turn -----------------------------------------------------------------
 
     def _prepare_ahead(self, room_id: str) -> None:
