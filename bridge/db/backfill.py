@@ -10,7 +10,7 @@ from sqlalchemy import and_, func, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from bridge.db.engine import Database
-from bridge.db.mail import RawMail
+from bridge.db.mail import RawMail, raw_mail
 from bridge.db.schema import mail_backfill, mail_raw
 from bridge.db.util import insert_ignore, now_ms
 
@@ -288,20 +288,7 @@ async def waiting_mail(
                 .order_by(mail_raw.c.uid)
             )
         ).all()
-    return [
-        RawMail(
-            id=r.id,
-            link_id=r.link_id,
-            uidvalidity=int(r.uidvalidity),
-            uid=int(r.uid),
-            message_id=r.message_id,
-            raw=r.raw,
-            size=int(r.size),
-            attempts=int(r.attempts),
-            received_at=int(r.received_at),
-        )
-        for r in rows
-    ]
+    return [raw_mail(r) for r in rows]
 
 
 async def states(db: Database, ids: Sequence[int]) -> dict[int, str]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import Row, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.core.audit import AuditEntry
@@ -158,6 +159,21 @@ async def _store_raw_in(
     return bool(result.rowcount) and state == "pending"
 
 
+def raw_mail(r: Row[Any]) -> RawMail:
+    """A mail_raw row as the relay takes it."""
+    return RawMail(
+        id=r.id,
+        link_id=r.link_id,
+        uidvalidity=int(r.uidvalidity),
+        uid=int(r.uid),
+        message_id=r.message_id,
+        raw=r.raw,
+        size=int(r.size),
+        attempts=int(r.attempts),
+        received_at=int(r.received_at),
+    )
+
+
 async def pending_mail(db: Database, limit: int, exclude: set[int]) -> list[RawMail]:
     query = (
         select(mail_raw)
@@ -167,21 +183,7 @@ async def pending_mail(db: Database, limit: int, exclude: set[int]) -> list[RawM
     )
     async with db.begin() as conn:
         rows = (await conn.execute(query)).all()
-    return [
-        RawMail(
-            id=r.id,
-            link_id=r.link_id,
-            uidvalidity=int(r.uidvalidity),
-            uid=int(r.uid),
-            message_id=r.message_id,
-            raw=r.raw,
-            size=int(r.size),
-            attempts=int(r.attempts),
-            received_at=int(r.received_at),
-        )
-        for r in rows
-        if r.id not in exclude
-    ][:limit]
+    return [raw_mail(r) for r in rows if r.id not in exclude][:limit]
 
 
 async def finish(
