@@ -12,6 +12,8 @@ command -v postfix >/dev/null 2>&1 || packages+=(postfix)
 command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 \
     || packages+=(postgresql)
 command -v make >/dev/null 2>&1 || packages+=(make)
+# The systemd unit example is checked offline (tests/unit/test_systemd_unit.py).
+command -v systemd-analyze >/dev/null 2>&1 || packages+=(systemd)
 # The SMTP TLS tests make a throw-away certificate with the openssl command.
 command -v openssl >/dev/null 2>&1 || packages+=(openssl)
 # The mail-authentication rig runs the real milters (tests/integration/test_mail_auth_rig.py);
@@ -28,7 +30,7 @@ fi
 
 if ! "$PYTHON" - <<'PY' 2>/dev/null
 import importlib.metadata as m, sys
-need = ["passerelle", "matrix-synapse", "pytest-asyncio", "schemathesis", "mypy", "ruff", "dnslib", "build"]
+need = ["passerelle", "matrix-synapse", "pytest-asyncio", "schemathesis", "mypy", "ruff", "dnslib", "build", "rich"]
 sys.exit(0 if all(m.version(n) for n in need) else 1)
 PY
 then
