@@ -439,16 +439,7 @@ class ImapFolder:
         response = await self._call(
             session, session.client.uid_search("UID", f"{first}:*", charset=None)
         )
-        if response.result != "OK":
-            raise ImapError(f"UID SEARCH failed: {response_text(response)}")
-        uids: set[int] = set()
-        for line in response.lines[:-1]:
-            tokens = bytes(line).split()
-            if tokens and tokens[0].upper() == b"SEARCH":
-                tokens = tokens[1:]
-            if not all(token.isdigit() for token in tokens):
-                raise ImapError(f"unreadable UID SEARCH response: {printable(repr(line))}")
-            uids.update(int(token) for token in tokens)
+        uids = _searched_uids(response)
         # "n:*" always includes the highest UID, even when it is below n.
         return sorted(uid for uid in uids if uid >= first)
 
@@ -461,16 +452,7 @@ class ImapFolder:
             return []
         criteria = ["UID", f"1:{highest}"] + (["SINCE", since] if since else [])
         response = await self._call(session, session.client.uid_search(*criteria, charset=None))
-        if response.result != "OK":
-            raise ImapError(f"UID SEARCH failed: {response_text(response)}")
-        uids: set[int] = set()
-        for line in response.lines[:-1]:
-            tokens = bytes(line).split()
-            if tokens and tokens[0].upper() == b"SEARCH":
-                tokens = tokens[1:]
-            if not all(token.isdigit() for token in tokens):
-                raise ImapError(f"unreadable UID SEARCH response: {printable(repr(line))}")
-            uids.update(int(token) for token in tokens)
+        uids = _searched_uids(response)
         return sorted(uid for uid in uids if uid <= highest)
 
     async def exists(self, session: ImapSession, uid: int) -> bool:
@@ -593,3 +575,18 @@ def _keepalive(transport: Any) -> None:
             option = getattr(socket, name, None)
             if option is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+def _searched_uids(response: aioimaplib.Response) -> set[int]:
+    """The UIDs of a UID SEARCH answer; a refusal or a token that is not a number is an error."""
+    if response.result != "OK":
+        raise ImapError(f"UID SEARCH failed: {response_text(response)}")
+    uids: set[int] = set()
+    for line in response.lines[:-1]:
+        tokens = bytes(line).split()
+        if tokens and tokens[0].upper() == b"SEARCH":
+            tokens = tokens[1:]
+        if not all(token.isdigit() for token in tokens):
+            raise ImapError(f"unreadable UID SEARCH response: {printable(repr(line))}")
+        uids.update(int(token) for token in tokens)
+    return uids
