@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from bridge.config import Config
+from bridge.core.tasks import wait_for
 from bridge.registration import atomic_write
 from bridge.webhooks.signature import SignatureError, decode_secret, verify_headers
 
@@ -115,7 +116,7 @@ class LegacyReceiver:
                     return payload
             self._arrived.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
+                await wait_for(self._arrived.wait(), deadline - loop.time())
             except TimeoutError:
                 refused = f" (refused: {'; '.join(self.refused)})" if self.refused else ""
                 raise RuntimeError(
@@ -255,7 +256,7 @@ async def _send_alert(script: str, text: str) -> None:
         stderr=asyncio.subprocess.PIPE,
         env=os.environ | {"no_proxy": "*"},  # urllib would send even 127.0.0.1 to a proxy
     )
-    out, err = await asyncio.wait_for(process.communicate(), TIMEOUT)
+    out, err = await wait_for(process.communicate(), TIMEOUT)
     if process.returncode != 0 or out.decode().strip() != "202":
         raise RuntimeError(f"the signed inbound request failed: {out.decode()}{err.decode()}")
 

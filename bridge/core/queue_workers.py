@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, Protocol, TypeVar
 
-from bridge.core.tasks import TaskGroup
+from bridge.core.tasks import TaskGroup, wait_for
 
 
 class Due(Protocol):
@@ -69,7 +69,7 @@ class QueueWorkers(Generic[K, C, T]):
     async def sleep(self, seconds: float) -> None:
         """Until notified, or `seconds`."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+            await wait_for(self._wake.wait(), seconds)
 
     async def _worker(self, key: K, context: C) -> None:
         wake = self._key_wake[key]
@@ -85,7 +85,7 @@ class QueueWorkers(Generic[K, C, T]):
                 delay = items[0].next_attempt_at / 1000 - time.time()
                 if delay > 0:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), delay)
+                        await wait_for(wake.wait(), delay)
                     continue
                 if not await self.send(context, items):
                     return

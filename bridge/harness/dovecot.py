@@ -22,6 +22,7 @@ from typing import IO
 
 import aioimaplib
 
+from bridge.core.tasks import wait_for
 from bridge.harness.ports import free_port
 
 # Mail processes run as nobody: Dovecot refuses to access mail as root.
@@ -369,7 +370,7 @@ async def close_imap(client: aioimaplib.IMAP4) -> None:
     try:
         if protocol is not None and protocol.state in ("NONAUTH", "AUTH", "SELECTED"):
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.logout(), 5)
+                await wait_for(client.logout(), 5)
     finally:
         transport = getattr(protocol, "transport", None)
         if transport is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bridge.core.backoff import Backoff
+from bridge.core.tasks import wait_for
 from bridge.mail.imap_session import expected_failure
 
 log = logging.getLogger("passerelle.mail.imap")
@@ -288,7 +289,7 @@ class ImapPool:
                     return due, entry
                 timeout = wait
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                await wait_for(self._changed.wait(), timeout)
 
     async def _poll(self, entry: _Entry) -> None:
         entry.polls += 1

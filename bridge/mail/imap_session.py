@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar
 
 import aioimaplib
 
+from bridge.core.tasks import wait_for
 from bridge.mail.imap_wire import (
     FetchRecord,
     parse_fetch,
@@ -265,14 +266,12 @@ class ImapFolder:
         if not session.client.has_capability("STARTTLS"):
             raise ImapTlsError("server does not offer STARTTLS; refusing to continue without TLS")
         command = aioimaplib.Command("STARTTLS", protocol.new_tag(), loop=protocol.loop)
-        response = await self._call(
-            session, asyncio.wait_for(protocol.execute(command), self._timeout)
-        )
+        response = await self._call(session, wait_for(protocol.execute(command), self._timeout))
         if response.result != "OK":
             raise ImapTlsError(f"STARTTLS refused: {response_text(response)}")
         loop = asyncio.get_running_loop()
         try:
-            transport = await asyncio.wait_for(
+            transport = await wait_for(
                 loop.start_tls(
                     protocol.transport, protocol, context, server_hostname=self._config.host
                 ),
@@ -289,7 +288,7 @@ class ImapFolder:
         protocol.transport = transport
         # What the server said before TLS is not to be trusted (RFC 3501 §6.2.1): ask again.
         protocol.capabilities = set()
-        await self._call(session, asyncio.wait_for(protocol.capability(), self._timeout))
+        await self._call(session, wait_for(protocol.capability(), self._timeout))
 
     async def _login(self, session: ImapSession) -> None:
         config = self._config
@@ -302,13 +301,13 @@ class ImapFolder:
             "LOGIN", protocol.new_tag(), quote(config.user), secret, loop=protocol.loop
         )
         response = await self._call(
-            session, asyncio.wait_for(protocol.execute(command, scrub=secret), self._timeout)
+            session, wait_for(protocol.execute(command, scrub=secret), self._timeout)
         )
         if response.result != "OK":
             raise ImapLoginError(f"login as {config.user} refused: {response_text(response)}")
         protocol.state = "AUTH"
         # The capabilities of the authenticated state (IDLE may only show up now).
-        await self._call(session, asyncio.wait_for(protocol.capability(), self._timeout))
+        await self._call(session, wait_for(protocol.capability(), self._timeout))
 
     async def _examine(self, session: ImapSession) -> None:
         folder = self._config.folder
@@ -367,7 +366,7 @@ class ImapFolder:
             # aioimaplib's own renewal timer (it only wakes wait_server_push) is set past ours.
             idle = await self._call(
                 session,
-                asyncio.wait_for(
+                wait_for(
                     session.client.idle_start(timeout=self._idle_renew + self._timeout),
                     self._timeout,
                 ),
@@ -398,7 +397,7 @@ class ImapFolder:
         finally:
             self._idling = False
         session.client.idle_done()
-        response = await self._call(session, asyncio.wait_for(idle, self._timeout))
+        response = await self._call(session, wait_for(idle, self._timeout))
         if response.result != "OK":
             raise ImapError(f"IDLE ended with {response.result}: {response_text(response)}")
 
@@ -544,9 +543,9 @@ async def _close(client: _Client) -> None:
                 idle = protocol.pending_sync_command
                 if protocol.has_pending_idle_command():
                     client.idle_done()
-                    await asyncio.wait_for(idle.wait(), _CLOSE_TIMEOUT)
+                    await wait_for(idle.wait(), _CLOSE_TIMEOUT)
                 if protocol.state in ("NONAUTH", "AUTH", "SELECTED"):
-                    await asyncio.wait_for(protocol.logout(), _CLOSE_TIMEOUT)
+                    await wait_for(protocol.logout(), _CLOSE_TIMEOUT)
     finally:
         for task in (*client.tasks, *protocol.tasks):
             if not task.done():
@@ -558,7 +557,7 @@ async def _close(client: _Client) -> None:
         if transport is not None:
             transport.close()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(protocol.lost.wait(), _CLOSE_TIMEOUT)
+                await wait_for(protocol.lost.wait(), _CLOSE_TIMEOUT)
             if not protocol.lost.is_set():
                 transport.abort()
                 await asyncio.sleep(0)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from bridge.core.backoff import Backoff
+from bridge.core.tasks import wait_for
 from bridge.mail.smtp import MESSAGE_LIMIT, SendResult, SmtpSender, retry_delay
 
 log = logging.getLogger("passerelle.mail.outbox")
@@ -288,7 +289,7 @@ class OutboxWorker:
     async def _sleep(self, delay: float) -> bool:
         """Until woken (True) or `delay` has passed (False)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), delay)
+            await wait_for(self._wake.wait(), delay)
             return True
         return False
 

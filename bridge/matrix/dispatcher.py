@@ -11,7 +11,7 @@ from bridge.core.backoff import Backoff
 from bridge.core.errors import Ignored
 from bridge.core.retry import settle
 from bridge.core.router import RoomQueues
-from bridge.core.tasks import TaskGroup
+from bridge.core.tasks import TaskGroup, wait_for
 from bridge.db import inbox
 from bridge.db.engine import Database
 from bridge.db.inbox import InboxEvent
@@ -92,7 +92,7 @@ class EventDispatcher:
             if len(found) >= BATCH:
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
+                await wait_for(self._wake.wait(), SWEEP_INTERVAL)
 
     async def wait_idle(self) -> None:
         """Until every queued event is handled and marked done (needs run())."""

@@ -21,7 +21,7 @@ from bridge.core.hooks_in import (
 from bridge.core.ids import EventID, RoomID
 from bridge.core.retry import settle_stored
 from bridge.core.router import RoomQueues
-from bridge.core.tasks import TaskGroup
+from bridge.core.tasks import TaskGroup, wait_for
 from bridge.db import rooms
 from bridge.db import webhooks as webhook_db
 from bridge.db.engine import Database
@@ -213,7 +213,7 @@ class HooksRelay:
                 audit = _audit(None, item, "ignored", reason)
                 await webhook_db.finish(self.db, item.id, "ignored", error=reason, audit=audit)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
+                await wait_for(self._wake.wait(), SWEEP_INTERVAL)
 
     async def _process(self, entry: tuple[HookSettings, HookInboxItem]) -> None:
         hook, item = entry

@@ -22,7 +22,7 @@ from bridge.core.leases import (
     next_tick,
     surplus,
 )
-from bridge.core.tasks import SCOPE, TaskGroup
+from bridge.core.tasks import SCOPE, TaskGroup, wait_for
 from bridge.db import leases as lease_db
 from bridge.db import notify as notify_db
 from bridge.db.engine import FENCE, Database
@@ -182,7 +182,7 @@ class LeaseKeeper:
         while True:
             delay = next_tick(time.monotonic(), self._renew_sent, self.timing)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), delay)
+                await wait_for(self._kick.wait(), delay)
             self._kick.clear()
             try:
                 await self.tick()

@@ -26,7 +26,7 @@ from bridge.core.message import Attachment, IncomingMessage
 from bridge.core.recorder import GroupCommit
 from bridge.core.retry import describe, settle_stored
 from bridge.core.router import RoomQueues
-from bridge.core.tasks import TaskGroup
+from bridge.core.tasks import TaskGroup, wait_for
 from bridge.core.threading import Mapped, ThreadTarget, resolve_thread
 from bridge.db import links as link_db
 from bridge.db import mail as mail_db
@@ -235,7 +235,7 @@ class MailRelay:
                 self._prepare_ahead(room_id)
             if len(found) < BATCH:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
+                    await wait_for(self._wake.wait(), SWEEP_INTERVAL)
 
     # -- a history backfill settles its mails here, one at a time, outside the live queue ------
 

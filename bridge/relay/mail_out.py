@@ -22,6 +22,7 @@ from bridge.core.ids import EventID, RoomID
 from bridge.core.links import Link, LinkSettings
 from bridge.core.message import Attachment
 from bridge.core.permissions import PermissionLevel
+from bridge.core.tasks import wait_for
 from bridge.db import audit as audit_db
 from bridge.db import links as link_db
 from bridge.db import mail as mail_db
@@ -421,7 +422,7 @@ class OutcomeReporter:
             except Exception as e:
                 log.warning("cannot report mail outcomes now: %s", e)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), REPORT_INTERVAL)
+                await wait_for(self._wake.wait(), REPORT_INTERVAL)
 
     async def report_once(self) -> int:
         """Report what is waiting; returns how many were reported."""

@@ -37,7 +37,7 @@ from bridge.core.remote_in import (
 )
 from bridge.core.retry import settle_stored
 from bridge.core.router import RoomQueues
-from bridge.core.tasks import TaskGroup
+from bridge.core.tasks import TaskGroup, wait_for
 from bridge.db import kv
 from bridge.db import links as link_db
 from bridge.db import mail as mail_db
@@ -165,7 +165,7 @@ class RemoteRelay:
                 self._queues.submit(link.room_id, (link, item))
             if len(found) < BATCH:
                 try:
-                    await asyncio.wait_for(self._wake.wait(), SWEEP_INTERVAL)
+                    await wait_for(self._wake.wait(), SWEEP_INTERVAL)
                 except TimeoutError:
                     self._sweep = True
             else:

@@ -15,6 +15,7 @@ from bridge.core.backoff import Backoff
 from bridge.core.errors import PermanentError, TransientError
 from bridge.core.health import ComponentHealth
 from bridge.core.retry import describe
+from bridge.core.tasks import wait_for
 from bridge.remote.client import RemoteAuthError, RemoteClient
 
 log = logging.getLogger("passerelle.remote.sync")
@@ -171,7 +172,7 @@ class RemoteSyncer:
                     delay,
                 )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), delay)
+                    await wait_for(self._changed.wait(), delay)
                 continue
             backoff.reset()
             self.health.ok()
