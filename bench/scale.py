@@ -3,6 +3,7 @@
 10,000 links, 1,000,000 Message-ID ⇄ event mappings and 100,000 ghosts.
 
     python bench/scale.py [--database sqlite|postgresql] [--quick] [--keep]
+                           [--mappings N] [--profile FILE]
 
 Fills a bridge database (made by the bridge's own migrations) in two steps, a tenth of the
 mappings first and then the rest, and after each step:
@@ -32,6 +33,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -456,16 +458,24 @@ def health(url: str) -> tuple[int, Any]:
 
 
 def run_bridge(
-    config_path: Path, log_path: Path, sizes: Sizes, dovecot_port: int, port: int, observe: float
+    config_path: Path,
+    log_path: Path,
+    sizes: Sizes,
+    dovecot_port: int,
+    port: int,
+    observe: float,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
-    """Start the bridge, wait until every mailbox is watched, observe, stop; what was seen."""
+    """Start the bridge, wait until every mailbox is watched, observe, stop; what was seen.
+    With `profile`, the bridge runs under cProfile, which writes there when it stops."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PASSERELLE_")}
     env["PYTHONPATH"] = str(ROOT)
     url = f"http://127.0.0.1:{port}/health"
     with log_path.open("ab") as log:
         started, spawned = time.monotonic(), time.time()
+        profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "run", "-c", str(config_path)],
+            [sys.executable, *profiler, "-m", "bridge", "run", "-c", str(config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -572,6 +582,8 @@ async def run(
     args: argparse.Namespace, folder: Path, stack: contextlib.ExitStack
 ) -> dict[str, Any]:
     sizes = QUICK if args.quick else FULL
+    if args.mappings is not None:
+        sizes = dataclasses.replace(sizes, mappings=args.mappings)
     rng = random.Random(12)
     dovecot = DovecotServer(folder / "dovecot")
     dovecot.start()
@@ -625,7 +637,7 @@ async def run(
         )
         bridge = run_bridge(
             config_path, folder / f"bridge-{label}.log", sizes, dovecot.imap_port, port,
-            sizes.observe,
+            sizes.observe, args.profile if label == "full" else None,
         )  # fmt: skip
         steps[label] = {"mappings": stop, "lookups": lookups, "bridge": bridge}
         print(f"{label}: {stop:,} mappings: {json.dumps(steps[label])}", flush=True)
@@ -703,6 +715,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--quick", action="store_true", help="small sizes, same code path")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument(
+        "--mappings", type=int, help="another number of mappings (to profile the start-up fast)"
+    )
+    parser.add_argument(
+        "--profile", type=Path, help="run the full step's bridge under cProfile, into this file"
+    )
     return parser.parse_args(argv)
 
 

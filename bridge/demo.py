@@ -43,7 +43,7 @@ def _write_demo_config(
 ) -> Path:
     """Create or refresh the demo config: new ports each run, the same tokens and database."""
     path = folder / "config.yaml"
-    user: Any = read_yaml_file(path) if path.exists() else None
+    user: Any = read_yaml_file(path, round_trip=True) if path.exists() else None
     if not isinstance(user, dict):
         user = {}
     user.setdefault("homeserver", {}).update(

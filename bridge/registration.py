@@ -89,7 +89,7 @@ def generate_registration(
 
     Returns the final config and the keys whose tokens were generated.
     """
-    user = read_yaml_file(config_path)
+    user = read_yaml_file(config_path, round_trip=True)
     if user is None:
         user = CommentedMap()
     draft = parse_config(user, env=env, require_tokens=False, path=config_path)

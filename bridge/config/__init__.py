@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import hmac
 import os
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from bridge.config import yaml12
 from bridge.config.base import (
     _LOCALPART,
     _MXID,
@@ -31,7 +34,6 @@ from bridge.config.base import (
     _int,
     _merge,
     _number,
-    _plain,
     _string,
     _token,
     _type_name,
@@ -435,7 +437,7 @@ def parse_config(
         raise ConfigError(
             "(file)", f"must hold a mapping at the top level, not {_type_name(user)}"
         )
-    defaults = _plain(yaml_loader().load(EXAMPLE_CONFIG.read_text(encoding="utf-8")))
+    defaults = copy.deepcopy(_defaults())
     warnings: list[str] = []
     raw = _merge(defaults, user, (), warnings)
     overrides = _apply_env(raw, os.environ if env is None else env)
@@ -476,6 +478,13 @@ def parse_config(
         metrics=_metrics(raw, appservice),
         instance=_instance(raw),
     )
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    """The example config, read once (parse_config copies it: env overrides write into it)."""
+    defaults: dict[str, Any] = yaml12.load(EXAMPLE_CONFIG.read_text(encoding="utf-8"))
+    return defaults
 
 
 def load_config(

@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import yaml
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
+
+from bridge.config import yaml12
 
 ENV_PREFIX = "PASSERELLE_"
 TOKEN_PLACEHOLDER = "generate"
@@ -53,8 +56,12 @@ def yaml_loader() -> YAML:
     return yaml
 
 
-def read_yaml_file(path: Path) -> Any:
-    """Parse a YAML file, turning every failure into a one-line ConfigError."""
+def read_yaml_file(path: Path, *, round_trip: bool = False) -> Any:
+    """Parse a YAML file, turning every failure into a one-line ConfigError.
+
+    `round_trip` keeps comments and layout (ruamel) for a file that will be written back;
+    otherwise the fast reader of `yaml12` gives plain dicts and lists, with the same meaning.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -62,8 +69,8 @@ def read_yaml_file(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError("(file)", f"cannot read {path}: {e}") from None
     try:
-        return yaml_loader().load(text)
-    except YAMLError as e:
+        return yaml_loader().load(text) if round_trip else yaml12.load(text)
+    except (YAMLError, yaml.YAMLError) as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
