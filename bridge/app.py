@@ -663,6 +663,8 @@ class Bridge:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if hasattr(self, "mail"):
+            self.mail.pool.close()  # every IMAP connection at once, none promoted meanwhile
         if hasattr(self, "leases"):
             await self.leases.close()  # stops the units, hands the leases back
         await self.tasks.close()

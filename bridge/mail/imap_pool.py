@@ -180,12 +180,18 @@ class ImapPool:
         )
 
     def _rebalance(self) -> None:
-        """Give connections of their own to the first mailboxes, poll the others (O(n): only
-        when the number of mailboxes crosses the number of connections, or one leaves)."""
-        entries = list(self._entries.values())
-        capacity = self._max if len(entries) <= self._max else self._max - self._poll_slots
+        """Give connections of their own to the first mailboxes, poll the others.
+
+        Only the first `max_connections + 1` mailboxes can change side: a connection is only
+        ever held within them, and the later ones are already polled (or, just added, queued
+        by `add`). So this costs O(max_connections), not O(mailboxes): a stop that removes
+        5,000 polled mailboxes one by one took 7 s when it walked them all each time.
+        """
+        count = len(self._entries)
+        capacity = self._max if count <= self._max else self._max - self._poll_slots
         now = time.monotonic()
-        for position, entry in enumerate(entries):
+        first = itertools.islice(self._entries.values(), self._max + 1)
+        for position, entry in enumerate(first):
             if position < capacity:
                 self._give_connection(entry)
             elif entry.idle_task is not None:
@@ -195,7 +201,7 @@ class ImapPool:
                 self._enqueue(entry, now)
             elif entry.ticket is None and entry.not_polling.is_set():
                 self._enqueue(entry, now)
-        if len(entries) > capacity:
+        if count > capacity:
             self._start_pollers()
 
     def _give_connection(self, entry: _Entry) -> None:

@@ -254,3 +254,27 @@ async def test_ten_thousand_mailboxes_are_added_in_linear_time() -> None:
     finally:
         pool.close()
         await tasks.close()
+
+
+async def test_removing_mailboxes_one_by_one_costs_the_connections_not_the_mailboxes() -> None:
+    """Removing the connected mailboxes first (each removal promotes the next one) walked
+    every mailbox at each removal: 10,000 took 8 s, now 0.3 s."""
+    tasks = TaskGroup()
+    pool = ImapPool(tasks.spawn, max_connections=20, poll_interval=3600)
+    try:
+        keys = [f"list{n}@example.test" for n in range(10_000)]
+        for key in keys:
+            pool.add(key, _Idle())
+        started = time.monotonic()
+        for n, key in enumerate(keys):
+            pool.remove(key)
+            if n == 100:
+                stats = pool.stats()
+                # Still the first ones on connections of their own, the rest polled.
+                assert (stats.idle, stats.polled) == (15, 10_000 - 101 - 15)
+        elapsed = time.monotonic() - started
+        assert pool.keys() == []
+        assert elapsed < 4.0
+    finally:
+        pool.close()
+        await tasks.close()
