@@ -12,6 +12,7 @@ from bridge.config import Config, MailboxSettings
 from bridge.core.health import ComponentHealth
 from bridge.core.ids import RoomID
 from bridge.core.leases import mailbox_lease
+from bridge.core.links import Link
 from bridge.core.tasks import TaskGroup
 from bridge.db import links as link_db
 from bridge.db import rooms
@@ -64,27 +65,23 @@ class MailService:
         the room to post there: if it cannot join, the link waits (paused) for an invite
         instead of failing every mail. A link already stored as written, in a room the bot
         is in, costs nothing here (thousands of config links start in one query each)."""
-        existing = {
-            link.remote: link for link in await link_db.all_links(self.db) if link.kind == "mail"
-        }
+        existing = await self._mail_links()
+        writes = [
+            link_db.LinkWrite(
+                RoomID(spec.room_id), "mail", spec.address, spec.settings(), "config"
+            )
+            for spec in self.config.links
+            if (link := existing.get(spec.address)) is None
+            or link.room_id != spec.room_id
+            or link.settings != spec.settings()
+            or link.source != "config"
+        ]
+        if writes:
+            await link_db.save_links(self.db, writes)
+            existing = await self._mail_links()
         known_rooms = await rooms.all_rooms(self.db)
         for spec in self.config.links:
-            link = existing.get(spec.address)
-            if (
-                link is None
-                or link.room_id != spec.room_id
-                or link.settings != spec.settings()
-                or link.source != "config"
-            ):
-                link = await link_db.save_link(
-                    self.db,
-                    room_id=RoomID(spec.room_id),
-                    kind="mail",
-                    remote=spec.address,
-                    settings=spec.settings(),
-                    source="config",
-                    created_by=None,
-                )
+            link = existing[spec.address]
             room = known_rooms.get(link.room_id)
             if room is not None and room.encrypted:
                 log.warning(
@@ -107,6 +104,11 @@ class MailService:
             )
             if not link.paused:
                 await link_db.set_paused(self.db, link.id, True)
+
+    async def _mail_links(self) -> dict[str, Link]:
+        return {
+            link.remote: link for link in await link_db.all_links(self.db) if link.kind == "mail"
+        }
 
     async def room_joined(self, room_id: RoomID) -> None:
         """The bot was let into a room: links that waited for it resume."""
