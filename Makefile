@@ -18,7 +18,10 @@ lint:
 	$(PYTHON) -m mypy --strict bridge
 
 # Everything CI runs: install what is missing, lint, type-check, then every test tier.
+# Byte-compiled first: with PYTHONDONTWRITEBYTECODE set (as on these machines) every bridge
+# process a test starts would compile the bridge's 150 modules again (0.5 s each time).
 test: setup lint
+	$(PYTHON) -m compileall -q -j 0 bridge tests
 	$(PYTHON) -m pytest -p no:cacheprovider
 
 unit:
