@@ -252,7 +252,11 @@ def normalise_database_url(key: str, url: str) -> str:
             "or postgresql+asyncpg://USER:PASSWORD@HOST/DB",
         )
     driver = drivers[scheme.lower()]
-    if driver.startswith("sqlite") and (not rest.startswith("/") or rest == "/"):
+    if driver.startswith("sqlite") and (
+        not rest.startswith("/") or rest == "/" or rest.split("?")[0].lstrip("/") == ":memory:"
+    ):
+        # (In memory, every mapping would be lost at each restart, and the bridge's engine
+        # would not even open it.)
         raise ConfigError(key, "a SQLite URL needs a file: sqlite+aiosqlite:///passerelle.db")
     return f"{driver}://{rest}"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -12,7 +12,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, event, inspect, text
+from sqlalchemy import Connection, Select, event, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -20,6 +20,7 @@ from bridge.config import DatabaseConfig
 from bridge.core.audit import AuditEntry
 from bridge.core.leases import LeaseHolder
 from bridge.db import leases as lease_db
+from bridge.db.reader import Reader
 from bridge.logsetup import mask_driver_logs
 
 log = logging.getLogger("passerelle.db")
@@ -61,6 +62,8 @@ class Database:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        # Lookups by key, on a connection of their own (see reader.py).
+        self.reader = Reader(engine, _sqlite_pragmas if engine.dialect.name == "sqlite" else None)
         # Told of every audit entry once the transaction that stored it has committed (the
         # metrics count there: nothing rolled back, no duplicate, and no metrics in SQL code).
         self.audit_observers: list[Callable[[AuditEntry], None]] = []
@@ -94,7 +97,14 @@ class Database:
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
+    async def read_one(
+        self, name: str, build: Callable[[], Select[Any]], params: Mapping[str, Any]
+    ) -> Mapping[str, Any] | None:
+        """A point read by key through `reader` (plain ints and strings only)."""
+        return await self.reader.one(name, build, params)
+
     async def close(self) -> None:
+        await self.reader.close()
         await self.engine.dispose()
 
 

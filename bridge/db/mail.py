@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, bindparam, func, select, update
+from sqlalchemy import Row, Select, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.core.audit import AuditEntry
@@ -220,34 +220,42 @@ async def count_failure(db: Database, mail_id: int, error: str) -> int:
     return int(value)
 
 
+def _by_message_id() -> Select[Any]:
+    return select(message_map.c.event_id, message_map.c.thread_root, message_map.c.subject).where(
+        message_map.c.link_id == bindparam("link_id"),
+        message_map.c.message_id == bindparam("message_id"),
+    )
+
+
+def _by_event() -> Select[Any]:
+    return (
+        select(message_map.c.message_id, message_map.c.thread_root, message_map.c.subject)
+        .where(
+            message_map.c.link_id == bindparam("link_id"),
+            message_map.c.event_id == bindparam("event_id"),
+        )
+        .order_by(message_map.c.created_at, message_map.c.message_id)
+        .limit(1)
+    )
+
+
 async def lookup(db: Database, link_id: int, message_id: str) -> Mapped | None:
-    async with db.begin() as conn:
-        row = (
-            await conn.execute(
-                select(message_map).where(
-                    message_map.c.link_id == link_id, message_map.c.message_id == message_id
-                )
-            )
-        ).first()
+    row = await db.read_one(
+        "mail.lookup", _by_message_id, {"link_id": link_id, "message_id": message_id}
+    )
     if row is None:
         return None
-    return Mapped(EventID(row.event_id), EventID(row.thread_root), row.subject)
+    return Mapped(EventID(row["event_id"]), EventID(row["thread_root"]), row["subject"])
 
 
 async def lookup_event(db: Database, link_id: int, event_id: str) -> MappedEvent | None:
     """The Message-ID this link mapped to the event (the oldest, if there are several)."""
-    async with db.begin() as conn:
-        row = (
-            await conn.execute(
-                select(message_map)
-                .where(message_map.c.link_id == link_id, message_map.c.event_id == event_id)
-                .order_by(message_map.c.created_at, message_map.c.message_id)
-                .limit(1)
-            )
-        ).first()
+    row = await db.read_one(
+        "mail.lookup_event", _by_event, {"link_id": link_id, "event_id": event_id}
+    )
     if row is None:
         return None
-    return MappedEvent(row.message_id, EventID(row.thread_root), row.subject)
+    return MappedEvent(row["message_id"], EventID(row["thread_root"]), row["subject"])
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import false, func, select, update
+from sqlalchemy import Select, bindparam, false, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.core.audit import AuditEntry
@@ -213,39 +213,39 @@ async def _map(
     )
 
 
-def _mapped(row: Any) -> Mapped:
+def _mapped_read(row: Mapping[str, Any] | None) -> Mapped | None:
+    if row is None:
+        return None
     return Mapped(
-        remote_event_id=row.remote_event_id,
-        agency_event_id=EventID(row.agency_event_id),
-        remote_sender=row.remote_sender,
-        direction=row.direction,
+        remote_event_id=row["remote_event_id"],
+        agency_event_id=EventID(row["agency_event_id"]),
+        remote_sender=row["remote_sender"],
+        direction=row["direction"],
     )
 
 
+def _by(column: str) -> Callable[[], Select[Any]]:
+    def build() -> Select[Any]:
+        m = remote_event_map.c
+        return select(m.remote_event_id, m.agency_event_id, m.remote_sender, m.direction).where(
+            m.link_id == bindparam("link_id"), m[column] == bindparam("event_id")
+        )
+
+    return build
+
+
+_BY_REMOTE = _by("remote_event_id")
+_BY_AGENCY = _by("agency_event_id")
+
+
 async def by_remote_event(db: Database, link_id: int, remote_event_id: str) -> Mapped | None:
-    async with db.begin() as conn:
-        row = (
-            await conn.execute(
-                select(remote_event_map).where(
-                    remote_event_map.c.link_id == link_id,
-                    remote_event_map.c.remote_event_id == remote_event_id,
-                )
-            )
-        ).first()
-    return None if row is None else _mapped(row)
+    params = {"link_id": link_id, "event_id": remote_event_id}
+    return _mapped_read(await db.read_one("remote.by_remote_event", _BY_REMOTE, params))
 
 
 async def by_agency_event(db: Database, link_id: int, agency_event_id: str) -> Mapped | None:
-    async with db.begin() as conn:
-        row = (
-            await conn.execute(
-                select(remote_event_map).where(
-                    remote_event_map.c.link_id == link_id,
-                    remote_event_map.c.agency_event_id == agency_event_id,
-                )
-            )
-        ).first()
-    return None if row is None else _mapped(row)
+    params = {"link_id": link_id, "event_id": agency_event_id}
+    return _mapped_read(await db.read_one("remote.by_agency_event", _BY_AGENCY, params))
 
 
 async def record_relayed(

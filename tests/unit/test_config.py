@@ -459,6 +459,8 @@ def test_database_url_is_normalised(url: str, normalised: str) -> None:
         ("sqlite://", "database URL"),
         ("sqlite:///", "file"),
         ("sqlite://relative.db", "file"),
+        ("sqlite:///:memory:", "file"),  # every mapping lost at each restart
+        ("sqlite+aiosqlite:///:memory:?cache=shared", "file"),
         ("passerelle.db", "database URL"),
         ("garbage", "database URL"),
         ("://", "database URL"),
