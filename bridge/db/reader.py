@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +27,21 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 log = logging.getLogger("passerelle.db")
 
+# After a failed read, lookups take the ordinary path this long before a new connection is
+# tried (a database refusing one more connection is not asked again at every lookup).
+RETRY_AFTER = 30
+
 
 @dataclass(frozen=True)
 class _Compiled:
     sql: str
     params: tuple[str, ...]  # bind names, in the order the driver takes them
     columns: tuple[str, ...]
+    defaults: dict[str, Any]
+
+
+class _Failed(Exception):
+    """The driver failed a read (its error is the cause)."""
 
 
 class Reader:
@@ -56,17 +66,23 @@ class Reader:
         self._lock = asyncio.Lock()
         self._compiled: dict[str, _Compiled] = {}
         self._closed = False
+        self._retry_at = 0.0
 
     async def one(
         self, name: str, build: Callable[[], Select[Any]], params: Mapping[str, Any]
     ) -> Mapping[str, Any] | None:
         """The first row of the statement `build()` makes (compiled once under `name`), with
         bind values `params`, as a mapping of column name to value; None if no row."""
-        if self._kind is not None and not self._closed:
+        if self._kind is not None and not self._closed and time.monotonic() >= self._retry_at:
             try:
                 return await self._driver_read(name, build, params)
-            except Exception as e:  # the driver's own errors: the connection was dropped
-                log.warning("lookup connection failed (%s); reading the ordinary way", e)
+            except _Failed as e:  # the connection was dropped; the ordinary way for a while
+                self._retry_at = time.monotonic() + RETRY_AFTER
+                log.warning(
+                    "lookup connection failed (%s); lookups take the ordinary way for %d s",
+                    e.__cause__,
+                    RETRY_AFTER,
+                )
         async with self._engine.connect() as conn:
             row = (await conn.execute(build(), dict(params))).first()
         return None if row is None else dict(row._mapping)
@@ -82,8 +98,9 @@ class Reader:
                 done.string,
                 tuple(done.positiontup or ()),
                 tuple(str(c.key) for c in statement.selected_columns),
+                dict(done.params),  # the statement's own values (a LIMIT's, say)
             )
-        values = tuple(params[p] for p in compiled.params)
+        values = tuple(params[p] if p in params else compiled.defaults[p] for p in compiled.params)
         async with self._lock:
             try:
                 driver = self._driver or await self._open()
@@ -92,10 +109,12 @@ class Reader:
                     row = rows[0] if rows else None
                 else:
                     row = await driver.fetchrow(compiled.sql, *values)
-            except BaseException:
+            except BaseException as e:
                 # Failed or cut in the middle (cancelled): the connection may be left busy or
                 # broken, so it is not used again; the next read opens another.
                 await self._drop()
+                if isinstance(e, Exception):
+                    raise _Failed from e
                 raise
         return None if row is None else dict(zip(compiled.columns, tuple(row), strict=True))
 

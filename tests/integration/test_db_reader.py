@@ -47,8 +47,11 @@ async def _map(db: Database, link_id: int, n: int, created_at: int = 1) -> None:
         )
 
 
-async def test_lookups_answer_as_the_ordinary_path_and_see_each_commit(db_url: str) -> None:
+async def test_lookups_answer_as_the_ordinary_path_and_see_each_commit(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     db, link_id = await _db_with_link(db_url)
+    caplog.set_level(logging.WARNING, logger="passerelle.db")
     try:
         assert await mail_db.lookup(db, link_id, "<m1@agency.example>") is None
         for n in range(6):
@@ -66,12 +69,16 @@ async def test_lookups_answer_as_the_ordinary_path_and_see_each_commit(db_url: s
         assert await mail_db.lookup(db, link_id + 1, "<m1@agency.example>") is None
         # Hostile keys are parameters, never SQL.
         assert await mail_db.lookup(db, link_id, "<x' OR '1'='1@agency.example>") is None
+        # Every one of them went through the reader's connection (a LIMIT's own value once
+        # made lookup_event fail there and take the ordinary way every time).
+        assert set(db.reader._compiled) == {"mail.lookup", "mail.lookup_event"}
+        assert "lookup connection failed" not in caplog.text
     finally:
         await db.close()
 
 
 async def test_a_broken_connection_loses_no_read(
-    db_url: str, caplog: pytest.LogCaptureFixture
+    db_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db, link_id = await _db_with_link(db_url)
     try:
@@ -91,7 +98,14 @@ async def test_a_broken_connection_loses_no_read(
         assert found is not None
         assert found.thread_root == "$root2"
         assert "lookup connection failed" in caplog.text
-        # The next read opens a new connection of its own.
+        # For a while, reads take the ordinary way, without a word more.
+        caplog.clear()
+        for _ in range(3):
+            assert await mail_db.lookup(db, link_id, "<m2@agency.example>") is not None
+        assert db.reader._driver is None
+        assert "lookup connection failed" not in caplog.text
+        # Then the next read opens a new connection of its own.
+        monkeypatch.setattr(db.reader, "_retry_at", 0.0)
         assert await mail_db.lookup(db, link_id, "<m2@agency.example>") is not None
         assert db.reader._driver is not None
         assert db.reader._driver is not driver
