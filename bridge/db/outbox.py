@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -18,7 +19,7 @@ from bridge.core.ids import EventID, RoomID
 from bridge.db.audit import append_all_in
 from bridge.db.engine import Database
 from bridge.db.schema import link, mail_outbox, message_map
-from bridge.db.util import insert_ignore, now_ms
+from bridge.db.util import bound_insert_ignore, bound_update, now_ms
 from bridge.mail.outbox import OutboxItem
 from bridge.mail.smtp import SendResult
 
@@ -99,6 +100,39 @@ async def enqueue(
     return None if queued is None else queued.id
 
 
+_ENQUEUE_COLUMNS = (
+    "link_id",
+    "room_id",
+    "event_id",
+    "kind",
+    "message_id",
+    "raw",
+    "mail_from",
+    "recipients",
+    "sender",
+    "body_sha256",
+    "state",
+    "attempts",
+    "next_attempt_at",
+    "created_at",
+)
+_MAP_COLUMNS = (
+    "link_id",
+    "message_id",
+    "room_id",
+    "event_id",
+    "thread_root",
+    "subject",
+    "created_at",
+)
+
+
+@functools.cache
+def _enqueue_statement(dialect: str) -> Any:
+    insert = bound_insert_ignore(dialect, mail_outbox, ("link_id", "event_id"), _ENQUEUE_COLUMNS)
+    return insert.returning(mail_outbox.c.id)
+
+
 async def enqueue_item(
     db: Database, item: NewOutgoing, *, envelope: Callable[[int], str] | None = None
 ) -> OutboxItem | None:
@@ -106,26 +140,26 @@ async def enqueue_item(
     without reading it back), or None if it was already queued."""
     now = now_ms()
     async with db.begin() as conn:
+        dialect = conn.dialect.name
         outbox_id = (
             await conn.execute(
-                insert_ignore(conn, mail_outbox, ["link_id", "event_id"])
-                .values(
-                    link_id=item.link_id,
-                    room_id=item.room_id,
-                    event_id=item.event_id,
-                    kind=item.kind,
-                    message_id=item.message_id,
-                    raw=item.raw,
-                    mail_from=item.mail_from,
-                    recipients=json.dumps(list(item.recipients)),
-                    sender=item.sender,
-                    body_sha256=item.body_sha256,
-                    state="pending",
-                    attempts=0,
-                    next_attempt_at=now,
-                    created_at=now,
-                )
-                .returning(mail_outbox.c.id)
+                _enqueue_statement(dialect),
+                {
+                    "link_id": item.link_id,
+                    "room_id": item.room_id,
+                    "event_id": item.event_id,
+                    "kind": item.kind,
+                    "message_id": item.message_id,
+                    "raw": item.raw,
+                    "mail_from": item.mail_from,
+                    "recipients": json.dumps(list(item.recipients)),
+                    "sender": item.sender,
+                    "body_sha256": item.body_sha256,
+                    "state": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "created_at": now,
+                },
             )
         ).scalar_one_or_none()
         if outbox_id is None:
@@ -133,21 +167,21 @@ async def enqueue_item(
         mail_from = item.mail_from
         if envelope is not None and (mail_from := envelope(int(outbox_id))) != item.mail_from:
             await conn.execute(
-                update(mail_outbox)
-                .where(mail_outbox.c.id == outbox_id)
-                .values(mail_from=mail_from)
+                bound_update(mail_outbox, "id", ("mail_from",)),
+                {"b_key": outbox_id, "v_mail_from": mail_from},
             )
         # A reply to this mail threads back under the event's thread.
         await conn.execute(
-            insert_ignore(conn, message_map, ["link_id", "message_id"]).values(
-                link_id=item.link_id,
-                message_id=item.message_id,
-                room_id=item.room_id,
-                event_id=item.event_id,
-                thread_root=item.thread_root,
-                subject=item.subject,
-                created_at=now,
-            )
+            bound_insert_ignore(dialect, message_map, ("link_id", "message_id"), _MAP_COLUMNS),
+            {
+                "link_id": item.link_id,
+                "message_id": item.message_id,
+                "room_id": item.room_id,
+                "event_id": item.event_id,
+                "thread_root": item.thread_root,
+                "subject": item.subject,
+                "created_at": now,
+            },
         )
     return OutboxItem(
         id=int(outbox_id),
@@ -245,7 +279,7 @@ class DbOutboxStore:
             {
                 "state": "failed",
                 "finished_at": _ms(self._clock()),
-                "attempts": mail_outbox.c.attempts + 1,
+                "attempts": _ONE_MORE_ATTEMPT,
                 "last_error": result.message,
                 "smtp_code": result.code,
             },
@@ -337,12 +371,14 @@ async def settle_outcomes(db: Database, outcomes: list[tuple[int, dict[str, Any]
     changed: list[Any] = []
     async with db.begin() as conn:
         for item_id, values in outcomes:
+            # SQL expressions (attempts + 1) are part of the statement; values are bound.
+            exprs = tuple((c, v) for c, v in values.items() if isinstance(v, ColumnElement))
+            bound = tuple(c for c in values if not isinstance(values[c], ColumnElement))
+            params = {f"v_{column}": values[column] for column in bound}
             found = (
                 await conn.execute(
-                    update(mail_outbox)
-                    .where(mail_outbox.c.id == item_id, mail_outbox.c.state == "pending")
-                    .values(**values)
-                    .returning(*_AUDIT_COLUMNS)
+                    _settle_statement(bound, exprs),
+                    params | {"b_key": item_id, "b_state": "pending"},
                 )
             ).first()
             if found is not None:
@@ -353,6 +389,22 @@ async def settle_outcomes(db: Database, outcomes: list[tuple[int, dict[str, Any]
     for item_id, _ in outcomes:
         if item_id not in done:
             log.warning("outbox item %d is not pending any more; outcome not recorded", item_id)
+
+
+# One expression object, so that the statements built from it are built once (see below).
+_ONE_MORE_ATTEMPT = mail_outbox.c.attempts + 1
+
+
+@functools.lru_cache(maxsize=32)
+def _settle_statement(
+    columns: tuple[str, ...], expressions: tuple[tuple[str, ColumnElement[Any]], ...]
+) -> Any:
+    """UPDATE of a pending mail's `columns` (and `expressions`), returning its audit columns,
+    built once per kind of outcome (the expressions are the module's own, made once each)."""
+    statement = bound_update(mail_outbox, "id", columns, with_state=True)
+    if expressions:
+        statement = statement.values(dict(expressions))
+    return statement.returning(*_AUDIT_COLUMNS)
 
 
 def _audit_entry(row: Any) -> AuditEntry:  # a Row of _AUDIT_COLUMNS
