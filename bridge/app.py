@@ -86,6 +86,9 @@ from bridge.webhooks.server import WebhookServer
 
 log = logging.getLogger("passerelle")
 
+# SMTP sends at once, each on a connection kept open between mails.
+OUTBOX_CONCURRENCY = 4
+
 
 class _ReportingStore(DbOutboxStore):
     """The outbox store, waking the reporter when an outcome is there to tell."""
@@ -191,6 +194,8 @@ class Bridge:
                     timeout=smtp.timeout,
                 ),
                 self.smtp_health,
+                # As many as the outbox sends at once: no connection per mail.
+                keep_open=OUTBOX_CONCURRENCY,
             )
             self.outbox = OutboxWorker(
                 _ReportingStore(
@@ -198,6 +203,7 @@ class Bridge:
                 ),
                 sender,
                 give_up_after=config.mail.give_up_after,
+                concurrency=OUTBOX_CONCURRENCY,
                 retry_schedule=functools.partial(retry_delay, schedule=config.mail.retry_delays),
             )
         self.members = RoomMembers(self.client)
@@ -668,6 +674,9 @@ class Bridge:
         if hasattr(self, "leases"):
             await self.leases.close()  # stops the units, hands the leases back
         await self.tasks.close()
+        outbox: OutboxWorker | None = getattr(self, "outbox", None)
+        if outbox is not None:
+            outbox.close()  # its kept SMTP connections, if its run() never started
         if hasattr(self, "remote"):
             await self.remote.close()
         if hasattr(self, "deliverer"):

@@ -185,6 +185,11 @@ class OutboxWorker:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.close()
+
+    def close(self) -> None:
+        """Close the SMTP connections kept open between mails (run() does it when it ends)."""
+        self._sender.close()
 
     async def drain_once(self) -> int:
         """Send every item due now (at most ``concurrency`` at a time); how many were tried."""

@@ -1,4 +1,5 @@
-"""SMTP sending: one connection per mail, every outcome mapped to delivered, retry or give up."""
+"""SMTP sending: every outcome mapped to delivered, retry or give up; a connection per mail,
+or (`keep_open`) a few kept open between mails."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import random
 import re
 import socket
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -32,6 +34,13 @@ RETRY_JITTER = 0.1
 _QUIT_TIMEOUT = 5.0
 # RFC 4954 §6: "530 5.7.0 Authentication required" is about our configuration, not the mail.
 _AUTH_REQUIRED = 530
+# A connection kept open after a mail (`keep_open`) is used again for at most this long after
+# its last mail, and for at most this many mails (servers limit both; a reused connection the
+# server closed meanwhile costs a new connection, never the mail).
+KEEP_SECONDS = 5.0
+KEEP_MAILS = 100
+# "421 Service not available, closing transmission channel": the session ends, not the mail.
+_CLOSING = 421
 
 # What may not appear in an envelope address: we never send quoted local parts, comments,
 # source routes or address literals, so none of these is needed (and each could break or
@@ -119,12 +128,37 @@ class _Stop(Exception):
         self.result = result
 
 
-class SmtpSender:
-    """Submits mail to one SMTP server, a new connection per mail."""
+@dataclass
+class _Kept:
+    smtp: aiosmtplib.SMTP
+    mails: int  # sent on it so far
+    since: float  # monotonic time of its last mail
 
-    def __init__(self, config: SmtpConfig, health: ComponentHealth) -> None:
+
+@dataclass
+class _Progress:
+    data: bool = False  # DATA was sent: the server may have the mail
+
+
+class SmtpSender:
+    """Submits mail to one SMTP server.
+
+    By default each mail has a connection of its own. With `keep_open` N, up to N connections
+    stay open after an accepted mail (KEEP_SECONDS, KEEP_MAILS) for the next ones: no TCP and
+    TLS handshake, greeting, EHLO and login per mail, and the server spares a session per
+    mail. A kept connection found closed, or closing (421), before DATA is replaced by a new
+    one for the same mail; once DATA was sent, the outcome stands as with a new connection.
+    Whoever gives `keep_open` calls `close()` when done.
+    """
+
+    def __init__(self, config: SmtpConfig, health: ComponentHealth, *, keep_open: int = 0) -> None:
         if config.tls not in TLS_MODES:  # a dataclass field can be bypassed; be sure
             raise ValueError(f"unknown tls mode {config.tls!r}")
+        if keep_open < 0:
+            raise ValueError("keep_open must be >= 0")
+        self._keep_open = keep_open
+        self._kept: list[_Kept] = []
+        self._expiry: asyncio.TimerHandle | None = None
         self._config = config
         self._health = health
         self._where = f"{config.host}:{config.port}"
@@ -175,6 +209,21 @@ class SmtpSender:
     # -- the transaction -------------------------------------------------------------------------
 
     async def _transaction(self, raw: bytes, sender: str, rcpts: list[str]) -> SendResult:
+        kept = self._take_kept()
+        if kept is not None:
+            progress = _Progress()
+            try:
+                result = await self._on(kept.smtp, raw, sender, rcpts, progress)
+            except BaseException:
+                kept.smtp.close()
+                raise
+            lost = result.code is None or result.code == _CLOSING
+            if result.accepted or progress.data or not lost:
+                await self._after(kept.smtp, kept.mails + 1, result)
+                return result
+            # Closed while it waited, or closing now: the mail never left; a new connection.
+            kept.smtp.close()
+            log.debug("SMTP %s: kept connection unusable (%s); a new one", self._where, result)
         config = self._config
         context = await self._tls_context() if config.tls != "none" else None
         if self._helo_name is None:
@@ -194,15 +243,83 @@ class SmtpSender:
                 await self._connect(smtp, context)
                 if config.user is not None:
                     await self._login(smtp)
-                result = await self._submit(smtp, raw, sender, rcpts)
             except _Stop as stop:
                 result = stop.result
-            if smtp.is_connected:  # a polite QUIT; its outcome changes nothing
+            else:
+                result = await self._on(smtp, raw, sender, rcpts, _Progress())
+        except BaseException:
+            smtp.close()
+            raise
+        await self._after(smtp, 1, result)
+        return result
+
+    async def _on(
+        self,
+        smtp: aiosmtplib.SMTP,
+        raw: bytes,
+        sender: str,
+        rcpts: list[str],
+        progress: _Progress,
+    ) -> SendResult:
+        try:
+            return await self._submit(smtp, raw, sender, rcpts, progress)
+        except _Stop as stop:
+            return stop.result
+
+    async def _after(self, smtp: aiosmtplib.SMTP, mails: int, result: SendResult) -> None:
+        """Keep the connection for the next mail, or QUIT (politely; its outcome changes
+        nothing) and close it."""
+        if (
+            result.accepted
+            and smtp.is_connected
+            and mails < KEEP_MAILS
+            and len(self._kept) < self._keep_open
+        ):
+            self._kept.append(_Kept(smtp, mails, time.monotonic()))
+            if self._expiry is None:
+                loop = asyncio.get_running_loop()
+                self._expiry = loop.call_later(KEEP_SECONDS, self._expire)
+            return
+        try:
+            if smtp.is_connected:
                 with contextlib.suppress(Exception):
-                    await smtp.quit(timeout=min(config.timeout, _QUIT_TIMEOUT))
-            return result
+                    await smtp.quit(timeout=min(self._config.timeout, _QUIT_TIMEOUT))
         finally:
             smtp.close()
+
+    def _take_kept(self) -> _Kept | None:
+        """The most recently used kept connection still open and fresh, if any."""
+        self._expire_old()
+        while self._kept:
+            kept = self._kept.pop()
+            if kept.smtp.is_connected:
+                return kept
+            kept.smtp.close()
+        return None
+
+    def _expire_old(self) -> None:
+        limit = time.monotonic() - KEEP_SECONDS
+        old = [k for k in self._kept if k.since <= limit]
+        self._kept = [k for k in self._kept if k.since > limit]
+        for kept in old:
+            kept.smtp.close()  # no QUIT: the server sees the connection end, which it allows
+
+    def _expire(self) -> None:
+        self._expiry = None
+        self._expire_old()
+        if self._kept:
+            oldest = min(k.since for k in self._kept)
+            delay = max(0.05, oldest + KEEP_SECONDS - time.monotonic())
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def close(self) -> None:
+        """Close the kept connections (at once, without QUIT)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        kept, self._kept = self._kept, []
+        for k in kept:
+            k.smtp.close()
 
     async def _connect(self, smtp: aiosmtplib.SMTP, context: ssl.SSLContext | None) -> None:
         try:
@@ -266,7 +383,12 @@ class SmtpSender:
             raise self._transient(f"cannot log in: {exc.message}") from None
 
     async def _submit(
-        self, smtp: aiosmtplib.SMTP, raw: bytes, sender: str, rcpts: list[str]
+        self,
+        smtp: aiosmtplib.SMTP,
+        raw: bytes,
+        sender: str,
+        rcpts: list[str],
+        progress: _Progress,
     ) -> SendResult:
         utf8 = not all(address.isascii() for address in (sender, *rcpts))
         if utf8 and not smtp.supports_extension("smtputf8"):
@@ -313,6 +435,7 @@ class SmtpSender:
             await self._reset(smtp)
             raise self._permanent(refused[0][1].code, f"all recipients refused: {refusals}")
 
+        progress.data = True
         try:
             reply = await smtp.data(raw)
         except aiosmtplib.SMTPDataError as exc:
