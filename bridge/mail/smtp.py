@@ -12,7 +12,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -213,7 +213,7 @@ class SmtpSender:
         if kept is not None:
             progress = _Progress()
             try:
-                result = await self._on(kept.smtp, raw, sender, rcpts, progress)
+                result = await self._outcome(self._submit(kept.smtp, raw, sender, rcpts, progress))
             except BaseException:
                 kept.smtp.close()
                 raise
@@ -246,23 +246,18 @@ class SmtpSender:
             except _Stop as stop:
                 result = stop.result
             else:
-                result = await self._on(smtp, raw, sender, rcpts, _Progress())
+                result = await self._outcome(self._submit(smtp, raw, sender, rcpts, _Progress()))
         except BaseException:
             smtp.close()
             raise
         await self._after(smtp, 1, result)
         return result
 
-    async def _on(
-        self,
-        smtp: aiosmtplib.SMTP,
-        raw: bytes,
-        sender: str,
-        rcpts: list[str],
-        progress: _Progress,
-    ) -> SendResult:
+    @staticmethod
+    async def _outcome(steps: Awaitable[SendResult]) -> SendResult:
+        """The result of `steps`, or the one a step stopped with."""
         try:
-            return await self._submit(smtp, raw, sender, rcpts, progress)
+            return await steps
         except _Stop as stop:
             return stop.result
 
