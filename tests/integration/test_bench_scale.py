@@ -35,10 +35,10 @@ def test_scale_bench_quick_on_sqlite(tmp_path: Path) -> None:
         timing = report["lookups"][kind]
         assert 0 < timing["p50_ms"] <= timing["p99_ms"]
     assert report["lookup_p99_ms"] == max(report["lookups"][k]["p99_ms"] for k in kinds)
-    # The bare driver's lookup is the reference; the bridge's costs more (SQLAlchemy,
-    # aiosqlite's thread, a transaction), but not by orders of magnitude. CPU per lookup does
-    # not depend on how loaded the machine is, unlike its latency; the 2 ms p99 target is the
-    # full bench's, measured on a quiet machine (bench/README.md).
+    # The bare driver's lookup is the reference; the bridge's costs more (aiosqlite's thread
+    # and the reader's lock: bridge/db/reader.py), but not by orders of magnitude. CPU per
+    # lookup does not depend on how loaded the machine is, unlike its latency; the 2 ms p99
+    # target is the full bench's, measured on a quiet machine (bench/README.md).
     assert 0 < report["lookup_raw_p50_ms"] <= report["lookup_p50_ms"]
     assert report["lookups"]["message_id_to_event"]["cpu_p50_ms"] < 5.0
     # The bridge started on that database, watched every mailbox, within the IMAP bound.
