@@ -43,25 +43,29 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.mail_to_matrix import (  # noqa: E402
+    Servers,
+    append_mails,
+    link_room,
+    make_mail,
+    plain_phase,
+    start_servers,
+)
+from bench.measure import (  # noqa: E402
     BUSY_CORES,
     CpuMeter,
     Probes,
     Profiler,
-    Servers,
     add_run_options,
-    append_mails,
-    check_room,
     code_version,
     find_pid,
-    is_ghost,
-    link_room,
-    make_mail,
-    plain_phase,
     quote,
     retry_until,
-    room_history,
-    start_servers,
     temp_folder,
+)
+from bench.rooms import (  # noqa: E402
+    check_room,
+    is_ghost,
+    room_history,
 )
 from bridge.harness.synapse import MatrixTestClient  # noqa: E402
 from tests.e2e.test_bot import replies_to  # noqa: E402

@@ -37,7 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.mail_to_matrix import code_version, percentile  # noqa: E402
+from bench.measure import (  # noqa: E402
+    code_version,
+    percentile,
+)
 from bridge.config import DatabaseConfig  # noqa: E402
 from bridge.core.leases import LeaseHolder, LeaseTiming  # noqa: E402
 from bridge.core.tasks import TaskGroup  # noqa: E402

@@ -40,22 +40,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
 import math
 import os
-import re
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.parse
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,8 +60,29 @@ if str(ROOT) not in sys.path:
 
 from bench import auth_phase  # noqa: E402
 from bench.auth_phase import AuthSetup  # noqa: E402
+from bench.measure import (  # noqa: E402
+    BUSY_CORES,
+    CpuMeter,
+    Probes,
+    Profiler,
+    add_run_options,
+    code_version,
+    disturbed_phases,
+    find_pid,
+    percentile,
+    profile_summaries,
+    retry_until,
+    temp_folder,
+)
+from bench.relay_diagnosis import diagnose_log  # noqa: E402
+from bench.rooms import (  # noqa: E402
+    SyncWatcher,
+    check_room,
+    is_ghost,
+    is_link_notice,
+    room_history,
+)
 from bridge.config import DatabaseConfig, MailConfig  # noqa: E402
-from bridge.core.authentication import CONTENT_KEY as AUTH_KEY  # noqa: E402
 from bridge.core.ids import EventID, RoomID  # noqa: E402
 from bridge.core.links import LinkSettings  # noqa: E402
 from bridge.db import links as link_db  # noqa: E402
@@ -93,14 +107,9 @@ ALLOW = "achats.gouv.fr"
 # results authenticate the sender as a real delivery's would (see make_mail).
 AUTHSERV_ID = "mx.bench.test"
 MTA_RESULTS = f"{AUTHSERV_ID}; dkim=pass header.d={ALLOW}; dmarc=pass header.from={ALLOW}"
-GHOST_PREFIX = "@passerelle_"
 # Issue 12: relay/plain in one room, and across rooms (a plain client per room, in parallel).
 TARGET_1 = 0.95
 TARGET_N = 0.9
-# Other processes using more than this many cores on average during a phase: its numbers are
-# not to be trusted (this machine has 2 cores).
-BUSY_CORES = 0.5
-MARKER_RE = re.compile(r"BENCH-([a-z0-9]+)-(\d{5})")
 HTML_FORMAT = "org.matrix.custom.html"
 
 
@@ -146,259 +155,6 @@ def plain_content(tag: str, seq: int) -> dict[str, Any]:
         "formatted_body": f"<p><strong>{subject}</strong></p><p>{lines}</p>",
         "m.mentions": {},
     }
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = min(len(ordered), max(1, math.ceil(q / 100 * len(ordered))))
-    return ordered[rank - 1]
-
-
-def quote(value: str) -> str:
-    return urllib.parse.quote(value, safe="")
-
-
-async def retry_until(
-    check: Callable[[], Awaitable[T | None]], timeout: float, what: str, interval: float = 0.2
-) -> T:
-    """Poll `check` until it returns something other than None."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(interval)
-
-
-# --- CPU accounting ---------------------------------------------------------------------------
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu(pid: int | None) -> float:
-    """User + system CPU seconds of one process (0 if it is gone)."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def family_cpu(master_pid_file: Path) -> float:
-    """CPU seconds of a Dovecot master, its reaped children and its live children."""
-    try:
-        master = int(master_pid_file.read_text().split()[0])
-        fields = Path(f"/proc/{master}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    total = sum(int(v) for v in fields[11:15]) / _TICK
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            child = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(child[1]) == master:
-                total += sum(int(v) for v in child[11:15]) / _TICK
-    return total
-
-
-def machine_cpu() -> float:
-    """Busy CPU seconds of the whole machine (all cores) since boot."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return (sum(values[:8]) - idle) / _TICK
-
-
-def find_pid(needle: str) -> int | None:
-    """The process whose command line contains `needle` (Synapse: its config path)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if needle in cmdline and "homeserver" in cmdline:
-                return int(entry.name)
-    return None
-
-
-@dataclass
-class CpuMeter:
-    """CPU seconds spent by Synapse, the bridge, this script and everything else in a phase."""
-
-    synapse_pid: int | None
-    bridge_pid: int | None
-    dovecot_pid_file: Path
-    _start: dict[str, float] = field(default_factory=dict)
-
-    def _sample(self) -> dict[str, float]:
-        times = os.times()
-        return {
-            "synapse": process_cpu(self.synapse_pid),
-            "bridge": process_cpu(self.bridge_pid),
-            "dovecot": family_cpu(self.dovecot_pid_file),
-            "bench": times.user + times.system,
-            "machine": machine_cpu(),
-            "wall": time.monotonic(),
-        }
-
-    def start(self) -> None:
-        self._start = self._sample()
-
-    def stop(self) -> dict[str, float]:
-        end = self._sample()
-        used = {k: round(end[k] - self._start[k], 2) for k in end}
-        used["others"] = round(
-            used["machine"] - used["synapse"] - used["bridge"] - used["dovecot"] - used["bench"],
-            2,
-        )
-        return used
-
-
-@dataclass
-class Probes:
-    """What watches a phase: CPU accounting always, py-spy when asked."""
-
-    meter: CpuMeter
-    profiler: Profiler
-    synapse_pid: int | None
-    bridge_pid: int | None
-
-    def start(self, name: str, *, bridge: bool) -> None:
-        self.profiler.start(f"{name}-synapse", self.synapse_pid)
-        if bridge:
-            self.profiler.start(f"{name}-bridge", self.bridge_pid)
-        self.meter.start()
-
-    def stop(self) -> dict[str, float]:
-        cpu = self.meter.stop()
-        self.profiler.stop()
-        return cpu
-
-
-# --- py-spy (optional) ------------------------------------------------------------------------
-
-
-@dataclass
-class Profiler:
-    """py-spy attached to a process for one phase, in raw (collapsed stacks) format."""
-
-    folder: Path | None
-    native: bool = False
-    _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def start(self, name: str, pid: int | None) -> None:
-        exe = shutil.which("py-spy")
-        if self.folder is None or exe is None or pid is None:
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._procs.append(
-            subprocess.Popen(
-                [
-                    exe,
-                    "record",
-                    "--pid",
-                    str(pid),
-                    "--rate",
-                    "100",
-                    # --native needs the process paused while its stack is read.
-                    *([] if self.native else ["--nonblocking"]),
-                    "--idle",
-                    "--threads",
-                    *(["--native"] if self.native else []),
-                    "--format",
-                    "raw",
-                    "--output",
-                    str(self.folder / f"{name}.txt"),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=(self.folder / f"{name}.log").open("wb"),
-            )
-        )
-
-    def stop(self) -> None:
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._procs.clear()
-
-
-# A sample whose innermost frame is one of these is a thread waiting, not working: the asyncio
-# or Twisted poll, an aiosqlite worker waiting for its next call, a pool thread with no work.
-IDLE_FRAMES = (
-    "(selectors.py:",
-    "(synapse/metrics/_reactor_metrics.py:",
-    "(twisted/internet/epollreactor.py:",
-    "_connection_worker_thread (aiosqlite/core.py:59)",
-    "Condition.wait (threading.py:",
-    "_worker (concurrent/futures/thread.py:",
-)
-
-
-def profile_summary(path: Path, top: int = 12) -> dict[str, Any]:
-    """From py-spy's raw output (--idle --threads, maybe --native): how busy each thread was,
-    the functions the busy samples were in (innermost Python frame) and the bridge's own
-    functions under them; with --native also how much of the SQLite threads' time went to
-    waiting for another connection's write lock (SQLite's busy handler sleeping) and fsync."""
-    per_thread: Counter[str] = Counter()
-    busy_thread: Counter[str] = Counter()
-    own: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    sqlite_threads = lock_wait = fsync = 0
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        thread, *frames = stack.split(";")
-        thread = thread.split(": ", 1)[-1]
-        per_thread[thread] += count
-        if "_connection_worker_thread" in thread:
-            sqlite_threads += count
-            if any("sqlite3InvokeBusyHandler" in frame for frame in frames):
-                lock_wait += count
-            elif frames and frames[-1].startswith(("fdatasync", "fsync")):
-                fsync += count
-        python = [frame for frame in frames if ".py:" in frame]
-        if not python or any(marker in python[-1] for marker in IDLE_FRAMES):
-            continue
-        busy_thread[thread] += count
-        own[python[-1]] += count
-        for frame in set(python):
-            if "bridge/" in frame and "bridge/cli.py" not in frame and "__main__" not in frame:
-                inclusive[frame] += count
-    busy = sum(busy_thread.values())
-    summary: dict[str, Any] = {
-        "busy_samples": busy,
-        "thread_busy_percent": {
-            name: round(100 * busy_thread[name] / total, 1)
-            for name, total in per_thread.most_common()
-            if busy_thread[name]
-        },
-        "busy_innermost_percent": [(k, round(100 * v / busy, 1)) for k, v in own.most_common(top)],
-        "busy_in_bridge_code_percent": [
-            (k, round(100 * v / busy, 1)) for k, v in inclusive.most_common(top)
-        ],
-    }
-    if sqlite_threads and (lock_wait or fsync):
-        summary["sqlite_threads"] = {
-            "threads": sum(1 for name in per_thread if "_connection_worker_thread" in name),
-            "lock_wait_percent": round(100 * lock_wait / sqlite_threads, 1),
-            "fsync_percent": round(100 * fsync / sqlite_threads, 1),
-        }
-    return summary
 
 
 # --- the servers ------------------------------------------------------------------------------
@@ -541,170 +297,6 @@ async def watched(servers: Servers, address: str) -> None:
         return True if state.get("reachable") else None
 
     await retry_until(watching, 60, f"the bridge to watch {address}")
-
-
-async def room_history(client: MatrixTestClient, room_id: str) -> list[dict[str, Any]]:
-    """Every m.room.message of a room, oldest first (paginated /messages)."""
-    events: list[dict[str, Any]] = []
-    token: str | None = None
-    while True:
-        params = {"dir": "b", "limit": "1000", "filter": json.dumps({"types": ["m.room.message"]})}
-        if token is not None:
-            params["from"] = token
-        response = await client.request(
-            "GET", f"/_matrix/client/v3/rooms/{quote(room_id)}/messages", params=params
-        )
-        chunk = [e for e in response.get("chunk", []) if isinstance(e, dict)]
-        events.extend(chunk)
-        end = response.get("end")
-        if not chunk or not isinstance(end, str):
-            break
-        token = end
-    events.reverse()
-    return events
-
-
-class SyncWatcher:
-    """Counts marker events per room through an incremental /sync (cheap: one request per
-    second or so), to know when a phase is complete. The numbers come from /messages later."""
-
-    def __init__(self, client: MatrixTestClient, tags: dict[str, str]) -> None:
-        self.client = client
-        self.tags = tags  # room ID -> the marker tag expected there
-        self.rooms = list(tags)
-        self.seen: dict[str, set[int]] = {room: set() for room in self.rooms}
-        self.limited = False
-        self._since: str | None = None
-        self._filter = json.dumps(
-            {
-                "room": {
-                    "rooms": self.rooms,
-                    "timeline": {"limit": 1000, "types": ["m.room.message"]},
-                    "state": {"types": []},
-                    "ephemeral": {"types": []},
-                    "account_data": {"types": []},
-                },
-                "presence": {"types": []},
-                "account_data": {"types": []},
-            }
-        )
-
-    async def _sync(self, timeout_ms: int) -> None:
-        params = {"filter": self._filter, "timeout": str(timeout_ms)}
-        if self._since is not None:
-            params["since"] = self._since
-        response = await self.client.request("GET", "/_matrix/client/v3/sync", params=params)
-        self._since = str(response["next_batch"])
-        joined = (response.get("rooms") or {}).get("join") or {}
-        for room_id, room in joined.items():
-            if room_id not in self.seen:
-                continue
-            timeline = room.get("timeline") or {}
-            if timeline.get("limited"):
-                self.limited = True
-            for event in timeline.get("events") or []:
-                self._count(room_id, event)
-
-    def _count(self, room_id: str, event: dict[str, Any]) -> None:
-        match = MARKER_RE.search(str((event.get("content") or {}).get("body", "")))
-        if match and match.group(1) == self.tags[room_id]:
-            self.seen[room_id].add(int(match.group(2)))
-
-    async def begin(self) -> None:
-        """Take the current position: what came before is not counted."""
-        await self._sync(0)
-        self.seen = {room: set() for room in self.rooms}
-        self.limited = False
-
-    async def wait(self, expected: int, timeout: float) -> bool:
-        """Until every room shows `expected` distinct markers; False on timeout."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(len(s) >= expected for s in self.seen.values()):
-                return True
-            if self.limited:
-                # The timeline skipped events: count from the room history instead.
-                for room_id in self.rooms:
-                    for event in await room_history(self.client, room_id):
-                        self._count(room_id, event)
-                self.limited = False
-                continue
-            await self._sync(5000)
-            await asyncio.sleep(0.5)
-        return all(len(s) >= expected for s in self.seen.values())
-
-
-# --- analysis ---------------------------------------------------------------------------------
-
-
-@dataclass
-class RoomCheck:
-    """What arrived in one room, against what was sent."""
-
-    ts: dict[int, int]  # seq -> origin_server_ts of its first event
-    duplicates: int
-    missing: list[int]
-    out_of_order: int
-    unexpected: int
-    notices: list[str]
-    verdicts: Counter[str]  # "verdict/method" of the sender verdict each message carries
-
-
-def check_room(
-    events: list[dict[str, Any]], tag: str, expected: int, senders: Callable[[str], bool], bot: str
-) -> RoomCheck:
-    ts: dict[int, int] = {}
-    counts: Counter[int] = Counter()
-    order: list[int] = []
-    unexpected = 0
-    notices: list[str] = []
-    verdicts: Counter[str] = Counter()
-    for event in events:
-        sender = str(event.get("sender", ""))
-        body = str((event.get("content") or {}).get("body", ""))
-        if sender == bot:
-            notices.append(body[:200])
-            continue
-        if not senders(sender):
-            continue
-        match = MARKER_RE.search(body)
-        if match is None:
-            unexpected += 1
-            continue
-        if match.group(1) != tag:  # an earlier phase in the same room
-            continue
-        seq = int(match.group(2))
-        counts[seq] += 1
-        if seq not in ts:
-            ts[seq] = int(event["origin_server_ts"])
-            order.append(seq)
-            auth = event["content"].get(AUTH_KEY) or {}
-            verdicts[f"{auth.get('verdict')}/{auth.get('method')}"] += 1
-    highest = -1
-    out_of_order = 0
-    for seq in order:
-        if seq < highest:
-            out_of_order += 1
-        highest = max(highest, seq)
-    return RoomCheck(
-        ts=ts,
-        duplicates=sum(n - 1 for n in counts.values() if n > 1),
-        missing=[seq for seq in range(expected) if seq not in ts],
-        out_of_order=out_of_order,
-        unexpected=unexpected,
-        notices=notices,
-        verdicts=verdicts,
-    )
-
-
-def is_link_notice(body: str) -> bool:
-    """The bot's once-per-room words at link time (greeting, confirmation, the m.bridge
-    state it may not set in a room where it lacks power level 50): not a relay problem."""
-    return "Linked" in body or "help" in body or "m.bridge state" in body
-
-
-def is_ghost(sender: str) -> bool:
-    return sender.startswith(GHOST_PREFIX)
 
 
 # --- phases -----------------------------------------------------------------------------------
@@ -857,50 +449,6 @@ async def bridge_phase(
         "cpu_ms_per_message": {
             k: round(1000 * v / total, 1) for k, v in cpu.items() if k not in ("wall",)
         },
-    }
-
-
-LOG_LINE_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ (\S+): (.*)$")
-SEND_DONE_RE = re.compile(r"/send/m\.room\.message/\S*\) completed in ([\d.]+)(ms|s) ")
-
-
-def diagnose_log(text: str, since: float, until: float) -> dict[str, Any]:
-    """From a --diagnose bridge log: per mail, the gap between two posts in one room and the
-    homeserver's answer time to the send inside it; the difference is the bridge's own time."""
-    posts: list[float] = []
-    sends: list[float] = []
-    stored: list[float] = []
-    for line in text.splitlines():
-        match = LOG_LINE_RE.match(line)
-        if match is None:
-            continue
-        when = time.mktime(time.strptime(match.group(1)[:19], "%Y-%m-%d %H:%M:%S"))
-        when += int(match.group(1)[20:]) / 1000
-        if not since <= when <= until:
-            continue
-        message = match.group(3)
-        if message.startswith("posted mail "):
-            posts.append(when)
-        elif message.startswith("IMAP ") and "stored" in message:
-            stored.append(when)
-        elif done := SEND_DONE_RE.search(message):
-            value = float(done.group(1))
-            sends.append(value if done.group(2) == "ms" else value * 1000)
-    gaps = [(b - a) * 1000 for a, b in itertools.pairwise(posts)]
-    mean_gap = sum(gaps) / len(gaps) if gaps else None
-    mean_send = sum(sends) / len(sends) if sends else None
-    return {
-        "posts": len(posts),
-        "post_gap_mean_ms": round(mean_gap, 1) if mean_gap is not None else None,
-        "post_gap_p50_ms": percentile(gaps, 50),
-        "send_mean_ms": round(mean_send, 1) if mean_send is not None else None,
-        "send_p50_ms": percentile(sends, 50),
-        "bridge_own_mean_ms": (
-            round(mean_gap - mean_send, 1)
-            if mean_gap is not None and mean_send is not None
-            else None
-        ),
-        "ingest_s": round(stored[-1] - stored[0], 2) if stored else None,
     }
 
 
@@ -1194,35 +742,6 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def disturbed_phases(results: dict[str, Any]) -> dict[str, float]:
-    """The phases during which other processes used more than BUSY_CORES: their share."""
-    return {
-        key: round(value["cpu_s"]["others"] / value["cpu_s"]["wall"], 2)
-        for key, value in results.items()
-        if isinstance(value, dict)
-        and "cpu_s" in value
-        and value["cpu_s"]["others"] > BUSY_CORES * value["cpu_s"]["wall"]
-    }
-
-
-def profile_summaries(folder: Path) -> dict[str, Any]:
-    return {path.stem: profile_summary(path) for path in sorted(folder.glob("*.txt"))}
-
-
-def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """--keep, --profile and --native, the same in every benchmark here."""
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
-    parser.add_argument(
-        "--profile",
-        type=Path,
-        default=None,
-        help="folder for py-spy profiles of the bridge and Synapse (needs py-spy on PATH)",
-    )
-    parser.add_argument(
-        "--native", action="store_true", help="py-spy with --native (C frames too: SQLite, …)"
-    )
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--mails", type=int, default=1000, help="mails in the one-room phase")
@@ -1274,40 +793,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.profile is not None:
         args.profile = args.profile.resolve()
     return args
-
-
-@contextlib.contextmanager
-def temp_folder(keep: bool) -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix="passerelle-bench-"))
-    try:
-        yield folder
-    finally:
-        if keep:
-            print(f"kept {folder}")
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def code_version() -> str:
-    """The commit measured, marked dirty when bridge/ has uncommitted changes."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "bridge"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

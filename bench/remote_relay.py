@@ -51,8 +51,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.mail_to_matrix import (  # noqa: E402
+    marker,
+    mean_rate,
+)
+from bench.matrix_to_mail import ms_stats, with_cpu  # noqa: E402
+from bench.measure import (  # noqa: E402
     BUSY_CORES,
-    MARKER_RE,
     CpuMeter,
     Probes,
     Profiler,
@@ -60,14 +64,14 @@ from bench.mail_to_matrix import (  # noqa: E402
     code_version,
     disturbed_phases,
     find_pid,
-    marker,
-    mean_rate,
     process_cpu,
     profile_summaries,
     quote,
     temp_folder,
 )
-from bench.matrix_to_mail import ms_stats, with_cpu  # noqa: E402
+from bench.rooms import (  # noqa: E402
+    MARKER_RE,
+)
 from bridge.config import read_yaml_file  # noqa: E402
 from bridge.harness.ports import free_port  # noqa: E402
 from bridge.harness.synapse import MatrixTestClient, SynapseServer  # noqa: E402

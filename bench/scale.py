@@ -55,7 +55,11 @@ if str(ROOT) not in sys.path:
 
 from sqlalchemy import text  # noqa: E402
 
-from bench.mail_to_matrix import code_version, percentile, temp_folder  # noqa: E402
+from bench.measure import (  # noqa: E402
+    code_version,
+    percentile,
+    temp_folder,
+)
 from bridge.config import DatabaseConfig  # noqa: E402
 from bridge.core.ids import RoomID  # noqa: E402
 from bridge.core.links import REMOTE_KIND, LinkSettings, remote_link_key  # noqa: E402

@@ -46,10 +46,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.mail_to_matrix import (  # noqa: E402
+    mean_rate,
+)
+from bench.measure import (  # noqa: E402
     code_version,
     disturbed_phases,
     find_pid,
-    mean_rate,
     percentile,
     temp_folder,
 )
