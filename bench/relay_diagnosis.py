@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from bench.measure import percentile
@@ -14,21 +15,25 @@ LOG_LINE_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ (\S+): (.
 SEND_DONE_RE = re.compile(r"/send/m\.room\.message/\S*\) completed in ([\d.]+)(ms|s) ")
 
 
-def diagnose_log(text: str, since: float, until: float) -> dict[str, Any]:
-    """From a --diagnose bridge log: per mail, the gap between two posts in one room and the
-    homeserver's answer time to the send inside it; the difference is the bridge's own time."""
-    posts: list[float] = []
-    sends: list[float] = []
-    stored: list[float] = []
+def log_lines(text: str, since: float, until: float) -> Iterator[tuple[float, str]]:
+    """(time, message) of each line of a bridge log logged between `since` and `until`."""
     for line in text.splitlines():
         match = LOG_LINE_RE.match(line)
         if match is None:
             continue
         when = time.mktime(time.strptime(match.group(1)[:19], "%Y-%m-%d %H:%M:%S"))
         when += int(match.group(1)[20:]) / 1000
-        if not since <= when <= until:
-            continue
-        message = match.group(3)
+        if since <= when <= until:
+            yield when, match.group(3)
+
+
+def diagnose_log(text: str, since: float, until: float) -> dict[str, Any]:
+    """From a --diagnose bridge log: per mail, the gap between two posts in one room and the
+    homeserver's answer time to the send inside it; the difference is the bridge's own time."""
+    posts: list[float] = []
+    sends: list[float] = []
+    stored: list[float] = []
+    for when, message in log_lines(text, since, until):
         if message.startswith("posted mail "):
             posts.append(when)
         elif message.startswith("IMAP ") and "stored" in message:

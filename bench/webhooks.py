@@ -77,8 +77,8 @@ from bench.measure import (  # noqa: E402
     temp_folder,
 )
 from bench.relay_diagnosis import (  # noqa: E402
-    LOG_LINE_RE,
     SEND_DONE_RE,
+    log_lines,
 )
 from bench.rooms import (  # noqa: E402
     MARKER_RE,
@@ -512,15 +512,7 @@ def diagnose_log(text: str, since: float, until: float) -> dict[str, Any]:
     on the relay's path (its other work, the POSTs and their commits, runs beside it)."""
     posts: list[float] = []
     sends: list[float] = []
-    for line in text.splitlines():
-        match = LOG_LINE_RE.match(line)
-        if match is None:
-            continue
-        when = time.mktime(time.strptime(match.group(1)[:19], "%Y-%m-%d %H:%M:%S"))
-        when += int(match.group(1)[20:]) / 1000
-        if not since <= when <= until:
-            continue
-        message = match.group(3)
+    for when, message in log_lines(text, since, until):
         if message.startswith("webhook ") and " posted as " in message:
             posts.append(when)
         elif done := SEND_DONE_RE.search(message):
