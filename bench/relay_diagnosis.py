@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from bench.measure import percentile
@@ -27,14 +27,21 @@ def log_lines(text: str, since: float, until: float) -> Iterator[tuple[float, st
             yield when, match.group(3)
 
 
-def diagnose_log(text: str, since: float, until: float) -> dict[str, Any]:
-    """From a --diagnose bridge log: per mail, the gap between two posts in one room and the
-    homeserver's answer time to the send inside it; the difference is the bridge's own time."""
+def _posted_mail(message: str) -> bool:
+    return message.startswith("posted mail ")
+
+
+def diagnose_log(
+    text: str, since: float, until: float, posted: Callable[[str], bool] = _posted_mail
+) -> dict[str, Any]:
+    """From a --diagnose bridge log: per relayed message (`posted` tells its log line; a mail
+    by default), the gap between two posts in one room and the homeserver's answer time to the
+    send inside it; the difference is the bridge's own time."""
     posts: list[float] = []
     sends: list[float] = []
     stored: list[float] = []
     for when, message in log_lines(text, since, until):
-        if message.startswith("posted mail "):
+        if posted(message):
             posts.append(when)
         elif message.startswith("IMAP ") and "stored" in message:
             stored.append(when)

@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import itertools
 import json
 import os
 import statistics
@@ -77,8 +76,7 @@ from bench.measure import (  # noqa: E402
     temp_folder,
 )
 from bench.relay_diagnosis import (  # noqa: E402
-    SEND_DONE_RE,
-    log_lines,
+    diagnose_log as relay_diagnose_log,
 )
 from bench.rooms import (  # noqa: E402
     MARKER_RE,
@@ -510,25 +508,11 @@ def diagnose_log(text: str, since: float, until: float) -> dict[str, Any]:
     """From a --diagnose bridge log: the gap between two hooks posted in a room, and the
     homeserver's answer time to the send inside it; the difference is the bridge's own time
     on the relay's path (its other work, the POSTs and their commits, runs beside it)."""
-    posts: list[float] = []
-    sends: list[float] = []
-    for when, message in log_lines(text, since, until):
-        if message.startswith("webhook ") and " posted as " in message:
-            posts.append(when)
-        elif done := SEND_DONE_RE.search(message):
-            value = float(done.group(1))
-            sends.append(value if done.group(2) == "ms" else value * 1000)
-    gaps = [(b - a) * 1000 for a, b in itertools.pairwise(posts)]
-    mean_gap = sum(gaps) / len(gaps) if gaps else None
-    mean_send = sum(sends) / len(sends) if sends else None
-    return {
-        "posts": len(posts),
-        "post_gap_mean_ms": None if mean_gap is None else round(mean_gap, 1),
-        "send_mean_ms": None if mean_send is None else round(mean_send, 1),
-        "bridge_own_mean_ms": (
-            None if mean_gap is None or mean_send is None else round(mean_gap - mean_send, 1)
-        ),
-    }
+    return relay_diagnose_log(text, since, until, _posted_hook)
+
+
+def _posted_hook(message: str) -> bool:
+    return message.startswith("webhook ") and " posted as " in message
 
 
 def describe(label: str, r: dict[str, Any]) -> None:

@@ -674,9 +674,6 @@ class Bridge:
         if hasattr(self, "leases"):
             await self.leases.close()  # stops the units, hands the leases back
         await self.tasks.close()
-        outbox: OutboxWorker | None = getattr(self, "outbox", None)
-        if outbox is not None:
-            outbox.close()  # its kept SMTP connections, if its run() never started
         if hasattr(self, "remote"):
             await self.remote.close()
         if hasattr(self, "deliverer"):
