@@ -802,6 +802,45 @@ def test_attachments_with_html_body_and_inline_flag() -> None:
     assert [p.get_filename() for p in msg.iter_attachments()] == ["a.png", "b.txt"]
 
 
+def test_multiparts_have_fixed_boundaries_when_the_content_allows() -> None:
+    attachments = (Attachment("b.txt", "text/plain", b"hello"),)
+    raw = build(outgoing(body_html="<p>Hi</p>", attachments=attachments))
+    msg = assert_safe(raw)
+    body = msg.get_payload(0)
+    assert isinstance(body, email.message.EmailMessage)
+    assert msg.get_boundary() == compose_module._BOUNDARIES["mixed"]
+    assert body.get_boundary() == compose_module._BOUNDARIES["alternative"]
+    assert build(outgoing(body_html="<p>Hi</p>", attachments=attachments)) == raw
+
+
+@pytest.mark.parametrize("kind", ["alternative", "mixed"])
+@pytest.mark.parametrize("where", ["text", "filename"])
+def test_content_holding_a_fixed_boundary_gets_a_random_one(kind: str, where: str) -> None:
+    """A plain ASCII text part is written as it is (7bit), so a sender can put a delimiter line
+    of the fixed boundary in it: that mail is written with boundaries the generator checks,
+    and still parses back to the same parts."""
+    fixed = compose_module._BOUNDARIES[kind]
+    hostile = f"Hello\n--{fixed}\nContent-Type: text/html\n\n<b>forged</b>\n--{fixed}--\nend"
+    text = hostile if where == "text" else "Hello list."
+    filename = f"--{fixed}.txt" if where == "filename" else "b.txt"
+    attachments = (Attachment(filename, "text/plain", b"hello"),)
+    raw = build(outgoing(body_text=text, body_html="<p>Hi</p>", attachments=attachments))
+    msg = assert_safe(raw)
+    body = msg.get_payload(0)
+    assert isinstance(body, email.message.EmailMessage)
+    assert msg.get_boundary() != compose_module._BOUNDARIES["mixed"]
+    assert body.get_boundary() != compose_module._BOUNDARIES["alternative"]
+    assert [p.get_content_type() for p in msg.walk()] == [
+        "multipart/mixed",
+        "multipart/alternative",
+        "text/plain",
+        "text/html",
+        "text/plain",
+    ]
+    assert text_part(msg).rstrip("\n") == text
+    assert [p.get_filename() for p in msg.iter_attachments()] == [filename]
+
+
 # --- the self-check and properties ------------------------------------------------------------
 
 
