@@ -20,7 +20,9 @@ from bridge.config import DatabaseConfig
 from bridge.core.audit import AuditEntry
 from bridge.core.leases import LeaseHolder
 from bridge.db import leases as lease_db
+from bridge.db.direct import Direct
 from bridge.db.reader import Reader
+from bridge.db.steps import Steps, T, run_steps
 from bridge.logsetup import mask_driver_logs
 
 log = logging.getLogger("passerelle.db")
@@ -64,6 +66,8 @@ class Database:
         self.engine = engine
         # Lookups by key, on a connection of their own (see reader.py).
         self.reader = Reader(engine, _sqlite_pragmas if engine.dialect.name == "sqlite" else None)
+        # The hot paths' write transactions, straight through the driver (see direct.py).
+        self.direct = Direct(engine)
         # Told of every audit entry once the transaction that stored it has committed (the
         # metrics count there: nothing rolled back, no duplicate, and no metrics in SQL code).
         self.audit_observers: list[Callable[[AuditEntry], None]] = []
@@ -92,6 +96,14 @@ class Database:
                     observer(entry)
                 except Exception:
                     log.exception("audit observer failed")
+
+    async def write(self, work: Callable[[str], Steps[T]]) -> T:
+        """Run the transaction `work(dialect)` describes (steps.py), fenced as `begin`'s:
+        straight through the driver where it can be, else through SQLAlchemy."""
+        if self.direct.usable:
+            return await self.direct.run(work, FENCE.get())
+        async with self.begin() as conn:
+            return await run_steps(conn, work(conn.dialect.name))
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:

@@ -3,17 +3,30 @@ fencing check a holder's writes run inside their own transaction."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager as AsyncContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import BigInteger, ColumnElement, delete, func, literal, literal_column, select
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Select,
+    Update,
+    bindparam,
+    delete,
+    func,
+    literal,
+    literal_column,
+    select,
+)
 from sqlalchemy import update as sql_update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.core.leases import LeaseHolder, LeaseLost, check_holder
 from bridge.db.schema import lease
+from bridge.db.steps import Step, Steps, run_steps
 from bridge.db.util import insert_ignore
 
 if TYPE_CHECKING:
@@ -214,36 +227,50 @@ async def all_leases(db: Database) -> list[LeaseRow]:
 
 async def check(conn: AsyncConnection, holder: LeaseHolder) -> None:
     """Fencing, inside the caller's transaction: raise LeaseLost unless `holder` still holds
-    the lease. On PostgreSQL the row is read FOR SHARE: a takeover (an UPDATE of that row)
-    waits until this transaction has committed or rolled back, so a holder that lost its
-    lease can never commit after another instance took it. On SQLite (whose driver starts a
-    transaction only at the first write) the check is a write that changes nothing: it takes
-    the database's one write lock at once, so no takeover commits before this transaction
-    ends."""
-    if conn.dialect.name == "postgresql":
-        query = (
-            select(lease.c.owner, lease.c.epoch)
-            .where(lease.c.name == holder.name)
-            .with_for_update(read=True)
-        )
-        row = (await conn.execute(query)).one_or_none()
+    the lease (see fence_steps)."""
+    await run_steps(conn, fence_steps(conn.dialect.name, holder))
+
+
+def fence_steps(dialect: str, holder: LeaseHolder) -> Steps[None]:
+    """The fencing check as steps (steps.py), to run first in a holder's transaction.
+
+    On PostgreSQL the row is read FOR SHARE: a takeover (an UPDATE of that row) waits until
+    this transaction has committed or rolled back, so a holder that lost its lease can never
+    commit after another instance took it. On SQLite (whose driver starts a transaction only
+    at the first write) the check is a write that changes nothing: it takes the database's one
+    write lock at once, so no takeover commits before this transaction ends."""
+    key = {"b_name": holder.name}
+    if dialect == "postgresql":
+        row = yield Step("lease.fence_read", _fence_read, key, returns="row")
         check_holder(holder, None if row is None else (str(row[0]), int(row[1])))
         return
-    touched = await conn.execute(
-        sql_update(lease)
-        .where(
-            lease.c.name == holder.name,
-            lease.c.owner == holder.owner,
-            lease.c.epoch == holder.epoch,
-        )
-        .values(owner=lease.c.owner)
-    )
-    if touched.rowcount != 1:
-        row = (
-            await conn.execute(
-                select(lease.c.owner, lease.c.epoch).where(lease.c.name == holder.name)
-            )
-        ).one_or_none()
+    held = {**key, "b_owner": holder.owner, "b_epoch": holder.epoch}
+    touched = yield Step("lease.fence_touch", _fence_touch, held)
+    if touched != 1:
+        row = yield Step("lease.read", _lease_read, key, returns="row")
         check_holder(holder, None if row is None else (str(row[0]), int(row[1])))
         # Same owner and epoch, yet nothing touched: it cannot be; refuse all the same.
         raise LeaseLost(f"lease {holder.name} could not be checked")
+
+
+@functools.cache
+def _lease_read() -> Select[Any]:
+    return select(lease.c.owner, lease.c.epoch).where(lease.c.name == bindparam("b_name"))
+
+
+@functools.cache
+def _fence_read() -> Select[Any]:
+    return _lease_read().with_for_update(read=True)
+
+
+@functools.cache
+def _fence_touch() -> Update:
+    return (
+        sql_update(lease)
+        .where(
+            lease.c.name == bindparam("b_name"),
+            lease.c.owner == bindparam("b_owner"),
+            lease.c.epoch == bindparam("b_epoch"),
+        )
+        .values(owner=lease.c.owner)
+    )

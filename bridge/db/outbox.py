@@ -19,6 +19,7 @@ from bridge.core.ids import EventID, RoomID
 from bridge.db.audit import append_all_in
 from bridge.db.engine import Database
 from bridge.db.schema import link, mail_outbox, message_map
+from bridge.db.steps import Step, Steps
 from bridge.db.util import bound_insert_ignore, bound_update, now_ms
 from bridge.mail.outbox import OutboxItem
 from bridge.mail.smtp import SendResult
@@ -137,42 +138,47 @@ async def enqueue_item(
     db: Database, item: NewOutgoing, *, envelope: Callable[[int], str] | None = None
 ) -> OutboxItem | None:
     """`enqueue`, returning the stored mail as the outbox worker sees it (to be handed to it
-    without reading it back), or None if it was already queued."""
+    without reading it back), or None if it was already queued. One transaction, straight
+    through the driver where it can be (`Database.write`): `envelope` (the item's envelope
+    sender from its ID) must be a pure function, as it may run in the driver's thread."""
     now = now_ms()
-    async with db.begin() as conn:
-        dialect = conn.dialect.name
-        outbox_id = (
-            await conn.execute(
-                _enqueue_statement(dialect),
-                {
-                    "link_id": item.link_id,
-                    "room_id": item.room_id,
-                    "event_id": item.event_id,
-                    "kind": item.kind,
-                    "message_id": item.message_id,
-                    "raw": item.raw,
-                    "mail_from": item.mail_from,
-                    "recipients": json.dumps(list(item.recipients)),
-                    "sender": item.sender,
-                    "body_sha256": item.body_sha256,
-                    "state": "pending",
-                    "attempts": 0,
-                    "next_attempt_at": now,
-                    "created_at": now,
-                },
-            )
-        ).scalar_one_or_none()
-        if outbox_id is None:
+
+    def steps(dialect: str) -> Steps[OutboxItem | None]:
+        row = yield Step(
+            f"outbox.enqueue.{dialect}",
+            functools.partial(_enqueue_statement, dialect),
+            {
+                "link_id": item.link_id,
+                "room_id": item.room_id,
+                "event_id": item.event_id,
+                "kind": item.kind,
+                "message_id": item.message_id,
+                "raw": item.raw,
+                "mail_from": item.mail_from,
+                "recipients": json.dumps(list(item.recipients)),
+                "sender": item.sender,
+                "body_sha256": item.body_sha256,
+                "state": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            },
+            returns="row",
+        )
+        if row is None:
             return None
+        outbox_id = int(row[0])
         mail_from = item.mail_from
-        if envelope is not None and (mail_from := envelope(int(outbox_id))) != item.mail_from:
-            await conn.execute(
-                bound_update(mail_outbox, "id", ("mail_from",)),
+        if envelope is not None and (mail_from := envelope(outbox_id)) != item.mail_from:
+            yield Step(
+                "outbox.envelope",
+                _envelope_statement,
                 {"b_key": outbox_id, "v_mail_from": mail_from},
             )
         # A reply to this mail threads back under the event's thread.
-        await conn.execute(
-            bound_insert_ignore(dialect, message_map, ("link_id", "message_id"), _MAP_COLUMNS),
+        yield Step(
+            f"outbox.map.{dialect}",
+            functools.partial(_map_statement, dialect),
             {
                 "link_id": item.link_id,
                 "message_id": item.message_id,
@@ -183,16 +189,26 @@ async def enqueue_item(
                 "created_at": now,
             },
         )
-    return OutboxItem(
-        id=int(outbox_id),
-        raw=item.raw,
-        mail_from=mail_from,
-        recipients=item.recipients,
-        attempts=0,
-        first_tried_at=None,
-        next_attempt_at=now / 1000,
-        created_at=now / 1000,
-    )
+        return OutboxItem(
+            id=outbox_id,
+            raw=item.raw,
+            mail_from=mail_from,
+            recipients=item.recipients,
+            attempts=0,
+            first_tried_at=None,
+            next_attempt_at=now / 1000,
+            created_at=now / 1000,
+        )
+
+    return await db.write(steps)
+
+
+def _envelope_statement() -> Any:
+    return bound_update(mail_outbox, "id", ("mail_from",))
+
+
+def _map_statement(dialect: str) -> Any:
+    return bound_insert_ignore(dialect, message_map, ("link_id", "message_id"), _MAP_COLUMNS)
 
 
 def _ms(seconds: float) -> int:

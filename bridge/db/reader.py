@@ -19,25 +19,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Select, event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from bridge.db.direct import driver_kind
+from bridge.db.steps import Statements
 
 log = logging.getLogger("passerelle.db")
 
 # After a failed read, lookups take the ordinary path this long before a new connection is
 # tried (a database refusing one more connection is not asked again at every lookup).
 RETRY_AFTER = 30
-
-
-@dataclass(frozen=True)
-class _Compiled:
-    sql: str
-    params: tuple[str, ...]  # bind names, in the order the driver takes them
-    columns: tuple[str, ...]
-    defaults: dict[str, Any]
 
 
 class _Failed(Exception):
@@ -50,21 +44,14 @@ class Reader:
     def __init__(self, engine: AsyncEngine, pragmas: Callable[[Any, Any], None] | None) -> None:
         self._engine = engine
         self._pragmas = pragmas
-        url = engine.url
-        self._kind = (
-            "sqlite"
-            if url.get_backend_name() == "sqlite" and url.get_driver_name() == "aiosqlite"
-            else "asyncpg"
-            if url.get_backend_name() == "postgresql" and url.get_driver_name() == "asyncpg"
-            else None
-        )
-        if self._kind == "sqlite" and url.database in (None, "", ":memory:"):
-            self._kind = None  # a second connection would see another, empty database
+        # In memory, a second connection would see another, empty database: no driver path.
+        self._kind = driver_kind(engine)
         self._own: AsyncEngine | None = None
         self._conn: AsyncConnection | None = None
         self._driver: Any = None
         self._lock = asyncio.Lock()
-        self._compiled: dict[str, _Compiled] = {}
+        self._statements = Statements(engine.dialect)
+        self._columns: dict[str, tuple[str, ...]] = {}
         self._closed = False
         self._retry_at = 0.0
 
@@ -90,17 +77,11 @@ class Reader:
     async def _driver_read(
         self, name: str, build: Callable[[], Select[Any]], params: Mapping[str, Any]
     ) -> Mapping[str, Any] | None:
-        compiled = self._compiled.get(name)
-        if compiled is None:
-            statement = build()
-            done = statement.compile(dialect=self._engine.dialect)
-            compiled = self._compiled[name] = _Compiled(
-                done.string,
-                tuple(done.positiontup or ()),
-                tuple(str(c.key) for c in statement.selected_columns),
-                dict(done.params),  # the statement's own values (a LIMIT's, say)
-            )
-        values = tuple(params[p] if p in params else compiled.defaults[p] for p in compiled.params)
+        compiled = self._statements.get(name, build)
+        columns = self._columns.get(name)
+        if columns is None:
+            columns = self._columns[name] = tuple(str(c.key) for c in build().selected_columns)
+        values = compiled.values(params)
         async with self._lock:
             try:
                 driver = self._driver or await self._open()
@@ -116,7 +97,7 @@ class Reader:
                 if isinstance(e, Exception):
                     raise _Failed from e
                 raise
-        return None if row is None else dict(zip(compiled.columns, tuple(row), strict=True))
+        return None if row is None else dict(zip(columns, tuple(row), strict=True))
 
     async def _open(self) -> Any:
         own = self._own

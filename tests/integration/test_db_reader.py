@@ -71,7 +71,7 @@ async def test_lookups_answer_as_the_ordinary_path_and_see_each_commit(
         assert await mail_db.lookup(db, link_id, "<x' OR '1'='1@agency.example>") is None
         # Every one of them went through the reader's connection (a LIMIT's own value once
         # made lookup_event fail there and take the ordinary way every time).
-        assert set(db.reader._compiled) == {"mail.lookup", "mail.lookup_event"}
+        assert set(db.reader._columns) == {"mail.lookup", "mail.lookup_event"}
         assert "lookup connection failed" not in caplog.text
     finally:
         await db.close()
