@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import Update, bindparam, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.core.ids import EventID, RoomID, TxnID, UserID
 from bridge.db.engine import Database
 from bridge.db.schema import appservice_txn, dead_letter, inbox_event
+from bridge.db.steps import Step, Steps
 from bridge.db.util import insert_ignore, now_ms
 
 # Keep a dead-lettered payload readable without letting one event fill the disk.
@@ -200,12 +202,32 @@ async def mark_events_done(db: Database, seqs: list[int]) -> None:
     belongs in this transaction)."""
     if not seqs:
         return
-    async with db.begin() as conn:
-        await conn.execute(
-            update(inbox_event)
-            .where(inbox_event.c.seq.in_(seqs))
-            .values(state="done", done_at=now_ms(), last_error=None)
-        )
+    done_at = now_ms()
+
+    def steps(dialect: str) -> Steps[None]:
+        for start in range(0, len(seqs), _DONE_CHUNK):
+            chunk = seqs[start : start + _DONE_CHUNK]
+            # A statement per power of two (a few compiled in all), the list padded with its
+            # last number.
+            size = 1 << (len(chunk) - 1).bit_length()
+            padded = chunk + [chunk[-1]] * (size - len(chunk))
+            params: dict[str, Any] = {f"s{i}": seq for i, seq in enumerate(padded)}
+            params["v_done_at"] = done_at
+            yield Step(f"inbox.done.{size}", functools.partial(_done_statement, size), params)
+
+    await db.write(steps)
+
+
+_DONE_CHUNK = 512
+
+
+@functools.cache
+def _done_statement(size: int) -> Update:
+    return (
+        update(inbox_event)
+        .where(inbox_event.c.seq.in_([bindparam(f"s{i}") for i in range(size)]))
+        .values(state="done", done_at=bindparam("v_done_at"), last_error=None)
+    )
 
 
 async def record_failure(db: Database, seq: int, error: str) -> int:

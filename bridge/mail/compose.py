@@ -483,9 +483,9 @@ def compose(
     # MIMEPart, not EmailMessage: EmailMessage.set_content adds MIME-Version to every part.
     msg = MIMEPart(policy=_POLICY)
     from_name = _from_name(mail)
-    msg["From"] = Address(display_name=from_name, addr_spec=from_address)
-    msg["To"] = Address(addr_spec=list_address)
-    msg["Reply-To"] = Address(addr_spec=list_address)
+    msg["From"] = _address(from_name, from_address)
+    msg["To"] = _address("", list_address)
+    msg["Reply-To"] = _address("", list_address)
     _set_subject(msg, subject)
     # As text, not the datetime: the header object built from it is remembered (above) for
     # every mail of the same second.
@@ -522,6 +522,12 @@ def compose(
     extra = () if marking is None else (marking[0],)
     _check(raw, bridge_header, (from_name, from_address), list_address, extra)
     return raw
+
+
+@functools.lru_cache(maxsize=1024)
+def _address(display_name: str, addr_spec: str) -> Address:
+    """Address objects are immutable, and parsing the addr-spec is most of building one."""
+    return Address(display_name=display_name, addr_spec=addr_spec)
 
 
 def _serialise(msg: MIMEPart) -> bytes:

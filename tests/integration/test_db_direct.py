@@ -14,9 +14,10 @@ import pytest
 from sqlalchemy import bindparam, insert, select
 
 from bridge.config import DatabaseConfig
-from bridge.core.ids import EventID, RoomID
+from bridge.core.ids import EventID, RoomID, UserID
 from bridge.core.leases import LeaseHolder, LeaseLost
 from bridge.core.links import LinkSettings
+from bridge.db import inbox as inbox_db
 from bridge.db import kv
 from bridge.db import leases as lease_db
 from bridge.db import links as link_db
@@ -193,3 +194,27 @@ async def test_a_cancelled_write_leaves_the_connection_clean(db: Database) -> No
     assert await outbox_db.enqueue_item(db, _item(link_id, 99)) is not None
     await kv.set_value(db, "after", "ok")
     assert await kv.get_value(db, "after") == "ok"
+
+
+@pytest.mark.parametrize("count", [1, 3, 700])
+async def test_events_marked_done_are_exactly_those_named(db: Database, count: int) -> None:
+    """The list is sent in chunks of 512, each padded to a power of two with its last
+    number: none left out, none other touched."""
+    events = [
+        inbox_db.IncomingEvent(
+            event_id=EventID(f"$e{n}"),
+            room_id=ROOM,
+            event_type="m.room.message",
+            sender=UserID("@alice:agency.example"),
+            origin_ts=n,
+            event_json="{}",
+        )
+        for n in range(count + 5)
+    ]
+    assert await inbox_db.store_caught_up(db, events) == count + 5
+    pending = await inbox_db.pending_events(db, 10_000, set())
+    chosen = [item.seq for item in pending][1 : count + 1]
+    await inbox_db.mark_events_done(db, chosen)
+    left = {item.seq for item in await inbox_db.pending_events(db, 10_000, set())}
+    assert left == {item.seq for item in pending} - set(chosen)
+    assert len(left) == 5
