@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import weakref
@@ -14,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from bridge.core.audit import AuditEntry, AuditRow, seal
 from bridge.db.engine import AUDITED, Database
 from bridge.db.schema import audit_head, audit_log
+from bridge.db.steps import Step, Steps, run_steps
 from bridge.db.util import now_ms
 
 log = logging.getLogger("passerelle.db.audit")
@@ -96,20 +98,36 @@ async def append_in(conn: AsyncConnection, entry: AuditEntry) -> AuditRow | None
 
 async def append_all_in(conn: AsyncConnection, entries: list[AuditEntry]) -> None:
     """append_in for several entries without item keys, chained in this order: the head
-    moved once and the rows inserted in one call (instead of two statements per entry)."""
+    moved once and the rows inserted after it (instead of two statements per entry)."""
     if len(entries) < 2 or any(entry.item_key is not None for entry in entries):
         for entry in entries:
             await append_in(conn, entry)
         return
-    postgres = conn.dialect.name == "postgresql"
+    audited = conn.info.get(AUDITED)
+    steps = append_all_steps(
+        conn.dialect.name, conn.sync_engine, entries, [] if audited is None else audited
+    )
+    await run_steps(conn, steps)
+
+
+def append_all_steps(
+    dialect: str, engine: Engine, entries: list[AuditEntry], audited: list[AuditEntry]
+) -> Steps[None]:
+    """append_all_in as steps (steps.py), for entries without item keys; each entry appended
+    is added to `audited`, to be told to the audit observers once committed."""
+    if not entries:
+        return
+    if any(entry.item_key is not None for entry in entries):
+        raise ValueError("entries with item keys are appended by append_in")
+    postgres = dialect == "postgresql"
     if postgres:
-        await conn.execute(_PG_ADVISORY, {"key": _PG_LOCK})
-    engine = conn.sync_engine
+        yield Step("audit.pg_lock", _pg_lock, {"key": _PG_LOCK}, returns="row")
     remembered = _last_head.get(engine)
     if remembered is not None:
         rows = _chain(entries, *remembered)
-        moved = await conn.execute(
-            _MOVE_HEAD,
+        moved = yield Step(
+            "audit.move_head",
+            _move_head,
             {
                 "new_seq": rows[-1].seq,
                 "new_hash": rows[-1].hash,
@@ -117,15 +135,50 @@ async def append_all_in(conn: AsyncConnection, entries: list[AuditEntry]) -> Non
                 "old_hash": remembered[1],
             },
         )
-        if moved.rowcount == 1:
-            await _insert_rows(conn, rows)
+        if moved == 1:
+            yield from _insert_steps(engine, rows, audited)
             return
     if not postgres:
-        await conn.execute(_TAKE_LOCK)
-    head = (await conn.execute(_READ_HEAD)).one()
-    rows = _chain(entries, int(head.seq), str(head.hash))
-    await conn.execute(_SET_HEAD, {"new_seq": rows[-1].seq, "new_hash": rows[-1].hash})
-    await _insert_rows(conn, rows)
+        yield Step("audit.take_lock", _take_lock, {})
+    head = yield Step("audit.read_head", _read_head, {}, returns="row")
+    rows = _chain(entries, int(head[0]), str(head[1]))
+    yield Step("audit.set_head", _set_head, {"new_seq": rows[-1].seq, "new_hash": rows[-1].hash})
+    yield from _insert_steps(engine, rows, audited)
+
+
+def _insert_steps(engine: Engine, rows: list[AuditRow], audited: list[AuditEntry]) -> Steps[None]:
+    for row in rows:
+        yield Step("audit.insert", _insert_bound, _columns(row))
+    _last_head[engine] = (rows[-1].seq, rows[-1].hash)
+    for row in rows:
+        audited.append(row.entry)
+        log.debug("audit row %d: %s %s %s", row.seq, *_summary(row.entry))
+
+
+def _pg_lock() -> Any:
+    return _PG_ADVISORY
+
+
+def _move_head() -> Any:
+    return _MOVE_HEAD
+
+
+def _take_lock() -> Any:
+    return _TAKE_LOCK
+
+
+def _read_head() -> Any:
+    return _READ_HEAD
+
+
+def _set_head() -> Any:
+    return _SET_HEAD
+
+
+@functools.cache
+def _insert_bound() -> Any:
+    """The audit row INSERT with a bound parameter per column _columns gives."""
+    return audit_log.insert().values({name: bindparam(name) for name in _COLUMN_NAMES})
 
 
 def _chain(entries: list[AuditEntry], seq: int, prev_hash: str) -> list[AuditRow]:
@@ -137,13 +190,6 @@ def _chain(entries: list[AuditEntry], seq: int, prev_hash: str) -> list[AuditRow
         rows.append(row)
         seq, prev_hash = row.seq, row.hash
     return rows
-
-
-async def _insert_rows(conn: AsyncConnection, rows: list[AuditRow]) -> None:
-    await conn.execute(_INSERT_ROW, [_columns(row) for row in rows])
-    _last_head[conn.sync_engine] = (rows[-1].seq, rows[-1].hash)
-    for row in rows:
-        _logged(conn, row)
 
 
 def _columns(row: AuditRow) -> dict[str, Any]:
@@ -167,12 +213,35 @@ def _columns(row: AuditRow) -> dict[str, Any]:
     }
 
 
+# The columns _columns gives, in its order.
+_COLUMN_NAMES = (
+    "seq",
+    "time",
+    "direction",
+    "item_key",
+    "link",
+    "room_id",
+    "sender",
+    "recipients",
+    "ids",
+    "verdict",
+    "outcome",
+    "reason",
+    "body_sha256",
+    "prev_hash",
+    "hash",
+)
+
+
 def _logged(conn: AsyncConnection, row: AuditRow) -> None:
-    entry = row.entry
     audited = conn.info.get(AUDITED)
     if audited is not None:  # told to Database.audit_observers after the commit
-        audited.append(entry)
-    log.debug("audit row %d: %s %s %s", row.seq, entry.direction, entry.outcome, entry.link)
+        audited.append(row.entry)
+    log.debug("audit row %d: %s %s %s", row.seq, *_summary(row.entry))
+
+
+def _summary(entry: AuditEntry) -> tuple[Any, ...]:
+    return entry.direction, entry.outcome, entry.link
 
 
 async def append(db: Database, entry: AuditEntry) -> AuditRow | None:

@@ -49,6 +49,7 @@ class Direct:
         self._engine = engine
         self._kind = driver_kind(engine)
         self._statements = Statements(engine.dialect)
+        self.commits = 0  # transactions committed here (SQLAlchemy's events do not see them)
 
     @property
     def usable(self) -> bool:
@@ -66,11 +67,13 @@ class Direct:
                 if in_thread is None or not isinstance(connection, sqlite3.Connection):
                     raise RuntimeError("this aiosqlite cannot run a function in its thread")
                 result: T = await in_thread(self._sqlite, connection, work, dialect, holder)
-                return result
-            async with driver.transaction():
-                if holder is not None:
-                    await self._asyncpg(driver, fence_steps(dialect, holder))
-                return await self._asyncpg(driver, work(dialect))
+            else:
+                async with driver.transaction():
+                    if holder is not None:
+                        await self._asyncpg(driver, fence_steps(dialect, holder))
+                    result = await self._asyncpg(driver, work(dialect))
+        self.commits += 1
+        return result
 
     def _sqlite(
         self,

@@ -90,7 +90,11 @@ class Database:
             # invalidated, and reading its info would raise instead of rolling back. A list
             # left behind is replaced by the next transaction on that connection.
             conn.info.pop(AUDITED, None)
-        for entry in audited:
+        self.tell_audited(audited)
+
+    def tell_audited(self, entries: list[AuditEntry]) -> None:
+        """Tell the audit observers of entries whose transaction has committed."""
+        for entry in entries:
             for observer in self.audit_observers:
                 try:
                     observer(entry)

@@ -16,7 +16,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from bridge.core.audit import AuditEntry
 from bridge.core.ids import EventID, RoomID
-from bridge.db.audit import append_all_in
+from bridge.db.audit import append_all_steps
 from bridge.db.engine import Database
 from bridge.db.schema import link, mail_outbox, message_map
 from bridge.db.steps import Step, Steps
@@ -378,30 +378,39 @@ _AUDIT_COLUMNS = (
     .scalar_subquery()
     .label("remote"),
 )
+_AUDIT_NAMES = tuple(str(column.key) for column in _AUDIT_COLUMNS)
 
 
 async def settle_outcomes(db: Database, outcomes: list[tuple[int, dict[str, Any]]]) -> None:
     """Store final outcomes (sent, failed) of outbox mails still pending, each with its audit
     row, in one commit: the only place where the outbox settles mail (a fencing check for the
-    instance's lease belongs in this transaction). A mail no longer pending is left alone."""
-    changed: list[Any] = []
-    async with db.begin() as conn:
+    instance's lease belongs in this transaction). A mail no longer pending is left alone.
+    Straight through the driver where it can be (`Database.write`)."""
+    audited: list[AuditEntry] = []
+    engine = db.engine.sync_engine
+
+    def steps(dialect: str) -> Steps[set[int]]:
+        changed: list[dict[str, Any]] = []
         for item_id, values in outcomes:
             # SQL expressions (attempts + 1) are part of the statement; values are bound.
             exprs = tuple((c, v) for c, v in values.items() if isinstance(v, ColumnElement))
             bound = tuple(c for c in values if not isinstance(values[c], ColumnElement))
             params = {f"v_{column}": values[column] for column in bound}
-            found = (
-                await conn.execute(
-                    _settle_statement(bound, exprs),
-                    params | {"b_key": item_id, "b_state": "pending"},
-                )
-            ).first()
+            found = yield Step(
+                f"outbox.settle.{','.join(bound)}.{','.join(c for c, _ in exprs)}",
+                functools.partial(_settle_statement, bound, exprs),
+                params | {"b_key": item_id, "b_state": "pending"},
+                returns="row",
+            )
             if found is not None:
-                changed.append(found)
+                changed.append(dict(zip(_AUDIT_NAMES, found, strict=True)))
         # One audit row each, chained in the order the outcomes came.
-        await append_all_in(conn, [_audit_entry(found) for found in changed])
-    done = {int(r.id) for r in changed}
+        entries = [_audit_entry(found) for found in changed]
+        yield from append_all_steps(dialect, engine, entries, audited)
+        return {int(found["id"]) for found in changed}
+
+    done = await db.write(steps)
+    db.tell_audited(audited)
     for item_id, _ in outcomes:
         if item_id not in done:
             log.warning("outbox item %d is not pending any more; outcome not recorded", item_id)
@@ -423,22 +432,22 @@ def _settle_statement(
     return statement.returning(*_AUDIT_COLUMNS)
 
 
-def _audit_entry(row: Any) -> AuditEntry:  # a Row of _AUDIT_COLUMNS
+def _audit_entry(row: dict[str, Any]) -> AuditEntry:  # _AUDIT_NAMES to values
     """The audit row of a mail whose final outcome was just stored."""
-    code = f"{row.smtp_code} " if row.smtp_code is not None else ""
-    reason = f"{code}{row.last_error}" if row.last_error else (code.strip() or None)
-    if row.kind == "correction":
+    code = f"{row['smtp_code']} " if row["smtp_code"] is not None else ""
+    reason = f"{code}{row['last_error']}" if row["last_error"] else (code.strip() or None)
+    if row["kind"] == "correction":
         reason = f"correction; {reason}" if reason else "correction"
     return AuditEntry(
         direction="mail_out",
-        link=row.remote,
-        room_id=row.room_id,
-        sender=row.sender,
-        outcome=row.state,
-        recipients=tuple(json.loads(row.recipients)),
-        ids={"event_id": row.event_id, "message_id": row.message_id},
+        link=row["remote"],
+        room_id=row["room_id"],
+        sender=row["sender"],
+        outcome=row["state"],
+        recipients=tuple(json.loads(row["recipients"])),
+        ids={"event_id": row["event_id"], "message_id": row["message_id"]},
         reason=reason,
-        body_sha256=row.body_sha256,
+        body_sha256=row["body_sha256"],
     )
 
 

@@ -50,11 +50,20 @@ async def db(db_url: str) -> AsyncIterator[Database]:
         await database.close()
 
 
-def count_commits(db: Database) -> list[int]:
-    """A list whose length is the number of commits on `db` from now on."""
-    commits: list[int] = []
-    event.listen(db.engine.sync_engine, "commit", lambda _conn: commits.append(1))
-    return commits
+class count_commits:
+    """Its len() is the number of commits on `db` from now on: through SQLAlchemy, and
+    straight through the driver (Database.write)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._through_sqlalchemy: list[int] = []
+        self._direct_before = db.direct.commits
+        event.listen(
+            db.engine.sync_engine, "commit", lambda _conn: self._through_sqlalchemy.append(1)
+        )
+
+    def __len__(self) -> int:
+        return len(self._through_sqlalchemy) + self._db.direct.commits - self._direct_before
 
 
 async def refuse_updates(db: Database, table: str, condition: str) -> None:
