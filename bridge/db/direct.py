@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bridge.core.leases import LeaseHolder
 from bridge.db.leases import fence_steps
-from bridge.db.steps import Statements, Step, Steps, T
+from bridge.db.steps import Statements, Step, Steps, T, drive, drive_sync
 
 
 def driver_kind(engine: AsyncEngine) -> str | None:
@@ -97,35 +97,25 @@ class Direct:
         return result
 
     def _sqlite_steps(self, connection: sqlite3.Connection, steps: Steps[T]) -> T:
-        try:
-            step = next(steps)
-            while True:
-                cursor = connection.execute(*self._compiled(step))
-                if step.returns == "row":
-                    rows = cursor.fetchall()  # to the end: the statement is then complete
-                    answer: Any = tuple(rows[0]) if rows else None
-                else:
-                    answer = cursor.rowcount
-                step = steps.send(answer)
-        except StopIteration as stop:
-            value: T = stop.value
-            return value
+        def execute(step: Step) -> Any:
+            cursor = connection.execute(*self._compiled(step))
+            if step.returns == "row":
+                rows = cursor.fetchall()  # to the end: the statement is then complete
+                return tuple(rows[0]) if rows else None
+            return cursor.rowcount
+
+        return drive_sync(steps, execute)
 
     async def _asyncpg(self, driver: Any, steps: Steps[T]) -> T:
-        try:
-            step = next(steps)
-            while True:
-                sql, values = self._compiled(step)
-                if step.returns == "row":
-                    row = await driver.fetchrow(sql, *values)
-                    answer: Any = None if row is None else tuple(row)
-                else:
-                    status: str = await driver.execute(sql, *values)  # "UPDATE 1"
-                    answer = int(status.rsplit(" ", 1)[-1])
-                step = steps.send(answer)
-        except StopIteration as stop:
-            value: T = stop.value
-            return value
+        async def execute(step: Step) -> Any:
+            sql, values = self._compiled(step)
+            if step.returns == "row":
+                row = await driver.fetchrow(sql, *values)
+                return None if row is None else tuple(row)
+            status: str = await driver.execute(sql, *values)  # "UPDATE 1"
+            return int(status.rsplit(" ", 1)[-1])
+
+        return await drive(steps, execute)
 
     def _compiled(self, step: Step) -> tuple[str, tuple[Any, ...]]:
         compiled = self._statements.get(step.name, step.build)

@@ -12,7 +12,7 @@ driver path it runs in SQLite's worker thread.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -44,16 +44,34 @@ Steps = Generator[Step, Any, T]
 
 async def run_steps(conn: AsyncConnection, steps: Steps[T]) -> T:
     """Run `steps` on `conn`, inside the caller's transaction, through SQLAlchemy."""
+
+    async def execute(step: Step) -> Any:
+        result = await conn.execute(step.build(), dict(step.params))
+        if step.returns == "row":
+            row = result.first()
+            return None if row is None else tuple(row)
+        return result.rowcount
+
+    return await drive(steps, execute)
+
+
+async def drive(steps: Steps[T], execute: Callable[[Step], Awaitable[Any]]) -> T:
+    """Run `steps`, each step's answer given by `execute`; their result."""
     try:
         step = next(steps)
         while True:
-            result = await conn.execute(step.build(), dict(step.params))
-            if step.returns == "row":
-                row = result.first()
-                answer: Any = None if row is None else tuple(row)
-            else:
-                answer = result.rowcount
-            step = steps.send(answer)
+            step = steps.send(await execute(step))
+    except StopIteration as stop:
+        value: T = stop.value
+        return value
+
+
+def drive_sync(steps: Steps[T], execute: Callable[[Step], Any]) -> T:
+    """`drive` with a blocking `execute` (in a driver's own thread)."""
+    try:
+        step = next(steps)
+        while True:
+            step = steps.send(execute(step))
     except StopIteration as stop:
         value: T = stop.value
         return value

@@ -251,9 +251,7 @@ class MailOut:
         if stored is None:
             log.debug("message %s already queued for %s", plan.event_id, link.remote)
             return False
-        # DEBUG: the outbox logs each outcome at INFO, and the audit log ties the event to
-        # its mail (the two INFO lines per mail took 8 % of the main thread in a profile).
-        log.debug(
+        log.info(
             "queued message %s of %s for %s (#%d)",
             plan.event_id,
             link.room_id,

@@ -1,4 +1,5 @@
-"""Fixtures shared by the SMTP and outbox tests: a scripted aiosmtpd sink on loopback."""
+"""Fixtures shared by the integration tests: the bridge's database, a scripted aiosmtpd sink on
+loopback, the ministry's homeserver through the remote client."""
 
 from __future__ import annotations
 
@@ -7,10 +8,22 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 
+from bridge.config import DatabaseConfig
+from bridge.db.engine import Database, open_database
 from bridge.harness.synapse import MatrixTestClient, SynapseServer
 from bridge.remote.client import RemoteClient
 from tests.conftest import UserFactory
 from tests.integration.test_smtp import ScriptedHandler, start_sink
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    """The bridge's database, migrated, on each of the databases `db_url` gives."""
+    database = await open_database(DatabaseConfig(url=db_url, pool_size=2))
+    try:
+        yield database
+    finally:
+        await database.close()
 
 
 @pytest.fixture

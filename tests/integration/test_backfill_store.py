@@ -4,33 +4,21 @@ fetched mails kept out of the live queue, duplicates by Message-ID."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 
-import pytest
 from sqlalchemy import update
 
-from bridge.config import DatabaseConfig
 from bridge.core.backfill import STALE_AFTER_MS
 from bridge.core.ids import RoomID
 from bridge.core.links import LinkSettings
 from bridge.db import backfill as backfill_db
 from bridge.db import links as link_db
 from bridge.db import mail as mail_db
-from bridge.db.engine import Database, open_database
+from bridge.db.engine import Database
 from bridge.db.schema import mail_backfill
 from bridge.db.util import now_ms
 
 ROOM = RoomID("!histoire:localhost")
 BOX = "liste@lists.test"
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    database = await open_database(DatabaseConfig(url=db_url, pool_size=2))
-    try:
-        yield database
-    finally:
-        await database.close()
 
 
 async def new_job(db: Database) -> tuple[int, backfill_db.Job]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -28,15 +27,6 @@ from bridge.db.schema import mail_outbox, message_map
 from bridge.db.steps import Step, Steps
 
 ROOM = RoomID("!room:agency.example")
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    database = await open_database(DatabaseConfig(url=db_url, pool_size=2))
-    try:
-        yield database
-    finally:
-        await database.close()
 
 
 async def _link(db: Database) -> int:

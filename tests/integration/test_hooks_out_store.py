@@ -3,28 +3,14 @@ order, retried, finished once with its audit row, failures told once."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-
-from bridge.config import DatabaseConfig
 from bridge.core.audit import AuditEntry
 from bridge.core.ids import EventID, RoomID
 from bridge.db import audit as audit_db
 from bridge.db import hooks_out as outbox_db
 from bridge.db import room_hooks
-from bridge.db.engine import Database, open_database
+from bridge.db.engine import Database
 
 ROOM = RoomID("!tickets:localhost")
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    database = await open_database(DatabaseConfig(url=db_url, pool_size=2))
-    try:
-        yield database
-    finally:
-        await database.close()
 
 
 def audit(outcome: str, event_id: str) -> AuditEntry:

@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
-import pytest
 from sqlalchemy import event, func, select, text
 
 from bridge.audit_cli import verify
@@ -39,15 +38,6 @@ from tests.integration.test_outbox_store import (
 from tests.integration.test_smtp import TO, ScriptedHandler
 
 OTHER = RoomID("!other:localhost")
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    database = await open_database(DatabaseConfig(url=db_url, pool_size=2))
-    try:
-        yield database
-    finally:
-        await database.close()
 
 
 class count_commits:

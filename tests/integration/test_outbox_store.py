@@ -5,7 +5,6 @@ from __future__ import annotations
 import email
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -14,14 +13,13 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, insert, select, update
 
-from bridge.config import DatabaseConfig
 from bridge.core.health import ComponentHealth
 from bridge.core.ids import EventID, RoomID
 from bridge.core.links import Link, LinkSettings
 from bridge.db import links as link_db
 from bridge.db import mail as mail_db
 from bridge.db import outbox as outbox_db
-from bridge.db.engine import Database, open_database
+from bridge.db.engine import Database
 from bridge.db.outbox import DbOutboxStore, NewOutgoing
 from bridge.db.schema import mail_outbox, message_map, metadata
 from bridge.mail.outbox import OutboxItem, OutboxStore, OutboxWorker
@@ -41,15 +39,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    database = await open_database(DatabaseConfig(url=db_url, pool_size=2))
-    try:
-        yield database
-    finally:
-        await database.close()
 
 
 async def make_link(db: Database, remote: str = "liste@lists.test", room: RoomID = ROOM) -> Link:
