@@ -42,13 +42,11 @@ import email.utils
 import json
 import os
 import re
-import secrets
 import socket
 import sys
 import time
 import uuid
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
@@ -56,14 +54,20 @@ from typing import Any
 
 import aiohttp
 import aiosmtplib
-import yaml
-from aiohttp import web
 
 # `bench` and `tests` are not installed packages: import them from this checkout.
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.mail_out_log import bridge_sent_times, queued_times, sql_per_mail  # noqa: E402
+from bench.mail_out_servers import (  # noqa: E402
+    APP_PREFIX,
+    FROM_ADDRESS,
+    Servers,
+    SinkCpuMeter,
+    start_servers,
+)
 from bench.mail_to_matrix import (  # noqa: E402
     link_room,
     marker,
@@ -71,46 +75,28 @@ from bench.mail_to_matrix import (  # noqa: E402
 )
 from bench.measure import (  # noqa: E402
     BUSY_CORES,
-    CpuMeter,
     Probes,
     Profiler,
     add_run_options,
     code_version,
     disturbed_phases,
-    family_cpu,
     find_pid,
     percentile,
-    process_cpu,
     profile_summaries,
     quote,
     temp_folder,
 )
-from bench.relay_diagnosis import (  # noqa: E402
-    LOG_LINE_RE,
-)
 from bench.rooms import (  # noqa: E402
     MARKER_RE,
 )
-from bench.smtp_sink import SinkLog, SinkProcess, find_marker, serve_sink  # noqa: E402
-from bridge.harness.dovecot import DovecotServer  # noqa: E402
-from bridge.harness.ports import free_port  # noqa: E402
-from bridge.harness.postfix import PostfixServer  # noqa: E402
-from bridge.harness.postgres import PostgresServer  # noqa: E402
-from bridge.harness.synapse import MatrixTestClient, SynapseServer  # noqa: E402
-from bridge.registration import atomic_write, dump_yaml, generate_registration  # noqa: E402
-from tests.conftest import BridgeProcess, bridge_config_dict  # noqa: E402
+from bench.smtp_sink import SinkLog, find_marker, serve_sink  # noqa: E402
+from bridge.harness.synapse import MatrixTestClient  # noqa: E402
 
 CAPACITY_TARGET = 0.8  # bridge rate / raw aiosmtplib rate
 LATENCY_TARGET_MS = 20.0  # p50(send -> SMTP) - p50(send -> transaction)
 OUTBOX_CONCURRENCY = 4  # OutboxWorker's default (bridge/mail/outbox.py)
-PASSWORD = "bench-password"
-FROM_ADDRESS = "passerelle@example.test"
 DISPLAY_NAME = "Alice Martin"
 MARKER_BYTES = re.compile(MARKER_RE.pattern.encode())
-APP_PREFIX = "/_matrix/app/v1"
-QUEUED_RE = re.compile(r"queued message (\S+) of ")
-QUEUED_ID_RE = re.compile(r"queued message (\S+) of .* \(#(\d+)\)$")
-SENT_RE = re.compile(r"outbox item (\d+) sent")
 POSTFIX_TARGET = 0.95  # bridge rate into Postfix / Postfix's accept rate (raw aiosmtplib)
 CPU_TARGET_MS = 5.0  # bridge CPU per mail out
 
@@ -150,213 +136,6 @@ def ms_stats(prefix: str, values: Sequence[float]) -> dict[str, float | None]:
         )
         for name, q in (("p50", 50), ("p99", 99))
     }
-
-
-# --- the probe appservice (in this process) ------------------------------------------------------
-
-
-class ProbeAppservice:
-    """A second appservice whose namespace takes every room: Synapse pushes it the same
-    events as the bridge, and it notes when each bench message arrived."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.as_token = secrets.token_hex(32)
-        self.hs_token = secrets.token_hex(32)
-        self.arrived: dict[tuple[str, int], float] = {}
-        self.transactions = 0
-        self._runner: web.AppRunner | None = None
-
-    def write_registration(self, path: Path) -> None:
-        registration = {
-            "id": "bench-probe",
-            "url": f"http://127.0.0.1:{self.port}",
-            "as_token": self.as_token,
-            "hs_token": self.hs_token,
-            "sender_localpart": "benchprobe",
-            "rate_limited": False,
-            "namespaces": {
-                "users": [],
-                "aliases": [],
-                "rooms": [{"regex": "!.*", "exclusive": False}],
-            },
-        }
-        atomic_write(path, dump_yaml(registration))
-
-    async def _transaction(self, request: web.Request) -> web.Response:
-        arrived = time.time()
-        if request.headers.get("Authorization") != f"Bearer {self.hs_token}":
-            return web.json_response({"errcode": "M_FORBIDDEN"}, status=403)
-        body = await request.json()
-        self.transactions += 1
-        for event in body.get("events") or []:
-            text = str((event.get("content") or {}).get("body", ""))
-            if match := MARKER_RE.search(text):
-                self.arrived.setdefault((match.group(1), int(match.group(2))), arrived)
-        return web.json_response({})
-
-    async def _other(self, request: web.Request) -> web.Response:
-        if request.method == "POST" and request.path.endswith("/ping"):
-            return web.json_response({})
-        return web.json_response({"errcode": "M_NOT_FOUND"}, status=404)
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_put(APP_PREFIX + "/transactions/{txn_id}", self._transaction)
-        app.router.add_route("*", "/{tail:.*}", self._other)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-
-# --- the servers ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Servers:
-    folder: Path
-    dovecot: DovecotServer
-    sink: SinkProcess
-    postfix: PostfixServer | None
-    synapse: SynapseServer
-    bridge: BridgeProcess
-    probe: ProbeAppservice
-    list_address: str
-    archive_address: str
-    alice_id: str
-    alice_token: str
-    config_path: Path
-
-    @property
-    def bot(self) -> str:
-        return self.bridge.config.bot_mxid
-
-    def restart_bridge(self, smtp_port: int) -> None:
-        """The same bridge (config, database, registration) sending to another SMTP port."""
-        self.bridge.stop()
-        # As written by generate_registration (with the tokens it generated).
-        settings = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
-        settings["mail"]["smtp"]["port"] = smtp_port
-        atomic_write(self.config_path, dump_yaml(settings))
-        self.bridge.start()
-
-
-def bridge_database(folder: Path, kind: str, stack: contextlib.ExitStack) -> str:
-    """The bridge's database URL: an SQLite file, or a fresh database on the machine's
-    PostgreSQL (or a throw-away cluster: bridge/harness/postgres.py), dropped at the end."""
-    if kind == "sqlite":
-        return f"sqlite+aiosqlite:///{folder / 'passerelle.db'}"
-    server = PostgresServer.obtain(folder / "pg")
-    stack.callback(server.stop)
-    name = f"passerelle_bench_{uuid.uuid4().hex[:12]}"
-    url = server.create_database(name)
-    stack.callback(server.drop_database, name)
-    return url.replace("postgresql://", "postgresql+asyncpg://", 1)
-
-
-def start_servers(
-    folder: Path, stack: contextlib.ExitStack, *, diagnose: bool, database: str, postfix: bool
-) -> Servers:
-    """Every server, each stopped by `stack` however the run ends."""
-    dovecot = DovecotServer(folder / "dovecot")
-    list_address = dovecot.add_user("list", PASSWORD)
-    # Postfix delivers the list's mail here (a virtual alias): not to the mailbox the bridge
-    # watches, which would read every mail of the Postfix phases back.
-    archive_address = dovecot.add_user("archive", PASSWORD)
-    stack.callback(dovecot.stop)
-    dovecot.start()
-
-    sink = SinkProcess(folder / "sink.log")
-    stack.callback(sink.stop)
-    sink.start()
-
-    postfix_server: PostfixServer | None = None
-    if postfix:
-        postfix_server = PostfixServer(
-            folder / "postfix",
-            lmtp_port=dovecot.lmtp_port,
-            domain=dovecot.domain,
-            aliases={list_address: [archive_address]},
-        )
-        stack.callback(postfix_server.stop)
-        postfix_server.start()
-
-    homeserver_port, bridge_port = free_port(), free_port()
-    loggers = {"aiosqlite": "WARNING", "asyncio": "WARNING"}
-    if diagnose:
-        loggers["sqlalchemy.engine.Engine"] = "INFO"  # every statement, BEGIN and COMMIT
-    database = bridge_database(folder, database, stack)
-    mailbox = {"host": "127.0.0.1", "port": dovecot.imap_port, "tls": "none"}
-    settings = bridge_config_dict(
-        homeserver_port,
-        bridge_port,
-        database,
-        mail={
-            "mailboxes": {list_address: mailbox | {"user": list_address, "password": PASSWORD}},
-            "smtp": {"host": "127.0.0.1", "port": sink.port, "tls": "none"},
-            "from_address": FROM_ADDRESS,
-        },
-        logging={"level": "INFO", "loggers": loggers},
-    )
-    settings["appservice"]["as_token"] = settings["appservice"]["hs_token"] = "generate"
-    config_path = folder / "config.yaml"
-    atomic_write(config_path, dump_yaml(settings))
-    bridge_registration = folder / "registration.yaml"
-    generate_registration(config_path, bridge_registration, env={})
-    probe = ProbeAppservice(free_port())
-    probe_registration = folder / "probe-registration.yaml"
-    probe.write_registration(probe_registration)
-
-    synapse = SynapseServer(
-        data_dir=folder / "synapse",
-        port=homeserver_port,
-        app_service_config_files=[bridge_registration, probe_registration],
-    )
-    synapse.data_dir.mkdir()
-    stack.callback(synapse.stop)
-    synapse.start()
-
-    bridge = BridgeProcess(config_path, database, folder / "bridge.log")
-    stack.callback(bridge.stop)
-    bridge.start()
-
-    alice_id = synapse.register_user("benchalice", "pw-benchalice")
-    alice_token = synapse.login("benchalice", "pw-benchalice")
-    return Servers(
-        folder,
-        dovecot,
-        sink,
-        postfix_server,
-        synapse,
-        bridge,
-        probe,
-        list_address,
-        archive_address,
-        alice_id,
-        alice_token,
-        config_path,
-    )
-
-
-@dataclass
-class SinkCpuMeter(CpuMeter):
-    """CpuMeter of bench/mail_to_matrix.py, with the SMTP sink's process counted apart."""
-
-    sink_pid: int | None = None
-    postfix_pid_file: Path | None = None
-
-    def _sample(self) -> dict[str, float]:
-        postfix = family_cpu(self.postfix_pid_file) if self.postfix_pid_file else 0.0
-        return super()._sample() | {"sink": process_cpu(self.sink_pid), "postfix": postfix}
-
-    def stop(self) -> dict[str, float]:
-        used = super().stop()
-        used["others"] = round(used["others"] - used["sink"] - used["postfix"], 2)
-        return used
 
 
 def with_cpu(result: dict[str, Any], cpu: dict[str, float], messages: int) -> dict[str, Any]:
@@ -806,52 +585,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.profile is not None:
         args.profile = args.profile.resolve()
     return args
-
-
-def sql_per_mail(lines: list[str], capacity: dict[str, Any], mails: int) -> dict[str, float]:
-    """From a --diagnose bridge log: the database transactions (BEGIN) and statements by kind
-    the bridge ran per mail during the capacity phase."""
-    since, until = capacity["window"]
-    counts: Counter[str] = Counter()
-    for when, logger, message in log_records(lines):
-        word = message.split(" ", 1)[0]
-        # "[generated in …] (parameters)" lines follow their statement: not counted.
-        if logger == "sqlalchemy.engine.Engine" and since <= when <= until and word[:1] != "[":
-            counts[word] += 1
-    return {kind: round(n / mails, 2) for kind, n in counts.most_common()}
-
-
-def log_records(lines: Sequence[str]) -> Iterator[tuple[float, str, str]]:
-    """(Unix time, logger, message) of each line of the bridge's log (millisecond stamps)."""
-    for line in lines:
-        match = LOG_LINE_RE.match(line)
-        if match is not None:
-            stamp = match.group(1)
-            when = time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S"))
-            yield when + int(stamp[20:]) / 1000, match.group(2), match.group(3)
-
-
-def queued_times(lines: Sequence[str]) -> dict[str, float]:
-    """Event ID -> when the bridge logged it queued in its outbox (bridge/relay/mail_out.py)."""
-    return {
-        match.group(1): when
-        for when, _, message in log_records(lines)
-        if (match := QUEUED_RE.match(message))
-    }
-
-
-def bridge_sent_times(lines: Sequence[str], run: str) -> dict[int, float]:
-    """Sequence number -> when the bridge logged the mail of event `$bench-{run}-{seq}` sent
-    (the SMTP server's 250 to its DATA; millisecond stamps)."""
-    prefix = f"$bench-{run}-"
-    items: dict[int, int] = {}
-    sent: dict[int, float] = {}
-    for when, _, message in log_records(lines):
-        if (match := QUEUED_ID_RE.match(message)) and match.group(1).startswith(prefix):
-            items[int(match.group(2))] = int(match.group(1)[len(prefix) :])
-        elif (match := SENT_RE.match(message)) and int(match.group(1)) in items:
-            sent.setdefault(items[int(match.group(1))], when)
-    return sent
 
 
 def verdict(ok: bool) -> str:
