@@ -42,13 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.mail_in_servers import Servers, start_servers  # noqa: E402
 from bench.mail_to_matrix import (  # noqa: E402
-    Servers,
     append_mails,
     link_room,
     make_mail,
     plain_phase,
-    start_servers,
 )
 from bench.measure import (  # noqa: E402
     BUSY_CORES,
