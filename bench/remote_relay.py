@@ -33,23 +33,19 @@ import concurrent.futures
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import aiohttp
 
 # `bench` and `tests` are not installed packages: import them from this checkout.
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.copy_bot import BotProcess, BotSide, timeline_filter  # noqa: E402
 from bench.mail_to_matrix import (  # noqa: E402
     marker,
     mean_rate,
@@ -66,7 +62,6 @@ from bench.measure import (  # noqa: E402
     find_pid,
     process_cpu,
     profile_summaries,
-    quote,
     temp_folder,
 )
 from bench.rooms import (  # noqa: E402
@@ -85,7 +80,6 @@ REMOTE = "ministere"
 MINISTRY_SERVER_NAME = "ministere.localhost"
 BRIDGE_REMOTE_LOCALPART = "passerelle-agence"
 READER_POLL_MS = 10_000  # under MatrixTestClient's 30 s request timeout
-BOT_POLL_MS = 30_000  # the bridge's default remotes.*.sync_timeout
 DIRECTIONS = {"r2a": "remote -> agency", "a2r": "agency -> remote"}
 
 
@@ -95,174 +89,6 @@ def message_text(tag: str, seq: int) -> str:
 
 def password(localpart: str) -> str:
     return "pw-" + localpart
-
-
-def timeline_filter(rooms: Sequence[str], limit: int) -> str:
-    """m.room.message of `rooms` only: no state, presence, receipts or account data."""
-    return json.dumps(
-        {
-            "room": {
-                "rooms": list(rooms),
-                "timeline": {"limit": limit, "types": ["m.room.message"]},
-                "state": {"types": []},
-                "ephemeral": {"types": []},
-                "account_data": {"types": []},
-            },
-            "presence": {"types": []},
-            "account_data": {"types": []},
-        },
-        separators=(",", ":"),
-    )
-
-
-# --- the naive copy bot (its own process) --------------------------------------------------------
-
-
-@dataclass
-class BotSide:
-    """One server as the bot sees it: its account there and the room it copies from / to."""
-
-    base_url: str
-    user_id: str
-    token: str
-    room_id: str
-
-
-class CopyBot:
-    """Reads one side's /sync and re-sends each m.room.message to the other side, one at a
-    time, in order; never copies its own messages back."""
-
-    def __init__(self, http: aiohttp.ClientSession) -> None:
-        self.http = http
-        self.copied = 0
-        self.gaps = 0  # /sync answers with limited: true (events skipped; should stay 0)
-
-    async def _call(self, side: BotSide, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {side.token}"}
-        for attempt in range(5):
-            async with self.http.request(
-                method, side.base_url + path, headers=headers, **kwargs
-            ) as response:
-                body = await response.json(content_type=None)
-                if response.status < 400 and isinstance(body, dict):
-                    return body
-                if response.status < 500 and response.status != 429:
-                    raise RuntimeError(f"{method} {path}: {response.status} {body}")
-            await asyncio.sleep(0.5 * (attempt + 1))
-        raise RuntimeError(f"{method} {path}: gave up")
-
-    async def _sync(self, side: BotSide, since: str | None, timeout_ms: int) -> dict[str, Any]:
-        params = {"filter": timeline_filter([side.room_id], 1000), "timeout": str(timeout_ms)}
-        if since is not None:
-            params["since"] = since
-        return await self._call(side, "GET", "/_matrix/client/v3/sync", params=params)
-
-    async def start(self, source: BotSide) -> str:
-        """The current /sync position of `source`: what came before is not copied."""
-        return str((await self._sync(source, None, 0))["next_batch"])
-
-    async def copy(self, source: BotSide, target: BotSide, since: str, prefix: bool) -> None:
-        while True:
-            response = await self._sync(source, since, BOT_POLL_MS)
-            since = str(response["next_batch"])
-            room = ((response.get("rooms") or {}).get("join") or {}).get(source.room_id) or {}
-            timeline = room.get("timeline") or {}
-            if timeline.get("limited"):
-                self.gaps += 1
-            for event in timeline.get("events") or []:
-                if event.get("sender") == source.user_id:
-                    continue  # its own copy
-                content = dict(event.get("content") or {})
-                if prefix:  # as the bridge names agency senders on the remote side
-                    content["body"] = f"{event['sender']} : {content.get('body', '')}"
-                txn = f"copy-{uuid.uuid4().hex}"
-                await self._call(
-                    target,
-                    "PUT",
-                    f"/_matrix/client/v3/rooms/{quote(target.room_id)}/send/m.room.message/{txn}",
-                    json=content,
-                )
-                self.copied += 1
-
-
-def serve_bot(config_path: Path, status_path: Path) -> None:
-    """`--serve-bot CONFIG STATUS`: the bot's process, until SIGTERM; it writes "ready" to
-    STATUS once both directions have their starting position, and its counts when it stops."""
-    raw = json.loads(config_path.read_text())
-    agency, remote = BotSide(**raw["agency"]), BotSide(**raw["remote"])
-
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        timeout = aiohttp.ClientTimeout(total=BOT_POLL_MS / 1000 + 30)
-        async with aiohttp.ClientSession(timeout=timeout) as http:
-            bot = CopyBot(http)
-            from_remote, from_agency = await bot.start(remote), await bot.start(agency)
-            tasks = [
-                asyncio.create_task(bot.copy(remote, agency, from_remote, prefix=False)),
-                asyncio.create_task(bot.copy(agency, remote, from_agency, prefix=True)),
-            ]
-            status_path.write_text("ready\n")
-            stopping = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in [stopping, *tasks]:
-                task.cancel()
-            for task in done:
-                if task is not stopping and task.exception() is not None:
-                    status_path.write_text(f"failed {task.exception()!r}\n")
-                    raise SystemExit(1)
-            status_path.write_text(f"stopped copied={bot.copied} gaps={bot.gaps}\n")
-
-    asyncio.run(serve())
-
-
-@dataclass
-class BotProcess:
-    """The bot, started as `python bench/remote_relay.py --serve-bot`."""
-
-    folder: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def status_path(self) -> Path:
-        return self.folder / "bot.status"
-
-    def start(self, agency: BotSide, remote: BotSide, timeout: float = 30) -> None:
-        config = self.folder / "bot.json"
-        atomic_write(config, json.dumps({"agency": vars(agency), "remote": vars(remote)}))
-        output = (self.folder / "bot.out").open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve-bot", str(config), str(self.status_path)],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-        output.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"copy bot exited {self.proc.returncode}: {self.output()}")
-            if self.status_path.exists() and self.status_path.read_text().startswith("ready"):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"copy bot not ready after {timeout} s")
-
-    def output(self) -> str:
-        return (self.folder / "bot.out").read_text(errors="replace")[-2000:]
-
-    def stop(self) -> str:
-        """Stop it; its last status ("stopped copied=… gaps=…" or why it failed)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        with contextlib.suppress(OSError):
-            return self.status_path.read_text().strip()
-        return ""
 
 
 # --- readers ------------------------------------------------------------------------------------
@@ -771,13 +597,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--warmup", type=int, default=20, help="unmeasured messages per relay and direction"
     )
     add_run_options(parser)
-    parser.add_argument(
-        "--serve-bot", nargs=2, metavar=("CONFIG", "STATUS"), help=argparse.SUPPRESS
-    )
     args = parser.parse_args(argv)
-    if args.serve_bot is None and (
-        args.n < 1 or min(args.latency, args.warmup) < 0 or args.pace < 0
-    ):
+    if args.n < 1 or min(args.latency, args.warmup) < 0 or args.pace < 0:
         parser.error("counts must be positive")
     if args.profile is not None:
         args.profile = args.profile.resolve()
@@ -786,9 +607,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.serve_bot is not None:
-        serve_bot(Path(args.serve_bot[0]), Path(args.serve_bot[1]))
-        return 0
     started = time.monotonic()
     code = code_version()  # before the bridge starts: the tree may change during the run
     with temp_folder(args.keep) as folder, contextlib.ExitStack() as stack:
