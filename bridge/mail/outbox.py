@@ -233,9 +233,10 @@ class OutboxWorker:
         now = self._clock()
         if not self._maybe_more and not (self._timers and self._timers[0][0] <= now):
             return
-        items = await self._store.due(now, free, self._excluded())
+        excluded = self._excluded()
+        items = await self._store.due(now, free, excluded)
         self._maybe_more = len(items) >= free
-        self._expire_timers(now)
+        self._expire_timers(now, excluded)
         for item in items:
             self._start(item)
 
@@ -270,16 +271,23 @@ class OutboxWorker:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("outbox item %d: unexpected error", item_id, exc_info=exc)
 
-    def _expire_timers(self, now: float) -> None:
-        """Forget scheduled times that a due() call at ``now`` has already covered."""
+    def _expire_timers(self, now: float, excluded: set[int]) -> None:
+        """Forget scheduled times that a due() call at ``now`` has already covered: not those
+        of the items it was told to leave out (in flight while it ran: a retry's time set
+        meanwhile, already passed, would otherwise be forgotten until the next poll)."""
+        kept: list[tuple[float, int]] = []
         while self._timers:
             at, item_id = self._timers[0]
             current = self._retry_at.get(item_id) == at
             if current and at > now:
                 break
             heapq.heappop(self._timers)
-            if current:
+            if current and item_id in excluded:
+                kept.append((at, item_id))  # the next look, a few ms on, covers it
+            elif current:
                 del self._retry_at[item_id]
+        for entry in kept:
+            heapq.heappush(self._timers, entry)
 
     def _idle_delay(self) -> float:
         """Seconds until the next known due time, at most the poll interval."""

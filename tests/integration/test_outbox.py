@@ -363,3 +363,51 @@ async def test_concurrency_limit(sink: int, handler: ScriptedHandler) -> None:
     assert sorted(message_ids(handler)) == expected
     assert all(call[2] <= 4 for call in store.named("due"))
     assert store.unexpected == []
+
+
+class GatedStore(MemoryStore):
+    """After recording a retry, makes the worker look at the store while the retried item is
+    still in flight, and holds that look until the item's task has finished."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__(clock)
+        self.worker: OutboxWorker | None = None
+        self.gate: asyncio.Event | None = None
+        self.looking = asyncio.Event()
+
+    async def due(self, now: float, limit: int, exclude: set[int]) -> list[OutboxItem]:
+        if self.gate is not None and not self.gate.is_set():
+            self.looking.set()
+            await self.gate.wait()
+        return await super().due(now, limit, exclude)
+
+    async def mark_retry(self, item_id: int, result: SendResult, next_attempt_at: float) -> None:
+        await super().mark_retry(item_id, result, next_attempt_at)
+        if self.gate is None:
+            await asyncio.sleep(next_attempt_at - self.clock() + 0.02)  # the retry is due
+            self.gate = asyncio.Event()
+            assert self.worker is not None
+            self.worker.notify()
+            await self.looking.wait()  # that look at the store began: the item excluded
+
+
+async def test_a_retry_due_during_a_look_at_the_store_is_not_forgotten(
+    sink: int, handler: ScriptedHandler
+) -> None:
+    """Regression (a CI run, 2026-12-07): the retry's time was set while run() was reading the
+    store, the item still in flight and so excluded from that read; the read then counted the
+    retry as covered, and the mail waited for the next poll (a minute) instead of its time."""
+    handler.data_replies = ["451 4.3.0 try later"]  # then accepted
+    store = GatedStore(time.time)
+    worker, _ = make_worker(store, sink, retry_schedule=lambda attempt: 0.05)
+    store.worker = worker
+    item = store.add(make_message("retried on time"))
+    async with running(worker):
+        worker.notify()
+        await wait_until(lambda: store.gate is not None and worker.in_flight == 0, budget=5)
+        assert store.gate is not None
+        store.gate.set()  # the look ends after the retry's time, without the item
+        await wait_until(lambda: store.rows[item].state == "sent", budget=3)
+    assert [call[1] for call in store.named("mark_retry")] == [item]
+    assert len(handler.messages) == 1
+    assert store.unexpected == []
