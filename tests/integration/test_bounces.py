@@ -14,11 +14,9 @@ from bridge.db import outbox as outbox_db
 from bridge.db.engine import Database
 from bridge.mail.verp import item_of_address
 from bridge.relay.bounces import BounceMailboxStore, Bounces, envelope_sender
-from tests.integration.test_outbox_store import OTHER_ROOM, db, make_link, outgoing
+from tests.integration.test_outbox_store import OTHER_ROOM, make_link, outgoing
 from tests.unit.test_config import minimal
 from tests.unit.test_dsn import PER_MESSAGE, block, report
-
-__all__ = ["db"]
 
 CONFIG = parse_config(minimal(), env={})
 FROM = "passerelle@agency.test"
