@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from bridge.core.audit import AuditEntry, AuditRow, seal
 from bridge.db.engine import AUDITED, Database
 from bridge.db.schema import audit_head, audit_log
-from bridge.db.steps import Step, Steps, run_steps
+from bridge.db.steps import Step, Steps, built
 from bridge.db.util import now_ms
 
 log = logging.getLogger("passerelle.db.audit")
@@ -96,38 +96,26 @@ async def append_in(conn: AsyncConnection, entry: AuditEntry) -> AuditRow | None
     return row
 
 
-async def append_all_in(conn: AsyncConnection, entries: list[AuditEntry]) -> None:
-    """append_in for several entries without item keys, chained in this order: the head
-    moved once and the rows inserted after it (instead of two statements per entry)."""
-    if len(entries) < 2 or any(entry.item_key is not None for entry in entries):
-        for entry in entries:
-            await append_in(conn, entry)
-        return
-    audited = conn.info.get(AUDITED)
-    steps = append_all_steps(
-        conn.dialect.name, conn.sync_engine, entries, [] if audited is None else audited
-    )
-    await run_steps(conn, steps)
-
-
 def append_all_steps(
     dialect: str, engine: Engine, entries: list[AuditEntry], audited: list[AuditEntry]
 ) -> Steps[None]:
-    """append_all_in as steps (steps.py), for entries without item keys; each entry appended
-    is added to `audited`, to be told to the audit observers once committed."""
+    """Append several entries without item keys, chained in this order, as steps (steps.py):
+    the head moved once, then the rows (instead of append_in's two statements per entry).
+    Each entry appended is added to `audited`, to be told to the audit observers once
+    committed (`Database.tell_audited`)."""
     if not entries:
         return
     if any(entry.item_key is not None for entry in entries):
         raise ValueError("entries with item keys are appended by append_in")
     postgres = dialect == "postgresql"
     if postgres:
-        yield Step("audit.pg_lock", _pg_lock, {"key": _PG_LOCK}, returns="row")
+        yield Step("audit.pg_lock", built(_PG_ADVISORY), {"key": _PG_LOCK}, returns="row")
     remembered = _last_head.get(engine)
     if remembered is not None:
         rows = _chain(entries, *remembered)
         moved = yield Step(
             "audit.move_head",
-            _move_head,
+            built(_MOVE_HEAD),
             {
                 "new_seq": rows[-1].seq,
                 "new_hash": rows[-1].hash,
@@ -139,10 +127,12 @@ def append_all_steps(
             yield from _insert_steps(engine, rows, audited)
             return
     if not postgres:
-        yield Step("audit.take_lock", _take_lock, {})
-    head = yield Step("audit.read_head", _read_head, {}, returns="row")
+        yield Step("audit.take_lock", built(_TAKE_LOCK), {})
+    head = yield Step("audit.read_head", built(_READ_HEAD), {}, returns="row")
     rows = _chain(entries, int(head[0]), str(head[1]))
-    yield Step("audit.set_head", _set_head, {"new_seq": rows[-1].seq, "new_hash": rows[-1].hash})
+    yield Step(
+        "audit.set_head", built(_SET_HEAD), {"new_seq": rows[-1].seq, "new_hash": rows[-1].hash}
+    )
     yield from _insert_steps(engine, rows, audited)
 
 
@@ -152,27 +142,7 @@ def _insert_steps(engine: Engine, rows: list[AuditRow], audited: list[AuditEntry
     _last_head[engine] = (rows[-1].seq, rows[-1].hash)
     for row in rows:
         audited.append(row.entry)
-        log.debug("audit row %d: %s %s %s", row.seq, *_summary(row.entry))
-
-
-def _pg_lock() -> Any:
-    return _PG_ADVISORY
-
-
-def _move_head() -> Any:
-    return _MOVE_HEAD
-
-
-def _take_lock() -> Any:
-    return _TAKE_LOCK
-
-
-def _read_head() -> Any:
-    return _READ_HEAD
-
-
-def _set_head() -> Any:
-    return _SET_HEAD
+        _log_row(row)
 
 
 @functools.cache
@@ -237,11 +207,12 @@ def _logged(conn: AsyncConnection, row: AuditRow) -> None:
     audited = conn.info.get(AUDITED)
     if audited is not None:  # told to Database.audit_observers after the commit
         audited.append(row.entry)
-    log.debug("audit row %d: %s %s %s", row.seq, *_summary(row.entry))
+    _log_row(row)
 
 
-def _summary(entry: AuditEntry) -> tuple[Any, ...]:
-    return entry.direction, entry.outcome, entry.link
+def _log_row(row: AuditRow) -> None:
+    entry = row.entry
+    log.debug("audit row %d: %s %s %s", row.seq, entry.direction, entry.outcome, entry.link)
 
 
 async def append(db: Database, entry: AuditEntry) -> AuditRow | None:

@@ -11,8 +11,9 @@ one connection every write takes turns on, so these transactions queue with the 
 instead of fighting them for SQLite's write lock.
 
 Fencing is kept: with a lease holder (the FENCE of the running task) the lease's check runs
-first in the same transaction, as in `Database.begin`. Steps must not append audit entries
-(those are committed through `Database.begin`, which tells the audit observers).
+first in the same transaction, as in `Database.begin`. Audit entries appended by steps
+(`audit.append_all_steps`) are told to the audit observers by the caller once `run` returns
+(`Database.tell_audited`), as `Database.begin` does after its commit.
 
 Where the driver cannot be driven this way (another driver, an aiosqlite without the worker
 call this relies on, a SQLite database in memory), `usable` is False and the caller runs the

@@ -42,6 +42,11 @@ class Step:
 Steps = Generator[Step, Any, T]
 
 
+def built(statement: Executable) -> Callable[[], Executable]:
+    """A Step's `build` for a statement made once at import."""
+    return lambda: statement
+
+
 async def run_steps(conn: AsyncConnection, steps: Steps[T]) -> T:
     """Run `steps` on `conn`, inside the caller's transaction, through SQLAlchemy."""
 

@@ -379,7 +379,7 @@ async def _no_pending(db: Database) -> bool:
 async def test_batched_audit_rows_chain_after_another_instance_appended(
     db: Database, db_url: str
 ) -> None:
-    """append_all_in moves the head once for several rows; when another instance appended
+    """append_all_steps moves the head once for several rows; when another instance appended
     since (the head this process remembers is stale) it reads the head and chains after it."""
     other = await open_database(DatabaseConfig(url=db_url, pool_size=2))
     try:
@@ -394,16 +394,20 @@ async def test_batched_audit_rows_chain_after_another_instance_appended(
                 ids={"event_id": f"$e{n}"},
             )
 
-        async with db.begin() as conn:
-            await audit_db.append_all_in(conn, [entry(0), entry(1)])
+        audited: list[AuditEntry] = []
+
+        async def append_all(entries: list[AuditEntry]) -> None:
+            engine = db.engine.sync_engine
+            await db.write(lambda d: audit_db.append_all_steps(d, engine, entries, audited))
+
+        await append_all([entry(0), entry(1)])
         await audit_db.append(other, entry(2))  # this process's remembered head is stale now
-        async with db.begin() as conn:
-            await audit_db.append_all_in(conn, [entry(3), entry(4), entry(5)])
-        async with db.begin() as conn:
-            await audit_db.append_all_in(conn, [entry(6), entry(7)])  # remembered head again
+        await append_all([entry(3), entry(4), entry(5)])
+        await append_all([entry(6), entry(7)])  # remembered head again
     finally:
         await other.close()
     assert await audit_rows(db) == [(f"$e{n}", "sent") for n in range(8)]
+    assert [e.ids["event_id"] for e in audited] == [f"$e{n}" for n in (0, 1, 3, 4, 5, 6, 7)]
     verifier, broken = await verify(db)
     assert broken is None
     assert verifier.last_seq == 8
