@@ -13,7 +13,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.measure import quote  # noqa: E402
+from bench.measure import quote, start_script, stop_process  # noqa: E402
 from bridge.registration import atomic_write  # noqa: E402
 
 BOT_POLL_MS = 30_000  # the bridge's default remotes.*.sync_timeout
@@ -168,34 +167,20 @@ class BotProcess:
     def start(self, agency: BotSide, remote: BotSide, timeout: float = 30) -> None:
         config = self.folder / "bot.json"
         atomic_write(config, json.dumps({"agency": vars(agency), "remote": vars(remote)}))
-        output = (self.folder / "bot.out").open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, str(config), str(self.status_path)],
-            stdout=output,
-            stderr=subprocess.STDOUT,
+        self.proc = start_script(
+            [__file__, str(config), str(self.status_path)],
+            self.folder / "bot.out",
+            self.status_path,
+            "copy bot",
+            timeout,
         )
-        output.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"copy bot exited {self.proc.returncode}: {self.output()}")
-            if self.status_path.exists() and self.status_path.read_text().startswith("ready"):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"copy bot not ready after {timeout} s")
 
     def output(self) -> str:
         return (self.folder / "bot.out").read_text(errors="replace")[-2000:]
 
     def stop(self) -> str:
         """Stop it; its last status ("stopped copied=… gaps=…" or why it failed)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         with contextlib.suppress(OSError):
             return self.status_path.read_text().strip()
         return ""

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -342,3 +343,36 @@ def code_version() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
+
+
+# --- helper processes (the SMTP sink, the copy bot) -------------------------------------------
+
+
+def start_script(
+    argv: Sequence[str], output: Path, ready: Path, name: str, timeout: float = 30
+) -> subprocess.Popen[bytes]:
+    """`python ARGV…` in a process of its own, its output into `output`; returns once it wrote
+    "ready" at the start of `ready` (RuntimeError if it exits or takes longer)."""
+    with output.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = output.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{name} exited {proc.returncode}: {tail}")
+        if ready.exists() and ready.read_text().startswith("ready"):
+            return proc
+        time.sleep(0.05)
+    raise RuntimeError(f"{name} not ready after {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, then SIGKILL after 10 s; nothing if it is not running."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.measure import start_script, stop_process  # noqa: E402
 from bench.rooms import (  # noqa: E402
     MARKER_RE,
 )
@@ -89,31 +90,16 @@ class SinkProcess:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30) -> None:
-        output = self.log_path.with_suffix(".out").open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, str(self.port), str(self.log_path)],
-            stdout=output,
-            stderr=subprocess.STDOUT,
+        self.proc = start_script(
+            [__file__, str(self.port), str(self.log_path)],
+            self.log_path.with_suffix(".out"),
+            self.log_path,
+            "SMTP sink",
+            timeout,
         )
-        output.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"SMTP sink exited {self.proc.returncode}")
-            if self.log_path.exists() and self.log_path.read_text().startswith("ready"):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"SMTP sink not ready after {timeout} s")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 class SinkLog:
