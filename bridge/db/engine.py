@@ -20,7 +20,7 @@ from bridge.config import DatabaseConfig
 from bridge.core.audit import AuditEntry
 from bridge.core.leases import LeaseHolder
 from bridge.db import leases as lease_db
-from bridge.db.direct import Direct
+from bridge.db.direct import Direct, skip_idle_reset
 from bridge.db.reader import Reader
 from bridge.db.steps import Steps, T, run_steps
 from bridge.logsetup import mask_driver_logs
@@ -131,8 +131,11 @@ def create_engine(config: DatabaseConfig) -> AsyncEngine:
         # One connection: SQLite has one writer at a time anyway, and several connections
         # would wait for each other's lock in busy-handler sleeps (measured: half their time
         # with ten rooms). Queued in-process instead, every transaction goes straight through.
-        engine = create_async_engine(config.url, pool_size=1, max_overflow=0, pool_timeout=300)
+        engine = create_async_engine(
+            config.url, pool_size=1, max_overflow=0, pool_timeout=300, pool_reset_on_return=None
+        )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        skip_idle_reset(engine)
         return engine
     return create_async_engine(
         config.url, pool_size=config.pool_size, pool_pre_ping=True, pool_recycle=1800

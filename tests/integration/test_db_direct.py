@@ -186,6 +186,24 @@ async def test_a_cancelled_write_leaves_the_connection_clean(db: Database) -> No
     assert await kv.get_value(db, "after") == "ok"
 
 
+async def test_a_connection_given_back_inside_a_transaction_is_rolled_back(db: Database) -> None:
+    """On SQLite the pool rolls back on return only when a transaction is open
+    (`direct.skip_idle_reset`): one left open under SQLAlchemy's feet is still rolled back."""
+
+    def insert_behind_sqlalchemy(connection: Any) -> None:
+        cursor = connection.connection.dbapi_connection.cursor()
+        cursor.execute("INSERT INTO kv (key, value) VALUES ('left', 'open')")
+        cursor.close()
+
+    async with db.engine.connect() as conn:
+        await conn.run_sync(insert_behind_sqlalchemy)
+    assert await kv.get_value(db, "left") is None
+    await kv.set_value(db, "after", "ok")  # and the connection goes on being used
+    assert await kv.get_value(db, "after") == "ok"
+    await outbox_db.enqueue_item(db, _item(await _link(db), 1))
+    assert len(await _rows(db)) == 2
+
+
 @pytest.mark.parametrize("count", [1, 3, 700])
 async def test_events_marked_done_are_exactly_those_named(db: Database, count: int) -> None:
     """The list is sent in chunks of 512, each padded to a power of two with its last
