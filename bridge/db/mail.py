@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,10 +12,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from bridge.core.audit import AuditEntry
 from bridge.core.ids import EventID, RoomID
 from bridge.core.threading import Mapped
-from bridge.db.audit import append_in
+from bridge.db.audit import append_all_steps, append_in
 from bridge.db.engine import Database
 from bridge.db.schema import mail_raw, message_map, sender_notice
-from bridge.db.util import insert_ignore, now_ms
+from bridge.db.steps import Step, Steps
+from bridge.db.util import bound_insert_ignore, bound_update, insert_ignore, now_ms
 
 DONE_STATES = ("done", "duplicate", "rejected", "ignored", "quarantined")
 
@@ -273,20 +275,20 @@ class PostedMail:
 
 
 async def record_posted_many(db: Database, posted: list[PostedMail]) -> None:
-    """Several posted mails recorded in one commit, in order: for each, its mapping, its
-    state done and its audit row (all or none of them). The mappings and the states are one
-    statement each for the whole batch; the audit rows are appended in order."""
-    if len(posted) == 1:
-        async with db.begin() as conn:
-            await _record_posted_in(conn, posted[0])
-        return
+    """Several posted mails recorded in one commit, in order: for each, its mapping and its
+    state done, then their audit rows chained in the same order (all or none of them).
+    Straight through the driver where it can be (`Database.write`)."""
     if not posted:
         return
+    audited: list[AuditEntry] = []
+    engine = db.engine.sync_engine
     created = now_ms()
-    async with db.begin() as conn:
-        await conn.execute(
-            insert_ignore(conn, message_map, ["link_id", "message_id"]),
-            [
+
+    def steps(dialect: str) -> Steps[None]:
+        for mail in posted:
+            yield Step(
+                f"message_map.insert.{dialect}",
+                functools.partial(map_statement, dialect),
                 {
                     "link_id": mail.link_id,
                     "message_id": mail.message_id,
@@ -295,42 +297,31 @@ async def record_posted_many(db: Database, posted: list[PostedMail]) -> None:
                     "thread_root": mail.thread_root,
                     "subject": mail.subject,
                     "created_at": created,
-                }
-                for mail in posted
-            ],
-        )
-        await conn.execute(
-            _MARK_DONE, [{"b_id": mail.mail_id, "b_event_id": mail.event_id} for mail in posted]
-        )
-        for mail in posted:
-            if mail.audit is not None:
-                await append_in(conn, mail.audit)
+                },
+            )
+            yield Step(
+                "mail.done",
+                _done_statement,
+                {"b_key": mail.mail_id, "v_state": "done", "v_last_error": None}
+                | {"v_event_id": mail.event_id},
+            )
+        entries = [mail.audit for mail in posted if mail.audit is not None]
+        yield from append_all_steps(dialect, engine, entries, audited)
+
+    await db.write(steps)
+    db.tell_audited(audited)
 
 
-_MARK_DONE = (
-    update(mail_raw)
-    .where(mail_raw.c.id == bindparam("b_id"))
-    .values(state="done", last_error=None, event_id=bindparam("b_event_id"))
-)
+def map_statement(dialect: str) -> Any:
+    """A Message-ID ⇄ event mapping stored unless the Message-ID is mapped already, each
+    column bound to the parameter of its name (mail in here, mail out in outbox.py)."""
+    columns = ("link_id", "message_id", "room_id", "event_id", "thread_root", "subject")
+    index = ("link_id", "message_id")
+    return bound_insert_ignore(dialect, message_map, index, (*columns, "created_at"))
 
 
-async def _record_posted_in(conn: AsyncConnection, mail: PostedMail) -> None:
-    await _record(
-        conn,
-        mail.link_id,
-        mail.message_id,
-        mail.room_id,
-        mail.event_id,
-        mail.thread_root,
-        mail.subject,
-    )
-    await conn.execute(
-        update(mail_raw)
-        .where(mail_raw.c.id == mail.mail_id)
-        .values(state="done", last_error=None, event_id=mail.event_id)
-    )
-    if mail.audit is not None:
-        await append_in(conn, mail.audit)
+def _done_statement() -> Any:
+    return bound_update(mail_raw, "id", ("state", "last_error", "event_id"))
 
 
 async def record_posted(
@@ -347,31 +338,7 @@ async def record_posted(
 ) -> None:
     """A posted mail: its Message-ID mapped, its state done and its audit row, in one commit."""
     mail = PostedMail(mail_id, link_id, message_id, room_id, event_id, thread_root, subject, audit)
-    async with db.begin() as conn:
-        await _record_posted_in(conn, mail)
-
-
-async def _record(
-    conn: AsyncConnection,
-    link_id: int,
-    message_id: str,
-    room_id: RoomID,
-    event_id: EventID,
-    thread_root: EventID,
-    subject: str | None,
-) -> bool:
-    result = await conn.execute(
-        insert_ignore(conn, message_map, ["link_id", "message_id"]).values(
-            link_id=link_id,
-            message_id=message_id,
-            room_id=room_id,
-            event_id=event_id,
-            thread_root=thread_root,
-            subject=subject,
-            created_at=now_ms(),
-        )
-    )
-    return bool(result.rowcount)
+    await record_posted_many(db, [mail])
 
 
 async def refusals_today(db: Database, link_id: int, address: str, day: str) -> int:

@@ -18,7 +18,8 @@ from bridge.core.audit import AuditEntry
 from bridge.core.ids import EventID, RoomID
 from bridge.db.audit import append_all_steps
 from bridge.db.engine import Database
-from bridge.db.schema import link, mail_outbox, message_map
+from bridge.db.mail import map_statement
+from bridge.db.schema import link, mail_outbox
 from bridge.db.steps import Step, Steps
 from bridge.db.util import bound_insert_ignore, bound_update, now_ms
 from bridge.mail.outbox import OutboxItem
@@ -117,15 +118,6 @@ _ENQUEUE_COLUMNS = (
     "next_attempt_at",
     "created_at",
 )
-_MAP_COLUMNS = (
-    "link_id",
-    "message_id",
-    "room_id",
-    "event_id",
-    "thread_root",
-    "subject",
-    "created_at",
-)
 
 
 @functools.cache
@@ -177,8 +169,8 @@ async def enqueue_item(
             )
         # A reply to this mail threads back under the event's thread.
         yield Step(
-            f"outbox.map.{dialect}",
-            functools.partial(_map_statement, dialect),
+            f"message_map.insert.{dialect}",
+            functools.partial(map_statement, dialect),
             {
                 "link_id": item.link_id,
                 "message_id": item.message_id,
@@ -205,10 +197,6 @@ async def enqueue_item(
 
 def _envelope_statement() -> Any:
     return bound_update(mail_outbox, "id", ("mail_from",))
-
-
-def _map_statement(dialect: str) -> Any:
-    return bound_insert_ignore(dialect, message_map, ("link_id", "message_id"), _MAP_COLUMNS)
 
 
 def _ms(seconds: float) -> int:

@@ -7,23 +7,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from sqlalchemy import bindparam, insert, select
 
 from bridge.config import DatabaseConfig
+from bridge.core.audit import AuditEntry
 from bridge.core.ids import EventID, RoomID, UserID
 from bridge.core.leases import LeaseHolder, LeaseLost
 from bridge.core.links import LinkSettings
+from bridge.db import audit as audit_db
 from bridge.db import inbox as inbox_db
 from bridge.db import kv
 from bridge.db import leases as lease_db
 from bridge.db import links as link_db
+from bridge.db import mail as mail_db
 from bridge.db import outbox as outbox_db
 from bridge.db.engine import FENCE, Database, open_database
 from bridge.db.schema import kv as kv_table
-from bridge.db.schema import mail_outbox, message_map
+from bridge.db.schema import mail_outbox, mail_raw, message_map
 from bridge.db.steps import Step, Steps
 
 ROOM = RoomID("!room:agency.example")
@@ -202,6 +206,68 @@ async def test_a_connection_given_back_inside_a_transaction_is_rolled_back(db: D
     assert await kv.get_value(db, "after") == "ok"
     await outbox_db.enqueue_item(db, _item(await _link(db), 1))
     assert len(await _rows(db)) == 2
+
+
+async def test_posted_mails_are_recorded_whole_in_order_with_their_audit_rows(
+    db: Database,
+) -> None:
+    link_id = await _link(db)
+    for uid in (1, 2, 3):
+        assert await mail_db.store_raw(
+            db,
+            link_id=link_id,
+            mailbox="INBOX",
+            uidvalidity=7,
+            uid=uid,
+            message_id=f"in{uid}@example.org",
+            raw=b"Subject: x\r\n\r\nbody\r\n",
+            size=20,
+        )
+    pending = await mail_db.pending_mail(db, 10, set())
+    told: list[AuditEntry] = []
+    db.audit_observers.append(told.append)
+
+    def posted(raw_id: int, n: int, audit: bool) -> mail_db.PostedMail:
+        entry = AuditEntry(
+            direction="mail_in",
+            link="list@agency.example",
+            room_id=ROOM,
+            sender=f"sender{n}@example.org",
+            outcome="posted",
+            ids={"message_id": f"in{n}@example.org", "event_id": f"$in{n}"},
+        )
+        return mail_db.PostedMail(
+            raw_id,
+            link_id,
+            f"in{n}@example.org",
+            ROOM,
+            EventID(f"$in{n}"),
+            EventID(f"$in{n}"),
+            f"subject {n}",
+            entry if audit else None,
+        )
+
+    commits = db.direct.commits
+    batch = [posted(raw.id, n, n != 2) for n, raw in enumerate(pending[:2], 1)]
+    await mail_db.record_posted_many(db, batch)
+    assert db.direct.commits == commits + 1  # one transaction, on the driver path
+    assert [entry.ids["event_id"] for entry in told] == ["$in1"]
+    # A batch whose last audit row cannot be stored records none of its mails.
+    broken = posted(pending[2].id, 3, True)
+    assert broken.audit is not None
+    broken = replace(broken, audit=replace(broken.audit, item_key="not in a batch"))
+    with pytest.raises(ValueError, match="item keys"):
+        await mail_db.record_posted_many(db, [posted(pending[2].id, 3, False), broken])
+    async with db.engine.connect() as conn:
+        states = dict((await conn.execute(select(mail_raw.c.id, mail_raw.c.state))).all())
+    assert states == {pending[0].id: "done", pending[1].id: "done", pending[2].id: "pending"}
+    for n in (1, 2):
+        found = await mail_db.lookup(db, link_id, f"in{n}@example.org")
+        assert found is not None
+        assert found.event_id == f"$in{n}"
+    assert await mail_db.lookup(db, link_id, "in3@example.org") is None
+    rows = [row async for row in audit_db.rows(db)]
+    assert [row.entry.ids.get("event_id") for row in rows] == ["$in1"]
 
 
 @pytest.mark.parametrize("count", [1, 3, 700])
