@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -39,6 +41,50 @@ def subprocess_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PASSERELLE_")} | {
         "PYTHONPATH": str(ROOT)
     }
+
+
+@dataclass
+class CliRun:
+    """What a `passerelle` command returned, printed on stdout (bytes) and on stderr."""
+
+    returncode: int
+    stdout: bytes
+    stderr: str
+
+
+def run_cli(*args: str | Path) -> CliRun:
+    """`python -m bridge ARGS` run in this process, for the offline commands (inspect-*):
+    their imports are paid once per session instead of once per test (about 1.5 s each).
+    PASSERELLE_ variables are hidden as `subprocess_env` hides them. An exception escapes
+    (where the program would print a traceback), and the test fails on it."""
+    from bridge.cli import main
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
+    err = io.StringIO()
+    hidden = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("PASSERELLE_")}
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(arg) for arg in args])
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        os.environ.update(hidden)
+    out.flush()
+    stdout = out.buffer.getvalue()  # type: ignore[attr-defined]
+    return CliRun(code, stdout, err.getvalue())
+
+
+def run_program(*args: str | Path) -> CliRun:
+    """`python -m bridge ARGS` as a program, for the check that `run_cli` gives the same."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bridge", *map(str, args)],
+        capture_output=True,
+        env=subprocess_env(),
+        timeout=60,
+        check=False,
+    )
+    return CliRun(proc.returncode, proc.stdout, proc.stderr.decode("utf-8", "replace"))
 
 
 def http_json(url: str, timeout: float = 5) -> tuple[int, Any]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import subprocess
-import sys
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -20,20 +18,14 @@ import pytest
 from bridge.config import load_config
 from bridge.mail.compose import is_own_message_id
 from bridge.registration import dump_yaml
-from tests.conftest import bridge_config_dict, subprocess_env
+from tests.conftest import CliRun, bridge_config_dict, run_cli, run_program
 
 LIST = "achats@agency.example.org"
 FROM = "passerelle@agency.example.org"
 
 
-def run(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "bridge", "inspect-event", *map(str, args)],
-        capture_output=True,
-        env=subprocess_env(),
-        timeout=60,
-        check=False,
-    )
+def run(*args: str | Path) -> CliRun:
+    return run_cli("inspect-event", *args)
 
 
 def event(content: Any, **fields: Any) -> dict[str, Any]:
@@ -67,7 +59,7 @@ def inspect(tmp_path: Path, ev: Any, *options: str | Path) -> bytes:
     path.write_text(json.dumps(ev), encoding="utf-8")
     result = run(*options, path)
     assert result.returncode == 0, result.stderr
-    assert b"Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr
     return result.stdout
 
 
@@ -75,6 +67,19 @@ def parsed(raw: bytes) -> EmailMessage:
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     assert isinstance(msg, EmailMessage)
     return msg
+
+
+def test_the_program_prints_what_the_tests_see(tmp_path: Path, config_path: Path) -> None:
+    """These tests run the command in this process (`run_cli`); as a program it gives the
+    same output and exit codes."""
+    path = tmp_path / "event.json"
+    path.write_text(json.dumps(event({"msgtype": "m.notice", "body": "bot"})), encoding="utf-8")
+    for args in (("-c", config_path, path), ("-c", config_path, tmp_path / "none.json")):
+        program = run_program("inspect-event", *args)
+        here = run(*args)
+        assert (program.returncode, program.stdout) == (here.returncode, here.stdout)
+        assert program.stderr == here.stderr
+    assert program.returncode != 0
 
 
 def test_a_text_message_becomes_this_mail(tmp_path: Path, config_path: Path) -> None:
@@ -163,8 +168,8 @@ def test_usage_errors(tmp_path: Path, content: str) -> None:
     result = run(path)
     assert result.returncode == 2
     assert result.stdout == b""
-    assert b"Traceback" not in result.stderr
-    assert result.stderr.count(b"\n") == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
 
 
 def test_unknown_link_and_missing_file_are_usage_errors(tmp_path: Path, config_path: Path) -> None:
@@ -172,6 +177,6 @@ def test_unknown_link_and_missing_file_are_usage_errors(tmp_path: Path, config_p
     path.write_text(json.dumps(event({"msgtype": "m.text", "body": "x"})), encoding="utf-8")
     unknown = run("-c", config_path, "--link", "other@example.org", path)
     assert unknown.returncode == 2
-    assert b"no link" in unknown.stderr
+    assert "no link" in unknown.stderr
     missing = run(tmp_path / "nope.json")
     assert missing.returncode == 2

@@ -12,8 +12,6 @@ import html.parser
 import json
 import random
 import re
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ from bridge.core.links import LinkSettings
 from bridge.db import links as link_db
 from bridge.db.engine import open_database
 from bridge.registration import dump_yaml
-from tests.conftest import bridge_config_dict, subprocess_env
+from tests.conftest import bridge_config_dict, run_cli, run_program
 
 LIST = "list@agency.example.org"
 MTA = "mx.agency.example.org"
@@ -57,17 +55,11 @@ class Inspected:
 
 def run_inspect(*args: str | Path) -> Inspected:
     started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "bridge", "inspect-mail", *map(str, args)],
-        capture_output=True,
-        env=subprocess_env(),
-        timeout=60,
-        check=False,
-    )
+    result = run_cli("inspect-mail", *args)
     return Inspected(
-        proc.returncode,
-        proc.stdout.decode("utf-8"),
-        proc.stderr.decode("utf-8", "replace"),
+        result.returncode,
+        result.stdout.decode("utf-8"),
+        result.stderr,
         time.monotonic() - started,
     )
 
@@ -177,6 +169,19 @@ def link_config(tmp_path: Path) -> Path:
 
 
 # --- ordinary mail ------------------------------------------------------------------------------
+
+
+def test_the_program_prints_what_the_tests_see(tmp_path: Path) -> None:
+    """These tests run the command in this process (`run_cli`); as a program it gives the
+    same report and exit codes."""
+    path = tmp_path / "mail.eml"
+    path.write_bytes(mail())
+    for args in ((path,), (tmp_path / "none.eml",)):
+        program = run_program("inspect-mail", *args)
+        here = run_cli("inspect-mail", *args)
+        assert (program.returncode, program.stdout) == (here.returncode, here.stdout)
+        assert program.stderr == here.stderr
+    assert program.returncode != 0
 
 
 def test_a_plain_text_mail_becomes_one_text_event(tmp_path: Path) -> None:

@@ -8,8 +8,6 @@ on stderr and no traceback.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ import pytest
 from bridge.config import load_config
 from bridge.core.matrix_event import MAX_TEXT
 from bridge.registration import dump_yaml
-from tests.conftest import bridge_config_dict, subprocess_env
+from tests.conftest import bridge_config_dict, run_cli, run_program
 
 REMOTE = "interieur"
 SERVER = "interieur.example.org"
@@ -37,16 +35,8 @@ class Inspected:
 
 
 def run(*args: str | Path) -> Inspected:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bridge", "inspect-remote", *map(str, args)],
-        capture_output=True,
-        env=subprocess_env(),
-        timeout=60,
-        check=False,
-    )
-    return Inspected(
-        proc.returncode, proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8", "replace")
-    )
+    result = run_cli("inspect-remote", *args)
+    return Inspected(result.returncode, result.stdout.decode("utf-8"), result.stderr)
 
 
 @pytest.fixture
@@ -125,6 +115,22 @@ def refused(report: dict[str, Any]) -> str:
 
 
 # --- messages ---------------------------------------------------------------------------------
+
+
+def test_the_program_prints_what_the_tests_see(tmp_path: Path, config_path: Path) -> None:
+    """These tests run the command in this process (`run_cli`); as a program it gives the
+    same report and exit codes."""
+    path = tmp_path / "event.json"
+    path.write_text(json.dumps(event({"msgtype": "m.text", "body": "Bonjour"})), encoding="utf-8")
+    for args in (
+        ("-c", config_path, "--remote", REMOTE, path),
+        ("-c", config_path, "--remote", "nowhere", path),
+    ):
+        program = run_program("inspect-remote", *args)
+        here = run_cli("inspect-remote", *args)
+        assert (program.returncode, program.stdout) == (here.returncode, here.stdout)
+        assert program.stderr == here.stderr
+    assert program.returncode != 0
 
 
 def test_a_plain_text_message(tmp_path: Path, config_path: Path) -> None:
