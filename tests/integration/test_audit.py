@@ -4,9 +4,9 @@ engines, as two bridge instances would), and tampering found by the real `passer
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +22,7 @@ from bridge.db.engine import Database, open_database
 from bridge.db.schema import audit_head, audit_log
 from bridge.harness.ports import free_port
 from bridge.registration import dump_yaml
-from tests.conftest import bridge_config_dict, subprocess_env
+from tests.conftest import bridge_config_dict, run_cli
 
 
 def entry(n: int, link: str = "liste@agency.example.org", key: str | None = None) -> AuditEntry:
@@ -56,13 +56,13 @@ def config_file(db_url: str, tmp_path: Path) -> Path:
 
 
 def audit_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bridge", "audit", *args, "-c", str(config)],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=120,
-        check=False,
+    """`passerelle audit ARGS -c CONFIG`, in this process (`run_cli`), in a thread of its own
+    (the command runs its own event loop; the caller's waits meanwhile)."""
+    command = ("audit", *args, "-c", str(config))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        result = pool.submit(run_cli, *command).result(timeout=120)
+    return subprocess.CompletedProcess(
+        command, result.returncode, result.stdout.decode("utf-8"), result.stderr
     )
 
 
