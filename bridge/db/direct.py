@@ -156,5 +156,9 @@ def skip_idle_reset(engine: AsyncEngine) -> None:
     def _reset(dbapi_connection: Any, record: Any, state: PoolResetState) -> None:
         if state.terminate_only or not state.asyncio_safe or state.transaction_was_reset:
             return
-        if getattr(record.driver_connection, "in_transaction", True):
+        try:
+            open_ = bool(record.driver_connection.in_transaction)
+        except Exception:  # closed, or not an aiosqlite connection: roll back as by default
+            open_ = True
+        if open_:
             dbapi_connection.rollback()
