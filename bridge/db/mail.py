@@ -302,8 +302,12 @@ async def record_posted_many(db: Database, posted: list[PostedMail]) -> None:
             yield Step(
                 "mail.done",
                 _done_statement,
-                {"b_key": mail.mail_id, "v_state": "done", "v_last_error": None}
-                | {"v_event_id": mail.event_id},
+                {
+                    "b_key": mail.mail_id,
+                    "v_state": "done",
+                    "v_last_error": None,
+                    "v_event_id": mail.event_id,
+                },
             )
         entries = [mail.audit for mail in posted if mail.audit is not None]
         yield from append_all_steps(dialect, engine, entries, audited)
