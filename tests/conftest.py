@@ -59,7 +59,8 @@ def run_cli(*args: str | Path) -> CliRun:
     (where the program would print a traceback), and the test fails on it."""
     from bridge.cli import main
 
-    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
+    written = io.BytesIO()
+    out = io.TextIOWrapper(written, encoding="utf-8", write_through=True)
     err = io.StringIO()
     hidden = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("PASSERELLE_")}
     try:
@@ -71,8 +72,7 @@ def run_cli(*args: str | Path) -> CliRun:
     finally:
         os.environ.update(hidden)
     out.flush()
-    stdout = out.buffer.getvalue()  # type: ignore[attr-defined]
-    return CliRun(code, stdout, err.getvalue())
+    return CliRun(code, written.getvalue(), err.getvalue())
 
 
 def run_program(*args: str | Path) -> CliRun:

@@ -102,7 +102,7 @@ def append_all_steps(
     """Append several entries without item keys, chained in this order, as steps (steps.py):
     the head moved once, then the rows (instead of append_in's two statements per entry).
     Each entry appended is added to `audited`, to be told to the audit observers once
-    committed (`Database.tell_audited`)."""
+    committed (`Database.write_audited`)."""
     if not entries:
         return
     if any(entry.item_key is not None for entry in entries):

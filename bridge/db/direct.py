@@ -16,7 +16,7 @@ on SQLite instead of 0.37.
 Fencing is kept: with a lease holder (the FENCE of the running task) the lease's check runs
 first in the same transaction, as in `Database.begin`. Audit entries appended by steps
 (`audit.append_all_steps`) are told to the audit observers by the caller once `run` returns
-(`Database.tell_audited`), as `Database.begin` does after its commit.
+(`Database.write_audited`), as `Database.begin` does after its commit.
 
 Where the driver cannot be driven this way (another driver, an aiosqlite without the worker
 call this relies on, a SQLite database in memory), `usable` is False and the caller runs the

@@ -109,6 +109,15 @@ class Database:
         async with self.begin() as conn:
             return await run_steps(conn, work(conn.dialect.name))
 
+    async def write_audited(self, work: Callable[[str, list[AuditEntry]], Steps[T]]) -> T:
+        """`write` for a transaction that appends audit entries (`audit.append_all_steps`):
+        `work(dialect, audited)` adds each to `audited`, and they are told to the audit
+        observers once the transaction has committed, as `begin` does."""
+        audited: list[AuditEntry] = []
+        result = await self.write(lambda dialect: work(dialect, audited))
+        self.tell_audited(audited)
+        return result
+
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))

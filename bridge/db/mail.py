@@ -280,11 +280,10 @@ async def record_posted_many(db: Database, posted: list[PostedMail]) -> None:
     Straight through the driver where it can be (`Database.write`)."""
     if not posted:
         return
-    audited: list[AuditEntry] = []
     engine = db.engine.sync_engine
     created = now_ms()
 
-    def steps(dialect: str) -> Steps[None]:
+    def steps(dialect: str, audited: list[AuditEntry]) -> Steps[None]:
         for mail in posted:
             yield Step(
                 f"message_map.insert.{dialect}",
@@ -312,8 +311,7 @@ async def record_posted_many(db: Database, posted: list[PostedMail]) -> None:
         entries = [mail.audit for mail in posted if mail.audit is not None]
         yield from append_all_steps(dialect, engine, entries, audited)
 
-    await db.write(steps)
-    db.tell_audited(audited)
+    await db.write_audited(steps)
 
 
 def map_statement(dialect: str) -> Any:

@@ -374,10 +374,9 @@ async def settle_outcomes(db: Database, outcomes: list[tuple[int, dict[str, Any]
     row, in one commit: the only place where the outbox settles mail (a fencing check for the
     instance's lease belongs in this transaction). A mail no longer pending is left alone.
     Straight through the driver where it can be (`Database.write`)."""
-    audited: list[AuditEntry] = []
     engine = db.engine.sync_engine
 
-    def steps(dialect: str) -> Steps[set[int]]:
+    def steps(dialect: str, audited: list[AuditEntry]) -> Steps[set[int]]:
         changed: list[dict[str, Any]] = []
         for item_id, values in outcomes:
             # SQL expressions (attempts + 1) are part of the statement; values are bound.
@@ -397,8 +396,7 @@ async def settle_outcomes(db: Database, outcomes: list[tuple[int, dict[str, Any]
         yield from append_all_steps(dialect, engine, entries, audited)
         return {int(found["id"]) for found in changed}
 
-    done = await db.write(steps)
-    db.tell_audited(audited)
+    done = await db.write_audited(steps)
     for item_id, _ in outcomes:
         if item_id not in done:
             log.warning("outbox item %d is not pending any more; outcome not recorded", item_id)

@@ -395,10 +395,13 @@ async def test_batched_audit_rows_chain_after_another_instance_appended(
             )
 
         audited: list[AuditEntry] = []
+        db.audit_observers.append(audited.append)
 
         async def append_all(entries: list[AuditEntry]) -> None:
             engine = db.engine.sync_engine
-            await db.write(lambda d: audit_db.append_all_steps(d, engine, entries, audited))
+            await db.write_audited(
+                lambda d, told: audit_db.append_all_steps(d, engine, entries, told)
+            )
 
         await append_all([entry(0), entry(1)])
         await audit_db.append(other, entry(2))  # this process's remembered head is stale now
