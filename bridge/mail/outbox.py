@@ -28,6 +28,10 @@ READY_LIMIT = 1000
 # Ids of the last items started, so that an offer arriving after due() already returned (and
 # perhaps sent) the same item is dropped instead of sending it twice.
 _STARTED_MEMORY = 4096
+# Items sent whose outcome is still being recorded: while this many wait, no new session
+# starts (a store that cannot record stops the sending instead of piling up mail that a
+# crash would send again).
+RECORDING_LIMIT = 64
 # Backoff when the store itself fails (due() or recording an outcome).
 _STORE_BACKOFF_INITIAL = 1.0
 _STORE_BACKOFF_MAXIMUM = 60.0
@@ -77,6 +81,9 @@ class OutboxStore(Protocol):
 class OutboxWorker:
     """Sends due outbox items, at most ``concurrency`` at a time, and records each outcome.
 
+    A slot is free again as soon as the server has answered: recording the outcome (a commit,
+    grouped with others) goes on beside the next mail's session, the item still in flight.
+
     Delivery is at least once: a mail whose outcome could not be recorded (the bridge stopped
     during the attempt) is sent again. An outcome the store fails to record is retried, the
     item staying in flight meanwhile, so this process never sends it twice.
@@ -104,7 +111,10 @@ class OutboxWorker:
         self._clock = clock
         self._poll_interval = poll_interval
         self._retry_schedule = retry_schedule
+        # Items being sent or having their outcome recorded (left out of every due() call).
         self._in_flight: dict[int, asyncio.Task[None]] = {}
+        # Of those, the ones in an SMTP session: what `concurrency` bounds.
+        self._sending: set[int] = set()
         self._wake = asyncio.Event()  # run() should look at the store now
         self._freed = asyncio.Event()  # a slot became free
         # Told the seconds from queued to sent of every mail sent (the metrics' latency).
@@ -198,7 +208,7 @@ class OutboxWorker:
         mine: set[asyncio.Task[None]] = set()
         exhausted = False
         while True:
-            free = self._concurrency - len(self._in_flight)
+            free = self._free_slots()
             while free > 0 and (item := self._take_ready()) is not None:
                 tried.add(item.id)
                 mine.add(self._start(item))
@@ -216,7 +226,7 @@ class OutboxWorker:
                 await asyncio.wait(mine, return_when=asyncio.FIRST_COMPLETED)
             else:  # every slot is taken by run()
                 self._freed.clear()
-                if self._concurrency - len(self._in_flight) <= 0:
+                if self._free_slots() <= 0:
                     await self._freed.wait()
 
     # -- scheduling ------------------------------------------------------------------------------
@@ -224,7 +234,7 @@ class OutboxWorker:
     async def _fill(self) -> None:
         """Start sending in the free slots: offered items first, then due items from the store
         when it may hold some (a notify(), a full batch last time, a retry due, a poll)."""
-        free = self._concurrency - len(self._in_flight)
+        free = self._free_slots()
         while free > 0 and (item := self._take_ready()) is not None:
             self._start(item)
             free -= 1
@@ -239,6 +249,13 @@ class OutboxWorker:
         self._expire_timers(now, excluded)
         for item in items:
             self._start(item)
+
+    def _free_slots(self) -> int:
+        """How many sessions may start now."""
+        recording = len(self._in_flight) - len(self._sending)
+        if recording >= RECORDING_LIMIT:
+            return 0
+        return self._concurrency - len(self._sending)
 
     def _take_ready(self) -> OutboxItem | None:
         while self._ready:
@@ -259,17 +276,22 @@ class OutboxWorker:
             self._started.popitem(last=False)
         task = asyncio.create_task(self._attempt(item), name=f"outbox-{item.id}")
         self._in_flight[item.id] = task
+        self._sending.add(item.id)
         task.add_done_callback(lambda done: self._finished(item.id, done))
         return task
 
     def _finished(self, item_id: int, task: asyncio.Task[None]) -> None:
         if self._in_flight.get(item_id) is task:
             del self._in_flight[item_id]
+            self._sending.discard(item_id)
+        self._slot_freed()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("outbox item %d: unexpected error", item_id, exc_info=exc)
+
+    def _slot_freed(self) -> None:
         self._freed.set()
         if self._maybe_more or self._ready:
             self._wake.set()
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("outbox item %d: unexpected error", item_id, exc_info=exc)
 
     def _expire_timers(self, now: float, excluded: set[int]) -> None:
         """Forget scheduled times that a due() call at ``now`` has already covered: not those
@@ -315,6 +337,8 @@ class OutboxWorker:
         except Exception as exc:  # a bug, not the network: keep the mail, retry on schedule
             log.exception("outbox item %d: sending raised", item.id)
             result = SendResult(False, False, None, f"internal error: {type(exc).__name__}")
+        self._sending.discard(item.id)
+        self._slot_freed()
         await self._record(item, result, started)
 
     async def _record(self, item: OutboxItem, result: SendResult, started: float) -> None:

@@ -411,3 +411,62 @@ async def test_a_retry_due_during_a_look_at_the_store_is_not_forgotten(
     assert [call[1] for call in store.named("mark_retry")] == [item]
     assert len(handler.messages) == 1
     assert store.unexpected == []
+
+
+class HeldRecordStore(MemoryStore):
+    """mark_sent waits for ``release`` (an outcome commit that takes its time)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__(clock)
+        self.release = asyncio.Event()
+        self.held = 0
+
+    async def mark_sent(self, item_id: int, result: SendResult) -> None:
+        self.held += 1
+        await self.release.wait()
+        await super().mark_sent(item_id, result)
+
+
+async def test_the_next_mail_goes_while_the_last_outcome_is_recorded(
+    sink: int, handler: ScriptedHandler
+) -> None:
+    """A slot is free once the server has answered: with one slot, three mails are sent while
+    the first outcome's record still waits, and none is sent twice."""
+    store = HeldRecordStore(time.time)
+    worker, _ = make_worker(store, sink, concurrency=1)
+    items = [store.add(make_message(f"next {n}")) for n in range(3)]
+    async with running(worker):
+        worker.notify()
+        await wait_until(lambda: len(handler.messages) == 3 and store.held == 3, budget=5)
+        assert all(store.rows[i].state == "queued" for i in items)
+        assert worker.in_flight == 3
+        for call in store.named("due"):
+            assert call[2] <= 1  # never more sessions than the slots
+        store.release.set()
+        await wait_until(lambda: all(store.rows[i].state == "sent" for i in items), budget=5)
+        await asyncio.sleep(0.1)
+    assert handler.max_active == 1
+    assert sorted(message_ids(handler)) == sorted(
+        str(email.message_from_bytes(store.rows[i].raw)["Message-ID"]) for i in items
+    )
+    assert store.unexpected == []
+
+
+async def test_outcomes_that_cannot_be_recorded_stop_the_sending(
+    sink: int, handler: ScriptedHandler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that does not record outcomes holds at most RECORDING_LIMIT sent mails: the
+    rest wait, unsent, until the records go through."""
+    monkeypatch.setattr("bridge.mail.outbox.RECORDING_LIMIT", 2)
+    store = HeldRecordStore(time.time)
+    worker, _ = make_worker(store, sink, concurrency=1)
+    items = [store.add(make_message(f"held {n}")) for n in range(6)]
+    async with running(worker):
+        worker.notify()
+        await wait_until(lambda: store.held == 2, budget=5)
+        await asyncio.sleep(0.3)
+        assert len(handler.messages) == 2
+        store.release.set()
+        await wait_until(lambda: all(store.rows[i].state == "sent" for i in items), budget=5)
+    assert len(handler.messages) == 6
+    assert store.unexpected == []
