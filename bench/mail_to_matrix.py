@@ -157,6 +157,27 @@ def plain_content(tag: str, seq: int) -> dict[str, Any]:
 # --- Matrix side ------------------------------------------------------------------------------
 
 
+class GhostClient(MatrixTestClient):
+    """Sends as one of the appservice's ghosts (its token and `?user_id=`), as the bridge
+    does, but with no bridge: Synapse's cost of a ghost's message alone."""
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        params = {**(params or {}), "user_id": self.user_id}
+        return await super().request(method, path, json_body=json_body, params=params)
+
+    async def register(self) -> None:
+        localpart = self.user_id[1:].split(":", 1)[0]
+        body = {"type": "m.login.application_service", "username": localpart}
+        await super().request("POST", "/_matrix/client/v3/register", json_body=body)
+
+
 async def link_room(servers: Servers, alice: MatrixTestClient, address: str, name: str) -> str:
     """A room created by alice, the bot invited and joined, `address` linked; the bridge's
     watcher has made its first pass over the mailbox (so the link's baseline is set)."""
@@ -187,18 +208,26 @@ async def watched(servers: Servers, address: str) -> None:
 
 
 async def plain_phase(
-    alice: MatrixTestClient, rooms: dict[str, str], count: int, probes: Probes, name: str
+    alice: MatrixTestClient,
+    rooms: dict[str, str],
+    count: int,
+    probes: Probes,
+    name: str,
+    senders: dict[str, MatrixTestClient] | None = None,
 ) -> dict[str, Any]:
-    """Each room (tag -> room ID) gets `count` sends one at a time; rooms run concurrently."""
+    """Each room (tag -> room ID) gets `count` sends one at a time; rooms run concurrently.
+    The sender is alice, or the room's client in `senders` (alice watches all the same)."""
     watcher = SyncWatcher(alice, {room_id: tag for tag, room_id in rooms.items()})
     await watcher.begin()
     send_ms: list[float] = []
+    senders = senders or {}
 
     async def one_room(tag: str, room_id: str) -> None:
+        client = senders.get(tag, alice)
         for seq in range(count):
             subject, text = mail_text(tag, seq)
             begin = time.monotonic()
-            await alice.send_text(
+            await client.send_text(
                 room_id, f"{subject}\n\n{text.strip()}", extra=plain_content(tag, seq)
             )
             send_ms.append((time.monotonic() - begin) * 1000)
@@ -214,9 +243,8 @@ async def plain_phase(
     total = count * len(rooms)
     problems = 0
     for tag, room_id in rooms.items():
-        check = check_room(
-            await room_history(alice, room_id), tag, count, lambda s: s == alice.user_id, ""
-        )
+        sender_id = senders.get(tag, alice).user_id
+        check = check_room(await room_history(alice, room_id), tag, count, sender_id.__eq__, "")
         problems += len(check.missing) + check.duplicates + check.out_of_order
     return {
         "rooms": len(rooms),
@@ -498,6 +526,22 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
             for side in ("a", "b")
         }
         results["reference_rooms"] = "with the bot" if fair else "without the bot"
+        ghost_rooms: dict[str, str] = {}
+        ghost: GhostClient | None = None
+        if args.ghost_reference:
+            # One ghost in every room, as the relay's one sender is; alice and the bot too.
+            ghost_id = servers.bridge.config.ghost_mxid("benchreference")
+            ghost = GhostClient(
+                synapse.base_url, servers.bridge.config.appservice.as_token, ghost_id
+            )
+            await ghost.register()
+            for i in range(args.links):
+                room_id = await alice.create_room(
+                    invite=[servers.bot, ghost_id], name=f"ghost reference {i}"
+                )
+                await ghost.join(room_id)
+                await alice.wait_for_membership(room_id, servers.bot, "join", timeout=60)
+                ghost_rooms[f"g{i:02d}"] = room_id
         linked_one = {
             "s": (servers.single, await link_room(servers, alice, servers.single, "one"))
         }
@@ -575,6 +619,13 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
             alice, plain_many["b"], args.per_link, probes, "plain-many-after"
         )
         describe("  plain (after) ", plain_nb)
+        if ghost is not None:
+            async with ghost:
+                results["plain_n_ghost"] = as_ghost = await plain_phase(
+                    alice, ghost_rooms, args.per_link, probes, "plain-many-ghost",
+                    senders=dict.fromkeys(ghost_rooms, ghost),
+                )  # fmt: skip
+            describe("  a ghost, no bridge", as_ghost)
 
         if args.paced:
             print(f"phase 3: {args.paced} mails one at a time, {args.pace} s apart", flush=True)
@@ -612,6 +663,10 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
     results["plain_n_rate_per_s"] = plain_n = mean_rate(plain_na, plain_nb)
     results["ratio_1"] = round(relay["rate_per_s"] / plain_1, 3)
     results["ratio_n"] = round(relay_n["rate_per_s"] / plain_n, 3)
+    if "plain_n_ghost" in results:
+        results["ratio_n_to_ghost"] = round(
+            relay_n["rate_per_s"] / results["plain_n_ghost"]["rate_per_s"], 3
+        )
     results["disturbed"] = disturbed_phases(results)
     if "auth" in results:
         results["disturbed"] |= disturbed_phases(results["auth"]["phases"])
@@ -664,6 +719,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "not a fair reference, kept to compare with earlier runs)",
     )
     add_run_options(parser)
+    parser.add_argument(
+        "--ghost-reference",
+        action="store_true",
+        help="phase 2 also sends as one of the appservice's ghosts with no bridge (its token "
+        "and ?user_id=): what Synapse alone makes of a ghost's messages",
+    )
     parser.add_argument(
         "--diagnose",
         action="store_true",
@@ -729,6 +790,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"relay/plain ({rooms_label(args.links)}): {ratio_n:.2f} (target >= {TARGET_N}) "
         f"{verdict(ratio_n, TARGET_N)}"
     )
+    if "ratio_n_to_ghost" in results:
+        print(
+            f"relay / a ghost sending with no bridge ({rooms_label(args.links)}, "
+            f"{results['plain_n_ghost']['rate_per_s']}/s): {results['ratio_n_to_ghost']:.2f}"
+        )
     for key, label in (("bridge_1", "1 room"), ("bridge_n", rooms_label(args.links))):
         r = results[key]
         print(

@@ -486,7 +486,11 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
                 describe(lat)
 
             if args.postfix:
-                results["postfix"] = await postfix_phase(bench, args)
+                results["postfix"] = pfx = await postfix_phase(bench, args)
+                if pfx["raw_rate_per_s"]:
+                    pfx["capacity_over_postfix"] = round(
+                        results["bridge"]["rate_per_s"] / pfx["raw_rate_per_s"], 3
+                    )
     finally:
         await servers.probe.stop()
 
@@ -537,6 +541,13 @@ async def postfix_phase(bench: Bench, args: argparse.Namespace) -> dict[str, Any
     result["raw_rate_per_s"] = raw_rate = mean_rate(before, after)
     result["ratio"] = round(bridge["rate_per_s"] / raw_rate, 3) if raw_rate else None
     result["bridge_cpu_ms_per_mail"] = bridge["cpu_ms_per_message"]["bridge"]
+    # What the machine allows: at the CPU every process spent per mail in the bridge's turn
+    # (the bridge, Postfix, Dovecot's LMTP, ...), all its cores busy would give this rate.
+    machine_cpu_s = bridge["cpu_s"]["machine"]
+    if machine_cpu_s > 0 and raw_rate:
+        ceiling = (os.cpu_count() or 1) * bridge["accepted"] / machine_cpu_s
+        result["cpu_ceiling_per_s"] = round(ceiling, 1)
+        result["cpu_ceiling_ratio"] = round(ceiling / raw_rate, 3)
     return result
 
 
@@ -626,6 +637,17 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
             print(f"bridge/Postfix: {pfx['ratio']:.2f} (target >= {POSTFIX_TARGET}) {verdict(ok)}")
             if not ok:
                 missed.append("postfix")
+        if "cpu_ceiling_ratio" in pfx:
+            print(
+                f"  at the CPU all processes spent per mail in the bridge's turn, "
+                f"{os.cpu_count()} cores allow {pfx['cpu_ceiling_per_s']}/s "
+                f"({pfx['cpu_ceiling_ratio']:.2f} of raw Postfix)"
+            )
+        if pfx.get("capacity_over_postfix") is not None:
+            print(
+                f"  bridge capacity (to the sink) / raw Postfix: "
+                f"{pfx['capacity_over_postfix']:.2f} (the bridge alone outpaces Postfix when > 1)"
+            )
     lat = results.get("latency")
     if lat is not None:
         print(

@@ -266,6 +266,23 @@ class Filler:
         finally:
             await conn.close()
 
+    async def autovacuum_runs(self) -> int | None:
+        """How many times autovacuum and autoanalyze have run on the bridge's tables so far
+        (PostgreSQL; None on SQLite): a change across a bridge start means they ran beside it."""
+        if self.libpq_url is None:
+            return None
+        import asyncpg
+
+        conn = await asyncpg.connect(self.libpq_url)
+        try:
+            value = await conn.fetchval(
+                "SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0)"
+                " FROM pg_stat_user_tables"
+            )
+            return int(value)
+        finally:
+            await conn.close()
+
 
 async def fill_links(db: Database, filler: Filler, sizes: Sizes) -> None:
     """One link of each kind through the bridge's own save_link, whose stored settings every
@@ -639,10 +656,14 @@ async def run(
         lookups["ratio_p50_to_raw"] = round(
             lookups["message_id_to_event"]["p50_ms"] / max(raw["p50_ms"], 0.001), 1
         )
+        autovacuum_before = await filler.autovacuum_runs()
         bridge = run_bridge(
             config_path, folder / f"bridge-{label}.log", sizes, dovecot.imap_port, port,
             sizes.observe, args.profile if label == "full" else None,
         )  # fmt: skip
+        if autovacuum_before is not None:
+            after = await filler.autovacuum_runs()
+            bridge["autovacuum_runs_beside"] = (after or 0) - autovacuum_before
         steps[label] = {"mappings": stop, "lookups": lookups, "bridge": bridge}
         print(f"{label}: {stop:,} mappings: {json.dumps(steps[label])}", flush=True)
 
