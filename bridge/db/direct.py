@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import PoolResetState
 from sqlalchemy.util import await_only, greenlet_spawn
@@ -162,3 +163,27 @@ def skip_idle_reset(engine: AsyncEngine) -> None:
             open_ = True
         if open_:
             dbapi_connection.rollback()
+
+
+_FRESH = "passerelle.fresh"
+
+
+def ping_on_checkout(engine: AsyncEngine) -> None:
+    """Check an asyncpg connection on its way out of the pool with one round trip (a simple
+    query, unprepared, which a pgbouncer in transaction mode passes too), instead of
+    `pool_pre_ping`, whose asyncpg ping takes three (BEGIN, a prepared query, ROLLBACK): a
+    third of a queued mail's time on PostgreSQL. A connection that does not answer (a
+    restarted server) is replaced before the transaction starts: the pool gets a new one."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _fresh(dbapi_connection: Any, record: Any) -> None:
+        record.info[_FRESH] = True
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _ping(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if record.info.pop(_FRESH, False):  # just opened: nothing to check
+            return
+        try:
+            await_only(dbapi_connection.driver_connection.execute("SELECT 1"))
+        except Exception as e:
+            raise DisconnectionError(f"connection lost: {type(e).__name__}") from e

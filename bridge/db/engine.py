@@ -20,7 +20,7 @@ from bridge.config import DatabaseConfig
 from bridge.core.audit import AuditEntry
 from bridge.core.leases import LeaseHolder
 from bridge.db import leases as lease_db
-from bridge.db.direct import Direct, skip_idle_reset
+from bridge.db.direct import Direct, ping_on_checkout, skip_idle_reset
 from bridge.db.reader import Reader
 from bridge.db.steps import Steps, T, run_steps
 from bridge.logsetup import mask_driver_logs
@@ -146,9 +146,9 @@ def create_engine(config: DatabaseConfig) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         skip_idle_reset(engine)
         return engine
-    return create_async_engine(
-        config.url, pool_size=config.pool_size, pool_pre_ping=True, pool_recycle=1800
-    )
+    engine = create_async_engine(config.url, pool_size=config.pool_size, pool_recycle=1800)
+    ping_on_checkout(engine)
+    return engine
 
 
 def _check_and_upgrade(connection: Connection) -> str | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import uuid
 from dataclasses import replace
 from typing import Any
 
@@ -292,3 +293,45 @@ async def test_events_marked_done_are_exactly_those_named(db: Database, count: i
     left = {item.seq for item in await inbox_db.pending_events(db, 10_000, set())}
     assert left == {item.seq for item in pending} - set(chosen)
     assert len(left) == 5
+
+
+@pytest.mark.postgres
+async def test_pooled_connections_whose_server_session_ended_are_replaced_at_checkout(
+    pg_server: Any,
+) -> None:
+    """Regression guard for the checkout ping that replaced `pool_pre_ping` (three round
+    trips): every pooled session ended by the server (a restarted PostgreSQL), the next writes,
+    on the driver path and through SQLAlchemy, still go through on new connections."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    name = f"passerelle_test_{uuid.uuid4().hex[:12]}"
+    libpq = pg_server.create_database(name)
+    db = await open_database(
+        DatabaseConfig(url=libpq.replace("postgresql://", "postgresql+asyncpg://", 1), pool_size=2)
+    )
+    try:
+        link_id = await _link(db)
+        envelope = functools.partial("bounce+{}@agency.example".format)
+        # Both pooled connections in use at once, so that both are in the pool afterwards.
+        await asyncio.gather(
+            *(outbox_db.enqueue_item(db, _item(link_id, n), envelope=envelope) for n in (1, 2))
+        )
+        killer = await asyncpg.connect(libpq)
+        try:
+            ended = await killer.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await killer.close()
+        assert ended >= 2
+        queued = await outbox_db.enqueue_item(db, _item(link_id, 3), envelope=envelope)
+        assert queued is not None
+        async with db.begin() as conn:
+            await conn.execute(kv_table.insert().values(key="after", value="restart"))
+        async with db.engine.connect() as conn:
+            count = (await conn.execute(select(mail_outbox.c.id))).all()
+        assert len(count) == 3
+    finally:
+        await db.close()
+        pg_server.drop_database(name)
