@@ -349,7 +349,11 @@ class Bridge:
             config, self.client, self.homeserver_health, self._after_connect
         )
         self.dispatcher = EventDispatcher(
-            self.db, self.handle_event, self.tasks, config.appservice.max_event_attempts
+            self.db,
+            self.handle_event,
+            self.tasks,
+            config.appservice.max_event_attempts,
+            groupable=self.mail_out.groupable,
         )
         self.appservice = AppserviceServer(
             config,

@@ -131,8 +131,16 @@ async def enqueue_item(
 ) -> OutboxItem | None:
     """`enqueue`, returning the stored mail as the outbox worker sees it (to be handed to it
     without reading it back), or None if it was already queued. One transaction, straight
-    through the driver where it can be (`Database.write`): `envelope` (the item's envelope
-    sender from its ID) must be a pure function, as it may run in the driver's thread."""
+    through the driver where it can be (`Database.write`)."""
+    return await db.write(enqueue_steps(item, envelope=envelope))
+
+
+def enqueue_steps(
+    item: NewOutgoing, *, envelope: Callable[[int], str] | None = None
+) -> Callable[[str], Steps[OutboxItem | None]]:
+    """The transaction that queues `item` (see `enqueue_item`), to run alone or with others
+    (`deferred.Deferred`). `envelope` (the item's envelope sender from its ID) must be a pure
+    function, as it may run in the driver's thread."""
     now = now_ms()
 
     def steps(dialect: str) -> Steps[OutboxItem | None]:
@@ -192,7 +200,7 @@ async def enqueue_item(
             created_at=now / 1000,
         )
 
-    return await db.write(steps)
+    return steps
 
 
 def _envelope_statement() -> Any:

@@ -13,6 +13,7 @@ from bridge.core.retry import settle
 from bridge.core.router import RoomQueues
 from bridge.core.tasks import TaskGroup, wait_for
 from bridge.db import inbox
+from bridge.db.deferred import DEFERRED, Deferred
 from bridge.db.engine import Database
 from bridge.db.inbox import InboxEvent
 
@@ -26,6 +27,8 @@ SWEEP_INTERVAL = 10.0
 # writer waits for more after the first (off every room's path: the rooms go on meanwhile).
 SETTLE_BATCH = 500
 SETTLE_DELAY = 0.02
+# At most this many of a room's consecutive events share one commit of their deferred writes.
+GROUP_LIMIT = 32
 
 
 class EventDispatcher:
@@ -41,14 +44,26 @@ class EventDispatcher:
     that write. Until it is written the event stays in flight (never dispatched twice); a crash
     before it leaves it pending, to be handled again at start-up, as a crash between the
     handler and the write always could: the handlers are idempotent.
+
+    While more of a room's events wait and `groupable` says the next one may join, the
+    handlers' deferrable writes (db/deferred.py) are gathered over up to GROUP_LIMIT events
+    and committed once, before any of those events is marked done.
     """
 
     def __init__(
-        self, db: Database, handler: Handler, tasks: TaskGroup, max_attempts: int
+        self,
+        db: Database,
+        handler: Handler,
+        tasks: TaskGroup,
+        max_attempts: int,
+        groupable: Callable[[InboxEvent], bool] | None = None,
     ) -> None:
         self.db = db
         self.handler = handler
         self.max_attempts = max_attempts
+        self.groupable = groupable
+        # Per room: the open group's writes and its events handled so far (with "done").
+        self._groups: dict[str, tuple[Deferred, list[tuple[InboxEvent, bool]]]] = {}
         self._wake = asyncio.Event()
         self._in_flight: set[int] = set()
         self._queues: RoomQueues[InboxEvent] = RoomQueues(self._process, tasks, "room")
@@ -72,6 +87,11 @@ class EventDispatcher:
         finally:
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
+            # Groups left open by rooms stopped mid-way: never committed, so not done.
+            for _, members in self._groups.values():
+                for member, _ in members:
+                    self._in_flight.discard(member.seq)
+            self._groups.clear()
 
     async def _dispatch(self) -> None:
         backoff = Backoff(initial=1.0, maximum=30.0)
@@ -100,16 +120,67 @@ class EventDispatcher:
         await self._all_settled.wait()
 
     async def _process(self, item: InboxEvent) -> None:
-        done = False
+        if self.groupable is None or not self.groupable(item):
+            done = False
+            try:
+                done = await self._handle_until_settled(item)
+            finally:
+                self._settle(item, done)
+            return
+        room = item.room_id
+        opened = self._groups.pop(room, None)
+        group, members = opened if opened is not None else (Deferred(), [])
+        members.append((item, False))
+        committed = False
         try:
-            done = await self._handle_until_settled(item)
+            token = DEFERRED.set(group)
+            try:
+                members[-1] = (item, await self._handle_until_settled(item))
+            finally:
+                DEFERRED.reset(token)
+            following = self._queues.upcoming(room, 2)
+            if len(members) < GROUP_LIMIT and len(following) == 2 and self.groupable(following[1]):
+                self._groups[room] = (group, members)  # the next event joins
+                members = []
+                return
+            await self._commit_group(group, members)
+            committed = True
         finally:
-            if done:  # in flight until written
-                self._settled.append(item.seq)
-                self._all_settled.clear()
-                self._settled_wake.set()
-            else:
-                self._in_flight.discard(item.seq)
+            # Interrupted before the commit: none of the group is done (all handled again).
+            for member, done in members:
+                self._settle(member, done and committed)
+
+    async def _commit_group(self, group: Deferred, members: list[tuple[InboxEvent, bool]]) -> None:
+        """Commit the group's deferred writes; if that fails (nothing was written), handle its
+        events again one by one, each committing its own."""
+        writes = len(group)
+        try:
+            await group.commit(self.db)
+            if len(members) > 1 and writes:
+                log.info(
+                    "the writes of %d events of %s committed together (%d)",
+                    len(members),
+                    members[0][0].room_id,
+                    writes,
+                )
+        except Exception as e:
+            log.warning(
+                "the writes of %d events of %s could not be committed together (%s); "
+                "handling them again one by one",
+                len(members),
+                members[0][0].room_id,
+                e,
+            )
+            for n, (member, _) in enumerate(members):
+                members[n] = (member, await self._handle_until_settled(member))
+
+    def _settle(self, item: InboxEvent, done: bool) -> None:
+        if done:  # in flight until written
+            self._settled.append(item.seq)
+            self._all_settled.clear()
+            self._settled_wake.set()
+        else:
+            self._in_flight.discard(item.seq)
 
     async def _write_settled(self) -> None:
         """Mark handled events done, as many in one commit as were handled meanwhile."""

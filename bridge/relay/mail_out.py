@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import logging
 from collections.abc import Callable
 
@@ -27,6 +28,7 @@ from bridge.db import audit as audit_db
 from bridge.db import links as link_db
 from bridge.db import mail as mail_db
 from bridge.db import outbox as outbox_db
+from bridge.db.deferred import DEFERRED
 from bridge.db.engine import Database
 from bridge.db.inbox import InboxEvent
 from bridge.db.mail import MappedEvent
@@ -66,6 +68,10 @@ def marking_of(config: Config, settings: LinkSettings) -> tuple[str, str] | None
     if settings.marking is None:
         return None
     return config.mail.markings.header, settings.marking
+
+
+def _memo_key(link_id: int, event_id: str) -> tuple[str, int, str]:
+    return ("mail_out", link_id, event_id)
 
 
 def _domain(address: str) -> str:
@@ -158,8 +164,17 @@ class MailOut:
                 queued += 1
         if not queued:
             raise Ignored("nothing to mail")
-        if self.offer_outbox is None:
-            self.notify_outbox()
+
+    def groupable(self, item: InboxEvent) -> bool:
+        """Whether the event's mail may be queued in one commit with the room's events just
+        before it (see db/deferred.py): a message, not a command; a redaction or a command
+        reads what was queued, so the group is committed before them."""
+        if item.event_type != "m.room.message" or item.sender == self.config.bot_mxid:
+            return False
+        content = item.event.get("content")
+        body = content.get("body") if isinstance(content, dict) else None
+        prefix = self.config.appservice.command_prefix
+        return not (isinstance(body, str) and body.lstrip().startswith(prefix))
 
     # --- one message, one link -----------------------------------------------------------------
 
@@ -230,36 +245,44 @@ class MailOut:
         def envelope(item_id: int) -> str:
             return envelope_sender(self.config, from_address, item_id)
 
-        stored = await outbox_db.enqueue_item(
-            self.db,
-            NewOutgoing(
-                link_id=link.id,
-                room_id=link.room_id,
-                event_id=plan.event_id,
-                kind="correction" if plan.replaces is not None else "message",
-                message_id=message_id,
-                raw=raw,
-                mail_from=from_address,
-                recipients=recipients,
-                thread_root=root if threads else plan.event_id,
-                subject=subject if subject else conversation_subject(mail),
-                sender=plan.sender,
-                body_sha256=body_sha256,
-            ),
-            envelope=envelope,
+        new = NewOutgoing(
+            link_id=link.id,
+            room_id=link.room_id,
+            event_id=plan.event_id,
+            kind="correction" if plan.replaces is not None else "message",
+            message_id=message_id,
+            raw=raw,
+            mail_from=from_address,
+            recipients=recipients,
+            thread_root=root if threads else plan.event_id,
+            subject=subject if subject else conversation_subject(mail),
+            sender=plan.sender,
+            body_sha256=body_sha256,
         )
+        work = outbox_db.enqueue_steps(new, envelope=envelope)
+        group = DEFERRED.get()
+        if group is not None:
+            # Committed with the room's next events (the dispatcher's group); until then
+            # their replies find this mail here.
+            group.memo[_memo_key(link.id, plan.event_id)] = MappedEvent(
+                new.message_id, new.thread_root, new.subject
+            )
+            group.add(work, functools.partial(self._queued, link, plan.event_id))
+            return True
+        return self._queued(link, plan.event_id, await self.db.write(work))
+
+    def _queued(self, link: Link, event_id: EventID, stored: OutboxItem | None) -> bool:
+        """After the commit: the mail handed to the outbox worker."""
         if stored is None:
-            log.debug("message %s already queued for %s", plan.event_id, link.remote)
+            log.debug("message %s already queued for %s", event_id, link.remote)
             return False
         log.info(
-            "queued message %s of %s for %s (#%d)",
-            plan.event_id,
-            link.room_id,
-            link.remote,
-            stored.id,
+            "queued message %s of %s for %s (#%d)", event_id, link.room_id, link.remote, stored.id
         )
         if self.offer_outbox is not None:
             self.offer_outbox(stored)
+        else:
+            self.notify_outbox()
         return True
 
     async def _audit_refused(
@@ -298,10 +321,16 @@ class MailOut:
         """(thread root event, In-Reply-To, thread subject, References) for the mail; None
         when the message must not be mailed (an edit of something never mailed)."""
 
+        group = DEFERRED.get()
+
         async def mapped(event_id: EventID | None) -> MappedEvent | None:
             if event_id is None:
                 return None
-            return await mail_db.lookup_event(self.db, link.id, event_id)
+            found = await mail_db.lookup_event(self.db, link.id, event_id)
+            if found is None and group is not None:
+                # Queued by an earlier event of this group, not committed yet.
+                found = group.memo.get(_memo_key(link.id, event_id))
+            return found
 
         if plan.replaces is not None:
             original = await mapped(plan.replaces)

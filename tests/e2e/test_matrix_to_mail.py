@@ -19,6 +19,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from bridge.harness.dovecot import DovecotServer
@@ -525,6 +526,61 @@ async def test_a_thread_started_in_matrix_is_one_mail_conversation(
     assert str(answer["Subject"]) == "Re: Inventaire des fournitures"
     assert str(answer["In-Reply-To"]) == str(opening["Message-ID"])
     assert str(answer["References"]) == str(opening["Message-ID"])
+
+
+async def test_a_burst_queued_in_one_commit_keeps_its_threads(
+    via_sink: tuple[OutSetup, ScriptedHandler, int],
+) -> None:
+    """A room's events arriving together (one appservice transaction) are queued in one
+    commit: the reply and the correction find the mail of the message just before them,
+    not committed yet when they are composed."""
+    setup, handler, _ = via_sink
+    bridge, room = setup.mail.bridge, setup.mail.room_id
+    now = int(time.time() * 1000)
+    run = uuid.uuid4().hex[:8]
+
+    def event(n: int, content: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "m.room.message",
+            "room_id": room,
+            "sender": setup.alice.user_id,
+            "event_id": f"$burst-{run}-{n}",
+            "origin_server_ts": now + n,
+            "content": content,
+        }
+
+    root = f"$burst-{run}-0"
+    events = [
+        event(0, {"msgtype": "m.text", "body": "Rapport annuel\nVersion de travail."}),
+        event(1, thread_reply(root, "Relu, deux coquilles.")),
+        event(
+            2,
+            {
+                "msgtype": "m.text",
+                "body": "* Rapport annuel, version 2",
+                "m.new_content": {"msgtype": "m.text", "body": "Rapport annuel, version 2"},
+                "m.relates_to": {"rel_type": "m.replace", "event_id": root},
+            },
+        ),
+        event(3, {"msgtype": "m.text", "body": "Autre sujet : les congés."}),
+    ]
+    token = bridge.config.appservice.hs_token
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http,
+        http.put(
+            f"{bridge.base_url}/_matrix/app/v1/transactions/burst-{run}",
+            json={"events": events},
+        ) as response,
+    ):
+        assert response.status == 200
+    await wait_for(lambda: received_with(handler, "les cong"), "the last mail of the burst")
+    first = parsed_mail(received_with(handler, "Version de travail")[0].content)
+    reply = parsed_mail(received_with(handler, "coquilles")[0].content)
+    correction = parsed_mail(received_with(handler, "version 2")[0].content)
+    assert str(reply["In-Reply-To"]) == str(first["Message-ID"])
+    assert str(reply["Subject"]) == "Re: Rapport annuel"
+    assert str(correction["In-Reply-To"]) == str(first["Message-ID"])
+    assert "committed together" in bridge.log_path.read_text()
 
 
 async def test_a_mail_that_never_goes_is_given_up_and_told(
