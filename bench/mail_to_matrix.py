@@ -157,25 +157,15 @@ def plain_content(tag: str, seq: int) -> dict[str, Any]:
 # --- Matrix side ------------------------------------------------------------------------------
 
 
-class GhostClient(MatrixTestClient):
-    """Sends as one of the appservice's ghosts (its token and `?user_id=`), as the bridge
-    does, but with no bridge: Synapse's cost of a ghost's message alone."""
-
-    async def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        json_body: dict[str, Any] | None = None,
-        params: dict[str, str] | None = None,
-    ) -> dict[str, Any]:
-        params = {**(params or {}), "user_id": self.user_id}
-        return await super().request(method, path, json_body=json_body, params=params)
-
-    async def register(self) -> None:
-        localpart = self.user_id[1:].split(":", 1)[0]
-        body = {"type": "m.login.application_service", "username": localpart}
-        await super().request("POST", "/_matrix/client/v3/register", json_body=body)
+async def ghost_client(base_url: str, as_token: str, user_id: str) -> MatrixTestClient:
+    """One of the appservice's ghosts, registered, sending as the bridge does (its token and
+    `?user_id=`) but with no bridge: Synapse's cost of a ghost's message alone."""
+    client = MatrixTestClient(base_url, as_token, user_id)
+    localpart = user_id[1:].split(":", 1)[0]
+    body = {"type": "m.login.application_service", "username": localpart}
+    await client.request("POST", "/_matrix/client/v3/register", json_body=body)
+    client.query = {"user_id": user_id}
+    return client
 
 
 async def link_room(servers: Servers, alice: MatrixTestClient, address: str, name: str) -> str:
@@ -527,14 +517,12 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
         }
         results["reference_rooms"] = "with the bot" if fair else "without the bot"
         ghost_rooms: dict[str, str] = {}
-        ghost: GhostClient | None = None
+        ghost: MatrixTestClient | None = None
         if args.ghost_reference:
             # One ghost in every room, as the relay's one sender is; alice and the bot too.
             ghost_id = servers.bridge.config.ghost_mxid("benchreference")
-            ghost = GhostClient(
-                synapse.base_url, servers.bridge.config.appservice.as_token, ghost_id
-            )
-            await ghost.register()
+            as_token = servers.bridge.config.appservice.as_token
+            ghost = await ghost_client(synapse.base_url, as_token, ghost_id)
             for i in range(args.links):
                 room_id = await alice.create_room(
                     invite=[servers.bot, ghost_id], name=f"ghost reference {i}"

@@ -478,6 +478,8 @@ class MatrixTestClient:
         self.user_id = user_id
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        # Query parameters of every request (an appservice's `user_id` when it acts as one).
+        self.query: dict[str, str] = {}
 
     async def __aenter__(self) -> Self:
         return self
@@ -516,6 +518,7 @@ class MatrixTestClient:
     ) -> dict[str, Any]:
         """Call the client API (path from /_matrix/...); MatrixRequestError on error status."""
         session = self._get_session()
+        params = {**self.query, **params} if params else self.query or None
         async with session.request(
             method, self.base_url + path, json=json_body, params=params
         ) as response:
