@@ -43,11 +43,15 @@ class Deferred:
     def add(self, work: Callable[[str], Steps[T]], committed: Callable[[T], object]) -> None:
         self._writes.append((work, committed))
 
-    async def commit(self, db: Database) -> None:
-        """Run every write in one transaction, then the callbacks in order. Raises (and runs
-        no callback) when the transaction fails: nothing of it was written."""
-        writes, self._writes = self._writes, []
+    def discard(self) -> None:
+        """Forget every write (their events are to be handled again)."""
+        self._writes.clear()
         self.memo.clear()
+
+    async def commit(self, db: Database) -> None:
+        """Run every write in one transaction, then the callbacks in order, and start afresh.
+        Raises, and keeps every write, when the transaction fails: nothing of it was written."""
+        writes = list(self._writes)
         if not writes:
             return
 
@@ -58,6 +62,8 @@ class Deferred:
             return results
 
         results = await db.write(steps)
+        del self._writes[: len(writes)]
+        self.memo.clear()  # what it held is in the database now
         for (_, committed), result in zip(writes, results, strict=True):
             try:
                 committed(result)

@@ -172,8 +172,9 @@ def ping_on_checkout(engine: AsyncEngine) -> None:
     """Check an asyncpg connection on its way out of the pool with one round trip (a simple
     query, unprepared, which a pgbouncer in transaction mode passes too), instead of
     `pool_pre_ping`, whose asyncpg ping takes three (BEGIN, a prepared query, ROLLBACK): a
-    third of a queued mail's time on PostgreSQL. A connection that does not answer (a
-    restarted server) is replaced before the transaction starts: the pool gets a new one."""
+    fifth of each driver-path write's time in a profile of mail out. A connection that does
+    not answer (a restarted server) is replaced before the transaction starts: the pool gets
+    a new one."""
 
     @event.listens_for(engine.sync_engine, "connect")
     def _fresh(dbapi_connection: Any, record: Any) -> None:

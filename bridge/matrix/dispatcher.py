@@ -135,7 +135,7 @@ class EventDispatcher:
         try:
             token = DEFERRED.set(group)
             try:
-                members[-1] = (item, await self._handle_until_settled(item))
+                members[-1] = (item, await self._handle_until_settled(item, group))
             finally:
                 DEFERRED.reset(token)
             following = self._queues.upcoming(room, 2)
@@ -171,6 +171,7 @@ class EventDispatcher:
                 members[0][0].room_id,
                 e,
             )
+            group.discard()
             for n, (member, _) in enumerate(members):
                 members[n] = (member, await self._handle_until_settled(member))
 
@@ -208,15 +209,22 @@ class EventDispatcher:
                 self._in_flight.difference_update(batch)
             self._all_settled.set()
 
-    async def _handle_until_settled(self, item: InboxEvent) -> bool:
+    async def _handle_until_settled(self, item: InboxEvent, group: Deferred | None = None) -> bool:
         """True when the event was handled (to be marked done), False when it was given up
-        (already marked dead)."""
+        (already marked dead). In a group, a failure first commits what the group holds: the
+        room's earlier events do not wait for this one's retries (an outage may be long)."""
 
         async def work() -> None:
             try:
                 await self.handler(item)
             except Ignored as e:
                 log.debug("%s %s ignored: %s", item.event_type, item.event_id, e)
+            except Exception:
+                if group is not None:
+                    # If this fails too, the writes stay in the group for its own commit.
+                    with contextlib.suppress(Exception):
+                        await group.commit(self.db)
+                raise
 
         async def count_failure(reason: str) -> int:
             return await inbox.record_failure(self.db, item.seq, reason)

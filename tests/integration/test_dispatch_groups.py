@@ -5,11 +5,12 @@ group that cannot commit is handled again event by event; a stop halfway marks n
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from typing import Any
 
 import pytest
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import select
 
 from bridge.core.ids import EventID, RoomID, TxnID, UserID
 from bridge.core.tasks import TaskGroup
@@ -20,6 +21,7 @@ from bridge.db.inbox import InboxEvent, IncomingEvent
 from bridge.db.schema import inbox_event
 from bridge.db.schema import kv as kv_table
 from bridge.db.steps import Step, Steps
+from bridge.db.util import bound_insert_ignore
 from bridge.matrix import dispatcher as dispatcher_module
 from bridge.matrix.dispatcher import EventDispatcher
 from tests.integration.test_mail_out_batching import count_commits, inbox_states, wait_until
@@ -28,13 +30,13 @@ ROOM = RoomID("!room:localhost")
 OTHER = RoomID("!other:localhost")
 
 
-def _kv_insert() -> Any:
-    return insert(kv_table).values(key=bindparam("key"), value=bindparam("value"))
-
-
 def _write(key: str) -> Any:
+    """An idempotent write, as the handlers' are (a second one for the same event is a no-op)."""
+
     def steps(dialect: str) -> Steps[str]:
-        yield Step("test.kv_insert", _kv_insert, {"key": key, "value": "1"})
+        columns = ("key", "value")
+        build = functools.partial(bound_insert_ignore, dialect, kv_table, ("key",), columns)
+        yield Step(f"test.kv_insert.{dialect}", build, {"key": key, "value": "1"})
         return key
 
     return steps
@@ -162,7 +164,7 @@ async def test_a_group_that_cannot_commit_is_handled_again_event_by_event(
 
     assert failures
     assert failures[0] > 1
-    assert await _keys(db) == {f"$e{n}" for n in range(6)}  # each once (a duplicate would fail)
+    assert await _keys(db) == {f"$e{n}" for n in range(6)}
     again = [event for event, in_group in handler.handled if not in_group]
     assert len(again) == failures[0]  # the failed group's events, each handled alone
     assert set(again) <= {f"$e{n}" for n in range(6)}
@@ -192,3 +194,32 @@ async def test_a_stop_in_the_middle_of_a_group_marks_none_of_it_done(db: Databas
     assert handler.committed == set()
     # Nor waiting to be marked done (the writer stopping at the same moment hides that).
     assert dispatcher._settled == []
+
+
+async def test_an_event_that_fails_does_not_hold_back_the_writes_before_it(db: Database) -> None:
+    """The room's earlier events' writes are committed as soon as one event fails, not after
+    its retries (a homeserver outage can last): the retry finds them in the database."""
+    handler = Handler(db)
+    seen_at_retry: list[set[str]] = []
+    attempts = {"$e3": 0}
+
+    async def handle(item: InboxEvent) -> None:
+        if item.event_id == "$e3":
+            attempts["$e3"] += 1
+            if attempts["$e3"] == 1:
+                await handler(item)  # deferred, then the failure
+                raise ConnectionError("the homeserver is away")
+            seen_at_retry.append(await _keys(db))
+        await handler(item)
+
+    await _store(db, [(ROOM, f"message {n}") for n in range(6)])
+    tasks = TaskGroup()
+    dispatcher = EventDispatcher(db, handle, tasks, max_attempts=3, groupable=_groupable)
+    dispatcher.retry_initial = 0.01
+    tasks.spawn(dispatcher.run(), name="dispatcher")
+    try:
+        await wait_until(lambda: _done(db, 6))
+    finally:
+        await tasks.close()
+    assert seen_at_retry == [{"$e0", "$e1", "$e2", "$e3"}]
+    assert await _keys(db) == {f"$e{n}" for n in range(6)}
