@@ -446,7 +446,7 @@ def describe(label: str, result: dict[str, Any]) -> None:
     cpu = result["cpu_ms_per_message"]
     per = (
         f"CPU per message: synapse {cpu['synapse']} ms, bridge {cpu['bridge']} ms, "
-        f"dovecot {cpu['dovecot']} ms, bench {cpu['bench']} ms, "
+        f"dovecot {cpu['dovecot']} ms, postgres {cpu['postgres']} ms, bench {cpu['bench']} ms, "
         f"other processes {cpu['others']} ms"
     )
     if "sends" in result:

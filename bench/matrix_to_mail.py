@@ -412,8 +412,8 @@ def describe(result: dict[str, Any]) -> None:
     cpu = result["cpu_ms_per_message"]
     print(
         f"    CPU per message: synapse {cpu['synapse']} ms, bridge {cpu['bridge']} ms, "
-        f"sink {cpu['sink']} ms, dovecot {cpu['dovecot']} ms, bench {cpu['bench']} ms, "
-        f"other processes {cpu['others']} ms",
+        f"sink {cpu['sink']} ms, dovecot {cpu['dovecot']} ms, postgres {cpu['postgres']} ms, "
+        f"bench {cpu['bench']} ms, other processes {cpu['others']} ms",
         flush=True,
     )
     problems = {k: result[k] for k in ("duplicates", "missing", "unexpected") if result.get(k)}
