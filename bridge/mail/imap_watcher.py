@@ -35,6 +35,9 @@ _SIZE_WINDOW = 200
 _MAX_BATCH = 100
 # A body batch also stops growing at this many bytes (or max_size, if larger).
 _BATCH_BYTES = 16 * 1024 * 1024
+# The first batch of a sync holds at most this many mails: the room's first mail is posted
+# once its batch is stored, so a burst starts sooner; the next batches are ``batch`` long.
+_FIRST_BATCH = 5
 
 
 class MailboxStore(Protocol):
@@ -192,25 +195,29 @@ class ImapWatcher:
             return 0
         log.debug("IMAP %s: %d new UIDs from %d", self._mailbox, len(uids), first)
         stored = 0
-        for window in _chunks(uids, _SIZE_WINDOW):
+        for n, window in enumerate(_chunks(uids, _SIZE_WINDOW)):
             sizes = await self._folder.sizes(session, window)
-            for group in self._groups([(uid, sizes.get(uid)) for uid in window]):
+            entries = [(uid, sizes.get(uid)) for uid in window]
+            for group in self._groups(entries, first=n == 0):
                 stored += await self._deliver_group(session, group)
         if stored:
             log.info("IMAP %s: stored %d new mail(s)", self._mailbox, stored)
         return stored
 
     def _groups(
-        self, entries: list[tuple[int, int | None]]
+        self, entries: list[tuple[int, int | None]], *, first: bool = False
     ) -> Iterator[list[tuple[int, int | None]]]:
-        """Consecutive runs of at most ``batch`` mails (and about ``_batch_bytes`` of bodies)."""
+        """Consecutive runs of at most ``batch`` mails (and about ``_batch_bytes`` of bodies);
+        the sync's first run (`first`) of at most _FIRST_BATCH."""
         group: list[tuple[int, int | None]] = []
         total = 0
+        limit = min(self._batch, _FIRST_BATCH) if first else self._batch
         for uid, size in entries:
             weight = size if size is not None and size <= self._max_size else 0
-            if group and (len(group) >= self._batch or total + weight > self._batch_bytes):
+            if group and (len(group) >= limit or total + weight > self._batch_bytes):
                 yield group
                 group, total = [], 0
+                limit = self._batch
             group.append((uid, size))
             total += weight
         if group:

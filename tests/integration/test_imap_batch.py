@@ -13,6 +13,7 @@ from bridge.db import links as link_db
 from bridge.db import mail as mail_db
 from bridge.db.engine import open_database
 from bridge.harness.dovecot import DovecotServer
+from bridge.mail import imap_watcher
 from bridge.mail.imap_watcher import BatchStore
 from bridge.mail.store import DbMailboxStore
 from tests.integration import test_imap
@@ -48,8 +49,9 @@ def test_only_a_store_with_store_raw_many_is_a_batch_store() -> None:
 
 
 async def test_runs_are_kept_in_one_call_and_broken_at_an_oversized_mail(
-    dovecot: DovecotServer, user: str
+    dovecot: DovecotServer, user: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(imap_watcher, "_FIRST_BATCH", 50)  # one batch, whatever comes first
     small, big = make_message("small"), make_message("big", "y" * 5000 + "\n")
     uids = await append_many(dovecot, user, [small, small, big, small, small, small])
     validity = await dovecot.uidvalidity(user, test_imap.PASSWORD)
@@ -77,6 +79,24 @@ async def test_runs_follow_the_fetch_batches(dovecot: DovecotServer, user: str) 
         ("store_raw_many", validity, uids[4:5]),
     ]
     assert store.notified == 3  # once per batch, after its commit
+
+
+async def test_a_syncs_first_batch_is_small_so_that_its_first_mail_goes_sooner(
+    dovecot: DovecotServer, user: str
+) -> None:
+    """A burst of 12 with batches of 50: the first 5 are stored (and the relay told) before
+    the other 7 are fetched."""
+    uids = await append_many(dovecot, user, [make_message(f"m{n}") for n in range(12)])
+    validity = await dovecot.uidvalidity(user, test_imap.PASSWORD)
+    store, health = BatchMemoryStore(), ComponentHealth("imap")
+    watcher = watcher_for(config_for(dovecot, user), store, health, batch=50)
+    assert await watcher.sync_once() == 12
+    assert [c for c in store.calls if c[0] == "store_raw_many"] == [
+        ("store_raw_many", validity, uids[0:5]),
+        ("store_raw_many", validity, uids[5:12]),
+    ]
+    assert store.notified == 2
+    assert store.problems == []
 
 
 async def test_a_batch_on_the_database_keeps_duplicates_and_order(db_url: str) -> None:
