@@ -67,35 +67,27 @@ async def test_runs_are_kept_in_one_call_and_broken_at_an_oversized_mail(
     assert store.problems == []
 
 
-async def test_runs_follow_the_fetch_batches(dovecot: DovecotServer, user: str) -> None:
-    uids = await append_many(dovecot, user, [make_message(f"m{n}") for n in range(5)])
-    validity = await dovecot.uidvalidity(user, test_imap.PASSWORD)
-    store, health = BatchMemoryStore(), ComponentHealth("imap")
-    watcher = watcher_for(config_for(dovecot, user), store, health, batch=2)
-    assert await watcher.sync_once() == 5
-    assert [c for c in store.calls if c[0] == "store_raw_many"] == [
-        ("store_raw_many", validity, uids[0:2]),
-        ("store_raw_many", validity, uids[2:4]),
-        ("store_raw_many", validity, uids[4:5]),
-    ]
-    assert store.notified == 3  # once per batch, after its commit
-
-
-async def test_a_syncs_first_batch_is_small_so_that_its_first_mail_goes_sooner(
-    dovecot: DovecotServer, user: str
+@pytest.mark.parametrize(
+    ("count", "batch", "runs"),
+    [
+        (5, 2, [(0, 2), (2, 4), (4, 5)]),
+        # A sync's first batch holds at most 5: a burst's first mail is stored, and the relay
+        # told, before the rest is fetched.
+        (12, 50, [(0, 5), (5, 12)]),
+    ],
+)
+async def test_runs_follow_the_fetch_batches(
+    dovecot: DovecotServer, user: str, count: int, batch: int, runs: list[tuple[int, int]]
 ) -> None:
-    """A burst of 12 with batches of 50: the first 5 are stored (and the relay told) before
-    the other 7 are fetched."""
-    uids = await append_many(dovecot, user, [make_message(f"m{n}") for n in range(12)])
+    uids = await append_many(dovecot, user, [make_message(f"m{n}") for n in range(count)])
     validity = await dovecot.uidvalidity(user, test_imap.PASSWORD)
     store, health = BatchMemoryStore(), ComponentHealth("imap")
-    watcher = watcher_for(config_for(dovecot, user), store, health, batch=50)
-    assert await watcher.sync_once() == 12
+    watcher = watcher_for(config_for(dovecot, user), store, health, batch=batch)
+    assert await watcher.sync_once() == count
     assert [c for c in store.calls if c[0] == "store_raw_many"] == [
-        ("store_raw_many", validity, uids[0:5]),
-        ("store_raw_many", validity, uids[5:12]),
+        ("store_raw_many", validity, uids[a:b]) for a, b in runs
     ]
-    assert store.notified == 2
+    assert store.notified == len(runs)  # once per batch, after its commit
     assert store.problems == []
 
 
