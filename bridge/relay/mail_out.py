@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from bridge.config import Config
 from bridge.core.audit import AuditEntry, content_digest
+from bridge.core.commands import parse_command
 from bridge.core.errors import Ignored, PermanentError, TransientError
 from bridge.core.ids import EventID, RoomID
 from bridge.core.links import Link, LinkSettings
@@ -68,6 +69,19 @@ def marking_of(config: Config, settings: LinkSettings) -> tuple[str, str] | None
     if settings.marking is None:
         return None
     return config.mail.markings.header, settings.marking
+
+
+def groupable(item: InboxEvent, bot: str, command_prefix: str) -> bool:
+    """A message that is not a command, as the bot reads commands (`parse_command`: the prefix
+    as the first word, in any case). A redaction or a command reads what was queued before it,
+    so the dispatcher commits the group before them."""
+    if item.event_type != "m.room.message" or item.sender == bot:
+        return False
+    content = item.event.get("content")
+    body = content.get("body") if isinstance(content, dict) else None
+    if not isinstance(body, str):
+        return True
+    return parse_command(body, command_prefix, is_direct=False) is None
 
 
 def _memo_key(link_id: int, event_id: str) -> tuple[str, int, str]:
@@ -167,14 +181,8 @@ class MailOut:
 
     def groupable(self, item: InboxEvent) -> bool:
         """Whether the event's mail may be queued in one commit with the room's events just
-        before it (see db/deferred.py): a message, not a command; a redaction or a command
-        reads what was queued, so the group is committed before them."""
-        if item.event_type != "m.room.message" or item.sender == self.config.bot_mxid:
-            return False
-        content = item.event.get("content")
-        body = content.get("body") if isinstance(content, dict) else None
-        prefix = self.config.appservice.command_prefix
-        return not (isinstance(body, str) and body.lstrip().startswith(prefix))
+        before it (see db/deferred.py)."""
+        return groupable(item, self.config.bot_mxid, self.config.appservice.command_prefix)
 
     # --- one message, one link -----------------------------------------------------------------
 
