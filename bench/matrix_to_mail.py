@@ -86,6 +86,7 @@ from bench.measure import (  # noqa: E402
     quote,
     temp_folder,
 )
+from bench.pinning import read_pid, split_cores  # noqa: E402
 from bench.rooms import (  # noqa: E402
     MARKER_RE,
 )
@@ -519,28 +520,45 @@ async def postfix_phase(bench: Bench, args: argparse.Namespace) -> dict[str, Any
     await asyncio.to_thread(servers.restart_bridge, postfix.smtp_port)
     bridge_pid = servers.bridge.proc.pid if servers.bridge.proc else None
     bench.probes.bridge_pid = bench.probes.meter.bridge_pid = bridge_pid
-    # Warm-up, unmeasured: the restarted bridge's first mails, Postfix's first connections.
-    warm_run = uuid.uuid4().hex[:8]
-    await bench.capacity(warm_run, min(50, count), args.batch, postfix=True, tag="pfxw")
-    result: dict[str, Any] = {"mails": count}
-    result["raw_before"] = before = await bench.raw_postfix("pfxa", count, OUTBOX_CONCURRENCY)
-    print(f"  raw aiosmtplib into Postfix, 4 at a time (before): {before['rate_per_s']}/s")
-    describe(before)
-    await asyncio.sleep(1)
-    result["bridge"] = bridge = await bench.capacity(
-        uuid.uuid4().hex[:8], count, args.batch, postfix=True
+    cores: contextlib.AbstractContextManager[dict[str, list[int]] | None] = (
+        contextlib.nullcontext()
     )
-    print(
-        f"  bridge into Postfix: {bridge['accepted']} mails delivered, sent in "
-        f"{bridge['elapsed_s']} s = {bridge['rate_per_s']}/s"
-    )
-    describe(bridge)
-    result["raw_after"] = after = await bench.raw_postfix("pfxb", count, OUTBOX_CONCURRENCY)
-    print(f"  raw aiosmtplib into Postfix, 4 at a time (after):  {after['rate_per_s']}/s")
-    describe(after)
+    if args.split_cores:
+        assert servers.sink.proc is not None
+        mta = [read_pid(postfix.pid_path), read_pid(servers.dovecot.run_dir / "master.pid")]
+        rest = [os.getpid(), servers.sink.proc.pid, bench.probes.meter.synapse_pid]
+        cores = split_cores(mta, [pid for pid in [*rest, bridge_pid] if pid is not None])
+    with cores as split:
+        # Warm-up, unmeasured: the restarted bridge's first mails, Postfix's first connections.
+        warm_run = uuid.uuid4().hex[:8]
+        await bench.capacity(warm_run, min(50, count), args.batch, postfix=True, tag="pfxw")
+        result: dict[str, Any] = {"mails": count}
+        result["raw_before"] = before = await bench.raw_postfix("pfxa", count, OUTBOX_CONCURRENCY)
+        print(f"  raw aiosmtplib into Postfix, 4 at a time (before): {before['rate_per_s']}/s")
+        describe(before)
+        await asyncio.sleep(1)
+        result["bridge"] = bridge = await bench.capacity(
+            uuid.uuid4().hex[:8], count, args.batch, postfix=True
+        )
+        print(
+            f"  bridge into Postfix: {bridge['accepted']} mails delivered, sent in "
+            f"{bridge['elapsed_s']} s = {bridge['rate_per_s']}/s"
+        )
+        describe(bridge)
+        result["raw_after"] = after = await bench.raw_postfix("pfxb", count, OUTBOX_CONCURRENCY)
+        print(f"  raw aiosmtplib into Postfix, 4 at a time (after):  {after['rate_per_s']}/s")
+        describe(after)
     result["raw_rate_per_s"] = raw_rate = mean_rate(before, after)
     result["ratio"] = round(bridge["rate_per_s"] / raw_rate, 3) if raw_rate else None
     result["bridge_cpu_ms_per_mail"] = bridge["cpu_ms_per_message"]["bridge"]
+    if split is not None:
+        # Each side on cores of its own, as on machines of their own: how busy the mail
+        # servers' core was in each turn (1.0: the MTA is the limit).
+        result["split_cores"] = split
+        result["mta_core_busy"] = {
+            turn: round((r["cpu_s"]["postfix"] + r["cpu_s"]["dovecot"]) / r["cpu_s"]["wall"], 2)
+            for turn, r in (("raw_before", before), ("bridge", bridge), ("raw_after", after))
+        }
     # What the machine allows: at the CPU every process spent per mail in the bridge's turn
     # (the bridge, Postfix, Dovecot's LMTP, ...), all its cores busy would give this rate.
     machine_cpu_s = bridge["cpu_s"]["machine"]
@@ -575,6 +593,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="mails in the Postfix phase (default: as many as --events; 0: skip)",
+    )
+    parser.add_argument(
+        "--split-cores",
+        action="store_true",
+        help="in the Postfix phase, Postfix and Dovecot on the last core and the rest (the "
+        "bridge or the raw client, Synapse, PostgreSQL) on the others: the MTA as on a machine "
+        "of its own",
     )
     add_run_options(parser)
     parser.add_argument(
@@ -637,6 +662,11 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
             print(f"bridge/Postfix: {pfx['ratio']:.2f} (target >= {POSTFIX_TARGET}) {verdict(ok)}")
             if not ok:
                 missed.append("postfix")
+        if "mta_core_busy" in pfx:
+            print(
+                f"  split cores {pfx['split_cores']}: the mail servers' core busy "
+                + ", ".join(f"{v:.2f} ({k})" for k, v in pfx["mta_core_busy"].items())
+            )
         if "cpu_ceiling_ratio" in pfx:
             print(
                 f"  at the CPU all processes spent per mail in the bridge's turn, "
