@@ -50,12 +50,12 @@ from bench.mail_to_matrix import (  # noqa: E402
     plain_phase,
 )
 from bench.measure import (  # noqa: E402
-    BUSY_CORES,
     CpuMeter,
     Probes,
     Profiler,
     add_run_options,
     code_version,
+    disturbed_phases,
     find_pid,
     quote,
     retry_until,
@@ -200,13 +200,7 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
         bare = results["plain_bare"]["rate_per_s"]
         results["ratio_bare"] = round(results["backfill_rate_per_s"] / bare, 3)
     results["load_after"] = os.getloadavg()
-    results["disturbed"] = {
-        key: round(value["cpu_s"]["others"] / value["cpu_s"]["wall"], 2)
-        for key, value in results.items()
-        if isinstance(value, dict)
-        and "cpu_s" in value
-        and value["cpu_s"]["others"] > BUSY_CORES * value["cpu_s"]["wall"]
-    }
+    results["disturbed"] = disturbed_phases(results)
     return results
 
 
@@ -229,6 +223,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also time the plain sends into a room without the bot (Synapse then pushes "
         "nothing to the bridge): a second, harsher reference",
     )
+    for option, whose in (("--database", "the bridge's"), ("--synapse-db", "Synapse's")):
+        parser.add_argument(
+            option,
+            choices=("sqlite", "postgresql"),
+            default="sqlite",
+            help=f"{whose} database (PostgreSQL: the machine's server, or a throw-away cluster)",
+        )
     add_run_options(parser)
     args = parser.parse_args(argv)
     if args.mails < 1 or args.mails > 99999 or args.warmup < 0:
@@ -248,7 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = code_version()
     with temp_folder(args.keep) as folder, contextlib.ExitStack() as stack:
         print(f"starting Dovecot, Synapse and the bridge in {folder}", flush=True)
-        servers = start_servers(folder, 0, stack)
+        servers = start_servers(
+            folder, 0, stack, synapse_db=args.synapse_db, database=args.database
+        )
         try:
             results = asyncio.run(run(servers, args))
         except BaseException:
@@ -261,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["total_s"] = round(time.monotonic() - started, 1)
     results["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     results["code"] = code
+    results["database"], results["synapse_db"] = args.database, args.synapse_db
     b = results["backfill"]
     print()
     print(

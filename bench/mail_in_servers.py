@@ -12,6 +12,7 @@ from typing import Any
 
 from bench import auth_phase
 from bench.auth_phase import AuthSetup
+from bench.mail_out_servers import bridge_database
 from bridge.harness.dovecot import DovecotServer
 from bridge.harness.ports import free_port
 from bridge.harness.postgres import PostgresServer
@@ -54,6 +55,7 @@ def start_servers(
     diagnose: bool = False,
     auth: bool = False,
     synapse_db: str = "sqlite",
+    database: str = "sqlite",
 ) -> Servers:
     dovecot = DovecotServer(folder / "dovecot")
     single = dovecot.add_user("single", PASSWORD)
@@ -70,7 +72,7 @@ def start_servers(
         trust = setup.trust_config(AUTHSERV_ID)
 
     synapse_port, bridge_port = free_port(), free_port()
-    database_url = f"sqlite+aiosqlite:///{folder / 'passerelle.db'}"
+    database_url = bridge_database(folder, database, stack)
     loggers = {"aiosqlite": "WARNING", "asyncio": "WARNING"}
     if diagnose:
         # mautrix logs every homeserver request with its duration at DEBUG.

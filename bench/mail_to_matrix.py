@@ -661,6 +661,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "127.0.0.1:5432, else a throw-away cluster)",
     )
     parser.add_argument(
+        "--database",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="the bridge's database (PostgreSQL: the machine's server, or a throw-away cluster)",
+    )
+    parser.add_argument(
         "--bare-reference",
         action="store_true",
         help="the plain client posts into rooms without the bot (the bridged rooms have it: "
@@ -702,6 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             diagnose=args.diagnose,
             auth=args.auth_mails > 0,
             synapse_db=args.synapse_db,
+            database=args.database,
         )
         try:
             results = asyncio.run(run(servers, args))
@@ -720,7 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_before": load_before,
         "load_after": os.getloadavg(),
     }
-    results["synapse_db"] = args.synapse_db
+    results["synapse_db"], results["database"] = args.synapse_db, args.database
     results["code"] = code
 
     ratio_1, ratio_n = results["ratio_1"], results["ratio_n"]
