@@ -24,6 +24,9 @@ class GhostManager:
         self.db = db
         self._named: dict[UserID, str] = {}
         self._joined: set[tuple[UserID, RoomID]] = set()
+        # Rooms where a ghost's join was refused until the bot invited it: the next ghosts are
+        # invited first, without a join the homeserver refuses.
+        self._invite_first: set[RoomID] = set()
 
     def mxid_for(self, address: str) -> UserID:
         return self.config.ghost_mxid(encode_localpart(address))
@@ -65,14 +68,27 @@ class GhostManager:
                     )
                 self._named[mxid] = name
         if (mxid, room_id) not in self._joined:
-            try:
-                await self.client.join(room_id, as_user=mxid)
-            except PermanentError:
-                # Invite-only room: the bot (a member) invites its ghost first.
-                await self.client.invite(room_id, mxid)
-                await self.client.join(room_id, as_user=mxid)
+            await self._join(mxid, room_id)
             self._joined.add((mxid, room_id))
         return mxid
+
+    async def _join(self, mxid: UserID, room_id: RoomID) -> None:
+        """The ghost joins; in an invite-only room the bot (a member) invites it first."""
+        if room_id in self._invite_first:
+            try:
+                await self.client.invite(room_id, mxid)
+            except PermanentError as e:
+                # Already invited or joined (this process forgets whom it joined when it
+                # restarts), or the bot may no longer invite: the join says which.
+                log.debug("inviting %s to %s refused: %s", mxid, room_id, e)
+            await self.client.join(room_id, as_user=mxid)
+            return
+        try:
+            await self.client.join(room_id, as_user=mxid)
+        except PermanentError:
+            await self.client.invite(room_id, mxid)
+            await self.client.join(room_id, as_user=mxid)
+            self._invite_first.add(room_id)
 
     async def leave(self, mxid: UserID, room_id: RoomID) -> None:
         """The ghost leaves the room (its remote user left theirs)."""
