@@ -238,6 +238,7 @@ async def plain_phase(
         "send_p50_ms": round(percentile(send_ms, 50) or 0, 1),
         "send_p99_ms": round(percentile(send_ms, 99) or 0, 1),
         "all_seen": complete and problems == 0,
+        "appservice_transactions": probes.transactions,
         "cpu_s": cpu,
         "cpu_ms_per_message": {
             k: round(1000 * v / total, 1) for k, v in cpu.items() if k not in ("wall",)
@@ -355,6 +356,7 @@ async def bridge_phase(
         "unexpected_ghost_events": unexpected,
         "bot_notices": notices[:5],
         "verdicts": dict(verdicts),
+        "appservice_transactions": probes.transactions,
         "cpu_s": cpu,
         "cpu_ms_per_message": {
             k: round(1000 * v / total, 1) for k, v in cpu.items() if k not in ("wall",)
@@ -385,8 +387,10 @@ def describe(label: str, result: dict[str, Any]) -> None:
     per = (
         f"CPU per message: synapse {cpu['synapse']} ms, bridge {cpu['bridge']} ms, "
         f"dovecot {cpu['dovecot']} ms, postgres {cpu['postgres']} ms, bench {cpu['bench']} ms, "
-        f"other processes {cpu['others']} ms"
+        f"other processes {cpu['others']} ms, steal {cpu.get('steal', 0.0)} ms"
     )
+    if txns := result.get("appservice_transactions"):
+        per += f"; {txns['count']:.0f} appservice transactions to the bridge"
     if "sends" in result:
         print(
             f"{label}: {result['sends']} sends in {result['elapsed_s']} s = "
@@ -417,6 +421,7 @@ async def run(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
         Profiler(args.profile, native=args.native),
         synapse_pid,
         bridge_pid,
+        metrics_url=f"{servers.bridge.config.appservice.address}/metrics",
     )
     results: dict[str, Any] = {"mails": args.mails, "links": args.links, "per_link": args.per_link}
     synapse = servers.synapse

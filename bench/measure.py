@@ -15,11 +15,14 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,24 +174,55 @@ class CpuMeter:
         return used
 
 
+def appservice_transactions(metrics_url: str | None) -> tuple[float, float]:
+    """How many appservice transactions the bridge has taken from the homeserver, and the
+    seconds it spent storing and answering them (its /metrics histogram); zeros if none."""
+    if metrics_url is None:
+        return 0.0, 0.0
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    count = total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "passerelle_appservice_transaction_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_count"):
+                    count = sample.value
+                elif sample.name.endswith("_sum"):
+                    total = sample.value
+    return count, total
+
+
 @dataclass
 class Probes:
-    """What watches a phase: CPU accounting always, py-spy when asked."""
+    """What watches a phase: CPU accounting always, py-spy when asked, and with `metrics_url`
+    the appservice transactions the bridge took (`transactions` after each stop)."""
 
     meter: CpuMeter
     profiler: Profiler
     synapse_pid: int | None
     bridge_pid: int | None
+    metrics_url: str | None = None
+    transactions: dict[str, float] = field(default_factory=dict)
+    _txn_start: tuple[float, float] = (0.0, 0.0)
 
     def start(self, name: str, *, bridge: bool) -> None:
         self.profiler.start(f"{name}-synapse", self.synapse_pid)
         if bridge:
             self.profiler.start(f"{name}-bridge", self.bridge_pid)
+        self._txn_start = appservice_transactions(self.metrics_url)
         self.meter.start()
 
     def stop(self) -> dict[str, float]:
         cpu = self.meter.stop()
         self.profiler.stop()
+        if self.metrics_url is not None:
+            count, total = appservice_transactions(self.metrics_url)
+            taken = count - self._txn_start[0]
+            spent = total - self._txn_start[1]
+            self.transactions = {
+                "count": taken,
+                "answer_ms_mean": round(1000 * spent / taken, 2) if taken else 0.0,
+            }
         return cpu
 
 
