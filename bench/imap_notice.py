@@ -26,7 +26,6 @@ class NoticeWatch:
 
     def __init__(self, dovecot: DovecotServer, addresses: list[str], password: str) -> None:
         self.dovecot = dovecot
-        self.addresses = addresses
         self.password = password
         self.first: dict[str, float] = {}
         self._ready: dict[str, asyncio.Event] = {a: asyncio.Event() for a in addresses}

@@ -93,18 +93,35 @@ def family_cpu(master_pid_file: Path) -> float:
     return total
 
 
+def proc_stat(pid: int) -> tuple[str, list[str]]:
+    """A process's name and the fields of /proc/PID/stat after it (OSError if it is gone)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+
+
+def live_pids() -> Iterator[int]:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            yield int(entry.name)
+
+
+def postgres_processes() -> dict[int, list[str]]:
+    """Every process named postgres (a postmaster, its backends and workers): pid -> the
+    fields of its /proc/PID/stat after the name."""
+    found: dict[int, list[str]] = {}
+    for pid in live_pids():
+        with contextlib.suppress(OSError, ValueError):
+            name, fields = proc_stat(pid)
+            if name == "postgres":
+                found[pid] = fields
+    return found
+
+
 def postgres_cpu() -> float:
     """CPU seconds of PostgreSQL's server processes, whichever cluster (the postmaster, its
     backends and background workers, and the children it has reaped): part of what is being
     measured when a database of the run lives there, not "other processes"."""
-    found: dict[int, list[str]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError):
-            stat = (entry / "stat").read_text()
-            if stat[stat.index("(") + 1 : stat.rindex(")")] == "postgres":
-                found[int(entry.name)] = stat.rsplit(")", 1)[1].split()
+    found = postgres_processes()
     total = 0
     for fields in found.values():
         total += int(fields[11]) + int(fields[12])

@@ -14,45 +14,21 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-
-def _stat_fields(pid: int) -> list[str]:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat.rsplit(")", 1)[1].split()
-
-
-def _name(pid: int) -> str:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.index("(") + 1 : stat.rindex(")")]
-
-
-def _live_pids() -> Iterator[int]:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            yield int(entry.name)
+from bench.measure import live_pids, postgres_processes, proc_stat
 
 
 def process_tree(root: int) -> set[int]:
     """`root` and every process descended from it, as they are now."""
     children: dict[int, list[int]] = {}
-    for pid in _live_pids():
+    for pid in live_pids():
         with contextlib.suppress(OSError, IndexError, ValueError):
-            children.setdefault(int(_stat_fields(pid)[1]), []).append(pid)
+            children.setdefault(int(proc_stat(pid)[1][1]), []).append(pid)
     found, todo = set(), [root]
     while todo:
         pid = todo.pop()
         if pid not in found:
             found.add(pid)
             todo.extend(children.get(pid, []))
-    return found
-
-
-def postgres_pids() -> set[int]:
-    """Every process named postgres (the postmaster and its backends)."""
-    found = set()
-    for pid in _live_pids():
-        with contextlib.suppress(OSError, ValueError):
-            if _name(pid) == "postgres":
-                found.add(pid)
     return found
 
 
@@ -82,7 +58,7 @@ def split_cores(mta_roots: Iterable[int], rest: Iterable[int]) -> Iterator[dict[
     if len(every) < 2:
         raise RuntimeError("--split-cores needs at least two cores")
     mta_cpus, rest_cpus = {max(every)}, every - {max(every)}
-    roots, others = list(mta_roots), set(rest) | postgres_pids()
+    roots, others = list(mta_roots), set(rest) | set(postgres_processes())
     try:
         pin(others, rest_cpus)
         pin({pid for root in roots for pid in process_tree(root)}, mta_cpus)

@@ -74,21 +74,22 @@ class GhostManager:
 
     async def _join(self, mxid: UserID, room_id: RoomID) -> None:
         """The ghost joins; in an invite-only room the bot (a member) invites it first."""
-        if room_id in self._invite_first:
+        if room_id not in self._invite_first:
+            try:
+                await self.client.join(room_id, as_user=mxid)
+                return
+            except PermanentError:
+                # Invite-only: the bot invites, and from now on before the join.
+                await self.client.invite(room_id, mxid)
+                self._invite_first.add(room_id)
+        else:
             try:
                 await self.client.invite(room_id, mxid)
             except PermanentError as e:
                 # Already invited or joined (this process forgets whom it joined when it
                 # restarts), or the bot may no longer invite: the join says which.
                 log.debug("inviting %s to %s refused: %s", mxid, room_id, e)
-            await self.client.join(room_id, as_user=mxid)
-            return
-        try:
-            await self.client.join(room_id, as_user=mxid)
-        except PermanentError:
-            await self.client.invite(room_id, mxid)
-            await self.client.join(room_id, as_user=mxid)
-            self._invite_first.add(room_id)
+        await self.client.join(room_id, as_user=mxid)
 
     async def leave(self, mxid: UserID, room_id: RoomID) -> None:
         """The ghost leaves the room (its remote user left theirs)."""
